@@ -1,0 +1,189 @@
+//! One trait per pipeline step.
+//!
+//! The pipeline holds each backend as `Arc<dyn Trait>`, so every trait is object-safe and
+//! uses `async_trait`. Required methods are few; each method's doc states its contract,
+//! including what happens when it is called twice. Implementations must be `Send + Sync`
+//! and may be called concurrently for different VMs.
+//!
+//! Two rules every implementation follows, and which the conformance suites in
+//! [`testkit`](crate::testkit) check:
+//!
+//! * **Acting is idempotent per VM.** Calling an acting method again for the same VM
+//!   returns the same result instead of acquiring a second resource. This is what lets a
+//!   crashed run be recovered.
+//! * **Undoing is idempotent and total.** Undoing something absent succeeds. An undo only
+//!   ever removes what belongs to the VM it is given, never another VM's resource.
+
+use std::net::IpAddr;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::events::Progress;
+use crate::types::{
+    BootstrapReport, BootstrapTarget, Disk, DnsRecord, Domain, DomainSpec, HostId, Lease, Template,
+    TemplateName, User, UserName, VmName, VmSize,
+};
+
+/// Finds users and says whether they may own VMs.
+#[async_trait]
+pub trait UserDirectory: Send + Sync + 'static {
+    /// A short name for this backend, used in errors and logs (`"ldap"`).
+    fn backend(&self) -> &str;
+
+    /// Looks up `user`.
+    ///
+    /// * An unknown user is [`ErrorKind::NotFound`](crate::ErrorKind::NotFound).
+    /// * A user who exists but may not own VMs is
+    ///   [`ErrorKind::Unauthorized`](crate::ErrorKind::Unauthorized).
+    /// * A directory that cannot be reached is
+    ///   [`ErrorKind::Unavailable`](crate::ErrorKind::Unavailable) (retryable).
+    ///
+    /// It changes nothing, so calling it any number of times is safe.
+    async fn find_user(&self, user: &UserName) -> Result<User>;
+}
+
+/// Picks the host a VM runs on and holds a slot there.
+#[async_trait]
+pub trait Placement: Send + Sync + 'static {
+    /// A short name for this backend.
+    fn backend(&self) -> &str;
+
+    /// Reserves room for a VM of `size` on some host and returns the host.
+    ///
+    /// Reserving again for the same `vm` returns the same host and holds one slot, not
+    /// two. No host with room is [`ErrorKind::Exhausted`](crate::ErrorKind::Exhausted).
+    async fn reserve(&self, vm: &VmName, size: &VmSize) -> Result<HostId>;
+
+    /// Releases the slot held for `vm`. Releasing a VM that holds none succeeds.
+    async fn release(&self, vm: &VmName) -> Result<()>;
+
+    /// The host holding a slot for `vm`, if any.
+    async fn reservation(&self, vm: &VmName) -> Result<Option<HostId>>;
+}
+
+/// Hands out IP addresses from a subnet.
+#[async_trait]
+pub trait IpAllocator: Send + Sync + 'static {
+    /// A short name for this backend.
+    fn backend(&self) -> &str;
+
+    /// Leases a free address to `vm`.
+    ///
+    /// Allocating again for the same `vm` returns the same lease. No two VMs ever hold
+    /// the same address, even when many threads and processes allocate at once. A subnet
+    /// with no free address is [`ErrorKind::Exhausted`](crate::ErrorKind::Exhausted).
+    async fn allocate(&self, vm: &VmName) -> Result<Lease>;
+
+    /// Releases the lease of `vm`. Releasing when `vm` holds no lease succeeds.
+    async fn release(&self, vm: &VmName) -> Result<()>;
+
+    /// The lease `vm` holds, if any.
+    async fn lease(&self, vm: &VmName) -> Result<Option<Lease>>;
+}
+
+/// Publishes and removes a VM's DNS records (forward A/AAAA and reverse PTR).
+#[async_trait]
+pub trait DnsUpdater: Send + Sync + 'static {
+    /// A short name for this backend.
+    fn backend(&self) -> &str;
+
+    /// The fqdn that `vm` gets in this backend's zone, without the trailing dot.
+    fn fqdn(&self, vm: &VmName) -> String;
+
+    /// Publishes `fqdn(vm) -> ip` and the PTR `ip -> fqdn(vm)`, both or neither.
+    ///
+    /// Publishing the same name and address again succeeds and changes nothing. A name
+    /// that already points to another address, or an address whose PTR names another
+    /// host, is never overwritten: that is [`ErrorKind::Conflict`](crate::ErrorKind::Conflict)
+    /// and nothing changes.
+    async fn publish(&self, vm: &VmName, ip: IpAddr) -> Result<DnsRecord>;
+
+    /// Removes the records `fqdn(vm) -> ip` and `ip -> fqdn(vm)`. Records that are absent,
+    /// or that point elsewhere (so belong to someone else), are left alone, and that
+    /// succeeds.
+    async fn remove(&self, vm: &VmName, ip: IpAddr) -> Result<()>;
+
+    /// What the server says now: the addresses `fqdn(vm)` resolves to.
+    async fn resolve(&self, vm: &VmName) -> Result<Vec<IpAddr>>;
+
+    /// What the server says now: the names the PTR of `ip` holds (without trailing dots).
+    async fn reverse(&self, ip: IpAddr) -> Result<Vec<String>>;
+}
+
+/// Keeps templates and makes VM disks from them.
+#[async_trait]
+pub trait ImageStore: Send + Sync + 'static {
+    /// A short name for this backend.
+    fn backend(&self) -> &str;
+
+    /// Makes `template` available locally (syncing it from a registry when the local copy
+    /// is missing or stale) and returns it. Idempotent; an unknown template is
+    /// [`ErrorKind::NotFound`](crate::ErrorKind::NotFound). A partial download is never
+    /// visible as a template.
+    async fn prepare(&self, template: &TemplateName, progress: &Progress) -> Result<Template>;
+
+    /// Templates available locally.
+    async fn templates(&self) -> Result<Vec<Template>>;
+
+    /// Creates the disk of `vm` on `host` from `template`, `size_gib` large.
+    ///
+    /// Calling it again for the same `vm` returns the existing disk.
+    async fn create_disk(
+        &self,
+        vm: &VmName,
+        host: &HostId,
+        template: &Template,
+        size_gib: u64,
+        progress: &Progress,
+    ) -> Result<Disk>;
+
+    /// Deletes the disk of `vm` on `host`. Deleting an absent disk succeeds.
+    async fn delete_disk(&self, vm: &VmName, host: &HostId) -> Result<()>;
+
+    /// The disk of `vm` on `host`, if it exists.
+    async fn disk(&self, vm: &VmName, host: &HostId) -> Result<Option<Disk>>;
+}
+
+/// Defines, starts and removes VMs.
+#[async_trait]
+pub trait Hypervisor: Send + Sync + 'static {
+    /// A short name for this backend.
+    fn backend(&self) -> &str;
+
+    /// Defines the domain described by `spec` and starts it; returns once the guest is up
+    /// (for real backends: answering on its SSH port), reporting progress while waiting.
+    ///
+    /// Calling it again for a domain of the same name and request id returns the running
+    /// domain (starting it if it is stopped). A domain of that name that belongs to
+    /// another request is [`ErrorKind::AlreadyExists`](crate::ErrorKind::AlreadyExists)
+    /// and is left alone.
+    async fn create(&self, spec: &DomainSpec, progress: &Progress) -> Result<Domain>;
+
+    /// Stops and removes the domain `vm` on `host` (destroy + undefine). Removing an
+    /// absent domain succeeds.
+    async fn destroy(&self, vm: &VmName, host: &HostId) -> Result<()>;
+
+    /// The domain `vm` on `host`, if it is defined.
+    async fn domain(&self, vm: &VmName, host: &HostId) -> Result<Option<Domain>>;
+}
+
+/// Runs configuration management on a freshly started guest.
+#[async_trait]
+pub trait Bootstrapper: Send + Sync + 'static {
+    /// A short name for this backend.
+    fn backend(&self) -> &str;
+
+    /// Bootstraps the guest. Each line of output should become a progress message. A
+    /// failure fails the run, which is then rolled back. Running it again on the same
+    /// guest must be safe (configuration management converges).
+    async fn bootstrap(
+        &self,
+        target: &BootstrapTarget,
+        progress: &Progress,
+    ) -> Result<BootstrapReport>;
+
+    /// Undoes what bootstrapping registered outside the guest (for Chef: the node and
+    /// client on the Chef server). Undoing a VM that was never bootstrapped succeeds.
+    async fn unregister(&self, vm: &VmName) -> Result<()>;
+}

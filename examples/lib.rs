@@ -1,0 +1,1 @@
+//! Support crate for the examples; the programs are under `[[example]]`.
