@@ -1,1 +1,635 @@
+//! The pipeline's logic, against the reference backends: ordering, events, rollback,
+//! idempotency, concurrency, cancellation and faults at every step.
 
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use devvm_core::memory::MemoryBackends;
+use devvm_core::testkit::faults::{self, Fault, FaultPlan};
+use devvm_core::{
+    BootstrapSettings, CancelToken, ErrorKind, Event, EventKind, IpAllocator, Lease, Placement,
+    ProvisionRequest, Provisioner, RequestId, Step, Timeouts, VmName, VmSize, async_trait,
+};
+use devvm_tests::{reference_backends, user};
+
+fn name(s: &str) -> VmName {
+    VmName::new(s).unwrap_or_else(|e| panic!("{e}"))
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    mem: MemoryBackends,
+    p: Provisioner,
+}
+
+fn fixture_with(
+    mem: MemoryBackends,
+    backends: devvm_core::Backends,
+    timeouts: Timeouts,
+) -> Fixture {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let p = Provisioner::builder()
+        .state_dir(dir.path().join("state"))
+        .backends(backends)
+        .defaults(devvm_core::Defaults {
+            template: Some(
+                devvm_core::TemplateName::new(devvm_tests::TEMPLATE)
+                    .unwrap_or_else(|e| panic!("{e}")),
+            ),
+            size: VmSize::default(),
+            bootstrap: BootstrapSettings {
+                run_list: vec!["recipe[base]".into()],
+                ..Default::default()
+            },
+        })
+        .timeouts(timeouts)
+        .build()
+        .unwrap_or_else(|e| panic!("build: {e}"));
+    Fixture { _dir: dir, mem, p }
+}
+
+fn fixture() -> Fixture {
+    let mem = reference_backends(None);
+    let b = mem.backends();
+    fixture_with(mem, b, Timeouts::default())
+}
+
+fn held(f: &Fixture) -> usize {
+    f.mem.held_total().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn drain(sub: &mut devvm_core::Subscription) -> Vec<Event> {
+    let mut out = Vec::new();
+    while let Some(e) = sub.try_recv() {
+        out.push(e);
+    }
+    out
+}
+
+#[tokio::test]
+async fn provision_runs_every_step_and_deprovision_undoes_them() {
+    let f = fixture();
+    let mut sub = f.p.subscribe();
+    let req = ProvisionRequest::new(user("alice")).with_name(name("web-1"));
+    let vm =
+        f.p.provision(req.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+
+    assert_eq!(vm.name.as_str(), "web-1");
+    assert_eq!(vm.fqdn, "web-1.lab.example");
+    assert_eq!(vm.owner.as_str(), "alice");
+    assert_eq!(vm.template.as_str(), "debian-12");
+    assert_eq!(vm.request_id, req.request_id);
+    assert!(vm.bootstrapped);
+    assert_eq!(
+        vm.ip,
+        IpAddr::from([10, 20, 0, 2]),
+        "lowest free address after the gateway"
+    );
+    assert_eq!(
+        f.p.list().await.unwrap_or_else(|e| panic!("{e}")),
+        vec![vm.clone()]
+    );
+    assert_eq!(
+        f.p.get(&vm.name).await.unwrap_or_else(|e| panic!("{e}")),
+        Some(vm.clone())
+    );
+    let held_per_step = f.mem.held().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(held_per_step.get("dns"), Some(&2), "A and PTR");
+    for step in ["placement", "ip", "disk", "domain", "bootstrap"] {
+        assert_eq!(held_per_step.get(step), Some(&1), "{step}");
+    }
+
+    let events = drain(&mut sub);
+    assert!(matches!(
+        events.first().map(|e| &e.kind),
+        Some(EventKind::RunStarted { .. })
+    ));
+    assert!(matches!(
+        events.last().map(|e| &e.kind),
+        Some(EventKind::RunFinished { vm: Some(_) })
+    ));
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.seq, i as u64, "events are numbered in delivery order");
+        assert_eq!(e.request_id, req.request_id);
+    }
+    let finished: BTreeSet<Step> = events
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::StepFinished { step, .. } => Some(step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        finished,
+        Step::ALL.into_iter().collect(),
+        "every step finished"
+    );
+    for step in Step::ALL {
+        let started = events
+            .iter()
+            .position(|e| e.kind == EventKind::StepStarted { step });
+        let done = events
+            .iter()
+            .position(|e| matches!(e.kind, EventKind::StepFinished { step: s, .. } if s == step));
+        assert!(started < done, "{step} starts before it finishes");
+    }
+    let pos = |step: Step| {
+        events
+            .iter()
+            .position(|e| e.kind == EventKind::StepStarted { step })
+            .unwrap_or(usize::MAX)
+    };
+    let done = |step: Step| {
+        events
+            .iter()
+            .position(|e| matches!(e.kind, EventKind::StepFinished { step: s, .. } if s == step))
+            .unwrap_or(0)
+    };
+    assert!(done(Step::User) < pos(Step::Placement) && done(Step::User) < pos(Step::Ip));
+    assert!(done(Step::Ip) < pos(Step::Dns));
+    assert!(done(Step::Placement) < pos(Step::Disk) && done(Step::Image) < pos(Step::Disk));
+    assert!(done(Step::Dns) < pos(Step::Domain) && done(Step::Disk) < pos(Step::Domain));
+    assert!(done(Step::Domain) < pos(Step::Bootstrap));
+    // Events are serializable, with a stable tag.
+    let json = serde_json::to_value(&events[1]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(json["type"], "step_started");
+    assert_eq!(json["step"], "user");
+
+    f.p.deprovision(&vm.name)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(held(&f), 0, "deprovision releases everything");
+    assert!(
+        f.p.list()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_empty()
+    );
+    let undone: Vec<Step> = drain(&mut sub)
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::StepUndone { step } => Some(step),
+            _ => None,
+        })
+        .collect();
+    let mut reversed = Step::ALL.to_vec();
+    reversed.reverse();
+    assert_eq!(undone, reversed, "deprovision undoes in reverse order");
+
+    let again = f.p.deprovision(&vm.name).await.expect_err("already gone");
+    assert_eq!(again.kind(), ErrorKind::NotFound);
+    // The name is free again.
+    f.p.provision(ProvisionRequest::new(user("bob")).with_name(name("web-1")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[tokio::test]
+async fn the_same_request_id_gives_the_same_vm() {
+    let f = fixture();
+    let req = ProvisionRequest::new(user("alice"));
+    let a =
+        f.p.provision(req.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    let held_once = held(&f);
+    let b =
+        f.p.provision(req.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(a, b);
+    assert_eq!(held(&f), held_once, "no second vm");
+    assert_eq!(f.p.list().await.unwrap_or_else(|e| panic!("{e}")).len(), 1);
+    assert!(
+        a.name.as_str().starts_with("alice-"),
+        "derived name {}",
+        a.name
+    );
+
+    let changed = req.clone().with_size(VmSize {
+        vcpus: 1,
+        ..VmSize::default()
+    });
+    let e =
+        f.p.provision(changed)
+            .await
+            .expect_err("same id, other parameters");
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+
+    f.p.deprovision(&a.name)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let e = f.p.provision(req).await.expect_err("its vm was removed");
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    assert_eq!(held(&f), 0);
+}
+
+#[tokio::test]
+async fn a_name_in_use_is_refused_and_nothing_changes() {
+    let f = fixture();
+    let vm =
+        f.p.provision(ProvisionRequest::new(user("alice")).with_name(name("db")))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    let before = f.mem.held().unwrap_or_else(|e| panic!("{e}"));
+    let e =
+        f.p.provision(ProvisionRequest::new(user("bob")).with_name(name("db")))
+            .await
+            .expect_err("name in use");
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+    assert_eq!(f.mem.held().unwrap_or_else(|e| panic!("{e}")), before);
+    assert_eq!(f.p.list().await.unwrap_or_else(|e| panic!("{e}")), vec![vm]);
+}
+
+#[tokio::test]
+async fn bad_users_fail_at_the_first_step_and_hold_nothing() {
+    let f = fixture();
+    let e =
+        f.p.provision(ProvisionRequest::new(user("nobody")))
+            .await
+            .expect_err("unknown user");
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert_eq!(e.step(), Some(Step::User));
+    assert_eq!(e.backend_name(), Some("memory"));
+    assert!(!e.is_retryable());
+    let e =
+        f.p.provision(ProvisionRequest::new(user("mallory")))
+            .await
+            .expect_err("not an owner");
+    assert_eq!(e.kind(), ErrorKind::Unauthorized);
+    assert_eq!(held(&f), 0);
+    assert!(
+        f.p.list()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_template_or_bad_size_is_refused() {
+    let f = fixture();
+    let e =
+        f.p.provision(ProvisionRequest::new(user("alice")).with_template(
+            devvm_core::TemplateName::new("nope").unwrap_or_else(|e| panic!("{e}")),
+        ))
+        .await
+        .expect_err("unknown template");
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert_eq!(e.step(), Some(Step::Image));
+    assert_eq!(
+        held(&f),
+        0,
+        "placement, ip and dns ran concurrently and were undone"
+    );
+
+    let e =
+        f.p.provision(ProvisionRequest::new(user("alice")).with_size(VmSize {
+            vcpus: 0,
+            ..VmSize::default()
+        }))
+        .await
+        .expect_err("zero vcpus");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert_eq!(held(&f), 0);
+}
+
+#[tokio::test]
+async fn host_capacity_runs_out_cleanly() {
+    let f = fixture();
+    // The two hosts hold 2 + 1 standard VMs.
+    for i in 0..3 {
+        f.p.provision(ProvisionRequest::new(user("alice")).with_name(name(&format!("vm{i}"))))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let before = held(&f);
+    let e =
+        f.p.provision(ProvisionRequest::new(user("alice")).with_name(name("vm3")))
+            .await
+            .expect_err("full");
+    assert_eq!(e.kind(), ErrorKind::Exhausted);
+    assert_eq!(e.step(), Some(Step::Placement));
+    assert_eq!(held(&f), before, "the failed run left nothing");
+}
+
+#[tokio::test]
+async fn an_exhausted_subnet_rolls_back() {
+    // A subnet of one address: the second VM cannot get one.
+    let mut mem = reference_backends(None);
+    mem.ip = Arc::new(devvm_core::memory::MemoryIpAllocator::new(
+        "10.30.0.0/30".parse().unwrap_or_else(|e| panic!("{e}")),
+        Some([10, 30, 0, 1].into()),
+    ));
+    let b = mem.backends();
+    let f = fixture_with(mem, b, Timeouts::default());
+    f.p.provision(ProvisionRequest::new(user("alice")).with_name(name("one")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let before = held(&f);
+    let e =
+        f.p.provision(ProvisionRequest::new(user("alice")).with_name(name("two")))
+            .await
+            .expect_err("no address left");
+    assert_eq!(e.kind(), ErrorKind::Exhausted);
+    assert_eq!(e.step(), Some(Step::Ip));
+    assert_eq!(held(&f), before);
+}
+
+/// A fault of every kind at every step leaves zero resources held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_at_any_step_leaves_nothing_behind() {
+    for step in Step::ALL {
+        for (fault, kind) in [
+            (Fault::Error(ErrorKind::Unavailable), ErrorKind::Unavailable),
+            (Fault::Error(ErrorKind::Conflict), ErrorKind::Conflict),
+            (Fault::Hang, ErrorKind::Timeout),
+            (Fault::Panic, ErrorKind::Backend),
+        ] {
+            let mem = reference_backends(None);
+            let backends = faults::inject(mem.backends(), FaultPlan::new(step, fault));
+            let mut timeouts = Timeouts::default();
+            timeouts.set(step, Duration::from_millis(200));
+            let f = fixture_with(mem, backends, timeouts);
+            let mut sub = f.p.subscribe();
+            let e =
+                f.p.provision(ProvisionRequest::new(user("alice")))
+                    .await
+                    .expect_err("the fault fails the run");
+            let ctx = format!("{fault:?} at {step}: {e}");
+            assert_eq!(e.kind(), kind, "{ctx}");
+            assert_eq!(e.step(), Some(step), "{ctx}");
+            assert!(e.undo_failures().is_empty(), "{ctx}");
+            assert_eq!(
+                e.is_retryable(),
+                kind == ErrorKind::Unavailable || kind == ErrorKind::Timeout,
+                "{ctx}"
+            );
+            assert_eq!(held(&f), 0, "{ctx}: {:?}", f.mem.held());
+            assert!(
+                f.p.list()
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"))
+                    .is_empty(),
+                "{ctx}"
+            );
+            let events = drain(&mut sub);
+            assert!(
+                events.iter().any(
+                    |e| matches!(&e.kind, EventKind::StepFailed { step: s, .. } if *s == step)
+                ),
+                "{ctx}: a step_failed event"
+            );
+            assert!(
+                matches!(
+                    events.last().map(|e| &e.kind),
+                    Some(EventKind::RunFailed { .. })
+                ),
+                "{ctx}: ends with run_failed"
+            );
+            // The failed step itself is undone too: it may have acted before failing.
+            assert!(
+                events
+                    .iter()
+                    .any(|e| e.kind == EventKind::StepUndone { step }),
+                "{ctx}: the failed step is undone"
+            );
+            // A fault that did not act leaves the name free for a retry.
+            f.p.provision(ProvisionRequest::new(user("alice")))
+                .await
+                .unwrap_or_else(|e| panic!("{ctx}: retry: {e}"));
+        }
+    }
+}
+
+/// An undo that fails is reported, names the resource, and `recover()` finishes it.
+#[tokio::test]
+async fn a_failed_undo_is_named_and_recovered() {
+    let mem = reference_backends(None);
+    let b = faults::inject(
+        mem.backends(),
+        FaultPlan::new(Step::Domain, Fault::Error(ErrorKind::Backend)),
+    );
+    let b = faults::inject(
+        b,
+        FaultPlan::new(Step::Ip, Fault::Error(ErrorKind::Unavailable)).on_undo(),
+    );
+    let f = fixture_with(mem, b, Timeouts::default());
+    let e =
+        f.p.provision(ProvisionRequest::new(user("alice")).with_name(name("leaky")))
+            .await
+            .expect_err("domain fails");
+    assert_eq!(
+        e.step(),
+        Some(Step::Domain),
+        "the original error is returned: {e}"
+    );
+    assert_eq!(e.kind(), ErrorKind::Backend);
+    assert_eq!(e.undo_failures().len(), 1, "{e}");
+    let failure = &e.undo_failures()[0];
+    assert_eq!(failure.step, Step::Ip);
+    assert_eq!(failure.resource, "ip lease of vm leaky");
+    assert!(e.to_string().contains("ip lease of vm leaky"), "{e}");
+    let held_now = f.mem.held().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        held_now.get("ip"),
+        Some(&1),
+        "the lease is really still held"
+    );
+    assert_eq!(held(&f), 1, "everything else was undone");
+
+    // The name stays taken until the lease is released.
+    let e =
+        f.p.provision(ProvisionRequest::new(user("bob")).with_name(name("leaky")))
+            .await
+            .expect_err("name still held");
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+
+    let report = f.p.recover().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.rolled_back.len(), 1, "{report:?}");
+    assert!(report.still_held.is_empty());
+    assert_eq!(held(&f), 0);
+    // Recovering again finds nothing to do.
+    let report = f.p.recover().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report, devvm_core::RecoveryReport::default());
+}
+
+/// Placement and the IP lease run at the same time: each waits for the other at a
+/// barrier, which only a concurrent pipeline can pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn independent_steps_run_concurrently() {
+    struct Meet<T: ?Sized>(Arc<T>, Arc<tokio::sync::Barrier>);
+    #[async_trait]
+    impl Placement for Meet<dyn Placement> {
+        fn backend(&self) -> &str {
+            "meet"
+        }
+        async fn reserve(
+            &self,
+            vm: &VmName,
+            size: &VmSize,
+        ) -> devvm_core::Result<devvm_core::HostId> {
+            self.1.wait().await;
+            self.0.reserve(vm, size).await
+        }
+        async fn release(&self, vm: &VmName) -> devvm_core::Result<()> {
+            self.0.release(vm).await
+        }
+        async fn reservation(&self, vm: &VmName) -> devvm_core::Result<Option<devvm_core::HostId>> {
+            self.0.reservation(vm).await
+        }
+    }
+    #[async_trait]
+    impl IpAllocator for Meet<dyn IpAllocator> {
+        fn backend(&self) -> &str {
+            "meet"
+        }
+        async fn allocate(&self, vm: &VmName) -> devvm_core::Result<Lease> {
+            self.1.wait().await;
+            self.0.allocate(vm).await
+        }
+        async fn release(&self, vm: &VmName) -> devvm_core::Result<()> {
+            self.0.release(vm).await
+        }
+        async fn lease(&self, vm: &VmName) -> devvm_core::Result<Option<Lease>> {
+            self.0.lease(vm).await
+        }
+    }
+    let mem = reference_backends(None);
+    let mut b = mem.backends();
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    b.placement = Arc::new(Meet(b.placement, barrier.clone()));
+    b.ip = Arc::new(Meet(b.ip, barrier));
+    let mut timeouts = Timeouts::default();
+    timeouts.set(Step::Placement, Duration::from_secs(10));
+    timeouts.set(Step::Ip, Duration::from_secs(10));
+    let f = fixture_with(mem, b, timeouts);
+    f.p.provision(ProvisionRequest::new(user("alice")))
+        .await
+        .unwrap_or_else(|e| panic!("a sequential pipeline would time out here: {e}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_provisions_get_distinct_addresses() {
+    let f = fixture();
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let p = f.p.clone();
+        tasks.push(tokio::spawn(async move {
+            p.provision(ProvisionRequest::new(user("alice")).with_name(name(&format!("c{i}"))))
+                .await
+        }));
+    }
+    let mut ips = BTreeSet::new();
+    for t in tasks {
+        let vm = t
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        ips.insert(vm.ip);
+    }
+    assert_eq!(ips.len(), 3);
+}
+
+#[tokio::test]
+async fn every_subscriber_sees_every_event() {
+    let f = fixture();
+    let mut a = f.p.subscribe();
+    let mut b = f.p.subscribe();
+    let dropped = f.p.subscribe();
+    drop(dropped);
+    f.p.provision(ProvisionRequest::new(user("alice")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ea = drain(&mut a);
+    let eb = drain(&mut b);
+    assert!(
+        ea.len() >= 18,
+        "run started, 8 x started/finished, run finished"
+    );
+    assert_eq!(ea, eb);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_run_rolls_it_back() {
+    let mem = reference_backends(None);
+    // The domain step hangs; the caller cancels while it waits.
+    let b = faults::inject(mem.backends(), FaultPlan::new(Step::Domain, Fault::Hang));
+    let f = fixture_with(mem, b, Timeouts::default());
+    let mut sub = f.p.subscribe();
+    let cancel = CancelToken::new();
+    let run = tokio::spawn({
+        let (p, c) = (f.p.clone(), cancel.clone());
+        async move {
+            p.provision_with(ProvisionRequest::new(user("alice")), c)
+                .await
+        }
+    });
+    // Cancel once the domain step has started (read from the event stream, not a sleep).
+    while let Some(e) = sub.recv().await {
+        if e.kind == (EventKind::StepStarted { step: Step::Domain }) {
+            break;
+        }
+    }
+    cancel.cancel();
+    let e = run
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .expect_err("cancelled");
+    assert_eq!(e.kind(), ErrorKind::Cancelled);
+    assert_eq!(held(&f), 0);
+}
+
+#[tokio::test]
+async fn a_failing_bootstrap_rolls_the_whole_vm_back() {
+    let f = fixture();
+    let e =
+        f.p.provision(
+            ProvisionRequest::new(user("alice")).with_bootstrap(BootstrapSettings {
+                run_list: vec!["recipe[base]".into(), "recipe[fail]".into()],
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect_err("bootstrap fails");
+    assert_eq!(e.step(), Some(Step::Bootstrap));
+    assert_eq!(held(&f), 0);
+}
+
+#[tokio::test]
+async fn from_config_builds_a_working_provisioner() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let config = devvm_tests::write_config(dir.path());
+    let p = Provisioner::from_config(&config).unwrap_or_else(|e| panic!("{e}"));
+    let vm = p
+        .provision(
+            ProvisionRequest::new(user("bob"))
+                .with_request_id(RequestId::new("ticket-42").unwrap_or_else(|e| panic!("{e}"))),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(vm.fqdn, format!("{}.lab.example", vm.name));
+    assert!(dir.path().join("state/journal.sqlite3").exists());
+    // A second provisioner on the same state sees the VM.
+    let p2 = Provisioner::from_config(&config).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        p2.list().await.unwrap_or_else(|e| panic!("{e}")),
+        vec![vm.clone()]
+    );
+    p2.deprovision(&vm.name)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        reference_backends(Some(dir.path()))
+            .held_total()
+            .unwrap_or_else(|e| panic!("{e}")),
+        0
+    );
+
+    let missing = Provisioner::from_config(dir.path().join("nope.toml")).expect_err("no file");
+    assert_eq!(missing.kind(), ErrorKind::NotFound);
+}

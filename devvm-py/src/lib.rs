@@ -3,9 +3,9 @@
 
 use pyo3::prelude::*;
 
-/// The `devvm` Python module.
+/// The native part of the `devvm` Python package (`devvm._devvm`).
 #[pymodule]
-fn devvm(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn _devvm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

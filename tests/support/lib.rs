@@ -1,1 +1,142 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests: reference backends wired to state files in a
+//! test directory, and a config file describing the same backends.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use devvm_core::memory::{
+    HostCapacity, MemoryBackends, MemoryBootstrapper, MemoryDns, MemoryHypervisor, MemoryImages,
+    MemoryIpAllocator, MemoryPlacement, MemoryUsers,
+};
+use devvm_core::{HostId, TemplateName, User, UserName, VmSize};
+
+/// The zone of the reference DNS backend.
+pub const ZONE: &str = "lab.example";
+/// The template every test uses.
+pub const TEMPLATE: &str = "debian-12";
+
+/// Parses a name that the test knows is valid.
+pub fn user(name: &str) -> UserName {
+    UserName::new(name).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Reference backends; with `dir`, their state lives in JSON files there (shared with the
+/// config written by [`write_config`], so another process sees the same state).
+///
+/// Users: `alice` and `bob` may own VMs, `mallory` may not. Two hosts with room for
+/// 2 + 1 standard VMs. Subnet 10.20.0.0/28 with gateway .1 (13 leasable addresses).
+pub fn reference_backends(dir: Option<&Path>) -> MemoryBackends {
+    let size = VmSize::default();
+    let hosts = vec![
+        HostCapacity::slots(
+            HostId::new("host-a").unwrap_or_else(|e| panic!("{e}")),
+            2,
+            size,
+        ),
+        HostCapacity::slots(
+            HostId::new("host-b").unwrap_or_else(|e| panic!("{e}")),
+            1,
+            size,
+        ),
+    ];
+    let template = TemplateName::new(TEMPLATE).unwrap_or_else(|e| panic!("{e}"));
+    let subnet = "10.20.0.0/28".parse().unwrap_or_else(|e| panic!("{e}"));
+    let users = MemoryUsers::new()
+        .with_user(account("alice"), true)
+        .with_user(account("bob"), true)
+        .with_user(account("mallory"), false);
+    let mut ip = MemoryIpAllocator::new(subnet, Some([10, 20, 0, 1].into()));
+    let mut dns = MemoryDns::new(ZONE);
+    let mut images = MemoryImages::new([template]);
+    let mut hv = MemoryHypervisor::new();
+    let mut bs = MemoryBootstrapper::new();
+    let placement = match dir {
+        Some(d) => {
+            ip = ip.with_state_file(d.join("ip.json"));
+            dns = dns.with_state_file(d.join("dns.json"));
+            images = images.with_state_file(d.join("disks.json"));
+            hv = hv.with_state_file(d.join("domains.json"));
+            bs = bs.with_state_file(d.join("bootstrap.json"));
+            MemoryPlacement::with_state_file(hosts, d.join("placement.json"))
+        }
+        None => MemoryPlacement::new(hosts),
+    };
+    MemoryBackends {
+        users: Arc::new(users),
+        placement: Arc::new(placement),
+        ip: Arc::new(ip),
+        dns: Arc::new(dns),
+        images: Arc::new(images),
+        hypervisor: Arc::new(hv),
+        bootstrap: Arc::new(bs),
+    }
+}
+
+fn account(name: &str) -> User {
+    User {
+        name: user(name),
+        display_name: Some(format!("{name} (test)")),
+        mail: Some(format!("{name}@{ZONE}")),
+        ssh_keys: vec![format!("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITEST {name}")],
+    }
+}
+
+/// Writes a config selecting the same reference backends as
+/// `reference_backends(Some(dir))`, and returns its path.
+pub fn write_config(dir: &Path) -> PathBuf {
+    let text = format!(
+        r#"# Reference backends with state files: for tests only.
+state_dir = "state"
+
+[defaults]
+template = "{TEMPLATE}"
+run_list = ["recipe[base]"]
+
+[timeouts]
+domain = 30
+
+[users]
+backend = "memory"
+accounts = [
+  {{ name = "alice", display_name = "alice (test)", mail = "alice@{ZONE}", ssh_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITEST alice"] }},
+  {{ name = "bob", display_name = "bob (test)", mail = "bob@{ZONE}", ssh_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITEST bob"] }},
+  {{ name = "mallory", may_own_vms = false }},
+]
+
+[placement]
+backend = "memory"
+state_file = "placement.json"
+hosts = [
+  {{ id = "host-a", vcpus = 4, memory_mib = 10240, disk_gib = 80 }},
+  {{ id = "host-b", vcpus = 2, memory_mib = 5120, disk_gib = 40 }},
+]
+
+[ip]
+backend = "memory"
+subnet = "10.20.0.0/28"
+gateway = "10.20.0.1"
+state_file = "ip.json"
+
+[dns]
+backend = "memory"
+zone = "{ZONE}"
+state_file = "dns.json"
+
+[images]
+backend = "memory"
+templates = ["{TEMPLATE}"]
+state_file = "disks.json"
+
+[hypervisor]
+backend = "memory"
+state_file = "domains.json"
+
+[bootstrap]
+backend = "memory"
+state_file = "bootstrap.json"
+"#
+    );
+    let path = dir.join("devvm.toml");
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("write config: {e}"));
+    path
+}

@@ -5,7 +5,7 @@
 //! subnet has). Suites use fresh VM names from [`unique_vm_name`](super::unique_vm_name)
 //! and undo what they create, so they can run against a shared real service.
 //!
-//! ```ignore
+//! ```text
 //! #[tokio::test]
 //! async fn my_ipam_conforms() {
 //!     let ipam = Arc::new(MyIpam::connect(...).await.unwrap());

@@ -3,7 +3,7 @@
 //! [`inject`] wraps one step's backend in a set of [`Backends`]; the wrapper passes every
 //! call through except the chosen one, where it fails in the chosen way.
 //!
-//! ```ignore
+//! ```text
 //! let backends = faults::inject(memory.backends(), FaultPlan::new(Step::Dns, Fault::Error(ErrorKind::Unavailable)));
 //! ```
 

@@ -1,0 +1,69 @@
+//! A provisioner process for the crash tests: it runs one provision (or a provision and
+//! then a deprovision) from a config file, with a fault that kills it with SIGKILL at a
+//! chosen step boundary.
+//!
+//! Usage: `devvm-crash-child CONFIG provision|deprovision STEP before|after`
+
+use std::process::ExitCode;
+
+use devvm_core::testkit::faults::{self, Fault, FaultPlan};
+use devvm_core::{ProvisionRequest, RequestId, Step, UserName, VmName, config::Config};
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    match run(&args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("devvm-crash-child: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: &[String]) -> devvm_core::Result<()> {
+    let [_, config, mode, step, when] = args else {
+        return Err(devvm_core::Error::invalid_input(
+            "usage: devvm-crash-child CONFIG provision|deprovision STEP before|after",
+        ));
+    };
+    let step: Step = step.parse()?;
+    let fault = match when.as_str() {
+        "before" => Fault::KillBefore,
+        "after" => Fault::KillAfter,
+        other => {
+            return Err(devvm_core::Error::invalid_input(format!(
+                "bad boundary {other}"
+            )));
+        }
+    };
+    let config = Config::load(config.as_ref())?;
+    let builder = config.builder()?;
+    let clean = builder
+        .current_backends()
+        .ok_or_else(|| devvm_core::Error::invalid_input("config leaves a backend unset"))?;
+    let req = ProvisionRequest::new(UserName::new("alice")?)
+        .with_name(VmName::new("crashy")?)
+        .with_request_id(RequestId::new("crash-run")?);
+    match mode.as_str() {
+        "provision" => {
+            let p = builder
+                .backends(faults::inject(clean, FaultPlan::new(step, fault)))
+                .build()?;
+            p.provision(req).await?;
+        }
+        "deprovision" => {
+            let p = builder
+                .backends(faults::inject(clean, FaultPlan::new(step, fault).on_undo()))
+                .build()?;
+            let vm = p.provision(req).await?;
+            p.deprovision(&vm.name).await?;
+        }
+        other => {
+            return Err(devvm_core::Error::invalid_input(format!(
+                "bad mode {other}"
+            )));
+        }
+    }
+    Ok(())
+}
