@@ -347,6 +347,16 @@ impl Config {
                     }
                     b.ip(Arc::new(ip))
                 }
+                (Step::Ip, "sqlite") => {
+                    let o: crate::backends::sqlite_ip::SqliteIpConfig = self.options(step)?;
+                    b.ip(Arc::new(
+                        crate::backends::sqlite_ip::SqliteIpAllocator::from_config(
+                            &o,
+                            self.base_dir(),
+                            &self.state_dir,
+                        )?,
+                    ))
+                }
                 (Step::Dns, "memory") => {
                     let o: MemoryDnsConfig = self.options(step)?;
                     let mut dns = MemoryDns::new(o.zone);
@@ -409,6 +419,7 @@ pub fn section_name(step: Step) -> &'static str {
 fn known_backends(step: Step) -> Vec<&'static str> {
     match step {
         Step::Bootstrap => vec!["none", "memory", "custom"],
+        Step::Ip => vec!["sqlite", "memory", "custom"],
         _ => vec!["memory", "custom"],
     }
 }

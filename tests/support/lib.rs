@@ -140,3 +140,49 @@ state_file = "bootstrap.json"
     std::fs::write(&path, text).unwrap_or_else(|e| panic!("write config: {e}"));
     path
 }
+
+/// The lab's environment, as printed by `scripts/lab env`.
+#[derive(Debug, Clone)]
+pub struct Lab {
+    /// Every `DEVVM_LAB_*` variable, without the prefix, lower-cased (`dns_server`, ...).
+    vars: std::collections::BTreeMap<String, String>,
+}
+
+impl Lab {
+    /// The lab, if its environment is present (`scripts/lab exec ...` sets it).
+    ///
+    /// When it is absent the test should return early: this prints why. When
+    /// `DEVVM_REQUIRE_LAB=1` (as `scripts/test` sets), an absent lab is a failure instead,
+    /// so that CI never silently skips a backend test.
+    pub fn get(test: &str) -> Option<Lab> {
+        if std::env::var("DEVVM_LAB").as_deref() == Ok("1") {
+            let vars = std::env::vars()
+                .filter_map(|(k, v)| {
+                    k.strip_prefix("DEVVM_LAB_")
+                        .map(|k| (k.to_ascii_lowercase(), v))
+                })
+                .collect();
+            return Some(Lab { vars });
+        }
+        if std::env::var("DEVVM_REQUIRE_LAB").as_deref() == Ok("1") {
+            panic!(
+                "{test}: the lab is required but its environment is missing; run inside `scripts/lab exec`"
+            );
+        }
+        eprintln!(
+            "SKIPPED {test}: the lab is not up (run `scripts/lab up`, then the test inside `scripts/lab exec`; scripts/test does both)"
+        );
+        None
+    }
+
+    /// A lab variable (`var("dns_server")` reads `DEVVM_LAB_DNS_SERVER`); panics naming it
+    /// when missing.
+    pub fn var(&self, name: &str) -> &str {
+        self.vars.get(name).map(String::as_str).unwrap_or_else(|| {
+            panic!(
+                "lab variable DEVVM_LAB_{} is not set",
+                name.to_ascii_uppercase()
+            )
+        })
+    }
+}

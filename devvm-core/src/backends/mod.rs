@@ -1,5 +1,7 @@
 //! Real backends of the step traits.
 
+pub mod sqlite_ip;
+
 use async_trait::async_trait;
 
 use crate::error::Result;
