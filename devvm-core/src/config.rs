@@ -325,6 +325,13 @@ impl Config {
                     }
                     b.users(Arc::new(users))
                 }
+                (Step::User, "ldap") => {
+                    let o: crate::backends::ldap::LdapConfig = self.options(step)?;
+                    b.users(Arc::new(crate::backends::ldap::LdapDirectory::from_config(
+                        &o,
+                        self.base_dir(),
+                    )?))
+                }
                 (Step::Placement, "memory") => {
                     let o: MemoryPlacementConfig = self.options(step)?;
                     let p = match o.state_file {
@@ -420,6 +427,7 @@ fn known_backends(step: Step) -> Vec<&'static str> {
     match step {
         Step::Bootstrap => vec!["none", "memory", "custom"],
         Step::Ip => vec!["sqlite", "memory", "custom"],
+        Step::User => vec!["ldap", "memory", "custom"],
         _ => vec!["memory", "custom"],
     }
 }

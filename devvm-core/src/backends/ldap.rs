@@ -1,0 +1,409 @@
+//! [`UserDirectory`] on LDAP (OpenLDAP, 389-ds, Active Directory), through `ldap3`.
+//!
+//! Each lookup opens a connection (`ldap://`, `ldap://` with StartTLS, or `ldaps://`),
+//! binds (simple bind with a service account, or anonymously), searches the user by
+//! uid with the value escaped for the filter, optionally checks membership of a group,
+//! and unbinds. The bind password is a secret: it never appears in `Debug`, errors or logs.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ldap3::{LdapConnAsync, LdapConnSettings, LdapError, Scope, SearchEntry, ldap_escape};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::config::SecretSpec;
+use crate::error::{Error, ErrorKind, Result};
+use crate::traits::UserDirectory;
+use crate::types::{User, UserName};
+
+const BACKEND: &str = "ldap";
+
+/// How group membership is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MembershipKind {
+    /// `groupOfNames`/`groupOfUniqueNames`: the group's `member` holds user DNs.
+    #[default]
+    Dn,
+    /// `posixGroup`: the group's `memberUid` holds user names.
+    Uid,
+}
+
+/// The `[users]` section for `backend = "ldap"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LdapConfig {
+    /// `ldap://host:389` or `ldaps://host:636`.
+    pub url: String,
+    /// Upgrade an `ldap://` connection with StartTLS (default false).
+    #[serde(default)]
+    pub starttls: bool,
+    /// Where users live (searched with subtree scope).
+    pub base_dn: String,
+    /// The service account; anonymous bind when absent.
+    #[serde(default)]
+    pub bind_dn: Option<String>,
+    /// The service account's password (`{ file = ".." }` or `{ env = ".." }`).
+    #[serde(default)]
+    pub bind_password: Option<SecretSpec>,
+    /// The attribute holding the user name (default `uid`).
+    #[serde(default = "default_uid")]
+    pub uid_attribute: String,
+    /// An extra filter users must match (default `(objectClass=posixAccount)`).
+    #[serde(default = "default_user_filter")]
+    pub user_filter: String,
+    /// The group whose members may own VMs; every user found may when absent.
+    #[serde(default)]
+    pub required_group: Option<String>,
+    /// How the group lists its members (default `dn`: the `member` attribute).
+    #[serde(default)]
+    pub membership: MembershipKind,
+    /// The attribute holding SSH public keys (default `sshPublicKey`).
+    #[serde(default = "default_ssh_attr")]
+    pub ssh_key_attribute: String,
+    /// Connect and per-operation time limit in seconds (default 5).
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_uid() -> String {
+    "uid".into()
+}
+fn default_user_filter() -> String {
+    "(objectClass=posixAccount)".into()
+}
+fn default_ssh_attr() -> String {
+    "sshPublicKey".into()
+}
+fn default_timeout() -> u64 {
+    5
+}
+
+/// Looks users up in LDAP.
+pub struct LdapDirectory {
+    url: String,
+    starttls: bool,
+    base_dn: String,
+    bind: Option<(String, SecretString)>,
+    uid_attribute: String,
+    user_filter: String,
+    required_group: Option<String>,
+    membership: MembershipKind,
+    ssh_key_attribute: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for LdapDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LdapDirectory")
+            .field("url", &self.url)
+            .field("starttls", &self.starttls)
+            .field("base_dn", &self.base_dn)
+            .field("bind_dn", &self.bind.as_ref().map(|(dn, _)| dn))
+            .field("required_group", &self.required_group)
+            .finish_non_exhaustive()
+    }
+}
+
+fn is_valid_filter(f: &str) -> bool {
+    f.starts_with('(') && f.ends_with(')') && f.matches('(').count() == f.matches(')').count()
+}
+
+impl LdapDirectory {
+    /// A directory from its config section; a relative password file is resolved against
+    /// `base_dir`. A malformed URL or filter, or an unreadable password, is
+    /// [`ErrorKind::InvalidInput`].
+    pub fn from_config(c: &LdapConfig, base_dir: &Path) -> Result<Self> {
+        if !(c.url.starts_with("ldap://") || c.url.starts_with("ldaps://")) {
+            return Err(Error::invalid_input(format!(
+                "ldap url {:?} must start with ldap:// or ldaps://",
+                c.url
+            )));
+        }
+        if c.starttls && c.url.starts_with("ldaps://") {
+            return Err(Error::invalid_input(
+                "starttls applies to ldap:// urls, not ldaps://",
+            ));
+        }
+        if !is_valid_filter(&c.user_filter) {
+            return Err(Error::invalid_input(format!(
+                "user_filter {:?} is not a parenthesized LDAP filter",
+                c.user_filter
+            )));
+        }
+        if c.uid_attribute.is_empty()
+            || !c
+                .uid_attribute
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
+        {
+            return Err(Error::invalid_input(format!(
+                "uid_attribute {:?} is not an attribute name",
+                c.uid_attribute
+            )));
+        }
+        let bind = match (&c.bind_dn, &c.bind_password) {
+            (Some(dn), Some(pw)) => Some((dn.clone(), pw.resolve(base_dir)?)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(Error::invalid_input(
+                    "bind_dn is set but bind_password is not",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(Error::invalid_input(
+                    "bind_password is set but bind_dn is not",
+                ));
+            }
+        };
+        if c.timeout_secs == 0 {
+            return Err(Error::invalid_input("timeout_secs must be at least 1"));
+        }
+        Ok(LdapDirectory {
+            url: c.url.clone(),
+            starttls: c.starttls,
+            base_dn: c.base_dn.clone(),
+            bind,
+            uid_attribute: c.uid_attribute.clone(),
+            user_filter: c.user_filter.clone(),
+            required_group: c.required_group.clone(),
+            membership: c.membership,
+            ssh_key_attribute: c.ssh_key_attribute.clone(),
+            timeout: Duration::from_secs(c.timeout_secs),
+        })
+    }
+
+    /// The search filter for `user`: the configured filter and the uid, escaped.
+    pub fn user_search_filter(&self, user: &UserName) -> String {
+        format!(
+            "(&{}({}={}))",
+            self.user_filter,
+            self.uid_attribute,
+            ldap_escape(user.as_str())
+        )
+    }
+
+    fn map_err(&self, what: &str, e: LdapError) -> Error {
+        let (kind, retry) = match &e {
+            LdapError::Timeout { .. } => (ErrorKind::Timeout, true),
+            LdapError::Io { .. } | LdapError::ResultRecv { .. } | LdapError::OpSend { .. } => {
+                (ErrorKind::Unavailable, true)
+            }
+            LdapError::Rustls { .. } | LdapError::DNSName { .. } => (ErrorKind::Unavailable, false),
+            LdapError::UrlParsing { .. } | LdapError::UnknownScheme(_) => {
+                (ErrorKind::InvalidInput, false)
+            }
+            LdapError::LdapResult { result } => match result.rc {
+                // invalidCredentials, insufficientAccessRights, inappropriateAuthentication
+                49 | 50 | 48 => (ErrorKind::Unauthorized, false),
+                // busy, unavailable, unwillingToPerform
+                51 | 52 | 53 => (ErrorKind::Unavailable, true),
+                // timeLimitExceeded
+                3 => (ErrorKind::Timeout, true),
+                // noSuchObject: the base or group DN does not exist
+                32 => (ErrorKind::InvalidInput, false),
+                _ => (ErrorKind::Backend, false),
+            },
+            _ => (ErrorKind::Backend, false),
+        };
+        Error::new(kind, format!("{what} at {}", self.url))
+            .with_retryable(retry)
+            .with_backend(BACKEND)
+            .with_source(e)
+    }
+
+    async fn lookup(&self, user: &UserName) -> Result<User> {
+        let settings = LdapConnSettings::new()
+            .set_conn_timeout(self.timeout)
+            .set_starttls(self.starttls);
+        let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &self.url)
+            .await
+            .map_err(|e| self.map_err("cannot connect to the directory", e))?;
+        ldap3::drive!(conn);
+
+        if let Some((dn, pw)) = &self.bind {
+            ldap.with_timeout(self.timeout)
+                .simple_bind(dn, pw.expose_secret())
+                .await
+                .and_then(|r| r.success())
+                .map_err(|e| self.map_err(&format!("bind as {dn} failed"), e))?;
+        }
+
+        let filter = self.user_search_filter(user);
+        let attrs = vec![
+            self.uid_attribute.as_str(),
+            "cn",
+            "displayName",
+            "mail",
+            self.ssh_key_attribute.as_str(),
+        ];
+        let (entries, _) = ldap
+            .with_timeout(self.timeout)
+            .search(&self.base_dn, Scope::Subtree, &filter, attrs)
+            .await
+            .and_then(|r| r.success())
+            .map_err(|e| self.map_err("user search failed", e))?;
+        let entry = match entries.len() {
+            0 => {
+                let _ = ldap.unbind().await;
+                return Err(Error::not_found(format!("no user {user} in the directory"))
+                    .with_backend(BACKEND));
+            }
+            1 => SearchEntry::construct(
+                entries
+                    .into_iter()
+                    .next()
+                    .unwrap_or_else(|| unreachable!("one entry was counted")),
+            ),
+            n => {
+                let _ = ldap.unbind().await;
+                return Err(
+                    Error::conflict(format!("{n} directory entries match user {user}"))
+                        .with_backend(BACKEND),
+                );
+            }
+        };
+
+        if let Some(group) = &self.required_group {
+            let member_filter = match self.membership {
+                MembershipKind::Dn => format!(
+                    "(|(member={v})(uniqueMember={v}))",
+                    v = ldap_escape(entry.dn.as_str())
+                ),
+                MembershipKind::Uid => format!("(memberUid={})", ldap_escape(user.as_str())),
+            };
+            let (hits, _) = ldap
+                .with_timeout(self.timeout)
+                .search(group, Scope::Base, &member_filter, vec!["1.1"])
+                .await
+                .and_then(|r| r.success())
+                .map_err(|e| self.map_err(&format!("membership check in {group} failed"), e))?;
+            if hits.is_empty() {
+                let _ = ldap.unbind().await;
+                return Err(
+                    Error::unauthorized(format!("user {user} is not a member of {group}"))
+                        .with_backend(BACKEND),
+                );
+            }
+        }
+        let _ = ldap.unbind().await;
+        Ok(self.user_from(user, entry.attrs, entry.bin_attrs))
+    }
+
+    fn user_from(
+        &self,
+        user: &UserName,
+        attrs: HashMap<String, Vec<String>>,
+        bin_attrs: HashMap<String, Vec<Vec<u8>>>,
+    ) -> User {
+        // Attribute names are case-insensitive; servers echo their own spelling.
+        let get = |name: &str| -> Vec<String> {
+            let mut v: Vec<String> = attrs
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                .flat_map(|(_, vals)| vals.iter().cloned())
+                .collect();
+            v.extend(
+                bin_attrs
+                    .iter()
+                    .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .flat_map(|(_, vals)| vals.iter())
+                    .filter_map(|b| String::from_utf8(b.clone()).ok()),
+            );
+            v
+        };
+        let first = |name: &str| get(name).into_iter().next();
+        let ssh_keys = get(&self.ssh_key_attribute)
+            .into_iter()
+            .flat_map(|v| {
+                v.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        User {
+            name: user.clone(),
+            display_name: first("displayName").or_else(|| first("cn")),
+            mail: first("mail"),
+            ssh_keys,
+        }
+    }
+}
+
+#[async_trait]
+impl UserDirectory for LdapDirectory {
+    fn backend(&self) -> &str {
+        BACKEND
+    }
+
+    async fn find_user(&self, user: &UserName) -> Result<User> {
+        // The whole lookup, connection included, is bounded by a few operation limits.
+        match tokio::time::timeout(self.timeout * 4, self.lookup(user)).await {
+            Ok(r) => r,
+            Err(_) => Err(
+                Error::timeout(format!("directory {} did not answer in time", self.url))
+                    .with_backend(BACKEND),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> LdapConfig {
+        toml::from_str(&format!(
+            "url = \"ldap://127.0.0.1:389\"\nbase_dn = \"dc=example,dc=test\"\n{extra}"
+        ))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn the_filter_value_is_escaped() {
+        let d = LdapDirectory::from_config(&config(""), Path::new("/"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let u = UserName::new("j.doe_1").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            d.user_search_filter(&u),
+            "(&(objectClass=posixAccount)(uid=j.doe_1))"
+        );
+        // UserName already refuses metacharacters; the escape is the second wall.
+        assert_eq!(ldap_escape("*)(uid=*"), "\\2a\\29\\28uid=\\2a");
+    }
+
+    #[test]
+    fn bad_settings_are_refused_and_the_password_never_shows() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.path().join("pw"), "s3cr3t-pw\n").unwrap_or_else(|e| panic!("{e}"));
+        let d = LdapDirectory::from_config(
+            &config("bind_dn = \"cn=admin,dc=example,dc=test\"\nbind_password = { file = \"pw\" }"),
+            dir.path(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!format!("{d:?}").contains("s3cr3t"));
+        let c = config("bind_password = \"inline-pw\"");
+        assert!(!format!("{c:?}").contains("inline-pw"));
+        let e = LdapDirectory::from_config(&c, dir.path()).expect_err("no bind dn");
+        assert!(!e.to_string().contains("inline-pw"));
+        for bad in [
+            "user_filter = \"objectClass=person\"",
+            "uid_attribute = \"uid)(x\"",
+            "timeout_secs = 0",
+        ] {
+            let e = LdapDirectory::from_config(&config(bad), dir.path()).expect_err(bad);
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}");
+        }
+        let mut c = config("");
+        c.url = "http://x".into();
+        assert!(LdapDirectory::from_config(&c, dir.path()).is_err());
+        let bad: std::result::Result<LdapConfig, _> =
+            toml::from_str("url = \"ldap://x\"\nbase_dn = \"dc=x\"\nbindpw = \"x\"");
+        assert!(bad.is_err_and(|e| e.to_string().contains("bindpw")));
+    }
+}

@@ -1,0 +1,181 @@
+//! The LDAP user directory against the lab's real OpenLDAP `slapd`.
+//!
+//! Runs inside `scripts/lab exec` (scripts/test does this); skips with a message when the
+//! lab is not up.
+
+use std::sync::Arc;
+
+use devvm_core::backends::ldap::{LdapConfig, LdapDirectory};
+use devvm_core::testkit::conformance::{UserDirectoryFixture, user_directory};
+use devvm_core::{ErrorKind, UserDirectory, UserName};
+use devvm_tests::Lab;
+
+fn config(lab: &Lab, extra: &str) -> LdapConfig {
+    toml::from_str(&format!(
+        r#"
+url = "{url}"
+base_dn = "{base}"
+bind_dn = "{bind}"
+bind_password = {{ file = "{pw}" }}
+required_group = "{group}"
+timeout_secs = 3
+{extra}
+"#,
+        url = lab.var("ldap_url"),
+        base = lab.var("ldap_base_dn"),
+        bind = lab.var("ldap_bind_dn"),
+        pw = lab.var("ldap_password_file"),
+        group = lab.var("ldap_group_dn"),
+    ))
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn directory(lab: &Lab, extra: &str) -> LdapDirectory {
+    LdapDirectory::from_config(&config(lab, extra), std::path::Path::new("/"))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn member(lab: &Lab) -> UserName {
+    let first = lab
+        .var("ldap_users")
+        .split_whitespace()
+        .next()
+        .unwrap_or("alice");
+    UserName::new(first).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test]
+async fn ldap_directory_conforms() {
+    let Some(lab) = Lab::get("ldap_directory_conforms") else {
+        return;
+    };
+    user_directory(
+        Arc::new(directory(&lab, "")),
+        UserDirectoryFixture {
+            member: member(&lab),
+            outsider: Some(
+                UserName::new(lab.var("ldap_outsider")).unwrap_or_else(|e| panic!("{e}")),
+            ),
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_member_comes_with_mail_name_and_ssh_keys() {
+    let Some(lab) = Lab::get("a_member_comes_with_mail_name_and_ssh_keys") else {
+        return;
+    };
+    let user = directory(&lab, "")
+        .find_user(&member(&lab))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        user.mail.as_deref().is_some_and(|m| m.contains('@')),
+        "{user:?}"
+    );
+    assert!(user.display_name.is_some(), "{user:?}");
+    assert!(
+        user.ssh_keys.iter().any(|k| k.starts_with("ssh-")),
+        "the lab's users carry sshPublicKey: {user:?}"
+    );
+}
+
+#[tokio::test]
+async fn without_a_required_group_the_outsider_is_found() {
+    let Some(lab) = Lab::get("without_a_required_group_the_outsider_is_found") else {
+        return;
+    };
+    let mut c = config(&lab, "");
+    c.required_group = None;
+    let d =
+        LdapDirectory::from_config(&c, std::path::Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
+    let outsider = UserName::new(lab.var("ldap_outsider")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        d.find_user(&outsider).await.map(|u| u.name).ok(),
+        Some(outsider)
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_bind_password_is_unauthorized() {
+    let Some(lab) = Lab::get("a_wrong_bind_password_is_unauthorized") else {
+        return;
+    };
+    let mut c = config(&lab, "");
+    c.bind_password = Some(
+        toml::from_str::<toml::Table>("p = \"definitely-wrong\"")
+            .ok()
+            .and_then(|t| t.get("p").cloned())
+            .and_then(|v| v.try_into().ok())
+            .unwrap_or_else(|| panic!("secret spec")),
+    );
+    let d =
+        LdapDirectory::from_config(&c, std::path::Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
+    let e = d.find_user(&member(&lab)).await.expect_err("bad password");
+    assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
+    assert!(!e.to_string().contains("definitely-wrong"));
+    assert!(!format!("{e:?}").contains("definitely-wrong"));
+}
+
+#[tokio::test]
+async fn a_directory_that_is_down_is_unavailable_and_retryable() {
+    let Some(lab) = Lab::get("a_directory_that_is_down_is_unavailable_and_retryable") else {
+        return;
+    };
+    let mut c = config(&lab, "");
+    c.url = "ldap://127.0.0.1:1".into();
+    let d =
+        LdapDirectory::from_config(&c, std::path::Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
+    let e = d
+        .find_user(&member(&lab))
+        .await
+        .expect_err("nothing listens on port 1");
+    assert!(
+        matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout),
+        "{e}"
+    );
+    assert!(e.is_retryable());
+}
+
+#[tokio::test]
+async fn a_missing_base_dn_is_a_typed_error() {
+    let Some(lab) = Lab::get("a_missing_base_dn_is_a_typed_error") else {
+        return;
+    };
+    let mut c = config(&lab, "");
+    c.base_dn = format!("ou=nowhere,{}", lab.var("ldap_base_dn"));
+    let d =
+        LdapDirectory::from_config(&c, std::path::Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
+    let e = d.find_user(&member(&lab)).await.expect_err("no such base");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+}
+
+/// Names holding filter metacharacters, NUL, non-ASCII, or that are empty or too long are
+/// refused before any request is made; a near miss of a real name is simply not found.
+#[tokio::test]
+async fn bad_user_names_never_reach_the_directory() {
+    let Some(lab) = Lab::get("bad_user_names_never_reach_the_directory") else {
+        return;
+    };
+    let long = "a".repeat(65);
+    for bad in [
+        "*",
+        "alice*",
+        "(uid=*)",
+        "al)ce",
+        "al(ce",
+        "a\\b",
+        "a\0b",
+        "ålice",
+        "",
+        long.as_str(),
+    ] {
+        let e = UserName::new(bad).expect_err(bad);
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad:?}");
+    }
+    let d = directory(&lab, "");
+    let near = UserName::new(format!("{}-x", member(&lab))).unwrap_or_else(|e| panic!("{e}"));
+    let e = d.find_user(&near).await.expect_err("not a user");
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+}
