@@ -198,9 +198,9 @@ impl LdapDirectory {
             }
             LdapError::LdapResult { result } => match result.rc {
                 // invalidCredentials, insufficientAccessRights, inappropriateAuthentication
-                49 | 50 | 48 => (ErrorKind::Unauthorized, false),
+                48..=50 => (ErrorKind::Unauthorized, false),
                 // busy, unavailable, unwillingToPerform
-                51 | 52 | 53 => (ErrorKind::Unavailable, true),
+                51..=53 => (ErrorKind::Unavailable, true),
                 // timeLimitExceeded
                 3 => (ErrorKind::Timeout, true),
                 // noSuchObject: the base or group DN does not exist
