@@ -1,5 +1,6 @@
 //! Real backends of the step traits.
 
+pub mod ldap;
 pub mod sqlite_ip;
 
 use async_trait::async_trait;
