@@ -9,7 +9,8 @@
 # `dpkg-deb -x`; the root file system is made with `mke2fs -d`.
 # Shared libraries of the guest's dynamically linked programs (dropbear,
 # sftp-server) are copied from this host, which runs the same Debian release
-# (the host has dropbear-bin installed for that).
+# (the host has dropbear-bin installed for that). From openssh-client only
+# scp is kept (the remote end of legacy scp).
 set -euo pipefail
 
 out=${1:?usage: build.sh OUTDIR}
@@ -20,13 +21,28 @@ mkdir -p "$work/debs" "$work/x" "$work/initramfs" "$work/rootfs"
 
 log() { echo "build: $*"; }
 
+# fixed times and ids, so that a rebuild from the same inputs gives the same
+# bytes (and Glance keeps the images it has)
+export SOURCE_DATE_EPOCH=1700000000
+FS_UUID=d3b0c9a4-5e2f-4c1a-9a57-0de7f0e1a001
+
 kpkg=$("$here/kernel-package.sh")
-pkgs=("$kpkg" busybox-static dropbear-bin openssh-sftp-server)
+pkgs=("$kpkg" busybox-static dropbear-bin openssh-sftp-server openssh-client)
 log "downloading ${pkgs[*]}"
-(cd "$work/debs" && apt-get download -q "${pkgs[@]}" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
-for p in "${pkgs[@]}"; do
-    ls "$work/debs/${p}_"*.deb >/dev/null 2>&1 || { echo "build: apt-get download $p failed" >&2; exit 1; }
-done
+download() {
+    (cd "$work/debs" && apt-get download -q "${pkgs[@]}" 2>&1 | grep -v '^W: Download is performed unsandboxed') || true
+    for p in "${pkgs[@]}"; do
+        ls "$work/debs/${p}_"*.deb >/dev/null 2>&1 || return 1
+    done
+}
+if ! download; then
+    # old package lists can name versions the mirror no longer has
+    log "download failed; running apt-get update and trying again"
+    apt-get update -q
+    kpkg=$("$here/kernel-package.sh")
+    pkgs=("$kpkg" "${pkgs[@]:1}")
+    download || { echo "build: apt-get download ${pkgs[*]} failed" >&2; exit 1; }
+fi
 for d in "$work"/debs/*.deb; do dpkg-deb -x "$d" "$work/x"; done
 X=$work/x
 
@@ -51,7 +67,7 @@ install -m 0755 "$here/initramfs-init" "$I/init"
 
 # modules the guest needs (the rest of what it uses is built in), closed
 # over modules.dep and listed in load order
-want="virtio_pci virtio_blk virtio_net virtio_rng virtio_scsi ata_piix ahci sd_mod sr_mod isofs vfat nls_cp437 nls_iso8859_1 nls_utf8"
+want="virtio_pci virtio_blk virtio_net virtio_rng virtio_scsi ata_piix sd_mod sr_mod isofs vfat nls_cp437 nls_iso8859_1 nls_utf8 nls_ascii"
 declare -A modpath=() seen=()
 while IFS=: read -r path _; do
     b=$(basename "$path" .ko); modpath[${b//-/_}]=$path
@@ -76,13 +92,15 @@ for m in "${order[@]}"; do
     echo "$m" >> "$I/etc/modules.load"
 done
 log "initramfs modules: ${order[*]}"
-(cd "$I" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet) | gzip -6 > "$work/initrd.img"
+# reproducible: fixed mtimes, sorted cpio, no gzip name/time
+find "$I" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+(cd "$I" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet --reproducible) | gzip -n -6 > "$work/initrd.img"
 
 # --- root file system ------------------------------------------------------
 R=$work/rootfs
 mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,usr/lib/x86_64-linux-gnu,usr/lib64,usr/lib/openssh,usr/lib/devvm,usr/libexec}
 mkdir -p "$R"/{etc/init.d,etc/dropbear,etc/chef,proc,sys,dev,run,tmp,mnt,home,var/log,var/chef,var/tmp}
-mkdir -p -m 0700 "$R/root" "$R/root/.ssh"
+install -d -m 0700 "$R/root" "$R/root/.ssh"
 chmod 1777 "$R/tmp" "$R/var/tmp"
 ln -s usr/lib "$R/lib"
 ln -s usr/lib64 "$R/lib64"
@@ -95,10 +113,11 @@ install -m 0755 "$X/usr/sbin/dropbear" "$R/usr/sbin/dropbear"
 install -m 0755 "$X/usr/bin/dropbearkey" "$R/usr/bin/dropbearkey"
 install -m 0755 "$X/usr/bin/dropbearconvert" "$R/usr/bin/dropbearconvert"
 install -m 0755 "$X/usr/lib/openssh/sftp-server" "$R/usr/lib/openssh/sftp-server"
+install -m 0755 "$X/usr/bin/scp" "$R/usr/bin/scp"   # server side of legacy scp (scp -t)
 ln -s openssh/sftp-server "$R/usr/lib/sftp-server"
 ln -s ../lib/openssh/sftp-server "$R/usr/libexec/sftp-server"
 # shared libraries, from this host (same Debian release)
-for b in usr/sbin/dropbear usr/bin/dropbearkey usr/bin/dropbearconvert usr/lib/openssh/sftp-server; do
+for b in usr/sbin/dropbear usr/bin/dropbearkey usr/bin/dropbearconvert usr/lib/openssh/sftp-server usr/bin/scp; do
     ldd "$R/$b" | awk '/=> \//{print $3} /^[ \t]*\/[^ ]*ld-linux/{print $1}'
 done | sort -u | while read -r lib; do
     case "$lib" in
@@ -139,7 +158,9 @@ P
 } > "$R/etc/devvm-release"
 
 rootimg=$work/root.img
-mke2fs -q -t ext4 -L devvm-root -d "$R" -E root_owner=0:0 -F "$rootimg" 512M
+find "$R" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH mke2fs -q -t ext4 -L devvm-root -U "$FS_UUID" \
+    -E "root_owner=0:0,hash_seed=$FS_UUID" -d "$R" -F "$rootimg" 512M
 qemu-img convert -f raw -O qcow2 -o compat=1.1 "$rootimg" "$work/devvm-debian12.qcow2"
 rm -f "$rootimg"
 
