@@ -1,1 +1,152 @@
-//! Support crate for the examples; the programs are under `[[example]]`.
+//! Shared code of the examples: checks of what the lab's services really hold, asked of
+//! the services themselves (BIND with `dig`, libvirt with `virsh`, the guest's SSH port,
+//! the pool directory and the lease database), never of the library's own records.
+
+pub mod lab {
+    //! Independent checks against the lab (run inside its network namespace).
+
+    use std::io::Read;
+    use std::net::{IpAddr, SocketAddr, TcpStream};
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::time::Duration;
+
+    /// The lab's environment (`DEVVM_LAB_*`), read once.
+    #[derive(Debug, Clone)]
+    pub struct LabEnv {
+        /// `DEVVM_LAB_DNS_SERVER`.
+        pub dns_server: String,
+        /// `DEVVM_LAB_DNS_PORT`.
+        pub dns_port: String,
+        /// `DEVVM_LAB_LIBVIRT_URI`.
+        pub libvirt_uri: String,
+        /// `DEVVM_LAB_POOL_DIR`.
+        pub pool_dir: PathBuf,
+        /// `DEVVM_LAB_DIR`.
+        pub dir: PathBuf,
+    }
+
+    impl LabEnv {
+        /// Reads the environment; `None` outside the lab.
+        pub fn from_env() -> Option<LabEnv> {
+            let v = |k: &str| std::env::var(format!("DEVVM_LAB_{k}")).ok();
+            Some(LabEnv {
+                dns_server: v("DNS_SERVER")?,
+                dns_port: v("DNS_PORT")?,
+                libvirt_uri: v("LIBVIRT_URI")?,
+                pool_dir: v("POOL_DIR")?.into(),
+                dir: v("DIR")?.into(),
+            })
+        }
+
+        /// The lease database `scripts/lab-config` configures.
+        pub fn lease_db(&self) -> PathBuf {
+            self.dir.join("devvm-shared/leases.sqlite3")
+        }
+
+        fn dig(&self, args: &[&str]) -> Vec<String> {
+            let out = Command::new("dig")
+                .arg(format!("@{}", self.dns_server))
+                .args(["-p", &self.dns_port, "+short", "+time=2", "+tries=2"])
+                .args(args)
+                .output();
+            match out {
+                Ok(o) => String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .map(|l| l.trim().trim_end_matches('.').to_owned())
+                    .filter(|l| !l.is_empty() && !l.starts_with(';'))
+                    .collect(),
+                Err(_) => Vec::new(),
+            }
+        }
+
+        /// The A records BIND serves for `fqdn`.
+        pub fn dns_a(&self, fqdn: &str) -> Vec<String> {
+            self.dig(&[fqdn, "A"])
+        }
+
+        /// The PTR records BIND serves for `ip` (names without the trailing dot).
+        pub fn dns_ptr(&self, ip: IpAddr) -> Vec<String> {
+            self.dig(&["-x", &ip.to_string()])
+        }
+
+        /// Whether libvirt has a domain named `name` (running or not).
+        pub fn domain_exists(&self, name: &str) -> bool {
+            Command::new("virsh")
+                .args(["-c", &self.libvirt_uri, "dominfo", name])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        }
+
+        /// Files in the pool directory whose name starts with `name` followed by `.`.
+        pub fn disk_files(&self, name: &str) -> Vec<PathBuf> {
+            let prefix = format!("{name}.");
+            std::fs::read_dir(&self.pool_dir)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .map(|e| e.path())
+                        .filter(|p| {
+                            p.file_name()
+                                .and_then(|n| n.to_str())
+                                .is_some_and(|n| n.starts_with(&prefix))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        }
+
+        /// The address leased to `vm` in the lease database, read with plain SQL.
+        pub fn lease(&self, vm: &str) -> Option<IpAddr> {
+            lease_in(&self.lease_db(), vm)
+        }
+
+        /// Everything of `vm` (at `ip`, named `fqdn`) that the services still hold, one
+        /// line each; empty means nothing leaked.
+        pub fn leftovers(&self, vm: &str, fqdn: &str, ip: Option<IpAddr>) -> Vec<String> {
+            let mut left = Vec::new();
+            if self.domain_exists(vm) {
+                left.push(format!("libvirt domain {vm}"));
+            }
+            for f in self.disk_files(vm) {
+                left.push(format!("disk {}", f.display()));
+            }
+            for a in self.dns_a(fqdn) {
+                left.push(format!("dns A {fqdn} -> {a}"));
+            }
+            if let Some(ip) = ip {
+                for n in self.dns_ptr(ip) {
+                    if n == fqdn {
+                        left.push(format!("dns PTR {ip} -> {n}"));
+                    }
+                }
+            }
+            if let Some(l) = self.lease(vm) {
+                left.push(format!("ip lease {l} of {vm}"));
+            }
+            left
+        }
+    }
+
+    fn lease_in(db: &Path, vm: &str) -> Option<IpAddr> {
+        let conn =
+            rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .ok()?;
+        conn.query_row("SELECT ip FROM addresses WHERE vm = ?1", [vm], |r| {
+            r.get::<_, u32>(0)
+        })
+        .ok()
+        .map(|n| IpAddr::from(std::net::Ipv4Addr::from(n)))
+    }
+
+    /// Whether `ip:22` answers with an SSH banner within `limit`.
+    pub fn ssh_answers(ip: IpAddr, limit: Duration) -> bool {
+        let addr = SocketAddr::new(ip, 22);
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, limit) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(limit));
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).is_ok() && &buf == b"SSH-"
+    }
+}

@@ -364,6 +364,23 @@ impl Config {
                         )?,
                     ))
                 }
+                (Step::Dns, "rfc2136") => {
+                    let o: crate::backends::rfc2136::Rfc2136Config = self.options(step)?;
+                    b.dns(Arc::new(crate::backends::rfc2136::Rfc2136Dns::from_config(
+                        &o,
+                        self.base_dir(),
+                    )?))
+                }
+                (Step::Placement, "libvirt") => {
+                    let o: crate::backends::placement::PlacementConfig = self.options(step)?;
+                    b.placement(Arc::new(
+                        crate::backends::placement::LibvirtPlacement::from_config(
+                            &o,
+                            self.base_dir(),
+                            &self.state_dir,
+                        )?,
+                    ))
+                }
                 (Step::Dns, "memory") => {
                     let o: MemoryDnsConfig = self.options(step)?;
                     let mut dns = MemoryDns::new(o.zone);
@@ -380,6 +397,15 @@ impl Config {
                     }
                     b.images(Arc::new(images))
                 }
+                (Step::Image, "glance") => {
+                    let o: crate::backends::glance::GlanceConfig = self.options(step)?;
+                    b.images(Arc::new(
+                        crate::backends::glance::GlanceImageStore::from_config(
+                            &o,
+                            self.base_dir(),
+                        )?,
+                    ))
+                }
                 (Step::Domain, "memory") => {
                     let o: StateFileOnly = self.options(step)?;
                     let mut hv = MemoryHypervisor::new();
@@ -387,6 +413,15 @@ impl Config {
                         hv = hv.with_state_file(self.resolve_path(f));
                     }
                     b.hypervisor(Arc::new(hv))
+                }
+                (Step::Domain, "libvirt") => {
+                    let o: crate::backends::libvirt::LibvirtConfig = self.options(step)?;
+                    b.hypervisor(Arc::new(
+                        crate::backends::libvirt::LibvirtHypervisor::from_config(
+                            &o,
+                            self.base_dir(),
+                        )?,
+                    ))
                 }
                 (Step::Bootstrap, "memory") => {
                     let o: StateFileOnly = self.options(step)?;
@@ -428,7 +463,10 @@ fn known_backends(step: Step) -> Vec<&'static str> {
         Step::Bootstrap => vec!["none", "memory", "custom"],
         Step::Ip => vec!["sqlite", "memory", "custom"],
         Step::User => vec!["ldap", "memory", "custom"],
-        _ => vec!["memory", "custom"],
+        Step::Domain => vec!["libvirt", "memory", "custom"],
+        Step::Placement => vec!["libvirt", "memory", "custom"],
+        Step::Dns => vec!["rfc2136", "memory", "custom"],
+        Step::Image | Step::Disk => vec!["glance", "memory", "custom"],
     }
 }
 

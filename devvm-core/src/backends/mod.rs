@@ -1,6 +1,10 @@
 //! Real backends of the step traits.
 
+pub mod glance;
 pub mod ldap;
+pub mod libvirt;
+pub mod placement;
+pub mod rfc2136;
 pub mod sqlite_ip;
 
 use async_trait::async_trait;

@@ -1,0 +1,812 @@
+//! [`Hypervisor`] on libvirt, through the `virt` crate (what `virt-install` does).
+//!
+//! The domain XML is written with an XML writer from a [`DomainSpec`] by the pure function
+//! [`domain_xml`]; nothing is pasted into XML as a string. The VM's owner and request id
+//! are kept in the domain's `<metadata>`, so the inventory can be rebuilt from libvirt
+//! alone ([`LibvirtHypervisor::inventory`]).
+//!
+//! `virt` is blocking FFI: every call runs in `spawn_blocking`, one connection per
+//! operation, to the host's libvirt URI (the [`HostId`]).
+//!
+//! After starting the domain, [`Hypervisor::create`] waits until the guest answers on its
+//! SSH port with an SSH banner, reporting progress while it waits, and fails (leaving the
+//! cleanup to the pipeline's rollback) if the domain stops or the time limit passes.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use base64::Engine;
+use quick_xml::Writer;
+use quick_xml::events::{BytesText, Event};
+use serde::Deserialize;
+use tokio::io::AsyncReadExt;
+use virt::connect::Connect;
+use virt::domain::Domain as VirtDomain;
+use virt::enumutil::Enum;
+use virt::error::ErrorNumber;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::events::Progress;
+use crate::traits::Hypervisor;
+use crate::types::{Domain, DomainSpec, HostId, RequestId, UserName, VmName};
+
+const BACKEND: &str = "libvirt";
+
+/// The XML namespace of devvm's domain metadata.
+pub const METADATA_NS: &str = "https://devvm.invalid/xmlns/domain/1";
+
+/// The longest kernel command line x86 Linux accepts.
+const MAX_CMDLINE: usize = 2047;
+
+/// The accelerator a domain runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Accel {
+    /// Hardware virtualization (`<domain type='kvm'>`).
+    #[default]
+    Kvm,
+    /// QEMU's software emulation (`<domain type='qemu'>`): slow, but needs no `/dev/kvm`.
+    Tcg,
+}
+
+/// The `[hypervisor]` section for `backend = "libvirt"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtConfig {
+    /// `kvm` (default) or `tcg`.
+    #[serde(default)]
+    pub accel: Accel,
+    /// The bridge the VMs' NIC joins.
+    pub bridge: String,
+    /// Where each guest's serial console is logged (`<dir>/<vm>.log`).
+    pub console_dir: PathBuf,
+    /// DNS servers handed to the guest.
+    #[serde(default)]
+    pub dns_servers: Vec<IpAddr>,
+    /// How long to wait for the guest's SSH port, in seconds (default 300).
+    #[serde(default = "default_boot_timeout")]
+    pub boot_timeout_secs: u64,
+    /// The guest's SSH port (default 22).
+    #[serde(default = "default_ssh_port")]
+    pub ssh_port: u16,
+    /// Files of extra `authorized_keys` lines for every guest (for example the
+    /// provisioner's own key, which the bootstrap step uses).
+    #[serde(default)]
+    pub authorized_key_files: Vec<PathBuf>,
+}
+
+fn default_boot_timeout() -> u64 {
+    300
+}
+fn default_ssh_port() -> u16 {
+    22
+}
+
+/// Settings of [`domain_xml`] that come from the config rather than the spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainSettings {
+    /// Accelerator.
+    pub accel: Accel,
+    /// Bridge for the NIC.
+    pub bridge: String,
+    /// Serial console log file.
+    pub console_log: PathBuf,
+    /// DNS servers for the guest.
+    pub dns_servers: Vec<IpAddr>,
+    /// Extra authorized keys.
+    pub extra_keys: Vec<String>,
+}
+
+/// A domain as libvirt reports it, with devvm's metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainInfo {
+    /// Its name.
+    pub name: VmName,
+    /// libvirt's UUID.
+    pub uuid: String,
+    /// Whether it is running.
+    pub active: bool,
+    /// The owner recorded in its metadata.
+    pub owner: Option<UserName>,
+    /// The request id recorded in its metadata.
+    pub request_id: Option<RequestId>,
+    /// Its vCPUs.
+    pub vcpus: u32,
+    /// Its memory in MiB.
+    pub memory_mib: u64,
+    /// Its disk size in GiB, from the metadata.
+    pub disk_gib: u64,
+}
+
+/// A deterministic locally administered MAC for a VM (QEMU's `52:54:00` prefix).
+pub fn mac_for(vm: &VmName) -> String {
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in vm.as_str().bytes() {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    let [_, a, b, c] = hash.to_be_bytes();
+    format!("52:54:00:{a:02x}:{b:02x}:{c:02x}")
+}
+
+/// The kernel command line for direct kernel boot: the template's own, then what the
+/// lab's guest init reads (`devvm.ip`, `devvm.gw`, `devvm.hostname`, `devvm.dns`,
+/// `devvm.authorized_key` as base64, once per key).
+pub fn kernel_cmdline(spec: &DomainSpec, settings: &DomainSettings) -> Result<String> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut parts: Vec<String> = Vec::new();
+    if let Some(base) = &spec.template.boot.cmdline {
+        parts.push(base.trim().to_owned());
+    }
+    parts.push(format!(
+        "devvm.ip={}/{}",
+        spec.lease.ip, spec.lease.prefix_len
+    ));
+    if let Some(gw) = spec.lease.gateway {
+        parts.push(format!("devvm.gw={gw}"));
+    }
+    parts.push(format!("devvm.hostname={}", spec.name));
+    if !settings.dns_servers.is_empty() {
+        let dns: Vec<String> = settings
+            .dns_servers
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        parts.push(format!("devvm.dns={}", dns.join(",")));
+    }
+    for key in spec.ssh_keys.iter().chain(&settings.extra_keys) {
+        parts.push(format!("devvm.authorized_key={}", b64.encode(key.trim())));
+    }
+    let line = parts.join(" ");
+    if line.len() > MAX_CMDLINE {
+        return Err(Error::invalid_input(format!(
+            "the kernel command line for {} would be {} bytes (max {MAX_CMDLINE}); too many ssh keys",
+            spec.name,
+            line.len()
+        )));
+    }
+    Ok(line)
+}
+
+fn xml_err(e: std::io::Error) -> Error {
+    Error::backend("cannot write domain xml").with_source(e)
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .ok_or_else(|| Error::invalid_input(format!("path {} is not UTF-8", p.display())))
+}
+
+/// Writes the libvirt domain XML for `spec`. Every value is escaped by the XML writer.
+pub fn domain_xml(spec: &DomainSpec, settings: &DomainSettings) -> Result<String> {
+    let mut w = Writer::new_with_indent(Vec::new(), b' ', 2);
+    let domain_type = match settings.accel {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "qemu",
+    };
+    let memory = spec.size.memory_mib.to_string();
+    let vcpus = spec.size.vcpus.to_string();
+    let disk = path_str(&spec.disk.path)?;
+    let disk_format = match spec.disk.format {
+        crate::types::DiskFormat::Qcow2 => "qcow2",
+        crate::types::DiskFormat::Raw => "raw",
+    };
+    let console = path_str(&settings.console_log)?;
+    let boot = &spec.template.boot;
+    let kernel = boot.kernel.as_deref().map(path_str).transpose()?;
+    let initrd = boot.initrd.as_deref().map(path_str).transpose()?;
+    let cmdline = match kernel {
+        Some(_) => Some(kernel_cmdline(spec, settings)?),
+        None => None,
+    };
+    let mac = mac_for(&spec.name);
+    let ip = spec.lease.ip.to_string();
+    let disk_gib = spec.size.disk_gib.to_string();
+
+    w.create_element("domain")
+        .with_attribute(("type", domain_type))
+        .write_inner_content(|w| {
+            w.create_element("name")
+                .write_text_content(BytesText::new(spec.name.as_str()))?;
+            w.create_element("title")
+                .write_text_content(BytesText::new(&spec.fqdn))?;
+            w.create_element("metadata").write_inner_content(|w| {
+                w.create_element("devvm:instance")
+                    .with_attribute(("xmlns:devvm", METADATA_NS))
+                    .write_inner_content(|w| {
+                        for (k, v) in [
+                            ("devvm:owner", spec.owner.as_str()),
+                            ("devvm:request", spec.request_id.as_str()),
+                            ("devvm:fqdn", spec.fqdn.as_str()),
+                            ("devvm:ip", ip.as_str()),
+                            ("devvm:template", spec.template.name.as_str()),
+                            ("devvm:disk_gib", disk_gib.as_str()),
+                        ] {
+                            w.create_element(k).write_text_content(BytesText::new(v))?;
+                        }
+                        Ok(())
+                    })?;
+                Ok(())
+            })?;
+            w.create_element("memory")
+                .with_attribute(("unit", "MiB"))
+                .write_text_content(BytesText::new(&memory))?;
+            w.create_element("vcpu")
+                .write_text_content(BytesText::new(&vcpus))?;
+            w.create_element("os").write_inner_content(|w| {
+                w.create_element("type")
+                    .with_attribute(("arch", "x86_64"))
+                    .write_text_content(BytesText::new("hvm"))?;
+                if let Some(k) = kernel {
+                    w.create_element("kernel")
+                        .write_text_content(BytesText::new(k))?;
+                }
+                if let Some(i) = initrd {
+                    w.create_element("initrd")
+                        .write_text_content(BytesText::new(i))?;
+                }
+                if let Some(c) = &cmdline {
+                    w.create_element("cmdline")
+                        .write_text_content(BytesText::new(c))?;
+                }
+                if kernel.is_none() {
+                    w.create_element("boot")
+                        .with_attribute(("dev", "hd"))
+                        .write_empty()?;
+                }
+                Ok(())
+            })?;
+            w.create_element("on_poweroff")
+                .write_text_content(BytesText::new("destroy"))?;
+            w.create_element("on_crash")
+                .write_text_content(BytesText::new("destroy"))?;
+            w.create_element("devices").write_inner_content(|w| {
+                w.create_element("disk")
+                    .with_attribute(("type", "file"))
+                    .with_attribute(("device", "disk"))
+                    .write_inner_content(|w| {
+                        w.create_element("driver")
+                            .with_attribute(("name", "qemu"))
+                            .with_attribute(("type", disk_format))
+                            .write_empty()?;
+                        w.create_element("source")
+                            .with_attribute(("file", disk))
+                            .write_empty()?;
+                        w.create_element("target")
+                            .with_attribute(("dev", "vda"))
+                            .with_attribute(("bus", "virtio"))
+                            .write_empty()?;
+                        Ok(())
+                    })?;
+                w.create_element("interface")
+                    .with_attribute(("type", "bridge"))
+                    .write_inner_content(|w| {
+                        w.create_element("mac")
+                            .with_attribute(("address", mac.as_str()))
+                            .write_empty()?;
+                        w.create_element("source")
+                            .with_attribute(("bridge", settings.bridge.as_str()))
+                            .write_empty()?;
+                        w.create_element("model")
+                            .with_attribute(("type", "virtio"))
+                            .write_empty()?;
+                        Ok(())
+                    })?;
+                w.create_element("serial")
+                    .with_attribute(("type", "file"))
+                    .write_inner_content(|w| {
+                        w.create_element("source")
+                            .with_attribute(("path", console))
+                            .with_attribute(("append", "on"))
+                            .write_empty()?;
+                        w.create_element("target")
+                            .with_attribute(("port", "0"))
+                            .write_empty()?;
+                        Ok(())
+                    })?;
+                w.create_element("memballoon")
+                    .with_attribute(("model", "none"))
+                    .write_empty()?;
+                Ok(())
+            })?;
+            Ok(())
+        })
+        .map_err(xml_err)?;
+    String::from_utf8(w.into_inner())
+        .map_err(|e| Error::backend("domain xml is not UTF-8").with_source(e))
+}
+
+/// devvm's metadata of a domain.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metadata {
+    /// The VM's owner.
+    pub owner: Option<UserName>,
+    /// The request that made it.
+    pub request_id: Option<RequestId>,
+    /// Its disk size in GiB.
+    pub disk_gib: Option<u64>,
+}
+
+/// Reads devvm's metadata element (as returned by `virDomainGetMetadata`, or inside a
+/// whole domain XML).
+pub fn parse_metadata(xml: &str) -> Metadata {
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut m = Metadata::default();
+    let mut current: Option<String> = None;
+    loop {
+        match reader.read_event() {
+            Ok(Event::Start(e)) => {
+                let local = e.local_name();
+                current = std::str::from_utf8(local.as_ref()).ok().map(str::to_owned);
+            }
+            Ok(Event::Text(t)) => {
+                let text = t.decode().map(|s| s.into_owned()).unwrap_or_default();
+                let text = text.trim();
+                match current.as_deref() {
+                    Some("owner") => m.owner = UserName::new(text).ok(),
+                    Some("request") => m.request_id = RequestId::new(text).ok(),
+                    Some("disk_gib") => m.disk_gib = text.parse().ok(),
+                    _ => {}
+                }
+            }
+            Ok(Event::End(_)) => current = None,
+            Ok(Event::Eof) | Err(_) => break,
+            _ => {}
+        }
+    }
+    m
+}
+
+/// Every domain on `host` that carries devvm's metadata (running or not).
+pub async fn inventory(host: &HostId) -> Result<Vec<DomainInfo>> {
+    let host = host.clone();
+    blocking(move || {
+        let conn = connect(&host)?;
+        let doms = conn
+            .list_all_domains(0)
+            .map_err(|e| virt_err("cannot list domains", &host, e))?;
+        let mut out = Vec::new();
+        for d in doms {
+            let meta = metadata_of(&d);
+            if meta.request_id.is_none() {
+                continue;
+            }
+            let info = d.info().ok();
+            let Some(name) = d.name().ok().and_then(|n| VmName::new(n).ok()) else {
+                continue;
+            };
+            out.push(DomainInfo {
+                name,
+                uuid: d.uuid_string().unwrap_or_default(),
+                active: d.is_active().unwrap_or(false),
+                owner: meta.owner,
+                request_id: meta.request_id,
+                vcpus: info.as_ref().map_or(0, |i| i.nr_virt_cpu),
+                memory_mib: info.as_ref().map_or(0, |i| i.max_mem / 1024),
+                disk_gib: meta.disk_gib.unwrap_or(0),
+            });
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// Defines and runs VMs through libvirt.
+#[derive(Debug, Clone)]
+pub struct LibvirtHypervisor {
+    config: LibvirtConfig,
+    extra_keys: Vec<String>,
+}
+
+fn virt_err(what: &str, host: &HostId, e: virt::error::Error) -> Error {
+    let kind = match e.code() {
+        Enum::Known(ErrorNumber::NoConnect | ErrorNumber::SystemError | ErrorNumber::Rpc) => {
+            ErrorKind::Unavailable
+        }
+        Enum::Known(
+            ErrorNumber::AuthFailed | ErrorNumber::AuthCancelled | ErrorNumber::AccessDenied,
+        ) => ErrorKind::Unauthorized,
+        Enum::Known(ErrorNumber::NoDomain) => ErrorKind::NotFound,
+        Enum::Known(ErrorNumber::DomExist) => ErrorKind::AlreadyExists,
+        Enum::Known(ErrorNumber::XmlError | ErrorNumber::XmlDetail | ErrorNumber::InvalidArg) => {
+            ErrorKind::InvalidInput
+        }
+        _ => ErrorKind::Backend,
+    };
+    Error::new(kind, format!("{what} on {host}"))
+        .with_backend(BACKEND)
+        .with_source(e)
+}
+
+fn is_no_domain(e: &virt::error::Error) -> bool {
+    matches!(e.code(), Enum::Known(ErrorNumber::NoDomain))
+}
+
+fn connect(host: &HostId) -> Result<Connect> {
+    // libvirt prints every error to stderr by default; devvm returns them instead.
+    static QUIET: std::sync::Once = std::sync::Once::new();
+    QUIET.call_once(virt::error::clear_error_callback);
+    Connect::open(Some(host.as_str())).map_err(|e| virt_err("cannot connect to libvirt", host, e))
+}
+
+fn lookup(conn: &Connect, host: &HostId, vm: &VmName) -> Result<Option<VirtDomain>> {
+    match conn.lookup_domain_by_name(vm.as_str()) {
+        Ok(d) => Ok(Some(d)),
+        Err(e) if is_no_domain(&e) => Ok(None),
+        Err(e) => Err(virt_err("cannot look up the domain", host, e)),
+    }
+}
+
+fn metadata_of(d: &VirtDomain) -> Metadata {
+    d.metadata(
+        virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+        Some(METADATA_NS),
+        0,
+    )
+    .map(|xml| parse_metadata(&xml))
+    .unwrap_or_default()
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        Error::backend("libvirt task failed")
+            .with_backend(BACKEND)
+            .with_source(e)
+    })?
+}
+
+/// Whether `addr` answers with an SSH banner within `limit`.
+async fn ssh_banner(addr: SocketAddr, limit: Duration) -> bool {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.ok()?;
+        (&buf == b"SSH-").then_some(())
+    };
+    matches!(tokio::time::timeout(limit, attempt).await, Ok(Some(())))
+}
+
+impl LibvirtHypervisor {
+    /// A hypervisor from its config section; relative key files are resolved against
+    /// `base_dir`. Unreadable key files are [`ErrorKind::InvalidInput`].
+    pub fn from_config(config: &LibvirtConfig, base_dir: &Path) -> Result<Self> {
+        let mut extra_keys = Vec::new();
+        for f in &config.authorized_key_files {
+            let path = base_dir.join(f);
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                Error::invalid_input(format!(
+                    "cannot read authorized key file {}",
+                    path.display()
+                ))
+                .with_source(e)
+            })?;
+            extra_keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_owned),
+            );
+        }
+        if config.bridge.is_empty()
+            || !config
+                .bridge
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(Error::invalid_input(format!(
+                "bridge {:?} is not an interface name",
+                config.bridge
+            )));
+        }
+        let mut config = config.clone();
+        config.console_dir = base_dir.join(&config.console_dir);
+        Ok(LibvirtHypervisor { config, extra_keys })
+    }
+
+    fn settings(&self, vm: &VmName) -> DomainSettings {
+        DomainSettings {
+            accel: self.config.accel,
+            bridge: self.config.bridge.clone(),
+            console_log: self.console_log(vm),
+            dns_servers: self.config.dns_servers.clone(),
+            extra_keys: self.extra_keys.clone(),
+        }
+    }
+
+    /// The serial console log of `vm`.
+    pub fn console_log(&self, vm: &VmName) -> PathBuf {
+        self.config.console_dir.join(format!("{vm}.log"))
+    }
+
+    /// Every domain on `host` that carries devvm's metadata.
+    pub async fn inventory(&self, host: &HostId) -> Result<Vec<DomainInfo>> {
+        inventory(host).await
+    }
+
+    async fn wait_for_ssh(&self, spec: &DomainSpec, progress: &Progress) -> Result<()> {
+        let addr = SocketAddr::new(spec.lease.ip, self.config.ssh_port);
+        let limit = Duration::from_secs(self.config.boot_timeout_secs);
+        let start = Instant::now();
+        let mut next_report = Duration::ZERO;
+        progress.message(format!("waiting for ssh on {addr}"));
+        loop {
+            if ssh_banner(addr, Duration::from_secs(2)).await {
+                progress.message(format!(
+                    "ssh answers on {addr} after {:.1}s",
+                    start.elapsed().as_secs_f64()
+                ));
+                return Ok(());
+            }
+            let elapsed = start.elapsed();
+            if elapsed >= limit {
+                return Err(Error::timeout(format!(
+                    "{} did not answer on {addr} within {}s (console: {})",
+                    spec.name,
+                    limit.as_secs(),
+                    self.console_log(&spec.name).display()
+                ))
+                .with_backend(BACKEND));
+            }
+            // A guest that powered off or crashed will never answer.
+            let (host, vm) = (spec.host.clone(), spec.name.clone());
+            let active = blocking(move || {
+                let conn = connect(&host)?;
+                Ok(lookup(&conn, &host, &vm)?.map(|d| d.is_active().unwrap_or(false)))
+            })
+            .await?;
+            if active != Some(true) {
+                return Err(Error::backend(format!(
+                    "{} stopped while booting (console: {})",
+                    spec.name,
+                    self.console_log(&spec.name).display()
+                ))
+                .with_backend(BACKEND));
+            }
+            if elapsed >= next_report {
+                progress.fraction(
+                    format!("booting, {}s", elapsed.as_secs()),
+                    elapsed.as_secs_f64() / limit.as_secs_f64(),
+                );
+                next_report = elapsed + Duration::from_secs(5);
+            }
+            // Poll again shortly; the deadline above bounds the wait.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+#[async_trait]
+impl Hypervisor for LibvirtHypervisor {
+    fn backend(&self) -> &str {
+        BACKEND
+    }
+
+    async fn create(&self, spec: &DomainSpec, progress: &Progress) -> Result<Domain> {
+        let xml = domain_xml(spec, &self.settings(&spec.name))?;
+        std::fs::create_dir_all(&self.config.console_dir).map_err(|e| {
+            Error::backend(format!(
+                "cannot create console directory {}",
+                self.config.console_dir.display()
+            ))
+            .with_source(e)
+        })?;
+        let s = spec.clone();
+        let p = progress.clone();
+        let domain = blocking(move || {
+            let conn = connect(&s.host)?;
+            let dom = match lookup(&conn, &s.host, &s.name)? {
+                Some(existing) => {
+                    let meta = metadata_of(&existing);
+                    if meta.request_id.as_ref() != Some(&s.request_id) {
+                        return Err(Error::already_exists(format!(
+                            "domain {} exists on {} and belongs to another request",
+                            s.name, s.host
+                        ))
+                        .with_backend(BACKEND));
+                    }
+                    p.message(format!("domain {} is already defined", s.name));
+                    existing
+                }
+                None => {
+                    let d = conn
+                        .define_domain_xml(&xml)
+                        .map_err(|e| virt_err("cannot define the domain", &s.host, e))?;
+                    p.message(format!("defined domain {}", s.name));
+                    d
+                }
+            };
+            if !dom
+                .is_active()
+                .map_err(|e| virt_err("cannot read domain state", &s.host, e))?
+            {
+                dom.create()
+                    .map_err(|e| virt_err("cannot start the domain", &s.host, e))?;
+                p.message(format!("started domain {}", s.name));
+            }
+            Ok(Domain {
+                name: s.name.clone(),
+                host: s.host.clone(),
+                uuid: dom.uuid_string().ok(),
+            })
+        })
+        .await?;
+        self.wait_for_ssh(spec, progress).await?;
+        Ok(domain)
+    }
+
+    async fn destroy(&self, vm: &VmName, host: &HostId) -> Result<()> {
+        let (vm, host) = (vm.clone(), host.clone());
+        blocking(move || {
+            let conn = connect(&host)?;
+            let Some(dom) = lookup(&conn, &host, &vm)? else {
+                return Ok(());
+            };
+            if dom.is_active().unwrap_or(false)
+                && let Err(e) = dom.destroy()
+                && !is_no_domain(&e)
+            {
+                // It may have stopped on its own meanwhile; only fail if it still runs.
+                if dom.is_active().unwrap_or(true) {
+                    return Err(virt_err("cannot stop the domain", &host, e));
+                }
+            }
+            let flags = virt::sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                | virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                | virt::sys::VIR_DOMAIN_UNDEFINE_NVRAM;
+            match dom.undefine_flags(flags) {
+                Ok(()) => Ok(()),
+                Err(e) if is_no_domain(&e) => Ok(()),
+                Err(e) => Err(virt_err("cannot undefine the domain", &host, e)),
+            }
+        })
+        .await
+    }
+
+    async fn domain(&self, vm: &VmName, host: &HostId) -> Result<Option<Domain>> {
+        let (vm, host) = (vm.clone(), host.clone());
+        blocking(move || {
+            let conn = connect(&host)?;
+            Ok(lookup(&conn, &host, &vm)?.map(|d| Domain {
+                name: vm.clone(),
+                host: host.clone(),
+                uuid: d.uuid_string().ok(),
+            }))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{BootSpec, Disk, DiskFormat, Lease, Template, TemplateName, VmSize};
+
+    fn spec() -> DomainSpec {
+        let vm = VmName::new("web-1").unwrap_or_else(|e| panic!("{e}"));
+        DomainSpec {
+            name: vm.clone(),
+            host: HostId::new("qemu:///system").unwrap_or_else(|e| panic!("{e}")),
+            size: VmSize {
+                vcpus: 1,
+                memory_mib: 256,
+                disk_gib: 2,
+            },
+            disk: Disk {
+                vm: vm.clone(),
+                path: "/pool/web-1 & <co>.qcow2".into(),
+                format: DiskFormat::Qcow2,
+                size_gib: 2,
+            },
+            template: Template {
+                name: TemplateName::new("debian-12").unwrap_or_else(|e| panic!("{e}")),
+                path: "/cache/debian-12.qcow2".into(),
+                digest: None,
+                boot: BootSpec {
+                    kernel: Some("/cache/vmlinuz".into()),
+                    initrd: Some("/cache/initrd".into()),
+                    cmdline: Some("root=/dev/vda rw console=ttyS0".into()),
+                },
+            },
+            lease: Lease {
+                vm,
+                ip: [10, 99, 0, 7].into(),
+                prefix_len: 24,
+                gateway: Some([10, 99, 0, 1].into()),
+            },
+            fqdn: "web-1.lab.example".into(),
+            owner: UserName::new("alice").unwrap_or_else(|e| panic!("{e}")),
+            request_id: RequestId::new("req-1").unwrap_or_else(|e| panic!("{e}")),
+            ssh_keys: vec!["ssh-ed25519 AAAA alice@laptop".into()],
+        }
+    }
+
+    fn settings() -> DomainSettings {
+        DomainSettings {
+            accel: Accel::Tcg,
+            bridge: "devbr0".into(),
+            console_log: "/consoles/web-1.log".into(),
+            dns_servers: vec![[10, 99, 0, 1].into()],
+            extra_keys: vec![],
+        }
+    }
+
+    #[test]
+    fn the_domain_xml_holds_the_spec_escaped() {
+        let xml = domain_xml(&spec(), &settings()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(xml.starts_with("<domain type=\"qemu\">"), "{xml}");
+        // The hostile characters in the disk path are escaped, not pasted.
+        assert!(xml.contains("web-1 &amp; &lt;co&gt;.qcow2"), "{xml}");
+        let mut r = quick_xml::Reader::from_str(&xml);
+        let mut seen_source_file = None;
+        loop {
+            match r.read_event().unwrap_or_else(|e| panic!("{e}")) {
+                Event::Empty(e) if e.name().as_ref() == b"source" => {
+                    if let Some(a) = e
+                        .try_get_attribute("file")
+                        .unwrap_or_else(|e| panic!("{e}"))
+                    {
+                        seen_source_file =
+                            Some(a.unescape_value().unwrap_or_default().into_owned());
+                    }
+                }
+                Event::Eof => break,
+                _ => {}
+            }
+        }
+        assert_eq!(
+            seen_source_file.as_deref(),
+            Some("/pool/web-1 & <co>.qcow2")
+        );
+        for needle in [
+            "<name>web-1</name>",
+            "<memory unit=\"MiB\">256</memory>",
+            "<vcpu>1</vcpu>",
+            "<kernel>/cache/vmlinuz</kernel>",
+            "<source bridge=\"devbr0\"/>",
+            "<devvm:owner>alice</devvm:owner>",
+            "<devvm:request>req-1</devvm:request>",
+            &format!("<mac address=\"{}\"/>", mac_for(&spec().name)),
+            "<source path=\"/consoles/web-1.log\" append=\"on\"/>",
+        ] {
+            assert!(xml.contains(needle), "missing {needle} in\n{xml}");
+        }
+        assert_eq!(
+            parse_metadata(&xml)
+                .request_id
+                .map(|r| r.to_string())
+                .as_deref(),
+            Some("req-1")
+        );
+    }
+
+    #[test]
+    fn the_cmdline_carries_network_and_keys() {
+        let c = kernel_cmdline(&spec(), &settings()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.starts_with("root=/dev/vda rw console=ttyS0 devvm.ip=10.99.0.7/24 devvm.gw=10.99.0.1 devvm.hostname=web-1 devvm.dns=10.99.0.1 devvm.authorized_key="));
+        let key_b64 = c.rsplit("devvm.authorized_key=").next().unwrap_or_default();
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(key_b64)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(key, b"ssh-ed25519 AAAA alice@laptop");
+        let mut many = spec();
+        many.ssh_keys = vec!["ssh-ed25519 ".to_owned() + &"A".repeat(300); 10];
+        let e = kernel_cmdline(&many, &settings()).expect_err("too long");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn macs_are_stable_and_local() {
+        let a = mac_for(&VmName::new("a").unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(
+            a,
+            mac_for(&VmName::new("a").unwrap_or_else(|e| panic!("{e}")))
+        );
+        assert!(a.starts_with("52:54:00:"));
+        assert_ne!(
+            a,
+            mac_for(&VmName::new("b").unwrap_or_else(|e| panic!("{e}")))
+        );
+    }
+}

@@ -1,0 +1,536 @@
+//! [`Placement`] over a list of libvirt hosts, by free slots.
+//!
+//! Each host has a capacity in vCPUs, memory and disk (by default the seed's: room for 11
+//! guests of 2 vCPUs, 5 GB and 40 GB). What is used is read from the host itself: every
+//! domain there that carries devvm's metadata, running or not. Reservations made but not
+//! yet turned into a domain are kept in a small SQLite table in the state directory, so
+//! that provisioners running at once (threads or processes) never overfill a host. A VM
+//! goes to the host with the most free memory among those with room for it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::Deserialize;
+
+use crate::backends::libvirt::DomainInfo;
+use crate::error::{Error, ErrorKind, Result};
+use crate::traits::Placement;
+use crate::types::{HostId, VmName, VmSize};
+
+const BACKEND: &str = "libvirt";
+
+/// The capacity of one host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    /// vCPUs it may give out.
+    pub vcpus: u64,
+    /// Memory it may give out, MiB.
+    pub memory_mib: u64,
+    /// Disk it may give out, GiB.
+    pub disk_gib: u64,
+}
+
+impl Capacity {
+    /// Room for `n` VMs of `size`.
+    pub fn slots(n: u64, size: VmSize) -> Self {
+        Capacity {
+            vcpus: n * u64::from(size.vcpus),
+            memory_mib: n * size.memory_mib,
+            disk_gib: n * size.disk_gib,
+        }
+    }
+
+    fn fits(&self, used: &Capacity, size: &VmSize) -> bool {
+        used.vcpus + u64::from(size.vcpus) <= self.vcpus
+            && used.memory_mib + size.memory_mib <= self.memory_mib
+            && used.disk_gib + size.disk_gib <= self.disk_gib
+    }
+}
+
+/// One host in the `[placement]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// Its libvirt URI.
+    pub uri: HostId,
+    /// Its capacity; 11 standard slots when absent.
+    #[serde(default)]
+    pub capacity: Option<Capacity>,
+}
+
+/// The `[placement]` section for `backend = "libvirt"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementConfig {
+    /// The hosts to choose from.
+    pub hosts: Vec<HostConfig>,
+    /// The reservation database; default `placement.sqlite3` in the state directory.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+/// The seed's host: room for 11 guests of 2 vCPUs, 5 GB, 40 GB.
+pub fn default_capacity() -> Capacity {
+    Capacity::slots(11, VmSize::default())
+}
+
+/// Picks the host with the most free memory that has room for `size`, given each
+/// host's capacity and usage. Pure: the I/O is done by the caller.
+pub fn choose_host(
+    hosts: &[(HostId, Capacity)],
+    used: &BTreeMap<HostId, Capacity>,
+    size: &VmSize,
+) -> Option<HostId> {
+    let zero = Capacity {
+        vcpus: 0,
+        memory_mib: 0,
+        disk_gib: 0,
+    };
+    hosts
+        .iter()
+        .filter(|(h, cap)| cap.fits(used.get(h).unwrap_or(&zero), size))
+        .max_by_key(|(h, cap)| {
+            let u = used.get(h).unwrap_or(&zero);
+            cap.memory_mib - u.memory_mib
+        })
+        .map(|(h, _)| h.clone())
+}
+
+/// Places VMs on libvirt hosts.
+#[derive(Clone)]
+pub struct LibvirtPlacement {
+    hosts: Arc<Vec<(HostId, Capacity)>>,
+    reader: Arc<dyn DomainLister>,
+    conn: Arc<Mutex<Connection>>,
+    path: Arc<PathBuf>,
+}
+
+impl std::fmt::Debug for LibvirtPlacement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LibvirtPlacement")
+            .field("hosts", &self.hosts)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// Lists the devvm domains of a host (libvirt in production; a stub in unit tests).
+#[async_trait]
+pub trait DomainLister: Send + Sync + 'static {
+    /// devvm's domains on `host`.
+    async fn list(&self, host: &HostId) -> Result<Vec<DomainInfo>>;
+}
+
+/// Reads usage from libvirt itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LibvirtLister;
+
+#[async_trait]
+impl DomainLister for LibvirtLister {
+    async fn list(&self, host: &HostId) -> Result<Vec<DomainInfo>> {
+        crate::backends::libvirt::inventory(host).await
+    }
+}
+
+fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
+    move |e| {
+        let busy = matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        );
+        Error::new(
+            if busy {
+                ErrorKind::Unavailable
+            } else {
+                ErrorKind::Backend
+            },
+            format!("placement database {}", path.display()),
+        )
+        .with_backend(BACKEND)
+        .with_source(e)
+    }
+}
+
+impl LibvirtPlacement {
+    /// Placement over `hosts`, reading usage through `reader`, reservations in `path`.
+    pub fn open(
+        hosts: Vec<(HostId, Capacity)>,
+        reader: Arc<dyn DomainLister>,
+        path: impl Into<PathBuf>,
+    ) -> Result<Self> {
+        if hosts.is_empty() {
+            return Err(Error::invalid_input("placement needs at least one host"));
+        }
+        let path = path.into();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Error::invalid_input(format!("cannot create {}", dir.display())).with_source(e)
+            })?;
+        }
+        let err = db_err(&path);
+        let conn = Connection::open(&path).map_err(&err)?;
+        conn.busy_timeout(Duration::from_secs(30)).map_err(&err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(&err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(&err)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS reservations (
+                vm TEXT PRIMARY KEY, host TEXT NOT NULL,
+                vcpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL, disk_gib INTEGER NOT NULL)",
+        )
+        .map_err(&err)?;
+        drop(err);
+        Ok(LibvirtPlacement {
+            hosts: Arc::new(hosts),
+            reader,
+            conn: Arc::new(Mutex::new(conn)),
+            path: Arc::new(path),
+        })
+    }
+
+    /// Placement from its config section; usage is read from libvirt.
+    pub fn from_config(c: &PlacementConfig, base_dir: &Path, state_dir: &Path) -> Result<Self> {
+        let hosts = c
+            .hosts
+            .iter()
+            .map(|h| (h.uri.clone(), h.capacity.unwrap_or_else(default_capacity)))
+            .collect();
+        let path = match &c.path {
+            Some(p) => base_dir.join(p),
+            None => state_dir.join("placement.sqlite3"),
+        };
+        Self::open(hosts, Arc::new(LibvirtLister), path)
+    }
+
+    /// What each host has in use now: its devvm domains plus reservations not yet a
+    /// domain there. Hosts that cannot be read are left out (and logged).
+    async fn usage(&self) -> Result<(BTreeMap<HostId, Capacity>, BTreeSet<HostId>)> {
+        let mut used = BTreeMap::new();
+        let mut reachable = BTreeSet::new();
+        let mut domains: BTreeMap<HostId, Vec<DomainInfo>> = BTreeMap::new();
+        for (host, _) in self.hosts.iter() {
+            match self.reader.list(host).await {
+                Ok(d) => {
+                    reachable.insert(host.clone());
+                    domains.insert(host.clone(), d);
+                }
+                Err(e) => tracing::warn!(%host, error = %e, "placement: host unreadable; skipped"),
+            }
+        }
+        let reservations = self.reservations().await?;
+        for (host, doms) in &domains {
+            let mut u = Capacity {
+                vcpus: 0,
+                memory_mib: 0,
+                disk_gib: 0,
+            };
+            let mut counted = BTreeSet::new();
+            for d in doms {
+                counted.insert(d.name.clone());
+                u.vcpus += u64::from(d.vcpus);
+                u.memory_mib += d.memory_mib;
+                u.disk_gib += d.disk_gib;
+            }
+            for (vm, (h, size)) in &reservations {
+                if h == host && !counted.contains(vm) {
+                    u.vcpus += u64::from(size.vcpus);
+                    u.memory_mib += size.memory_mib;
+                    u.disk_gib += size.disk_gib;
+                }
+            }
+            used.insert(host.clone(), u);
+        }
+        Ok((used, reachable))
+    }
+
+    async fn reservations(&self) -> Result<BTreeMap<VmName, (HostId, VmSize)>> {
+        self.blocking(|conn, path| {
+            let err = db_err(path);
+            let mut stmt = conn
+                .prepare("SELECT vm, host, vcpus, memory_mib, disk_gib FROM reservations")
+                .map_err(&err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, u32>(2)?,
+                        r.get::<_, u64>(3)?,
+                        r.get::<_, u64>(4)?,
+                    ))
+                })
+                .map_err(&err)?;
+            let mut out = BTreeMap::new();
+            for row in rows {
+                let (vm, host, vcpus, memory_mib, disk_gib) = row.map_err(&err)?;
+                if let (Ok(vm), Ok(host)) = (VmName::new(vm), HostId::new(host)) {
+                    out.insert(
+                        vm,
+                        (
+                            host,
+                            VmSize {
+                                vcpus,
+                                memory_mib,
+                                disk_gib,
+                            },
+                        ),
+                    );
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection, &Path) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = this
+                .conn
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            f(&mut conn, &this.path)
+        })
+        .await
+        .map_err(|e| Error::backend("placement task failed").with_source(e))?
+    }
+}
+
+#[async_trait]
+impl Placement for LibvirtPlacement {
+    fn backend(&self) -> &str {
+        BACKEND
+    }
+
+    async fn reserve(&self, vm: &VmName, size: &VmSize) -> Result<HostId> {
+        if let Some(host) = self.reservation(vm).await? {
+            return Ok(host);
+        }
+        // Usage is read outside the transaction (it talks to every host); the choice is
+        // then recorded atomically, re-checked against reservations made meanwhile.
+        for _attempt in 0..5 {
+            let (used, reachable) = self.usage().await?;
+            if reachable.is_empty() {
+                return Err(
+                    Error::unavailable("no placement host could be read").with_backend(BACKEND)
+                );
+            }
+            let candidates: Vec<(HostId, Capacity)> = self
+                .hosts
+                .iter()
+                .filter(|(h, _)| reachable.contains(h))
+                .cloned()
+                .collect();
+            let Some(host) = choose_host(&candidates, &used, size) else {
+                return Err(Error::exhausted(format!(
+                    "no host has room for {} vCPUs, {} MiB, {} GiB",
+                    size.vcpus, size.memory_mib, size.disk_gib
+                ))
+                .with_backend(BACKEND));
+            };
+            let before: usize = self.reservations().await?.len();
+            let (vm2, host2, size2) = (vm.clone(), host.clone(), *size);
+            let placed = self
+                .blocking(move |conn, path| {
+                    let err = db_err(path);
+                    let tx = conn
+                        .transaction_with_behavior(TransactionBehavior::Immediate)
+                        .map_err(&err)?;
+                    if let Some(h) = tx
+                        .query_row(
+                            "SELECT host FROM reservations WHERE vm = ?1",
+                            params![vm2.as_str()],
+                            |r| r.get::<_, String>(0),
+                        )
+                        .optional()
+                        .map_err(&err)?
+                    {
+                        return HostId::new(h).map(Some);
+                    }
+                    let now: i64 = tx
+                        .query_row("SELECT COUNT(*) FROM reservations", [], |r| r.get(0))
+                        .map_err(&err)?;
+                    if usize::try_from(now).unwrap_or(usize::MAX) != before {
+                        // Someone reserved meanwhile: choose again with fresh usage.
+                        return Ok(None);
+                    }
+                    tx.execute(
+                        "INSERT INTO reservations (vm, host, vcpus, memory_mib, disk_gib)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![
+                            vm2.as_str(),
+                            host2.as_str(),
+                            size2.vcpus,
+                            size2.memory_mib,
+                            size2.disk_gib
+                        ],
+                    )
+                    .map_err(&err)?;
+                    tx.commit().map_err(&err)?;
+                    Ok(Some(host2))
+                })
+                .await?;
+            if let Some(h) = placed {
+                return Ok(h);
+            }
+        }
+        Err(
+            Error::unavailable("placement kept racing with other reservations")
+                .with_backend(BACKEND),
+        )
+    }
+
+    async fn release(&self, vm: &VmName) -> Result<()> {
+        let vm = vm.clone();
+        self.blocking(move |conn, path| {
+            conn.execute(
+                "DELETE FROM reservations WHERE vm = ?1",
+                params![vm.as_str()],
+            )
+            .map(|_| ())
+            .map_err(db_err(path))
+        })
+        .await
+    }
+
+    async fn reservation(&self, vm: &VmName) -> Result<Option<HostId>> {
+        let vm = vm.clone();
+        self.blocking(move |conn, path| {
+            conn.query_row(
+                "SELECT host FROM reservations WHERE vm = ?1",
+                params![vm.as_str()],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+            .map_err(db_err(path))?
+            .map(HostId::new)
+            .transpose()
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::conformance::{PlacementFixture, placement};
+
+    struct Fixed(BTreeMap<HostId, Vec<DomainInfo>>);
+
+    #[async_trait]
+    impl DomainLister for Fixed {
+        async fn list(&self, host: &HostId) -> Result<Vec<DomainInfo>> {
+            self.0
+                .get(host)
+                .cloned()
+                .ok_or_else(|| Error::unavailable("host down"))
+        }
+    }
+
+    fn host(s: &str) -> HostId {
+        HostId::new(s).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn domain(name: &str) -> DomainInfo {
+        DomainInfo {
+            name: VmName::new(name).unwrap_or_else(|e| panic!("{e}")),
+            uuid: String::new(),
+            active: true,
+            owner: None,
+            request_id: None,
+            vcpus: 2,
+            memory_mib: 5120,
+            disk_gib: 40,
+        }
+    }
+
+    #[test]
+    fn the_host_with_most_free_memory_that_fits_wins() {
+        let size = VmSize::default();
+        let hosts = vec![
+            (host("a"), Capacity::slots(2, size)),
+            (host("b"), Capacity::slots(3, size)),
+        ];
+        let mut used = BTreeMap::new();
+        assert_eq!(choose_host(&hosts, &used, &size), Some(host("b")));
+        used.insert(host("b"), Capacity::slots(2, size));
+        assert_eq!(choose_host(&hosts, &used, &size), Some(host("a")));
+        used.insert(host("a"), Capacity::slots(2, size));
+        used.insert(host("b"), Capacity::slots(3, size));
+        assert_eq!(choose_host(&hosts, &used, &size), None);
+        let big = VmSize { vcpus: 64, ..size };
+        assert_eq!(choose_host(&hosts, &BTreeMap::new(), &big), None);
+    }
+
+    #[tokio::test]
+    async fn usage_comes_from_the_hosts_domains_and_reservations() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let size = VmSize::default();
+        let lister = Fixed(BTreeMap::from([
+            (host("a"), vec![domain("old-1")]),
+            (host("b"), vec![]),
+        ]));
+        let p = LibvirtPlacement::open(
+            vec![
+                (host("a"), Capacity::slots(2, size)),
+                (host("b"), Capacity::slots(1, size)),
+                (host("down"), Capacity::slots(5, size)),
+            ],
+            Arc::new(lister),
+            dir.path().join("p.sqlite3"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let vm = |s: &str| VmName::new(s).unwrap_or_else(|e| panic!("{e}"));
+        // a has 1 of 2 used by an existing domain, b 0 of 1: equal free memory → either.
+        let first = p
+            .reserve(&vm("n1"), &size)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let second = p
+            .reserve(&vm("n2"), &size)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(first, second, "one slot left on each");
+        assert!(
+            first != host("down") && second != host("down"),
+            "an unreadable host is never chosen"
+        );
+        let e = p.reserve(&vm("n3"), &size).await.expect_err("full");
+        assert_eq!(e.kind(), ErrorKind::Exhausted);
+        p.release(&vm("n1")).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.reserve(&vm("n3"), &size).await.ok(), Some(first));
+    }
+
+    #[tokio::test]
+    async fn libvirt_placement_conforms_with_a_stub_host() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let size = VmSize::default();
+        let lister = Fixed(BTreeMap::from([(host("a"), vec![]), (host("b"), vec![])]));
+        let p = LibvirtPlacement::open(
+            vec![
+                (host("a"), Capacity::slots(2, size)),
+                (host("b"), Capacity::slots(1, size)),
+            ],
+            Arc::new(lister),
+            dir.path().join("p.sqlite3"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        placement(
+            Arc::new(p),
+            PlacementFixture {
+                capacity: Some(3),
+                size,
+            },
+        )
+        .await;
+    }
+}

@@ -1,0 +1,138 @@
+//! The demo behind `scripts/demo`: provision a real VM in the lab for a test user with
+//! live progress, show that its DNS name resolves (asked of BIND, not of the library) and
+//! that it answers on SSH, then tear it down (unless `--keep`) and count, from the
+//! services themselves, what was left behind.
+//!
+//! ```text
+//! demo --config devvm.toml [--user alice] [--keep]
+//! ```
+//! Prints progress lines, then one JSON line
+//! `{"name","fqdn","ip","host","dns_ok","reachable","bootstrapped","seconds"}`, and after
+//! teardown `{"leaked": N}`.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)] // a terminal program
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use devvm_core::{EventKind, ProvisionRequest, Provisioner, UserName};
+use devvm_examples::lab::{LabEnv, ssh_answers};
+
+struct Args {
+    config: String,
+    user: String,
+    keep: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    let (mut config, mut user, mut keep) = (None, "alice".to_owned(), false);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--config" => config = it.next(),
+            "--user" => user = it.next().ok_or("--user needs a name")?,
+            "--keep" => keep = true,
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(Args {
+        config: config.ok_or("--config PATH is required")?,
+        user,
+        keep,
+    })
+}
+
+fn line(kind: &EventKind, t: f64) -> Option<String> {
+    let s = match kind {
+        EventKind::StepStarted { step } => format!("{step:>9}  started"),
+        EventKind::StepProgress { step, message, .. } => format!("{step:>9}  {message}"),
+        EventKind::StepFinished { step, summary, .. } => format!("{step:>9}  ✓ {summary}"),
+        EventKind::StepFailed { step, error } => format!("{step:>9}  ✗ {}", error.message),
+        EventKind::StepUndone { step } => format!("{step:>9}  ↶ undone"),
+        EventKind::UndoFailed { failure } => {
+            format!("{:>9}  ✗ undo failed: {failure}", failure.step)
+        }
+        _ => return None,
+    };
+    Some(format!("[{t:6.1}s] {s}"))
+}
+
+async fn run(args: Args) -> Result<bool, String> {
+    let env = LabEnv::from_env().ok_or("not in the lab environment (run through scripts/demo)")?;
+    let p = Provisioner::from_config(&args.config).map_err(|e| e.to_string())?;
+    // Whatever a killed earlier demo left unfinished is cleaned up first.
+    let rec = p.recover().await.map_err(|e| e.to_string())?;
+    if !rec.rolled_back.is_empty() || !rec.removed.is_empty() {
+        eprintln!(
+            "recovered {} interrupted run(s) first",
+            rec.rolled_back.len() + rec.removed.len()
+        );
+    }
+    let start = Instant::now();
+    let mut events = p.subscribe();
+    let printer = tokio::spawn(async move {
+        while let Some(e) = events.recv().await {
+            if let Some(l) = line(&e.kind, start.elapsed().as_secs_f64()) {
+                println!("{l}");
+            }
+        }
+    });
+    let user = UserName::new(&args.user).map_err(|e| e.to_string())?;
+    println!("provisioning a vm for {user} ...");
+    let vm = p
+        .provision(ProvisionRequest::new(user))
+        .await
+        .map_err(|e| format!("provision failed: {e}"))?;
+    let seconds = start.elapsed().as_secs_f64();
+    let dns_ok = env.dns_a(&vm.fqdn) == vec![vm.ip.to_string()]
+        && env.dns_ptr(vm.ip) == vec![vm.fqdn.clone()];
+    let reachable = ssh_answers(vm.ip, Duration::from_secs(5));
+    println!(
+        "{}",
+        serde_json::json!({
+            "name": vm.name, "fqdn": vm.fqdn, "ip": vm.ip, "host": vm.host,
+            "dns_ok": dns_ok, "reachable": reachable, "bootstrapped": vm.bootstrapped,
+            "seconds": (seconds * 10.0).round() / 10.0,
+        })
+    );
+    if args.keep {
+        println!(
+            "kept: ssh root@{} (inside the lab: scripts/lab exec ssh -i $DEVVM_LAB_SSH_KEY root@{})",
+            vm.ip, vm.ip
+        );
+    } else {
+        p.deprovision(&vm.name)
+            .await
+            .map_err(|e| format!("deprovision failed: {e}"))?;
+        let left = env.leftovers(vm.name.as_str(), &vm.fqdn, Some(vm.ip));
+        for l in &left {
+            eprintln!("leaked: {l}");
+        }
+        println!("{}", serde_json::json!({ "leaked": left.len() }));
+        if !left.is_empty() {
+            return Ok(false);
+        }
+    }
+    drop(p);
+    let _ = printer.await;
+    Ok(dns_ok && reachable)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("demo: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

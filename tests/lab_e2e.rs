@@ -1,0 +1,207 @@
+//! End to end against the lab: a real VM for an LDAP user, booted from an overlay on the
+//! Glance-synced template, its name in BIND, answering on SSH; then deprovisioned with
+//! nothing left. And a fault at every step of this real pipeline leaves nothing behind.
+//!
+//! Every check asks the service itself (dig, virsh, the pool directory, the lease
+//! database), never the library.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use devvm_core::config::Config;
+use devvm_core::testkit::faults::{self, Fault, FaultPlan};
+use devvm_core::testkit::unique_vm_name;
+use devvm_core::{ErrorKind, EventKind, ProvisionRequest, Provisioner, Step, UserName};
+use devvm_examples::lab::{LabEnv, ssh_answers};
+use devvm_tests::Lab;
+
+/// Writes the lab config (from `scripts/lab-config`) with a private journal.
+fn lab_config(dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new(root.join("scripts/lab-config"))
+        .arg(dir.join("state"))
+        .output()
+        .unwrap_or_else(|e| panic!("scripts/lab-config: {e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = dir.join("devvm.toml");
+    std::fs::write(&path, out.stdout).unwrap_or_else(|e| panic!("{e}"));
+    path
+}
+
+fn member(lab: &Lab) -> UserName {
+    UserName::new(
+        lab.var("ldap_users")
+            .split_whitespace()
+            .next()
+            .unwrap_or("alice"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_vm_is_provisioned_and_removed_without_trace() {
+    let Some(lab) = Lab::get("a_real_vm_is_provisioned_and_removed_without_trace") else {
+        return;
+    };
+    let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let p = Provisioner::from_config(lab_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    let mut events = p.subscribe();
+    let name = unique_vm_name("e2e");
+    let vm = p
+        .provision(ProvisionRequest::new(member(&lab)).with_name(name.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("provision: {e}"));
+
+    assert_eq!(vm.fqdn, format!("{name}.{}", lab.var("dns_zone")));
+    assert_eq!(vm.host.as_str(), lab.var("libvirt_uri"));
+    assert!(
+        matches!(vm.ip, IpAddr::V4(v4) if v4.octets()[..3] == [10, 99, 0] && (100..200).contains(&v4.octets()[3])),
+        "{vm:?}"
+    );
+    // DNS: asked of BIND with dig.
+    assert_eq!(env.dns_a(&vm.fqdn), vec![vm.ip.to_string()]);
+    assert_eq!(env.dns_ptr(vm.ip), vec![vm.fqdn.clone()]);
+    // The guest answers on SSH, and its disk is an overlay on the synced template.
+    assert!(
+        ssh_answers(vm.ip, Duration::from_secs(5)),
+        "ssh on {}",
+        vm.ip
+    );
+    assert!(env.domain_exists(name.as_str()));
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(&vm.disk)
+        .output()
+        .unwrap_or_else(|e| panic!("qemu-img: {e}"));
+    let info: serde_json::Value =
+        serde_json::from_slice(&info.stdout).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(info["format"], "qcow2");
+    assert!(
+        info["backing-filename"]
+            .as_str()
+            .is_some_and(|b| b.contains(lab.var("template"))),
+        "overlay on the template: {info}"
+    );
+    assert_eq!(
+        env.lease(name.as_str()),
+        Some(vm.ip),
+        "the lease database holds it"
+    );
+
+    let mut steps_done = Vec::new();
+    while let Some(e) = events.try_recv() {
+        if let EventKind::StepFinished { step, .. } = e.kind {
+            steps_done.push(step);
+        }
+    }
+    assert_eq!(steps_done.len(), Step::ALL.len(), "{steps_done:?}");
+
+    p.deprovision(&vm.name)
+        .await
+        .unwrap_or_else(|e| panic!("deprovision: {e}"));
+    let left = env.leftovers(name.as_str(), &vm.fqdn, Some(vm.ip));
+    assert!(left.is_empty(), "leaked: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_at_any_real_step_leaves_nothing_behind() {
+    let Some(lab) = Lab::get("a_fault_at_any_real_step_leaves_nothing_behind") else {
+        return;
+    };
+    let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let config = Config::load(&lab_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    for step in Step::ALL {
+        let builder = config.builder().unwrap_or_else(|e| panic!("{e}"));
+        let clean = builder
+            .current_backends()
+            .unwrap_or_else(|| panic!("all set"));
+        let p = builder
+            .backends(faults::inject(
+                clean,
+                FaultPlan::new(step, Fault::Error(ErrorKind::Unavailable)),
+            ))
+            .state_dir(dir.path().join(format!("state-{step}")))
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut events = p.subscribe();
+        let name = unique_vm_name("fault");
+        let e = p
+            .provision(ProvisionRequest::new(member(&lab)).with_name(name.clone()))
+            .await
+            .expect_err("the injected fault fails the run");
+        assert_eq!(e.step(), Some(step), "{e}");
+        assert!(e.undo_failures().is_empty(), "{e}");
+        // The address the run had leased, if it got that far.
+        let mut ip = None;
+        while let Some(ev) = events.try_recv() {
+            if let EventKind::StepFinished {
+                step: Step::Ip,
+                result,
+                ..
+            } = &ev.kind
+            {
+                ip = result["ip"].as_str().and_then(|s| s.parse().ok());
+            }
+        }
+        let fqdn = format!("{name}.{}", lab.var("dns_zone"));
+        let left = env.leftovers(name.as_str(), &fqdn, ip);
+        assert!(left.is_empty(), "fault at {step} leaked: {left:?}");
+    }
+}
+
+/// A bootstrap that fails after the guest is up destroys the running guest too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_after_boot_destroys_the_running_guest() {
+    let Some(lab) = Lab::get("a_failure_after_boot_destroys_the_running_guest") else {
+        return;
+    };
+    let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let config = Config::load(&lab_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    let builder = config.builder().unwrap_or_else(|e| panic!("{e}"));
+    let clean = builder
+        .current_backends()
+        .unwrap_or_else(|| panic!("all set"));
+    let p = builder
+        .backends(faults::inject(
+            clean,
+            FaultPlan::new(Step::Bootstrap, Fault::Panic),
+        ))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut events = p.subscribe();
+    let name = unique_vm_name("late");
+    let e = p
+        .provision(ProvisionRequest::new(member(&lab)).with_name(name.clone()))
+        .await
+        .expect_err("bootstrap panics");
+    assert_eq!(e.step(), Some(Step::Bootstrap));
+    let mut ip = None;
+    let mut booted = false;
+    while let Some(ev) = events.try_recv() {
+        match &ev.kind {
+            EventKind::StepFinished {
+                step: Step::Ip,
+                result,
+                ..
+            } => {
+                ip = result["ip"].as_str().and_then(|s| s.parse().ok());
+            }
+            EventKind::StepFinished {
+                step: Step::Domain, ..
+            } => booted = true,
+            _ => {}
+        }
+    }
+    assert!(booted, "the guest had booted before the failure");
+    let fqdn = format!("{name}.{}", lab.var("dns_zone"));
+    let left = env.leftovers(name.as_str(), &fqdn, ip);
+    assert!(left.is_empty(), "leaked: {left:?}");
+}
