@@ -77,6 +77,7 @@ fn guest(lab: &Lab, host: u8) -> Guest {
         owner: UserName::new("alice").unwrap_or_else(|e| panic!("{e}")),
         request_id: RequestId::random(),
         ssh_keys: vec![pubkey.trim().to_owned()],
+        seed: None,
     };
     let hv = LibvirtHypervisor::from_config(
         &LibvirtConfig {
@@ -87,6 +88,7 @@ fn guest(lab: &Lab, host: u8) -> Guest {
             boot_timeout_secs: 120,
             ssh_port: 22,
             authorized_key_files: vec![],
+            seed_dir: None,
         },
         Path::new("/"),
     )

@@ -31,6 +31,7 @@ mod events;
 mod journal;
 pub mod memory;
 mod provisioner;
+pub mod seed;
 mod traits;
 mod types;
 

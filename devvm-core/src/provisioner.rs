@@ -1046,8 +1046,19 @@ impl Run {
             }
         };
 
+        // The guest's host key is made here, so the bootstrap step knows it in advance;
+        // its private half goes only into the first-boot seed.
+        let host_key = crate::seed::HostKey::generate().map_err(|e| e.with_step(Step::Domain))?;
+        let mut target = BootstrapTarget {
+            vm: req.name.clone(),
+            fqdn: record.fqdn.clone(),
+            ip: lease.ip,
+            owner: user.clone(),
+            settings: req.bootstrap.clone(),
+            host_key: Some(host_key.public.clone()),
+        };
         let hv = b.hypervisor.clone();
-        let spec = DomainSpec {
+        let mut spec = DomainSpec {
             name: req.name.clone(),
             host: host.clone(),
             size: req.size,
@@ -1058,25 +1069,34 @@ impl Run {
             owner: req.user.clone(),
             request_id: req.request_id.clone(),
             ssh_keys: user.ssh_keys.clone(),
+            seed: None,
         };
         let key = UndoKey {
             host: Some(host.clone()),
             ..self.key()
         };
+        let (bs, setup_target) = (b.bootstrap.clone(), target.clone());
         self.step(Step::Domain, key, move |p| async move {
+            // What the bootstrapper needs the guest to get at first boot.
+            let setup = bs.guest_setup(&setup_target).await?;
+            let mut keys = spec.ssh_keys.clone();
+            keys.extend(setup.authorized_keys);
+            spec.seed = Some(crate::seed::GuestSeed {
+                instance_id: spec.request_id.to_string(),
+                hostname: spec.name.to_string(),
+                fqdn: spec.fqdn.clone(),
+                authorized_keys: keys.clone(),
+                host_key: Some(host_key),
+                cloud_config: setup.cloud_config,
+            });
+            spec.ssh_keys = keys;
             hv.create(&spec, &p).await
         })
         .await
         .map_err(first_error(Vec::new()))?;
 
         let bs = b.bootstrap.clone();
-        let target = BootstrapTarget {
-            vm: req.name.clone(),
-            fqdn: record.fqdn.clone(),
-            ip: lease.ip,
-            owner: user,
-            settings: req.bootstrap.clone(),
-        };
+        target.owner = user;
         let report = self
             .step(Step::Bootstrap, self.key(), move |p| async move {
                 bs.bootstrap(&target, &p).await

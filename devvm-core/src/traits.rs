@@ -20,6 +20,7 @@ use async_trait::async_trait;
 
 use crate::error::Result;
 use crate::events::Progress;
+use crate::seed::GuestSetup;
 use crate::types::{
     BootstrapReport, BootstrapTarget, Disk, DnsRecord, Domain, DomainSpec, HostId, Lease, Template,
     TemplateName, User, UserName, VmName, VmSize,
@@ -182,6 +183,15 @@ pub trait Bootstrapper: Send + Sync + 'static {
         target: &BootstrapTarget,
         progress: &Progress,
     ) -> Result<BootstrapReport>;
+
+    /// What the guest must be given at first boot for [`bootstrap`](Self::bootstrap) to
+    /// work: a provisioner-generated host key (whose public half then arrives in
+    /// [`BootstrapTarget::host_key`]), extra authorized keys, extra cloud-config. Called
+    /// before the domain is created; must not change anything. The default needs nothing.
+    async fn guest_setup(&self, target: &BootstrapTarget) -> Result<GuestSetup> {
+        let _ = target;
+        Ok(GuestSetup::default())
+    }
 
     /// Undoes what bootstrapping registered outside the guest (for Chef: the node and
     /// client on the Chef server). Undoing a VM that was never bootstrapped succeeds.

@@ -576,7 +576,7 @@ pub struct Disk {
 }
 
 /// Everything the hypervisor needs to define and start a VM.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct DomainSpec {
     /// Domain name (the VM name).
     pub name: VmName,
@@ -598,6 +598,9 @@ pub struct DomainSpec {
     pub request_id: RequestId,
     /// SSH public keys to authorize in the guest.
     pub ssh_keys: Vec<String>,
+    /// The first-boot seed (NoCloud `cidata`), when the bootstrap step needs one. A
+    /// hypervisor attaches it as a disk and removes it with the domain.
+    pub seed: Option<crate::seed::GuestSeed>,
 }
 
 /// A defined and running domain.
@@ -625,6 +628,10 @@ pub struct BootstrapTarget {
     pub owner: User,
     /// What to converge to.
     pub settings: BootstrapSettings,
+    /// The guest's SSH host key (an OpenSSH public key line), when the provisioner
+    /// generated it; an SSH bootstrapper must accept no other.
+    #[serde(default)]
+    pub host_key: Option<String>,
 }
 
 /// What a bootstrap did.

@@ -71,6 +71,10 @@ pub struct LibvirtConfig {
     /// The guest's SSH port (default 22).
     #[serde(default = "default_ssh_port")]
     pub ssh_port: u16,
+    /// Where each guest's first-boot seed image (`<vm>-cidata.img`, mode 0600) is kept
+    /// while the domain exists; default: `console_dir`.
+    #[serde(default)]
+    pub seed_dir: Option<PathBuf>,
     /// Files of extra `authorized_keys` lines for every guest (for example the
     /// provisioner's own key, which the bootstrap step uses).
     #[serde(default)]
@@ -97,6 +101,8 @@ pub struct DomainSettings {
     pub dns_servers: Vec<IpAddr>,
     /// Extra authorized keys.
     pub extra_keys: Vec<String>,
+    /// The seed image to attach as a second disk, if any.
+    pub seed_image: Option<PathBuf>,
 }
 
 /// A domain as libvirt reports it, with devvm's metadata.
@@ -194,6 +200,7 @@ pub fn domain_xml(spec: &DomainSpec, settings: &DomainSettings) -> Result<String
         crate::types::DiskFormat::Raw => "raw",
     };
     let console = path_str(&settings.console_log)?;
+    let seed = settings.seed_image.as_deref().map(path_str).transpose()?;
     let boot = &spec.template.boot;
     let kernel = boot.kernel.as_deref().map(path_str).transpose()?;
     let initrd = boot.initrd.as_deref().map(path_str).transpose()?;
@@ -280,6 +287,26 @@ pub fn domain_xml(spec: &DomainSpec, settings: &DomainSettings) -> Result<String
                             .write_empty()?;
                         Ok(())
                     })?;
+                if let Some(seed) = &seed {
+                    w.create_element("disk")
+                        .with_attribute(("type", "file"))
+                        .with_attribute(("device", "disk"))
+                        .write_inner_content(|w| {
+                            w.create_element("driver")
+                                .with_attribute(("name", "qemu"))
+                                .with_attribute(("type", "raw"))
+                                .write_empty()?;
+                            w.create_element("source")
+                                .with_attribute(("file", *seed))
+                                .write_empty()?;
+                            w.create_element("target")
+                                .with_attribute(("dev", "vdb"))
+                                .with_attribute(("bus", "virtio"))
+                                .write_empty()?;
+                            w.create_element("readonly").write_empty()?;
+                            Ok(())
+                        })?;
+                }
                 w.create_element("interface")
                     .with_attribute(("type", "bridge"))
                     .write_inner_content(|w| {
@@ -457,6 +484,19 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     })?
 }
 
+/// Removes a seed image; an absent one is fine.
+fn remove_seed(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(
+            Error::backend(format!("cannot remove seed {}", path.display()))
+                .with_backend(BACKEND)
+                .with_source(e),
+        ),
+    }
+}
+
 /// Whether `addr` answers with an SSH banner within `limit`.
 async fn ssh_banner(addr: SocketAddr, limit: Duration) -> bool {
     let attempt = async {
@@ -502,17 +542,28 @@ impl LibvirtHypervisor {
         }
         let mut config = config.clone();
         config.console_dir = base_dir.join(&config.console_dir);
+        config.seed_dir = config.seed_dir.as_ref().map(|d| base_dir.join(d));
         Ok(LibvirtHypervisor { config, extra_keys })
     }
 
-    fn settings(&self, vm: &VmName) -> DomainSettings {
+    fn settings(&self, vm: &VmName, with_seed: bool) -> DomainSettings {
         DomainSettings {
             accel: self.config.accel,
             bridge: self.config.bridge.clone(),
             console_log: self.console_log(vm),
             dns_servers: self.config.dns_servers.clone(),
             extra_keys: self.extra_keys.clone(),
+            seed_image: with_seed.then(|| self.seed_image(vm)),
         }
+    }
+
+    /// The first-boot seed image of `vm`.
+    pub fn seed_image(&self, vm: &VmName) -> PathBuf {
+        self.config
+            .seed_dir
+            .as_ref()
+            .unwrap_or(&self.config.console_dir)
+            .join(format!("{vm}-cidata.img"))
     }
 
     /// The serial console log of `vm`.
@@ -584,14 +635,34 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     async fn create(&self, spec: &DomainSpec, progress: &Progress) -> Result<Domain> {
-        let xml = domain_xml(spec, &self.settings(&spec.name))?;
-        std::fs::create_dir_all(&self.config.console_dir).map_err(|e| {
-            Error::backend(format!(
-                "cannot create console directory {}",
-                self.config.console_dir.display()
-            ))
-            .with_source(e)
-        })?;
+        let xml = domain_xml(spec, &self.settings(&spec.name, spec.seed.is_some()))?;
+        for dir in [
+            Some(&self.config.console_dir),
+            self.config.seed_dir.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Error::backend(format!("cannot create directory {}", dir.display())).with_source(e)
+            })?;
+        }
+        if let Some(seed) = &spec.seed {
+            let user_data = seed.user_data();
+            let meta = seed.meta_data();
+            let net = crate::seed::network_config(&spec.lease, &self.config.dns_servers);
+            let path = self.seed_image(&spec.name);
+            let files: [(&str, &[u8]); 3] = [
+                ("meta-data", meta.as_bytes()),
+                (
+                    "user-data",
+                    secrecy::ExposeSecret::expose_secret(&user_data).as_bytes(),
+                ),
+                ("network-config", net.as_bytes()),
+            ];
+            crate::seed::write_cidata(&path, &files).map_err(|e| e.with_backend(BACKEND))?;
+            progress.message("first-boot seed written (cidata)");
+        }
         let s = spec.clone();
         let p = progress.clone();
         let domain = blocking(move || {
@@ -637,6 +708,7 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     async fn destroy(&self, vm: &VmName, host: &HostId) -> Result<()> {
+        let seed = self.seed_image(vm);
         let (vm, host) = (vm.clone(), host.clone());
         blocking(move || {
             let conn = connect(&host)?;
@@ -661,7 +733,8 @@ impl Hypervisor for LibvirtHypervisor {
                 Err(e) => Err(virt_err("cannot undefine the domain", &host, e)),
             }
         })
-        .await
+        .await?;
+        remove_seed(&seed)
     }
 
     async fn domain(&self, vm: &VmName, host: &HostId) -> Result<Option<Domain>> {
@@ -719,6 +792,7 @@ mod tests {
             owner: UserName::new("alice").unwrap_or_else(|e| panic!("{e}")),
             request_id: RequestId::new("req-1").unwrap_or_else(|e| panic!("{e}")),
             ssh_keys: vec!["ssh-ed25519 AAAA alice@laptop".into()],
+            seed: None,
         }
     }
 
@@ -729,6 +803,7 @@ mod tests {
             console_log: "/consoles/web-1.log".into(),
             dns_servers: vec![[10, 99, 0, 1].into()],
             extra_keys: vec![],
+            seed_image: Some("/seeds/web-1-cidata.img".into()),
         }
     }
 
@@ -743,9 +818,10 @@ mod tests {
         loop {
             match r.read_event().unwrap_or_else(|e| panic!("{e}")) {
                 Event::Empty(e) if e.name().as_ref() == b"source" => {
-                    if let Some(a) = e
-                        .try_get_attribute("file")
-                        .unwrap_or_else(|e| panic!("{e}"))
+                    if seen_source_file.is_none()
+                        && let Some(a) = e
+                            .try_get_attribute("file")
+                            .unwrap_or_else(|e| panic!("{e}"))
                     {
                         seen_source_file =
                             Some(a.unescape_value().unwrap_or_default().into_owned());
@@ -769,6 +845,8 @@ mod tests {
             "<devvm:request>req-1</devvm:request>",
             &format!("<mac address=\"{}\"/>", mac_for(&spec().name)),
             "<source path=\"/consoles/web-1.log\" append=\"on\"/>",
+            "<source file=\"/seeds/web-1-cidata.img\"/>",
+            "<target dev=\"vdb\" bus=\"virtio\"/>",
         ] {
             assert!(xml.contains(needle), "missing {needle} in\n{xml}");
         }

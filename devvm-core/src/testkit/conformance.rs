@@ -441,6 +441,7 @@ pub fn detached_target(owner: UserName) -> BootstrapTarget {
             run_list: vec!["recipe[base]".into()],
             ..Default::default()
         },
+        host_key: None,
     }
 }
 
@@ -594,6 +595,7 @@ mod tests {
             owner: name("alice"),
             request_id: RequestId::random(),
             ssh_keys: vec![],
+            seed: None,
         };
         hypervisor(Arc::new(MemoryHypervisor::new()), spec).await;
     }
