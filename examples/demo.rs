@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! demo --config devvm.toml [--user alice] [--keep]
+//! demo --config devvm.toml --remove NAME      # tear down a VM an earlier --keep left
 //! ```
 //! Prints progress lines, then one JSON line
 //! `{"name","fqdn","ip","host","dns_ok","reachable","bootstrapped","seconds"}`, and after
@@ -22,16 +23,18 @@ struct Args {
     config: String,
     user: String,
     keep: bool,
+    remove: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
-    let (mut config, mut user, mut keep) = (None, "alice".to_owned(), false);
+    let (mut config, mut user, mut keep, mut remove) = (None, "alice".to_owned(), false, None);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--config" => config = it.next(),
             "--user" => user = it.next().ok_or("--user needs a name")?,
             "--keep" => keep = true,
+            "--remove" => remove = Some(it.next().ok_or("--remove needs a vm name")?),
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -39,6 +42,7 @@ fn parse_args() -> Result<Args, String> {
         config: config.ok_or("--config PATH is required")?,
         user,
         keep,
+        remove,
     })
 }
 
@@ -67,6 +71,23 @@ async fn run(args: Args) -> Result<bool, String> {
             "recovered {} interrupted run(s) first",
             rec.rolled_back.len() + rec.removed.len()
         );
+    }
+    if let Some(name) = &args.remove {
+        let name = devvm_core::VmName::new(name).map_err(|e| e.to_string())?;
+        let vm = p
+            .get(&name)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no vm named {name}"))?;
+        p.deprovision(&name)
+            .await
+            .map_err(|e| format!("deprovision failed: {e}"))?;
+        let left = env.leftovers(name.as_str(), &vm.fqdn, Some(vm.ip));
+        println!(
+            "{}",
+            serde_json::json!({ "removed": name, "leaked": left.len() })
+        );
+        return Ok(left.is_empty());
     }
     let start = Instant::now();
     let mut events = p.subscribe();

@@ -111,6 +111,10 @@ pub mod lab {
             for f in self.disk_files(vm) {
                 left.push(format!("disk {}", f.display()));
             }
+            let seed = self.dir.join(format!("devvm-shared/seeds/{vm}-cidata.img"));
+            if seed.exists() {
+                left.push(format!("seed {}", seed.display()));
+            }
             for a in self.dns_a(fqdn) {
                 left.push(format!("dns A {fqdn} -> {a}"));
             }

@@ -431,6 +431,15 @@ impl Config {
                     }
                     b.bootstrap(Arc::new(bs))
                 }
+                (Step::Bootstrap, "cloud-init") => {
+                    let o: crate::backends::cloudinit::CloudInitConfig = self.options(step)?;
+                    b.bootstrap(Arc::new(
+                        crate::backends::cloudinit::CloudInitBootstrapper::from_config(
+                            &o,
+                            self.base_dir(),
+                        )?,
+                    ))
+                }
                 (Step::Bootstrap, "none") => {
                     let _: Empty = self.options(step)?;
                     b.bootstrap(Arc::new(NoopBootstrapper))
@@ -460,7 +469,7 @@ pub fn section_name(step: Step) -> &'static str {
 
 fn known_backends(step: Step) -> Vec<&'static str> {
     match step {
-        Step::Bootstrap => vec!["none", "memory", "custom"],
+        Step::Bootstrap => vec!["none", "cloud-init", "memory", "custom"],
         Step::Ip => vec!["sqlite", "memory", "custom"],
         Step::User => vec!["ldap", "memory", "custom"],
         Step::Domain => vec!["libvirt", "memory", "custom"],

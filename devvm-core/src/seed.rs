@@ -203,7 +203,13 @@ impl GuestSeed {
             m.insert("ssh_deletekeys".into(), Value::Bool(true));
         }
         for (k, v) in &self.cloud_config {
-            m.insert(k.clone(), v.clone());
+            // Lists (extra authorized keys, say) add to devvm's own; anything else is set.
+            match (m.get_mut(k), v) {
+                (Some(Value::Array(mine)), Value::Array(more)) => mine.extend(more.iter().cloned()),
+                _ => {
+                    m.insert(k.clone(), v.clone());
+                }
+            }
         }
         SecretString::from(format!("#cloud-config\n{}", to_yaml(&m)))
     }
@@ -301,7 +307,11 @@ mod tests {
     fn host_keys_are_ed25519_and_never_printed() {
         let k = HostKey::generate().unwrap_or_else(|e| panic!("{e}"));
         assert!(k.public.starts_with("ssh-ed25519 "), "{}", k.public);
-        assert!(k.private.expose_secret().contains("BEGIN OPENSSH PRIVATE KEY"));
+        assert!(
+            k.private
+                .expose_secret()
+                .contains("BEGIN OPENSSH PRIVATE KEY")
+        );
         assert!(!format!("{k:?}").contains("PRIVATE"));
         assert!(!format!("{:?}", seed()).contains("PRIVATE"));
         let k2 = HostKey::generate().unwrap_or_else(|e| panic!("{e}"));
@@ -311,16 +321,22 @@ mod tests {
     #[test]
     fn user_data_is_block_yaml_with_every_scalar_quoted() {
         let mut s = seed();
-        s.authorized_keys.push("ssh-rsa AAAA evil\"\n- injected: true".into());
-        s.cloud_config
-            .insert("runcmd".into(), serde_json::json!(["echo hi", ["sh", "-c", "x"]]));
+        s.authorized_keys
+            .push("ssh-rsa AAAA evil\"\n- injected: true".into());
+        s.cloud_config.insert(
+            "runcmd".into(),
+            serde_json::json!(["echo hi", ["sh", "-c", "x"]]),
+        );
         let ud = s.user_data();
         let text = ud.expose_secret();
         assert!(text.starts_with("#cloud-config\n"));
         assert!(text.contains("hostname: \"web-1\"\n"));
         assert!(text.contains("ssh_authorized_keys:\n  - \"ssh-ed25519 AAAA alice@x\"\n"));
         // The hostile key stays one quoted scalar: its newline is escaped, not emitted.
-        assert!(text.contains("  - \"ssh-rsa AAAA evil\\\"\\n- injected: true\"\n"), "{text}");
+        assert!(
+            text.contains("  - \"ssh-rsa AAAA evil\\\"\\n- injected: true\"\n"),
+            "{text}"
+        );
         assert!(!text.contains("\n- injected"));
         assert!(text.contains("ed25519_private: |\n    -----BEGIN OPENSSH PRIVATE KEY-----\n"));
         assert!(text.contains("runcmd:\n  - \"echo hi\"\n  -\n    - \"sh\"\n"));
@@ -339,24 +355,36 @@ mod tests {
             n,
             "ethernets:\n  eth0:\n    addresses:\n      - \"10.99.0.7/24\"\n    gateway4: \"10.99.0.1\"\n    nameservers:\n      addresses:\n        - \"10.99.0.1\"\nversion: 2\n"
         );
-        assert_eq!(seed().meta_data(), "instance-id: \"req-1\"\nlocal-hostname: \"web-1\"\n");
+        assert_eq!(
+            seed().meta_data(),
+            "instance-id: \"req-1\"\nlocal-hostname: \"web-1\"\n"
+        );
     }
 
     #[test]
     fn the_cidata_image_is_a_labelled_vfat_holding_the_files() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let path = dir.path().join("seed.img");
-        write_cidata(&path, &[("meta-data", b"a: 1\n"), ("user-data", b"#cloud-config\n")])
-            .unwrap_or_else(|e| panic!("{e}"));
+        write_cidata(
+            &path,
+            &[("meta-data", b"a: 1\n"), ("user-data", b"#cloud-config\n")],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&path).map(|m| m.permissions().mode() & 0o777).ok();
+        let mode = std::fs::metadata(&path)
+            .map(|m| m.permissions().mode() & 0o777)
+            .ok();
         assert_eq!(mode, Some(0o600));
         let mut f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{e}"));
-        let fs = fatfs::FileSystem::new(&mut f, fatfs::FsOptions::new()).unwrap_or_else(|e| panic!("{e}"));
+        let fs = fatfs::FileSystem::new(&mut f, fatfs::FsOptions::new())
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(fs.volume_label().trim(), "cidata");
         let mut text = String::new();
         std::io::Read::read_to_string(
-            &mut fs.root_dir().open_file("meta-data").unwrap_or_else(|e| panic!("{e}")),
+            &mut fs
+                .root_dir()
+                .open_file("meta-data")
+                .unwrap_or_else(|e| panic!("{e}")),
             &mut text,
         )
         .unwrap_or_else(|e| panic!("{e}"));

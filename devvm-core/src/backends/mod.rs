@@ -1,6 +1,7 @@
 //! Real backends of the step traits.
 
 pub mod glance;
+pub mod cloudinit;
 pub mod ldap;
 pub mod libvirt;
 pub mod placement;

@@ -1,0 +1,102 @@
+//! The cloud-init bootstrapper against the lab: the cloud-config travels in the NoCloud
+//! seed, which the guest reads at first boot; no SSH step runs. Proven by logging in
+//! with a key that exists nowhere but in that cloud-config.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use devvm_core::backends::cloudinit::{CloudInitBootstrapper, CloudInitConfig};
+use devvm_core::config::Config;
+use devvm_core::testkit::unique_vm_name;
+use devvm_core::{ProvisionRequest, UserName};
+use devvm_examples::lab::LabEnv;
+use devvm_tests::Lab;
+
+fn lab_config(dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(root.join("scripts/lab-config"))
+        .arg(dir.join("state"))
+        .output()
+        .unwrap_or_else(|e| panic!("scripts/lab-config: {e}"));
+    assert!(out.status.success());
+    let path = dir.join("devvm.toml");
+    std::fs::write(&path, out.stdout).unwrap_or_else(|e| panic!("{e}"));
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_alone_configures_the_guest() {
+    let Some(lab) = Lab::get("the_seed_alone_configures_the_guest") else {
+        return;
+    };
+    let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let key = dir.path().join("seed_only_key");
+    let kg = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "seed-only", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap_or_else(|e| panic!("ssh-keygen: {e}"));
+    assert!(kg.success());
+    let public =
+        std::fs::read_to_string(key.with_extension("pub")).unwrap_or_else(|e| panic!("{e}"));
+
+    let config = Config::load(&lab_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    let ci: CloudInitConfig = toml::from_str(&format!(
+        "cloud_config = {{ ssh_authorized_keys = [{:?}] }}",
+        public.trim()
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let p = config
+        .builder()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .bootstrap(Arc::new(
+            CloudInitBootstrapper::from_config(&ci, dir.path()).unwrap_or_else(|e| panic!("{e}")),
+        ))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let name = unique_vm_name("ci");
+    let user = UserName::new(
+        lab.var("ldap_users")
+            .split_whitespace()
+            .next()
+            .unwrap_or("alice"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let vm = p
+        .provision(ProvisionRequest::new(user).with_name(name.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(vm.bootstrapped);
+
+    let out = Command::new("ssh")
+        .arg("-i")
+        .arg(&key)
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=10",
+        ])
+        .arg(format!("root@{}", vm.ip))
+        .arg("hostname")
+        .output()
+        .unwrap_or_else(|e| panic!("ssh: {e}"));
+    assert!(
+        out.status.success(),
+        "login with the seed-only key: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), name.as_str());
+
+    p.deprovision(&vm.name)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let left = env.leftovers(name.as_str(), &vm.fqdn, Some(vm.ip));
+    assert!(left.is_empty(), "leaked: {left:?}");
+}
