@@ -7,12 +7,13 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use devvm_core::config::Config;
 use devvm_core::testkit::faults::{self, Fault, FaultPlan};
 use devvm_core::testkit::unique_vm_name;
-use devvm_core::{ErrorKind, EventKind, ProvisionRequest, Provisioner, Step, UserName};
+use devvm_core::{ErrorKind, EventKind, Placement, ProvisionRequest, Provisioner, Step, UserName};
 use devvm_examples::lab::{LabEnv, ssh_answers};
 use devvm_tests::Lab;
 
@@ -93,6 +94,34 @@ async fn a_real_vm_is_provisioned_and_removed_without_trace() {
         Some(vm.ip),
         "the lease database holds it"
     );
+
+    // Placement reads usage from libvirt itself: a host with room for exactly one VM of
+    // this size, already running ours, has no room for another.
+    let one_slot = devvm_core::backends::placement::LibvirtPlacement::open(
+        vec![(
+            vm.host.clone(),
+            devvm_core::backends::placement::Capacity {
+                vcpus: 1,
+                memory_mib: 256,
+                disk_gib: 1,
+            },
+        )],
+        Arc::new(devvm_core::backends::placement::LibvirtLister),
+        dir.path().join("placement-check.sqlite3"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let e = one_slot
+        .reserve(
+            &unique_vm_name("extra"),
+            &devvm_core::VmSize {
+                vcpus: 1,
+                memory_mib: 256,
+                disk_gib: 1,
+            },
+        )
+        .await
+        .expect_err("the running vm fills the host");
+    assert_eq!(e.kind(), ErrorKind::Exhausted, "{e}");
 
     let mut steps_done = Vec::new();
     while let Some(e) = events.try_recv() {
