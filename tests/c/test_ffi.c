@@ -1,0 +1,230 @@
+/* Tests of devvm's C API: errors (NULL arguments, bad UTF-8, bad config, unknown and
+ * unauthorized users, bad names), a C-written IpAllocator inside the real pipeline (the
+ * other steps use devvm's in-memory reference backends), progress callbacks, listing,
+ * and frees. Built and run by scripts/test-c under AddressSanitizer and valgrind.
+ * Prints "N passed, N failed". */
+#define _GNU_SOURCE
+#include <devvm.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <pthread.h>
+
+static int passed, failed;
+#define CHECK(cond, ...) do { \
+    if (cond) { passed++; } else { failed++; \
+        fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+        fprintf(stderr, __VA_ARGS__); fprintf(stderr, " (last error: %s)\n", \
+            devvm_last_error_message() ? devvm_last_error_message() : "none"); } \
+} while (0)
+
+/* ---- a C IpAllocator: a tiny table of leases in 10.77.0.10 .. 10.77.0.10+CAP-1 ---- */
+#define CAP 3
+struct pool {
+    pthread_mutex_t mu;
+    char vm[CAP][64];
+    int calls_allocate, calls_release;
+};
+
+static int find(struct pool *p, const char *vm) {
+    for (int i = 0; i < CAP; i++) if (strcmp(p->vm[i], vm) == 0) return i;
+    return -1;
+}
+
+static int32_t c_allocate(void *ud, const char *vm, char *ip, size_t ip_len, uint8_t *prefix,
+                          char *err, size_t err_len) {
+    struct pool *p = ud;
+    pthread_mutex_lock(&p->mu);
+    p->calls_allocate++;
+    int i = find(p, vm);
+    if (i < 0) i = find(p, "");
+    if (i < 0) {
+        snprintf(err, err_len, "the C pool is full");
+        pthread_mutex_unlock(&p->mu);
+        return DEVVM_ERR_EXHAUSTED;
+    }
+    snprintf(p->vm[i], sizeof p->vm[i], "%s", vm);
+    snprintf(ip, ip_len, "10.77.0.%d", 10 + i);
+    *prefix = 24;
+    pthread_mutex_unlock(&p->mu);
+    return DEVVM_OK;
+}
+
+static int32_t c_release(void *ud, const char *vm, char *err, size_t err_len) {
+    (void)err; (void)err_len;
+    struct pool *p = ud;
+    pthread_mutex_lock(&p->mu);
+    p->calls_release++;
+    int i = find(p, vm);
+    if (i >= 0) p->vm[i][0] = '\0';
+    pthread_mutex_unlock(&p->mu);
+    return DEVVM_OK;
+}
+
+static int32_t c_lease(void *ud, const char *vm, char *ip, size_t ip_len, uint8_t *prefix,
+                       bool *found, char *err, size_t err_len) {
+    (void)err; (void)err_len;
+    struct pool *p = ud;
+    pthread_mutex_lock(&p->mu);
+    int i = find(p, vm);
+    *found = i >= 0;
+    if (i >= 0) { snprintf(ip, ip_len, "10.77.0.%d", 10 + i); *prefix = 24; }
+    pthread_mutex_unlock(&p->mu);
+    return DEVVM_OK;
+}
+
+static int held(struct pool *p) {
+    int n = 0;
+    for (int i = 0; i < CAP; i++) n += p->vm[i][0] != '\0';
+    return n;
+}
+
+/* ---- progress callback ---- */
+struct seen { int events, finished, failed_runs; char last_kind[32]; };
+static void on_event(const devvm_event *e, void *ud) {
+    struct seen *s = ud;
+    s->events++;
+    snprintf(s->last_kind, sizeof s->last_kind, "%s", e->kind);
+    if (strcmp(e->kind, "step_finished") == 0) s->finished++;
+    if (strcmp(e->kind, "run_failed") == 0) s->failed_runs++;
+}
+
+static const char *CONFIG =
+    "state_dir = \"state\"\n"
+    "[defaults]\ntemplate = \"debian-12\"\n"
+    "[users]\nbackend = \"memory\"\n"
+    "accounts = [{ name = \"alice\" }, { name = \"mallory\", may_own_vms = false }]\n"
+    "[placement]\nbackend = \"memory\"\n"
+    "hosts = [{ id = \"h1\", vcpus = 64, memory_mib = 65536, disk_gib = 1000 }]\n"
+    "[ip]\nbackend = \"custom\"\n"
+    "[dns]\nbackend = \"memory\"\nzone = \"lab.example\"\n"
+    "[images]\nbackend = \"memory\"\ntemplates = [\"debian-12\"]\n"
+    "[hypervisor]\nbackend = \"memory\"\n"
+    "[bootstrap]\nbackend = \"none\"\n";
+
+static char *write_file(const char *dir, const char *name, const char *text) {
+    char *path;
+    if (asprintf(&path, "%s/%s", dir, name) < 0) abort();
+    FILE *f = fopen(path, "w");
+    if (!f) abort();
+    fputs(text, f);
+    fclose(f);
+    return path;
+}
+
+int main(void) {
+    char tmpl[] = "/tmp/devvm-c-test.XXXXXX";
+    char *dir = mkdtemp(tmpl);
+    if (!dir) { perror("mkdtemp"); return 2; }
+    char *config = write_file(dir, "devvm.toml", CONFIG);
+    char *bad_config = write_file(dir, "bad.toml", "state_dir = \"s\"\ncolour = \"blue\"\n");
+
+    /* NULL arguments: refused with a status and a message, never a crash. */
+    devvm_provisioner *p = NULL;
+    CHECK(devvm_provisioner_new(NULL, NULL, &p) == DEVVM_ERR_NULL_ARGUMENT && p == NULL, "NULL path");
+    CHECK(strstr(devvm_last_error_message(), "config_path") != NULL, "message names the argument");
+    CHECK(devvm_provisioner_new(config, NULL, NULL) == DEVVM_ERR_NULL_ARGUMENT, "NULL out");
+    devvm_vm *vm = NULL;
+    devvm_request req = { .user = "alice" };
+    CHECK(devvm_provision(NULL, &req, NULL, NULL, &vm) == DEVVM_ERR_NULL_ARGUMENT, "NULL provisioner");
+    CHECK(devvm_deprovision(NULL, "x", NULL, NULL) == DEVVM_ERR_NULL_ARGUMENT, "NULL provisioner");
+    CHECK(devvm_list(NULL, NULL) == DEVVM_ERR_NULL_ARGUMENT, "NULL out");
+    CHECK(devvm_recover(NULL, NULL) == DEVVM_ERR_NULL_ARGUMENT, "NULL provisioner");
+    CHECK(devvm_vm_name(NULL) == NULL && devvm_vm_list_len(NULL) == 0 && devvm_vm_list_get(NULL, 0) == NULL, "NULL getters");
+    devvm_provisioner_free(NULL);
+    devvm_vm_free(NULL);
+    devvm_vm_list_free(NULL);
+
+    /* Bad config: an unknown key is named; a missing file is not found. */
+    CHECK(devvm_provisioner_new(bad_config, NULL, &p) == DEVVM_ERR_INVALID_INPUT, "unknown key");
+    CHECK(strstr(devvm_last_error_message(), "colour") != NULL, "the key is named: %s", devvm_last_error_message());
+    CHECK(devvm_provisioner_new("/nonexistent/devvm.toml", NULL, &p) == DEVVM_ERR_NOT_FOUND, "missing config");
+    /* The config leaves [ip] to the program: without a C allocator it cannot build. */
+    CHECK(devvm_provisioner_new(config, NULL, &p) == DEVVM_ERR_INVALID_INPUT, "ip backend missing");
+
+    /* A C-written IpAllocator. */
+    struct pool pool = { .mu = PTHREAD_MUTEX_INITIALIZER };
+    devvm_ip_allocator ip = { .user_data = &pool, .allocate = c_allocate, .release = c_release, .lease = c_lease };
+    devvm_ip_allocator broken = ip;
+    broken.lease = NULL;
+    devvm_backends with_broken = { .ip = &broken };
+    CHECK(devvm_provisioner_new(config, &with_broken, &p) == DEVVM_ERR_NULL_ARGUMENT, "NULL function in table");
+    devvm_backends backends = { .ip = &ip };
+    CHECK(devvm_provisioner_new(config, &backends, &p) == DEVVM_OK && p != NULL, "provisioner");
+    if (!p) { fprintf(stderr, "cannot continue\n"); return 1; }
+
+    /* Bad requests change nothing. */
+    devvm_request unknown = { .user = "nobody" };
+    CHECK(devvm_provision(p, &unknown, NULL, NULL, &vm) == DEVVM_ERR_NOT_FOUND && vm == NULL, "unknown user");
+    devvm_request outsider = { .user = "mallory" };
+    CHECK(devvm_provision(p, &outsider, NULL, NULL, &vm) == DEVVM_ERR_UNAUTHORIZED, "not an owner");
+    devvm_request bad_name = { .user = "alice", .name = "no_underscores" };
+    CHECK(devvm_provision(p, &bad_name, NULL, NULL, &vm) == DEVVM_ERR_INVALID_INPUT, "bad vm name");
+    devvm_request bad_user = { .user = "(uid=*)" };
+    CHECK(devvm_provision(p, &bad_user, NULL, NULL, &vm) == DEVVM_ERR_INVALID_INPUT, "filter metacharacters");
+    const char bad_utf8[] = { (char)0xff, (char)0xfe, 0 };
+    devvm_request utf8 = { .user = bad_utf8 };
+    CHECK(devvm_provision(p, &utf8, NULL, NULL, &vm) == DEVVM_ERR_INVALID_UTF8, "bad utf-8");
+    CHECK(held(&pool) == 0, "nothing leased after bad requests");
+
+    /* A real run through the pipeline, with progress. */
+    struct seen seen = {0};
+    devvm_request ok = { .user = "alice", .name = "c-vm-1", .vcpus = 1, .memory_mib = 512, .disk_gib = 2 };
+    CHECK(devvm_provision(p, &ok, on_event, &seen, &vm) == DEVVM_OK && vm != NULL, "provision");
+    if (vm) {
+        CHECK(strcmp(devvm_vm_name(vm), "c-vm-1") == 0, "name %s", devvm_vm_name(vm));
+        CHECK(strcmp(devvm_vm_ip(vm), "10.77.0.10") == 0, "the C allocator's address: %s", devvm_vm_ip(vm));
+        CHECK(strcmp(devvm_vm_fqdn(vm), "c-vm-1.lab.example") == 0, "fqdn %s", devvm_vm_fqdn(vm));
+        CHECK(strcmp(devvm_vm_owner(vm), "alice") == 0, "owner");
+        CHECK(strcmp(devvm_vm_template(vm), "debian-12") == 0, "template");
+        CHECK(devvm_vm_created(vm) > 1700000000, "created");
+    }
+    CHECK(seen.finished == 8, "8 steps finished, saw %d", seen.finished);
+    CHECK(strcmp(seen.last_kind, "run_finished") == 0, "ends with run_finished, saw %s", seen.last_kind);
+    CHECK(held(&pool) == 1, "one lease held");
+
+    /* Same name again: refused, and the failed run is rolled back. */
+    devvm_vm *dup = NULL;
+    devvm_request again = { .user = "alice", .name = "c-vm-1" };
+    CHECK(devvm_provision(p, &again, NULL, NULL, &dup) == DEVVM_ERR_ALREADY_EXISTS && dup == NULL, "name in use");
+
+    /* Fill the C pool: the error the C code returns comes back, and the run rolls back. */
+    devvm_vm *v2 = NULL, *v3 = NULL, *v4 = NULL;
+    devvm_request r2 = { .user = "alice", .name = "c-vm-2" }, r3 = { .user = "alice", .name = "c-vm-3" },
+                  r4 = { .user = "alice", .name = "c-vm-4" };
+    CHECK(devvm_provision(p, &r2, NULL, NULL, &v2) == DEVVM_OK, "second");
+    CHECK(devvm_provision(p, &r3, NULL, NULL, &v3) == DEVVM_OK, "third");
+    struct seen seen4 = {0};
+    CHECK(devvm_provision(p, &r4, on_event, &seen4, &v4) == DEVVM_ERR_EXHAUSTED && v4 == NULL, "C pool full");
+    CHECK(strstr(devvm_last_error_message(), "the C pool is full") != NULL, "C message: %s", devvm_last_error_message());
+    CHECK(seen4.failed_runs == 1, "run_failed delivered");
+
+    devvm_vm_list *list = NULL;
+    CHECK(devvm_list(p, &list) == DEVVM_OK && devvm_vm_list_len(list) == 3, "three vms listed");
+    CHECK(devvm_vm_list_get(list, 3) == NULL, "out of range is NULL");
+    devvm_vm_list_free(list);
+
+    /* Deprovision releases the C lease. */
+    struct seen seen_d = {0};
+    CHECK(devvm_deprovision(p, "c-vm-1", on_event, &seen_d) == DEVVM_OK, "deprovision");
+    CHECK(seen_d.events > 0, "deprovision events");
+    CHECK(devvm_deprovision(p, "c-vm-2", NULL, NULL) == DEVVM_OK, "deprovision 2");
+    CHECK(devvm_deprovision(p, "c-vm-3", NULL, NULL) == DEVVM_OK, "deprovision 3");
+    CHECK(devvm_deprovision(p, "c-vm-1", NULL, NULL) == DEVVM_ERR_NOT_FOUND, "already gone");
+    CHECK(held(&pool) == 0, "every C lease released, %d held", held(&pool));
+    uint32_t cleaned = 99;
+    CHECK(devvm_recover(p, &cleaned) == DEVVM_OK && cleaned == 0, "nothing to recover");
+
+    devvm_vm_free(vm);
+    devvm_vm_free(v2);
+    devvm_vm_free(v3);
+    devvm_provisioner_free(p);
+    free(config);
+    free(bad_config);
+    char *cmd;
+    if (asprintf(&cmd, "rm -rf '%s'", dir) >= 0) { if (system(cmd) != 0) failed++; free(cmd); }
+
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
