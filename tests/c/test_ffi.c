@@ -80,6 +80,73 @@ static int held(struct pool *p) {
     return n;
 }
 
+/* ---- a C DnsUpdater: a table of fqdn -> ip records (A and PTR together) ---- */
+#define RECS 8
+struct zone {
+    pthread_mutex_t mu;
+    char fqdn[RECS][128];
+    char ip[RECS][64];
+};
+
+static int32_t c_publish(void *ud, const char *fqdn, const char *ip, char *err, size_t err_len) {
+    struct zone *z = ud;
+    pthread_mutex_lock(&z->mu);
+    int32_t rc = DEVVM_OK;
+    int free_slot = -1;
+    for (int i = 0; i < RECS; i++) {
+        if (z->fqdn[i][0] == '\0') { if (free_slot < 0) free_slot = i; continue; }
+        int same_name = strcmp(z->fqdn[i], fqdn) == 0, same_ip = strcmp(z->ip[i], ip) == 0;
+        if (same_name && same_ip) { free_slot = -2; break; }
+        if (same_name || same_ip) {
+            snprintf(err, err_len, "%s is taken in the C zone", same_name ? fqdn : ip);
+            rc = DEVVM_ERR_CONFLICT;
+            break;
+        }
+    }
+    if (rc == DEVVM_OK && free_slot >= 0) {
+        snprintf(z->fqdn[free_slot], sizeof z->fqdn[0], "%s", fqdn);
+        snprintf(z->ip[free_slot], sizeof z->ip[0], "%s", ip);
+    }
+    pthread_mutex_unlock(&z->mu);
+    return rc;
+}
+
+static int32_t c_remove(void *ud, const char *fqdn, const char *ip, char *err, size_t err_len) {
+    (void)err; (void)err_len;
+    struct zone *z = ud;
+    pthread_mutex_lock(&z->mu);
+    for (int i = 0; i < RECS; i++)
+        if (strcmp(z->fqdn[i], fqdn) == 0 && strcmp(z->ip[i], ip) == 0) z->fqdn[i][0] = z->ip[i][0] = '\0';
+    pthread_mutex_unlock(&z->mu);
+    return DEVVM_OK;
+}
+
+static int32_t c_resolve(void *ud, const char *fqdn, char *ip, size_t ip_len, char *err, size_t err_len) {
+    (void)err; (void)err_len;
+    struct zone *z = ud;
+    pthread_mutex_lock(&z->mu);
+    ip[0] = '\0';
+    for (int i = 0; i < RECS; i++) if (strcmp(z->fqdn[i], fqdn) == 0) snprintf(ip, ip_len, "%s", z->ip[i]);
+    pthread_mutex_unlock(&z->mu);
+    return DEVVM_OK;
+}
+
+static int32_t c_reverse(void *ud, const char *ip, char *fqdn, size_t fqdn_len, char *err, size_t err_len) {
+    (void)err; (void)err_len;
+    struct zone *z = ud;
+    pthread_mutex_lock(&z->mu);
+    fqdn[0] = '\0';
+    for (int i = 0; i < RECS; i++) if (z->ip[i][0] && strcmp(z->ip[i], ip) == 0) snprintf(fqdn, fqdn_len, "%s", z->fqdn[i]);
+    pthread_mutex_unlock(&z->mu);
+    return DEVVM_OK;
+}
+
+static int records(struct zone *z) {
+    int n = 0;
+    for (int i = 0; i < RECS; i++) n += z->fqdn[i][0] != '\0';
+    return n;
+}
+
 /* ---- progress callback ---- */
 struct seen { int events, finished, failed_runs; char last_kind[32]; };
 static void on_event(const devvm_event *e, void *ud) {
@@ -98,7 +165,7 @@ static const char *CONFIG =
     "[placement]\nbackend = \"memory\"\n"
     "hosts = [{ id = \"h1\", vcpus = 64, memory_mib = 65536, disk_gib = 1000 }]\n"
     "[ip]\nbackend = \"custom\"\n"
-    "[dns]\nbackend = \"memory\"\nzone = \"lab.example\"\n"
+    "[dns]\nbackend = \"custom\"\n"
     "[images]\nbackend = \"memory\"\ntemplates = [\"debian-12\"]\n"
     "[hypervisor]\nbackend = \"memory\"\n"
     "[bootstrap]\nbackend = \"none\"\n";
@@ -148,9 +215,12 @@ int main(void) {
     devvm_ip_allocator ip = { .user_data = &pool, .allocate = c_allocate, .release = c_release, .lease = c_lease };
     devvm_ip_allocator broken = ip;
     broken.lease = NULL;
-    devvm_backends with_broken = { .ip = &broken };
+    struct zone zone = { .mu = PTHREAD_MUTEX_INITIALIZER };
+    devvm_dns_updater dns = { .user_data = &zone, .zone = "c.example", .publish = c_publish,
+                              .remove = c_remove, .resolve = c_resolve, .reverse = c_reverse };
+    devvm_backends with_broken = { .ip = &broken, .dns = &dns };
     CHECK(devvm_provisioner_new(config, &with_broken, &p) == DEVVM_ERR_NULL_ARGUMENT, "NULL function in table");
-    devvm_backends backends = { .ip = &ip };
+    devvm_backends backends = { .ip = &ip, .dns = &dns };
     CHECK(devvm_provisioner_new(config, &backends, &p) == DEVVM_OK && p != NULL, "provisioner");
     if (!p) { fprintf(stderr, "cannot continue\n"); return 1; }
 
@@ -175,7 +245,7 @@ int main(void) {
     if (vm) {
         CHECK(strcmp(devvm_vm_name(vm), "c-vm-1") == 0, "name %s", devvm_vm_name(vm));
         CHECK(strcmp(devvm_vm_ip(vm), "10.77.0.10") == 0, "the C allocator's address: %s", devvm_vm_ip(vm));
-        CHECK(strcmp(devvm_vm_fqdn(vm), "c-vm-1.lab.example") == 0, "fqdn %s", devvm_vm_fqdn(vm));
+        CHECK(strcmp(devvm_vm_fqdn(vm), "c-vm-1.c.example") == 0, "the C zone's fqdn: %s", devvm_vm_fqdn(vm));
         CHECK(strcmp(devvm_vm_owner(vm), "alice") == 0, "owner");
         CHECK(strcmp(devvm_vm_template(vm), "debian-12") == 0, "template");
         CHECK(devvm_vm_created(vm) > 1700000000, "created");
@@ -183,6 +253,7 @@ int main(void) {
     CHECK(seen.finished == 8, "8 steps finished, saw %d", seen.finished);
     CHECK(strcmp(seen.last_kind, "run_finished") == 0, "ends with run_finished, saw %s", seen.last_kind);
     CHECK(held(&pool) == 1, "one lease held");
+    CHECK(records(&zone) == 1, "one record in the C zone");
 
     /* Same name again: refused, and the failed run is rolled back. */
     devvm_vm *dup = NULL;
@@ -200,9 +271,22 @@ int main(void) {
     CHECK(strstr(devvm_last_error_message(), "the C pool is full") != NULL, "C message: %s", devvm_last_error_message());
     CHECK(seen4.failed_runs == 1, "run_failed delivered");
 
+    /* Free one address, then ask for a name the C zone already holds for another
+     * address: the C conflict comes back and the run's lease is released again. */
+    CHECK(devvm_deprovision(p, "c-vm-3", NULL, NULL) == DEVVM_OK, "deprovision 3");
+    snprintf(zone.fqdn[RECS - 1], sizeof zone.fqdn[0], "c-vm-5.c.example");
+    snprintf(zone.ip[RECS - 1], sizeof zone.ip[0], "192.0.2.99");
+    devvm_vm *v5 = NULL;
+    devvm_request r5 = { .user = "alice", .name = "c-vm-5" };
+    CHECK(devvm_provision(p, &r5, NULL, NULL, &v5) == DEVVM_ERR_CONFLICT && v5 == NULL, "C dns conflict");
+    CHECK(strstr(devvm_last_error_message(), "taken in the C zone") != NULL, "C message: %s", devvm_last_error_message());
+    CHECK(held(&pool) == 2, "the conflicting run's lease was released, %d held", held(&pool));
+    CHECK(strcmp(zone.ip[RECS - 1], "192.0.2.99") == 0, "the foreign record is untouched");
+    zone.fqdn[RECS - 1][0] = zone.ip[RECS - 1][0] = '\0';
+
     devvm_vm_list *list = NULL;
-    CHECK(devvm_list(p, &list) == DEVVM_OK && devvm_vm_list_len(list) == 3, "three vms listed");
-    CHECK(devvm_vm_list_get(list, 3) == NULL, "out of range is NULL");
+    CHECK(devvm_list(p, &list) == DEVVM_OK && devvm_vm_list_len(list) == 2, "two vms listed");
+    CHECK(devvm_vm_list_get(list, 2) == NULL, "out of range is NULL");
     devvm_vm_list_free(list);
 
     /* Deprovision releases the C lease. */
@@ -210,9 +294,9 @@ int main(void) {
     CHECK(devvm_deprovision(p, "c-vm-1", on_event, &seen_d) == DEVVM_OK, "deprovision");
     CHECK(seen_d.events > 0, "deprovision events");
     CHECK(devvm_deprovision(p, "c-vm-2", NULL, NULL) == DEVVM_OK, "deprovision 2");
-    CHECK(devvm_deprovision(p, "c-vm-3", NULL, NULL) == DEVVM_OK, "deprovision 3");
     CHECK(devvm_deprovision(p, "c-vm-1", NULL, NULL) == DEVVM_ERR_NOT_FOUND, "already gone");
     CHECK(held(&pool) == 0, "every C lease released, %d held", held(&pool));
+    CHECK(records(&zone) == 0, "every C record removed, %d left", records(&zone));
     uint32_t cleaned = 99;
     CHECK(devvm_recover(p, &cleaned) == DEVVM_OK && cleaned == 0, "nothing to recover");
 
