@@ -1,0 +1,348 @@
+//! `devvm`: the command line over the library, for people and for scripts.
+//!
+//! ```text
+//! cargo run -p devvm-examples --bin devvm -- [--config PATH] [--json] provision --user alice [--name web-1] [--template T]
+//! cargo run -p devvm-examples --bin devvm -- deprovision web-1
+//! cargo run -p devvm-examples --bin devvm -- list
+//! cargo run -p devvm-examples --bin devvm -- recover
+//! cargo run -p devvm-examples --bin devvm -- images sync
+//! ```
+//!
+//! The config defaults to `$DEVVM_CONFIG`, else `/etc/devvm/devvm.toml`. On a terminal each
+//! step gets a spinner with its latest message; `--json` prints every event and the
+//! result as JSON lines instead. An error is one line on stderr, and the exit code tells
+//! its kind (see [`exit_code`]). Ctrl-C cancels a provision, which then rolls back.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)] // a terminal program
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use devvm_core::{
+    CancelToken, Error, ErrorKind, Event, EventKind, ProvisionRequest, Provisioner, Step,
+    TemplateName, UserName, VmName,
+};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+/// Provision developer VMs.
+#[derive(Debug, Parser)]
+#[command(name = "devvm", version, about)]
+struct Cli {
+    /// The config file (default: $DEVVM_CONFIG, else /etc/devvm/devvm.toml).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Print events and results as JSON lines.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Provision a VM for a user.
+    Provision {
+        /// The owner (checked in the directory).
+        #[arg(long)]
+        user: String,
+        /// The VM name (default: derived from the user).
+        #[arg(long)]
+        name: Option<String>,
+        /// The template (default: the config's).
+        #[arg(long)]
+        template: Option<String>,
+    },
+    /// Remove a VM and everything it holds.
+    Deprovision {
+        /// The VM name.
+        name: String,
+    },
+    /// List the VMs that exist.
+    List,
+    /// Finish or roll back runs that a killed provisioner left.
+    Recover,
+    /// Template images.
+    Images {
+        #[command(subcommand)]
+        command: ImagesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImagesCommand {
+    /// Sync the default template and every cached one from the registry.
+    Sync,
+}
+
+/// The exit code of each error kind (2 is a usage error, from clap).
+fn exit_code(kind: ErrorKind) -> u8 {
+    match kind {
+        ErrorKind::NotFound => 3,
+        ErrorKind::AlreadyExists => 4,
+        ErrorKind::InvalidInput => 5,
+        ErrorKind::Exhausted => 6,
+        ErrorKind::Unauthorized => 7,
+        ErrorKind::Conflict => 8,
+        ErrorKind::Unavailable => 9,
+        ErrorKind::Timeout => 10,
+        ErrorKind::Cancelled => 130,
+        _ => 1,
+    }
+}
+
+/// Shows events: spinners on a terminal, JSON lines with `--json`, plain lines otherwise.
+struct Display {
+    json: bool,
+    bars: Option<(MultiProgress, BTreeMap<Step, ProgressBar>)>,
+}
+
+impl Display {
+    fn new(json: bool) -> Self {
+        let bars = (!json && std::io::stderr().is_terminal())
+            .then(|| (MultiProgress::new(), BTreeMap::new()));
+        Display { json, bars }
+    }
+
+    fn bar(&mut self, step: Step) -> Option<&ProgressBar> {
+        let (multi, bars) = self.bars.as_mut()?;
+        Some(bars.entry(step).or_insert_with(|| {
+            let b = multi.add(ProgressBar::new_spinner());
+            b.set_style(
+                ProgressStyle::with_template("{spinner:.cyan} {prefix:>9.bold} {wide_msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            b.set_prefix(step.to_string());
+            b.enable_steady_tick(Duration::from_millis(120));
+            b
+        }))
+    }
+
+    fn show(&mut self, e: &Event) {
+        if self.json {
+            if let Ok(line) = serde_json::to_string(e) {
+                println!("{line}");
+            }
+            return;
+        }
+        let line = match &e.kind {
+            EventKind::StepStarted { step } => (*step, "started".to_owned(), None),
+            EventKind::StepProgress { step, message, .. } => (*step, message.clone(), None),
+            EventKind::StepFinished { step, summary, .. } => {
+                (*step, format!("✓ {summary}"), Some(true))
+            }
+            EventKind::StepFailed { step, error } => {
+                (*step, format!("✗ {}", error.message), Some(false))
+            }
+            EventKind::StepUndone { step } => (*step, "↶ undone".to_owned(), Some(true)),
+            EventKind::UndoFailed { failure } => (
+                failure.step,
+                format!("✗ undo failed: {failure}"),
+                Some(false),
+            ),
+            _ => return,
+        };
+        let (step, message, done) = line;
+        match self.bar(step) {
+            Some(b) => {
+                b.set_message(message);
+                if done.is_some() {
+                    b.finish();
+                } else if b.is_finished() {
+                    b.reset();
+                    b.enable_steady_tick(Duration::from_millis(120));
+                }
+            }
+            None => eprintln!("{step:>9}  {message}"),
+        }
+    }
+
+    fn clear(&mut self) {
+        if let Some((multi, bars)) = self.bars.as_mut() {
+            for b in bars.values() {
+                if !b.is_finished() {
+                    b.finish();
+                }
+            }
+            let _ = multi.clear();
+            bars.clear();
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Error> {
+    let config = cli
+        .config
+        .or_else(|| std::env::var_os("DEVVM_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/etc/devvm/devvm.toml"));
+    let p = Provisioner::from_config(&config)?;
+    let mut display = Display::new(cli.json);
+    match cli.command {
+        Command::Provision {
+            user,
+            name,
+            template,
+        } => {
+            let mut req = ProvisionRequest::new(UserName::new(&user)?);
+            if let Some(n) = name {
+                req = req.with_name(VmName::new(&n)?);
+            }
+            if let Some(t) = template {
+                req = req.with_template(TemplateName::new(&t)?);
+            }
+            let id = req.request_id.clone();
+            let mut events = p.subscribe();
+            let cancel = CancelToken::new();
+            let run = tokio::spawn({
+                let (p, cancel) = (p.clone(), cancel.clone());
+                async move { p.provision_with(req, cancel).await }
+            });
+            tokio::pin!(run);
+            let result = loop {
+                tokio::select! {
+                    Some(e) = events.recv() => if e.request_id == id { display.show(&e) },
+                    r = &mut run => break r.map_err(|e| Error::backend("provision task failed").with_source(e))?,
+                    _ = tokio::signal::ctrl_c() => {
+                        eprintln!("cancelling: rolling back what was done ...");
+                        cancel.cancel();
+                    }
+                }
+            };
+            while let Some(e) = events.try_recv() {
+                if e.request_id == id {
+                    display.show(&e);
+                }
+            }
+            display.clear();
+            let vm = result?;
+            if cli.json {
+                println!("{}", serde_json::json!({ "vm": vm }));
+            } else {
+                println!("{}  {}  {}  on {}", vm.name, vm.fqdn, vm.ip, vm.host);
+            }
+        }
+        Command::Deprovision { name } => {
+            let name = VmName::new(&name)?;
+            let mut events = p.subscribe();
+            let run = tokio::spawn({
+                let (p, n) = (p.clone(), name.clone());
+                async move { p.deprovision(&n).await }
+            });
+            tokio::pin!(run);
+            let result = loop {
+                tokio::select! {
+                    Some(e) = events.recv() => if e.vm == name { display.show(&e) },
+                    r = &mut run => break r.map_err(|e| Error::backend("deprovision task failed").with_source(e))?,
+                }
+            };
+            while let Some(e) = events.try_recv() {
+                if e.vm == name {
+                    display.show(&e);
+                }
+            }
+            display.clear();
+            result?;
+            if cli.json {
+                println!("{}", serde_json::json!({ "removed": name }));
+            } else {
+                println!("{name} removed");
+            }
+        }
+        Command::List => {
+            let vms = p.list().await?;
+            if cli.json {
+                for vm in vms {
+                    println!("{}", serde_json::json!(vm));
+                }
+            } else if vms.is_empty() {
+                println!("no vms");
+            } else {
+                for vm in vms {
+                    println!("{:<24} {:<15} {:<10} {}", vm.name, vm.ip, vm.owner, vm.fqdn);
+                }
+            }
+        }
+        Command::Recover => {
+            let r = p.recover().await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "completed": r.completed.iter().map(|v| v.name.to_string()).collect::<Vec<_>>(),
+                        "rolled_back": r.rolled_back,
+                        "removed": r.removed,
+                        "still_held": r.still_held,
+                    })
+                );
+            } else {
+                println!(
+                    "completed {}, rolled back {}, removed {}",
+                    r.completed.len(),
+                    r.rolled_back.len(),
+                    r.removed.len()
+                );
+                for f in &r.still_held {
+                    println!("still held: {f}");
+                }
+            }
+            if let Some(f) = r.still_held.first() {
+                return Err(Error::new(f.kind, "some resources are still held"));
+            }
+        }
+        Command::Images {
+            command: ImagesCommand::Sync,
+        } => {
+            let images = p.backends().images.clone();
+            let mut names: Vec<TemplateName> = images
+                .templates()
+                .await?
+                .into_iter()
+                .map(|t| t.name)
+                .collect();
+            if let Ok(c) = devvm_core::config::Config::load(&config)
+                && let Some(t) = c.defaults.template
+                && !names.contains(&t)
+            {
+                names.push(t);
+            }
+            for name in names {
+                let t = images
+                    .prepare(&name, &devvm_core::Progress::discard())
+                    .await?;
+                if cli.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "template": t.name, "path": t.path, "digest": t.digest })
+                    );
+                } else {
+                    println!(
+                        "{}  {}  {}",
+                        t.name,
+                        t.digest.as_deref().unwrap_or("-"),
+                        t.path.display()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if json {
+                println!("{}", serde_json::json!({ "error": e.info() }));
+            }
+            eprintln!("devvm: {e}");
+            ExitCode::from(exit_code(e.kind()))
+        }
+    }
+}
