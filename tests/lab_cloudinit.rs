@@ -2,28 +2,15 @@
 //! seed, which the guest reads at first boot; no SSH step runs. Proven by logging in
 //! with a key that exists nowhere but in that cloud-config.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use devvm_core::ProvisionRequest;
 use devvm_core::backends::cloudinit::{CloudInitBootstrapper, CloudInitConfig};
 use devvm_core::config::Config;
 use devvm_core::testkit::unique_vm_name;
-use devvm_core::{ProvisionRequest, UserName};
 use devvm_examples::lab::LabEnv;
 use devvm_tests::Lab;
-
-fn lab_config(dir: &Path) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = Command::new(root.join("scripts/lab-config"))
-        .arg(dir.join("state"))
-        .output()
-        .unwrap_or_else(|e| panic!("scripts/lab-config: {e}"));
-    assert!(out.status.success());
-    let path = dir.join("devvm.toml");
-    std::fs::write(&path, out.stdout).unwrap_or_else(|e| panic!("{e}"));
-    path
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_alone_configures_the_guest() {
@@ -42,7 +29,7 @@ async fn the_seed_alone_configures_the_guest() {
     let public =
         std::fs::read_to_string(key.with_extension("pub")).unwrap_or_else(|e| panic!("{e}"));
 
-    let config = Config::load(&lab_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    let config = Config::load(&lab.write_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
     let ci: CloudInitConfig = toml::from_str(&format!(
         "cloud_config = {{ ssh_authorized_keys = [{:?}] }}",
         public.trim()
@@ -57,13 +44,7 @@ async fn the_seed_alone_configures_the_guest() {
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
     let name = unique_vm_name("ci");
-    let user = UserName::new(
-        lab.var("ldap_users")
-            .split_whitespace()
-            .next()
-            .unwrap_or("alice"),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let user = lab.member();
     let vm = p
         .provision(ProvisionRequest::new(user).with_name(name.clone()))
         .await

@@ -6,43 +6,15 @@
 //! database), never the library.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use devvm_core::config::Config;
 use devvm_core::testkit::faults::{self, Fault, FaultPlan};
 use devvm_core::testkit::unique_vm_name;
-use devvm_core::{ErrorKind, EventKind, Placement, ProvisionRequest, Provisioner, Step, UserName};
+use devvm_core::{ErrorKind, EventKind, Placement, ProvisionRequest, Provisioner, Step};
 use devvm_examples::lab::{LabEnv, ssh_answers};
 use devvm_tests::Lab;
-
-/// Writes the lab config (from `scripts/lab-config`) with a private journal.
-fn lab_config(dir: &Path) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = std::process::Command::new(root.join("scripts/lab-config"))
-        .arg(dir.join("state"))
-        .output()
-        .unwrap_or_else(|e| panic!("scripts/lab-config: {e}"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = dir.join("devvm.toml");
-    std::fs::write(&path, out.stdout).unwrap_or_else(|e| panic!("{e}"));
-    path
-}
-
-fn member(lab: &Lab) -> UserName {
-    UserName::new(
-        lab.var("ldap_users")
-            .split_whitespace()
-            .next()
-            .unwrap_or("alice"),
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_vm_is_provisioned_and_removed_without_trace() {
@@ -51,11 +23,12 @@ async fn a_real_vm_is_provisioned_and_removed_without_trace() {
     };
     let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let p = Provisioner::from_config(lab_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    let p =
+        Provisioner::from_config(lab.write_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
     let mut events = p.subscribe();
     let name = unique_vm_name("e2e");
     let vm = p
-        .provision(ProvisionRequest::new(member(&lab)).with_name(name.clone()))
+        .provision(ProvisionRequest::new(lab.member()).with_name(name.clone()))
         .await
         .unwrap_or_else(|e| panic!("provision: {e}"));
 
@@ -145,7 +118,7 @@ async fn a_fault_at_any_real_step_leaves_nothing_behind() {
     };
     let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let config = Config::load(&lab_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    let config = Config::load(&lab.write_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
     for step in Step::ALL {
         let builder = config.builder().unwrap_or_else(|e| panic!("{e}"));
         let clean = builder
@@ -162,7 +135,7 @@ async fn a_fault_at_any_real_step_leaves_nothing_behind() {
         let mut events = p.subscribe();
         let name = unique_vm_name("fault");
         let e = p
-            .provision(ProvisionRequest::new(member(&lab)).with_name(name.clone()))
+            .provision(ProvisionRequest::new(lab.member()).with_name(name.clone()))
             .await
             .expect_err("the injected fault fails the run");
         assert_eq!(e.step(), Some(step), "{e}");
@@ -193,7 +166,7 @@ async fn a_failure_after_boot_destroys_the_running_guest() {
     };
     let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let config = Config::load(&lab_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    let config = Config::load(&lab.write_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
     let builder = config.builder().unwrap_or_else(|e| panic!("{e}"));
     let clean = builder
         .current_backends()
@@ -208,7 +181,7 @@ async fn a_failure_after_boot_destroys_the_running_guest() {
     let mut events = p.subscribe();
     let name = unique_vm_name("late");
     let e = p
-        .provision(ProvisionRequest::new(member(&lab)).with_name(name.clone()))
+        .provision(ProvisionRequest::new(lab.member()).with_name(name.clone()))
         .await
         .expect_err("bootstrap panics");
     assert_eq!(e.step(), Some(Step::Bootstrap));

@@ -185,4 +185,32 @@ impl Lab {
             )
         })
     }
+
+    /// A user of the lab's directory who may own VMs (the first of `DEVVM_LAB_LDAP_USERS`).
+    pub fn member(&self) -> UserName {
+        user(
+            self.var("ldap_users")
+                .split_whitespace()
+                .next()
+                .unwrap_or("alice"),
+        )
+    }
+
+    /// Writes the lab's devvm config (from `scripts/lab-config`) into `dir`, with its
+    /// journal in `dir/state`, and returns its path.
+    pub fn write_config(&self, dir: &Path) -> PathBuf {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = std::process::Command::new(root.join("scripts/lab-config"))
+            .arg(dir.join("state"))
+            .output()
+            .unwrap_or_else(|e| panic!("scripts/lab-config: {e}"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = dir.join("devvm.toml");
+        std::fs::write(&path, out.stdout).unwrap_or_else(|e| panic!("{e}"));
+        path
+    }
 }
