@@ -24,6 +24,8 @@ pub mod lab {
         pub pool_dir: PathBuf,
         /// `DEVVM_LAB_DIR`.
         pub dir: PathBuf,
+        /// `DEVVM_LAB_CHEF_URL`, the lab's Chef server (goiardi), if it runs one.
+        pub chef_url: Option<String>,
     }
 
     impl LabEnv {
@@ -36,6 +38,7 @@ pub mod lab {
                 libvirt_uri: v("LIBVIRT_URI")?,
                 pool_dir: v("POOL_DIR")?.into(),
                 dir: v("DIR")?.into(),
+                chef_url: v("CHEF_URL"),
             })
         }
 
@@ -101,6 +104,20 @@ pub mod lab {
             lease_in(&self.lease_db(), vm)
         }
 
+        /// Whether the lab's Chef server has a node (`what = "nodes"`) or client
+        /// (`"clients"`) named `name`, asked over HTTP with curl.
+        pub fn chef_has(&self, what: &str, name: &str) -> bool {
+            let Some(url) = &self.chef_url else {
+                return false;
+            };
+            Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5"])
+                .arg(format!("{url}/{what}/{name}"))
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "200")
+                .unwrap_or(false)
+        }
+
         /// Everything of `vm` (at `ip`, named `fqdn`) that the services still hold, one
         /// line each; empty means nothing leaked.
         pub fn leftovers(&self, vm: &str, fqdn: &str, ip: Option<IpAddr>) -> Vec<String> {
@@ -127,6 +144,11 @@ pub mod lab {
             }
             if let Some(l) = self.lease(vm) {
                 left.push(format!("ip lease {l} of {vm}"));
+            }
+            for what in ["nodes", "clients"] {
+                if self.chef_has(what, vm) {
+                    left.push(format!("chef {what}/{vm}"));
+                }
             }
             left
         }

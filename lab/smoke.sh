@@ -173,7 +173,7 @@ if [ "$booted" = 1 ]; then
     bootstrap() {
         "${SSH[@]}" 'set -e; mkdir -p /etc/chef; umask 077
             cat > /etc/chef/client.rb <<E
-chef_server_url "https://chef.lab.devvm.test/organizations/devvm"
+chef_server_url "'"$DEVVM_LAB_CHEF_URL"'"
 validation_client_name "devvm-validator"
 node_name "'"$NAME"'"
 validation_key "/etc/chef/validation.pem"
@@ -187,6 +187,15 @@ E
     check "chef-client stand-in succeeds on a good bootstrap" chef_ok
     chef_fail() { ! "${SSH[@]}" chef-client -j /etc/chef/fail.json; }
     check "chef-client stand-in fails on recipe[fail]" chef_fail
+    chef_http() { curl -s -o /dev/null -m 5 -w '%{http_code}' -H 'Accept: application/json' "$@"; }
+    registered() { [ "$(chef_http "$DEVVM_LAB_CHEF_URL/nodes/$NAME")" = 200 ] && [ "$(chef_http "$DEVVM_LAB_CHEF_URL/clients/$NAME")" = 200 ]; }
+    check "chef-client stand-in registered node and client $NAME on goiardi" registered
+    unregister() {
+        chef_http -X DELETE "$DEVVM_LAB_CHEF_URL/nodes/$NAME" >/dev/null
+        chef_http -X DELETE "$DEVVM_LAB_CHEF_URL/clients/$NAME" >/dev/null
+        [ "$(chef_http "$DEVVM_LAB_CHEF_URL/nodes/$NAME")" = 404 ] && [ "$(chef_http "$DEVVM_LAB_CHEF_URL/clients/$NAME")" = 404 ]
+    }
+    check "node and client $NAME deleted from goiardi" unregister
 fi
 
 if [ "$booted" = 1 ] || virsh_lab dominfo "$NAME" >/dev/null 2>&1; then

@@ -440,6 +440,24 @@ impl Config {
                         )?,
                     ))
                 }
+                (Step::Bootstrap, "chef") => {
+                    let o: crate::backends::bootstrap::ChefConfig = self.options(step)?;
+                    b.bootstrap(Arc::new(
+                        crate::backends::bootstrap::ChefBootstrapper::from_config(
+                            &o,
+                            self.base_dir(),
+                        )?,
+                    ))
+                }
+                (Step::Bootstrap, "shell") => {
+                    let o: crate::backends::bootstrap::ShellConfig = self.options(step)?;
+                    b.bootstrap(Arc::new(
+                        crate::backends::bootstrap::ShellBootstrapper::from_config(
+                            &o,
+                            self.base_dir(),
+                        )?,
+                    ))
+                }
                 (Step::Bootstrap, "none") => {
                     let _: Empty = self.options(step)?;
                     b.bootstrap(Arc::new(NoopBootstrapper))
@@ -469,7 +487,7 @@ pub fn section_name(step: Step) -> &'static str {
 
 fn known_backends(step: Step) -> Vec<&'static str> {
     match step {
-        Step::Bootstrap => vec!["none", "cloud-init", "memory", "custom"],
+        Step::Bootstrap => vec!["chef", "shell", "cloud-init", "none", "memory", "custom"],
         Step::Ip => vec!["sqlite", "memory", "custom"],
         Step::User => vec!["ldap", "memory", "custom"],
         Step::Domain => vec!["libvirt", "memory", "custom"],

@@ -7,6 +7,8 @@ pub mod libvirt;
 pub mod placement;
 pub mod rfc2136;
 pub mod sqlite_ip;
+pub mod ssh;
+pub mod bootstrap;
 
 use async_trait::async_trait;
 

@@ -1,0 +1,586 @@
+//! A small SSH client for bootstrapping guests, on `russh` (async, tokio).
+//!
+//! [`SshSession::connect`] logs in with a private key and verifies the server's host key
+//! against the one the provisioner generated for the guest ([`HostKeyCheck::Expect`]):
+//! any other key is refused with [`ErrorKind::Unauthorized`] before anything is sent.
+//! There is no trust on first use; [`HostKeyCheck::AcceptAnyUnsafe`] exists only for
+//! guests whose host key cannot be known in advance, and says so in its name.
+//!
+//! Commands run through `sh -c` (the lab's guest is busybox + dropbear, no bash), their
+//! output arrives line by line, and secrets travel only on standard input: this module
+//! never logs a command, and callers must never put a secret on a command line.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::ChannelMsg;
+use russh::client::{self, Handle};
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// How the server's host key is checked.
+#[derive(Clone)]
+pub enum HostKeyCheck {
+    /// Accept only this key (compared by its SSH wire encoding; comments do not matter).
+    Expect(PublicKey),
+    /// Accept whatever key the server presents. **Unsafe**: anyone who can answer on the
+    /// guest's address gets the commands and the secrets sent on stdin. Only for guests
+    /// whose host key the provisioner did not generate.
+    AcceptAnyUnsafe,
+}
+
+impl HostKeyCheck {
+    /// Expects the key in `line`, an OpenSSH public key line (`ssh-ed25519 AAAA... comment`).
+    /// A malformed line is [`ErrorKind::InvalidInput`].
+    pub fn expect_line(line: &str) -> Result<HostKeyCheck> {
+        PublicKey::from_openssh(line.trim())
+            .map(HostKeyCheck::Expect)
+            .map_err(|_| {
+                Error::invalid_input("the expected ssh host key is not an OpenSSH public key line")
+            })
+    }
+}
+
+impl fmt::Debug for HostKeyCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostKeyCheck::Expect(k) => write!(f, "Expect({})", fingerprint(k)),
+            HostKeyCheck::AcceptAnyUnsafe => f.write_str("AcceptAnyUnsafe"),
+        }
+    }
+}
+
+/// The SHA-256 fingerprint of `key`, as `ssh-keygen -l` prints it (`SHA256:...`).
+pub fn fingerprint(key: &PublicKey) -> String {
+    key.fingerprint(russh::keys::HashAlg::Sha256).to_string()
+}
+
+/// Loads an unencrypted OpenSSH (or PEM) private key file. Errors name the file, never
+/// its content.
+pub fn load_private_key(path: &Path) -> Result<PrivateKey> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::invalid_input(format!("cannot read ssh key {}", path.display())).with_source(e)
+    })?;
+    russh::keys::decode_secret_key(&text, None).map_err(|_| {
+        Error::invalid_input(format!(
+            "ssh key {} is not an unencrypted OpenSSH private key",
+            path.display()
+        ))
+    })
+}
+
+/// The `authorized_keys` line of the public half of `key`, with `comment`.
+pub fn authorized_key_line(key: &PrivateKey, comment: &str) -> Result<String> {
+    let mut public = key.public_key().clone();
+    public.set_comment(comment);
+    public
+        .to_openssh()
+        .map_err(|e| Error::backend("cannot encode an ssh public key").with_source(e))
+}
+
+/// Quotes `s` for a POSIX shell (single quotes; `'` becomes `'\''`).
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Where and how to connect.
+#[derive(Clone)]
+pub struct SshOptions {
+    /// The guest's SSH address.
+    pub addr: SocketAddr,
+    /// The user to log in as (`root`).
+    pub user: String,
+    /// The private key to log in with.
+    pub key: Arc<PrivateKey>,
+    /// How the host key is checked.
+    pub host_key: HostKeyCheck,
+    /// Time limit of one connection attempt (TCP, key exchange and login).
+    pub connect_timeout: Duration,
+    /// How many connection attempts are made while the guest's SSH server comes up (at
+    /// least 1). A refused host key or login is never retried.
+    pub attempts: u32,
+    /// Pause between attempts.
+    pub retry_delay: Duration,
+}
+
+impl SshOptions {
+    /// Options with 5 attempts, 2 s apart, and a 15 s limit per attempt.
+    pub fn new(
+        addr: SocketAddr,
+        user: impl Into<String>,
+        key: Arc<PrivateKey>,
+        host_key: HostKeyCheck,
+    ) -> Self {
+        SshOptions {
+            addr,
+            user: user.into(),
+            key,
+            host_key,
+            connect_timeout: Duration::from_secs(15),
+            attempts: 5,
+            retry_delay: Duration::from_secs(2),
+        }
+    }
+}
+
+impl fmt::Debug for SshOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SshOptions")
+            .field("addr", &self.addr)
+            .field("user", &self.user)
+            .field("key", &fingerprint(self.key.public_key()))
+            .field("host_key", &self.host_key)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("attempts", &self.attempts)
+            .finish()
+    }
+}
+
+/// Which stream a line of output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// How a remote command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandOutcome {
+    /// Its exit status, when the server reported one.
+    pub exit_status: Option<u32>,
+    /// The signal that killed it, when it was killed.
+    pub exit_signal: Option<String>,
+    /// The last non-empty line it printed (stdout or stderr).
+    pub last_line: Option<String>,
+    /// The last non-empty line it printed on stderr.
+    pub last_stderr_line: Option<String>,
+}
+
+impl CommandOutcome {
+    /// Whether it exited with status 0.
+    pub fn success(&self) -> bool {
+        self.exit_status == Some(0)
+    }
+
+    /// The line that best says why it failed: the last line of stderr, else the last
+    /// line of output.
+    pub fn error_line(&self) -> Option<&str> {
+        self.last_stderr_line
+            .as_deref()
+            .or(self.last_line.as_deref())
+    }
+
+    /// `exit status N`, `killed by signal S` or `no exit status`.
+    pub fn describe(&self) -> String {
+        match (&self.exit_status, &self.exit_signal) {
+            (Some(n), _) => format!("exit status {n}"),
+            (None, Some(s)) => format!("killed by signal {s}"),
+            (None, None) => "no exit status".to_owned(),
+        }
+    }
+}
+
+/// What the host key check saw, for mapping russh's error.
+#[derive(Default)]
+struct Seen {
+    refused: Option<String>,
+}
+
+struct Checker {
+    check: HostKeyCheck,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl client::Handler for Checker {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let verdict = match (&self.check, key) {
+            (HostKeyCheck::AcceptAnyUnsafe, _) => Ok(()),
+            (HostKeyCheck::Expect(want), PublicKeyOrCertificate::PublicKey { key, .. }) => {
+                if key.key_data() == want.key_data() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "host key mismatch: the server presented {} {}, expected {}",
+                        key.algorithm(),
+                        fingerprint(key),
+                        fingerprint(want)
+                    ))
+                }
+            }
+            (HostKeyCheck::Expect(_), PublicKeyOrCertificate::Certificate(_)) => Err(
+                "host key mismatch: the server presented a certificate, expected a plain key"
+                    .to_owned(),
+            ),
+        };
+        match verdict {
+            Ok(()) => Ok(true),
+            Err(why) => {
+                if let Ok(mut s) = self.seen.lock() {
+                    s.refused = Some(why);
+                }
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// An authenticated SSH connection to one guest.
+pub struct SshSession {
+    handle: Handle<Checker>,
+    addr: SocketAddr,
+}
+
+impl fmt::Debug for SshSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SshSession")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Longest line handed to the callback; longer output is split.
+const MAX_LINE: usize = 64 * 1024;
+
+struct Lines {
+    buf: Vec<u8>,
+}
+
+impl Lines {
+    fn new() -> Self {
+        Lines { buf: Vec::new() }
+    }
+
+    fn push(&mut self, data: &[u8], mut emit: impl FnMut(String)) {
+        self.buf.extend_from_slice(data);
+        while let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+            let rest = self.buf.split_off(i + 1);
+            let line = std::mem::replace(&mut self.buf, rest);
+            emit(to_line(&line[..i]));
+        }
+        while self.buf.len() > MAX_LINE {
+            let rest = self.buf.split_off(MAX_LINE);
+            let line = std::mem::replace(&mut self.buf, rest);
+            emit(to_line(&line));
+        }
+    }
+
+    fn finish(&mut self, mut emit: impl FnMut(String)) {
+        if !self.buf.is_empty() {
+            let line = std::mem::take(&mut self.buf);
+            emit(to_line(&line));
+        }
+    }
+}
+
+fn to_line(bytes: &[u8]) -> String {
+    let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn ssh_error(addr: SocketAddr, what: &str, e: russh::Error) -> Error {
+    let retryable = matches!(
+        e,
+        russh::Error::IO(_)
+            | russh::Error::Disconnect
+            | russh::Error::HUP
+            | russh::Error::ConnectionTimeout
+            | russh::Error::KeepaliveTimeout
+            | russh::Error::InactivityTimeout
+    );
+    let kind = if retryable {
+        ErrorKind::Unavailable
+    } else {
+        ErrorKind::Backend
+    };
+    Error::new(kind, format!("ssh to {addr}: {what}"))
+        .with_retryable(retryable)
+        .with_source(e)
+}
+
+impl SshSession {
+    /// Connects and logs in, retrying while the guest's SSH server comes up.
+    ///
+    /// * A host key other than the expected one is [`ErrorKind::Unauthorized`] (`host key
+    ///   mismatch`), never retried; nothing is sent to such a server.
+    /// * A refused login is [`ErrorKind::Unauthorized`].
+    /// * A guest that does not answer is [`ErrorKind::Unavailable`] or
+    ///   [`ErrorKind::Timeout`] after the last attempt.
+    pub async fn connect(opts: &SshOptions) -> Result<SshSession> {
+        let attempts = opts.attempts.max(1);
+        let mut last = None;
+        for attempt in 1..=attempts {
+            match tokio::time::timeout(opts.connect_timeout, Self::connect_once(opts)).await {
+                Ok(Ok(s)) => return Ok(s),
+                Ok(Err(e)) if !e.is_retryable() => return Err(e),
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => {
+                    last = Some(Error::timeout(format!(
+                        "ssh to {} did not log in within {:?}",
+                        opts.addr, opts.connect_timeout
+                    )))
+                }
+            }
+            if attempt < attempts {
+                tracing::debug!(addr = %opts.addr, attempt, "ssh not ready yet; retrying");
+                tokio::time::sleep(opts.retry_delay).await;
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::unavailable(format!("ssh to {} failed", opts.addr))))
+    }
+
+    async fn connect_once(opts: &SshOptions) -> Result<SshSession> {
+        let addr = opts.addr;
+        let config = Arc::new(client::Config {
+            keepalive_interval: Some(Duration::from_secs(15)),
+            keepalive_max: 4,
+            ..Default::default()
+        });
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let checker = Checker {
+            check: opts.host_key.clone(),
+            seen: seen.clone(),
+        };
+        let mut handle = match client::connect(config, addr, checker).await {
+            Ok(h) => h,
+            Err(e) => {
+                let refused = seen.lock().ok().and_then(|mut s| s.refused.take());
+                return Err(match refused {
+                    Some(why) => Error::unauthorized(format!("ssh to {addr}: {why}")),
+                    None => ssh_error(addr, "cannot connect", e).with_retryable(true),
+                });
+            }
+        };
+        let hash = if opts.key.algorithm().is_rsa() {
+            handle
+                .best_supported_rsa_hash()
+                .await
+                .map_err(|e| ssh_error(addr, "cannot negotiate", e))?
+                .flatten()
+        } else {
+            None
+        };
+        let auth = handle
+            .authenticate_publickey(
+                &opts.user,
+                PrivateKeyWithHashAlg::new(opts.key.clone(), hash),
+            )
+            .await
+            .map_err(|e| ssh_error(addr, "login failed", e))?;
+        if !auth.success() {
+            return Err(Error::unauthorized(format!(
+                "ssh to {addr}: the guest refused key login as {} (key {})",
+                opts.user,
+                fingerprint(opts.key.public_key())
+            )));
+        }
+        Ok(SshSession { handle, addr })
+    }
+
+    /// The address this session is connected to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Runs `command` with `sh -c`, writes `stdin` (if any) to it and closes its input,
+    /// and hands each line of its output to `on_line` as it arrives. Returns how it ended;
+    /// a non-zero exit is not an error here (see [`CommandOutcome::success`]).
+    ///
+    /// The command is never logged; never put a secret in it (pass secrets on `stdin`).
+    pub async fn run(
+        &self,
+        command: &str,
+        stdin: Option<&[u8]>,
+        on_line: &mut (dyn FnMut(OutputStream, &str) + Send),
+    ) -> Result<CommandOutcome> {
+        let addr = self.addr;
+        let channel = self
+            .handle
+            .channel_open_session()
+            .await
+            .map_err(|e| ssh_error(addr, "cannot open a session", e))?;
+        channel
+            .exec(true, format!("sh -c {}", sh_quote(command)))
+            .await
+            .map_err(|e| ssh_error(addr, "cannot start a command", e))?;
+        let (mut rx, tx) = channel.split();
+        let writer = async {
+            if let Some(data) = stdin {
+                tx.data(data).await?;
+            }
+            tx.eof().await
+        };
+        let reader = async {
+            let mut out = Lines::new();
+            let mut err = Lines::new();
+            // (last line of any stream, last line of stderr)
+            let mut last: (Option<String>, Option<String>) = (None, None);
+            let mut outcome = CommandOutcome {
+                exit_status: None,
+                exit_signal: None,
+                last_line: None,
+                last_stderr_line: None,
+            };
+            let mut emit =
+                |stream: OutputStream,
+                 line: String,
+                 last: &mut (Option<String>, Option<String>)| {
+                    on_line(stream, &line);
+                    if !line.trim().is_empty() {
+                        if stream == OutputStream::Stderr {
+                            last.1 = Some(line.clone());
+                        }
+                        last.0 = Some(line);
+                    }
+                };
+            let mut refused = false;
+            while let Some(msg) = rx.wait().await {
+                match msg {
+                    ChannelMsg::Data { data } => {
+                        out.push(&data, |l| emit(OutputStream::Stdout, l, &mut last))
+                    }
+                    ChannelMsg::ExtendedData { data, ext: 1 } => {
+                        err.push(&data, |l| emit(OutputStream::Stderr, l, &mut last))
+                    }
+                    ChannelMsg::ExitStatus { exit_status } => {
+                        outcome.exit_status = Some(exit_status)
+                    }
+                    ChannelMsg::ExitSignal { signal_name, .. } => {
+                        outcome.exit_signal = Some(format!("{signal_name:?}"))
+                    }
+                    ChannelMsg::Failure => {
+                        refused = true;
+                        break;
+                    }
+                    ChannelMsg::Close => break,
+                    _ => {}
+                }
+            }
+            out.finish(|l| emit(OutputStream::Stdout, l, &mut last));
+            err.finish(|l| emit(OutputStream::Stderr, l, &mut last));
+            (outcome.last_line, outcome.last_stderr_line) = last;
+            (outcome, refused)
+        };
+        let (written, (outcome, refused)) = tokio::join!(writer, reader);
+        if refused {
+            return Err(Error::backend(format!(
+                "ssh to {addr}: the guest refused to run a command"
+            )));
+        }
+        if let Err(e) = written
+            && outcome.exit_status.is_none()
+            && outcome.exit_signal.is_none()
+        {
+            return Err(ssh_error(addr, "cannot send input to a command", e));
+        }
+        Ok(outcome)
+    }
+
+    /// Writes `contents` to `path` on the guest with `mode`: the file is created under
+    /// `umask 077` (so it is never readable by others, not even briefly), filled from
+    /// stdin, then `chmod`ed. The contents never appear on a command line.
+    pub async fn upload(&self, path: &str, mode: u32, contents: &[u8]) -> Result<()> {
+        if mode > 0o7777 {
+            return Err(Error::invalid_input(format!(
+                "file mode {mode:o} is not a file mode"
+            )));
+        }
+        if path.is_empty() || path.contains('\0') || path.contains('\n') {
+            return Err(Error::invalid_input("a guest file path must be one line"));
+        }
+        let p = sh_quote(path);
+        let cmd = format!("umask 077; cat > {p} && chmod {mode:04o} {p}");
+        let mut last_err = None;
+        let outcome = self
+            .run(&cmd, Some(contents), &mut |stream, line| {
+                if stream == OutputStream::Stderr {
+                    last_err = Some(line.to_owned());
+                }
+            })
+            .await?;
+        if !outcome.success() {
+            return Err(Error::backend(format!(
+                "cannot write {path} on {} ({}{})",
+                self.addr.ip(),
+                outcome.describe(),
+                last_err.map(|l| format!(": {l}")).unwrap_or_default()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(self) {
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, "", "en")
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quoting_survives_quotes() {
+        assert_eq!(sh_quote("a b"), "'a b'");
+        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+        assert_eq!(sh_quote(""), "''");
+    }
+
+    #[test]
+    fn lines_are_split_and_flushed() {
+        let mut l = Lines::new();
+        let mut got = Vec::new();
+        l.push(b"one\r\ntw", |s| got.push(s));
+        l.push(b"o\nthree", |s| got.push(s));
+        l.finish(|s| got.push(s));
+        assert_eq!(got, ["one", "two", "three"]);
+        let mut got = Vec::new();
+        let mut l = Lines::new();
+        l.push(&vec![b'x'; MAX_LINE + 10], |s| got.push(s));
+        l.finish(|s| got.push(s));
+        assert_eq!(
+            got.iter().map(String::len).collect::<Vec<_>>(),
+            [MAX_LINE, 10]
+        );
+    }
+
+    #[test]
+    fn expected_host_keys_parse_and_debug_shows_only_fingerprints() {
+        let key = crate::seed::HostKey::generate().expect("key");
+        let check = HostKeyCheck::expect_line(&key.public).expect("parses");
+        let dbg = format!("{check:?}");
+        assert!(dbg.starts_with("Expect(SHA256:"), "{dbg}");
+        assert!(HostKeyCheck::expect_line("ssh-ed25519 notbase64").is_err());
+        let private = russh::keys::decode_secret_key(
+            secrecy::ExposeSecret::expose_secret(&key.private),
+            None,
+        )
+        .expect("decodes");
+        let line = authorized_key_line(&private, "devvm-bootstrap").expect("line");
+        assert!(
+            line.starts_with("ssh-ed25519 ") && line.ends_with(" devvm-bootstrap"),
+            "{line}"
+        );
+        let opts = SshOptions::new(
+            "127.0.0.1:22".parse().expect("addr"),
+            "root",
+            Arc::new(private),
+            check,
+        );
+        let dbg = format!("{opts:?}");
+        assert!(!dbg.contains("PRIVATE"), "{dbg}");
+    }
+}
