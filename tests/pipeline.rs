@@ -110,7 +110,9 @@ async fn provision_runs_every_step_and_deprovision_undoes_them() {
     ));
     assert!(matches!(
         events.last().map(|e| &e.kind),
-        Some(EventKind::RunFinished { vm: Some(_) })
+        Some(EventKind::RunFinished {
+            provisioned: Some(_)
+        })
     ));
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e.seq, i as u64, "events are numbered in delivery order");

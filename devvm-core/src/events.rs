@@ -96,9 +96,10 @@ pub enum EventKind {
     },
     /// The run finished.
     RunFinished {
-        /// The VM, for a provision; `None` for a deprovision or recovery.
+        /// The VM, for a provision; `None` for a deprovision or recovery. (Named apart
+        /// from [`Event::vm`], the VM's name, so the flattened JSON has one `vm` key.)
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        vm: Option<Box<Vm>>,
+        provisioned: Option<Box<Vm>>,
     },
     /// The run failed (after rolling back whatever it could).
     RunFailed {
@@ -173,6 +174,12 @@ impl Subscription {
     /// The next event if one is waiting, without blocking.
     pub fn try_recv(&mut self) -> Option<Event> {
         self.rx.try_recv().ok()
+    }
+
+    /// Whether the provisioner is gone (no event will ever arrive again once the
+    /// queued ones are read).
+    pub fn is_closed(&self) -> bool {
+        self.rx.is_closed()
     }
 
     /// The next event, blocking the thread. Must not be called from async code.

@@ -464,7 +464,7 @@ impl Provisioner {
                 Ok(Begin::Started) => break,
                 Ok(Begin::Finished(vm)) => {
                     events.emit(EventKind::RunFinished {
-                        vm: Some(vm.clone()),
+                        provisioned: Some(vm.clone()),
                     });
                     return Ok(*vm);
                 }
@@ -597,7 +597,7 @@ impl Provisioner {
             self.inner
                 .journal(move |j| j.set_run(&rid, clean, None, None))
                 .await?;
-            events.emit(EventKind::RunFinished { vm: None });
+            events.emit(EventKind::RunFinished { provisioned: None });
             Ok(())
         } else {
             let mut e = Error::new(failures[0].kind, "some resources could not be removed");
@@ -691,7 +691,7 @@ impl Provisioner {
                     .journal(move |j| j.set_run(&rid, RunState::Active, Some(&v), None))
                     .await?;
                 events.emit(EventKind::RunFinished {
-                    vm: Some(Box::new(vm.clone())),
+                    provisioned: Some(Box::new(vm.clone())),
                 });
                 report.completed.push(vm);
                 return Ok(());
@@ -930,7 +930,7 @@ impl Run {
                 {
                     Ok(()) => {
                         self.events.emit(EventKind::RunFinished {
-                            vm: Some(Box::new(vm.clone())),
+                            provisioned: Some(Box::new(vm.clone())),
                         });
                         Ok(vm)
                     }

@@ -1,14 +1,14 @@
 //! Real backends of the step traits.
 
-pub mod glance;
+pub mod bootstrap;
 pub mod cloudinit;
+pub mod glance;
 pub mod ldap;
 pub mod libvirt;
 pub mod placement;
 pub mod rfc2136;
 pub mod sqlite_ip;
 pub mod ssh;
-pub mod bootstrap;
 
 use async_trait::async_trait;
 

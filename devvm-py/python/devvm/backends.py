@@ -1,0 +1,168 @@
+"""The protocols a Python object follows to be a step's backend.
+
+Pass such an object to :meth:`devvm.Provisioner.from_config` by the step's keyword
+(``users=``, ``placement=``, ``ip=``, ``dns=``, ``bootstrap=``); the config's section for
+that step says ``backend = "custom"``. The pipeline calls it like any built-in backend,
+each call in a worker thread holding the GIL, so methods may block (call an HTTP API,
+sleep) but must be thread-safe: calls for different VMs can overlap.
+
+The methods mirror the Rust traits of ``devvm-core`` (``traits.rs``), with the same
+contracts (acting is idempotent per VM; undoing something absent succeeds; see each
+method). Values cross as plain Python: names and addresses are ``str``; structured
+results are dicts with the keys of the Rust type's serde form (an ``ipaddress`` object
+is accepted wherever a ``str`` address is). To fail with a specific kind, raise the
+matching :class:`devvm.Error` subclass (``devvm.Conflict``, ``devvm.Exhausted``, ...);
+any other exception fails the step with kind ``backend`` and the exception's message,
+and the run is rolled back.
+
+An optional attribute ``backend: str`` names the backend in errors and logs (default
+``python:<class name>``). Check an implementation with :mod:`devvm.testkit`.
+
+These classes are ``typing.Protocol`` s for type checkers; no need to inherit from them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Protocol, TypedDict
+
+from ._devvm import Progress
+
+
+class LeaseDict(TypedDict, total=False):
+    """A lease: ``ip`` and ``prefix_len`` required; ``gateway`` optional; ``vm`` defaults
+    to the VM asked for."""
+
+    vm: str
+    ip: str
+    prefix_len: int
+    gateway: Optional[str]
+
+
+class DnsRecordDict(TypedDict):
+    """The records published: ``fqdn`` (no trailing dot) resolves to ``ip``."""
+
+    fqdn: str
+    ip: str
+
+
+class UserDict(TypedDict, total=False):
+    """A user: ``name`` defaults to the name asked for."""
+
+    name: str
+    display_name: Optional[str]
+    mail: Optional[str]
+    ssh_keys: List[str]
+
+
+class SizeDict(TypedDict):
+    """A VM size, as ``reserve`` receives it."""
+
+    vcpus: int
+    memory_mib: int
+    disk_gib: int
+
+
+class BootstrapReportDict(TypedDict, total=False):
+    """What a bootstrap did."""
+
+    bootstrapped: bool
+    summary: str
+
+
+class UserDirectory(Protocol):
+    """Step ``user`` (keyword ``users=``)."""
+
+    def find_user(self, user: str) -> UserDict:
+        """Looks ``user`` up. Unknown: raise ``devvm.NotFound``; exists but may not own
+        VMs: ``devvm.Unauthorized``; directory down: ``devvm.Unavailable``."""
+        ...
+
+
+class Placement(Protocol):
+    """Step ``placement`` (keyword ``placement=``)."""
+
+    def reserve(self, vm: str, size: SizeDict) -> str:
+        """Reserves room for ``vm`` and returns the host id. Again for the same ``vm``:
+        the same host, one slot. No room: raise ``devvm.Exhausted``."""
+        ...
+
+    def release(self, vm: str) -> None:
+        """Releases the slot of ``vm``; succeeds if it holds none."""
+        ...
+
+    def reservation(self, vm: str) -> Optional[str]:
+        """The host holding a slot for ``vm``, or None."""
+        ...
+
+
+class IpAllocator(Protocol):
+    """Step ``ip`` (keyword ``ip=``)."""
+
+    def allocate(self, vm: str) -> LeaseDict:
+        """Leases a free address to ``vm``: ``{"ip": "10.0.0.7", "prefix_len": 24,
+        "gateway": "10.0.0.1"}``. Again for the same ``vm``: the same lease. Never two VMs
+        on one address. Full: raise ``devvm.Exhausted``."""
+        ...
+
+    def release(self, vm: str) -> None:
+        """Releases the lease of ``vm``; succeeds if it holds none."""
+        ...
+
+    def lease(self, vm: str) -> Optional[LeaseDict]:
+        """The lease ``vm`` holds, or None."""
+        ...
+
+
+class DnsUpdater(Protocol):
+    """Step ``dns`` (keyword ``dns=``)."""
+
+    def fqdn(self, vm: str) -> str:
+        """The fqdn ``vm`` gets in the zone, without trailing dot. Must not raise."""
+        ...
+
+    def publish(self, vm: str, ip: str) -> DnsRecordDict:
+        """Publishes ``fqdn(vm) A ip`` and the PTR, both or neither; returns
+        ``{"fqdn": ..., "ip": ...}``. Same name and address again: no change. A name or PTR
+        pointing elsewhere: raise ``devvm.Conflict`` and change nothing."""
+        ...
+
+    def remove(self, vm: str, ip: str) -> None:
+        """Removes both records; absent records, or records pointing elsewhere, are left
+        alone and that succeeds."""
+        ...
+
+    def resolve(self, vm: str) -> List[str]:
+        """The addresses ``fqdn(vm)`` resolves to now."""
+        ...
+
+    def reverse(self, ip: str) -> List[str]:
+        """The names the PTR of ``ip`` holds now (no trailing dots)."""
+        ...
+
+
+class Bootstrapper(Protocol):
+    """Step ``bootstrap`` (keyword ``bootstrap=``)."""
+
+    def bootstrap(self, target: Dict[str, Any], progress: Progress) -> BootstrapReportDict:
+        """Bootstraps the guest. ``target`` is the serde form of ``BootstrapTarget``
+        (``vm``, ``fqdn``, ``ip``, ``owner``, ``settings``, ``host_key``). Report output
+        with ``progress.message(line)``. Must be safe to run again."""
+        ...
+
+    def unregister(self, vm: str) -> None:
+        """Undoes what bootstrapping registered outside the guest; succeeds if nothing."""
+        ...
+
+
+__all__ = [
+    "Bootstrapper",
+    "BootstrapReportDict",
+    "DnsRecordDict",
+    "DnsUpdater",
+    "IpAllocator",
+    "LeaseDict",
+    "Placement",
+    "SizeDict",
+    "UserDict",
+    "UserDirectory",
+]

@@ -1,0 +1,549 @@
+//! `devvm.Provisioner` and `devvm.Events`: the sync Python face of
+//! [`devvm_core::Provisioner`]. Each call runs on the module's runtime while the calling
+//! thread waits with the GIL released, waking every few milliseconds to deliver events to
+//! the callback and to run Python's signal handlers (so Ctrl-C works).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use devvm_core::config::Config;
+use devvm_core::{
+    CancelToken, Event, ProvisionRequest, Provisioner, RequestId, Step, Subscription, TemplateName,
+    UserName, VmName, VmSize,
+};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use tokio::runtime::Handle;
+
+use crate::convert::{PyEvent, PyRecoveryReport, PyVm};
+use crate::custom::{PyBootstrapper, PyDns, PyIpAllocator, PyPlacement, PyUsers};
+use crate::errors::to_py_err;
+use crate::runtime;
+
+/// How often a waiting call wakes up to run signal handlers.
+const TICK: Duration = Duration::from_millis(50);
+/// How often `Events` looks for a new event.
+const POLL: Duration = Duration::from_millis(5);
+
+fn core<T>(py: Python<'_>, r: devvm_core::Result<T>) -> PyResult<T> {
+    r.map_err(|e| to_py_err(py, &e))
+}
+
+/// What the forwarding task tells the waiting Python thread.
+enum Wake<T> {
+    Done(Result<devvm_core::Result<T>, tokio::task::JoinError>),
+    Event(Event),
+}
+
+async fn next_event(sub: &mut Option<Subscription>) -> Option<Event> {
+    match sub {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a waiting call does while its task runs.
+struct Watch<'py> {
+    /// The run to cancel on Ctrl-C or when the callback raises.
+    cancel: Option<CancelToken>,
+    /// Events of the run `request_id`, for `on_event`.
+    events: Option<(Subscription, RequestId, Bound<'py, PyAny>)>,
+}
+
+/// Runs `fut` on the runtime and forwards its events and its result to a std channel.
+///
+/// The Python thread waits on that channel (with a timeout, to run signal handlers), never
+/// on a tokio timer: once the runtime shuts down the channel just disconnects.
+fn forward<T: Send + 'static>(
+    rt: &Handle,
+    fut: impl Future<Output = devvm_core::Result<T>> + Send + 'static,
+    mut sub: Option<Subscription>,
+    filter: Option<RequestId>,
+) -> std::sync::mpsc::Receiver<Wake<T>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let wanted = move |e: &Event| filter.as_ref().is_some_and(|id| e.request_id == *id);
+    rt.spawn(async move {
+        // The work runs in its own task: it goes on to the end even if nobody waits.
+        let mut task = tokio::spawn(fut);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut task => {
+                    // Every event of the run was published before it returned.
+                    if let Some(s) = sub.as_mut() {
+                        while let Some(e) = s.try_recv() {
+                            if wanted(&e) {
+                                let _ = tx.send(Wake::Event(e));
+                            }
+                        }
+                    }
+                    let _ = tx.send(Wake::Done(r));
+                    break;
+                }
+                Some(e) = next_event(&mut sub) => {
+                    if wanted(&e) {
+                        let _ = tx.send(Wake::Event(e));
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Runs `fut` on the runtime and waits for it with the GIL released. Delivers the run's
+/// events to the callback on this thread. A pending signal (KeyboardInterrupt) or an
+/// exception from the callback cancels the run (when it can be cancelled), waits for its
+/// rollback to finish, then raises that exception.
+fn wait<T: Send + 'static>(
+    py: Python<'_>,
+    fut: impl Future<Output = devvm_core::Result<T>> + Send + 'static,
+    watch: Watch<'_>,
+) -> PyResult<T> {
+    use std::sync::mpsc::RecvTimeoutError;
+    let rt = runtime()?;
+    let Watch { cancel, events } = watch;
+    let (sub, id, cb) = match events {
+        Some((sub, id, cb)) => (Some(sub), Some(id), Some(cb)),
+        None => (None, None, None),
+    };
+    let mut rx = forward(&rt, fut, sub, id);
+    let mut pending: Option<PyErr> = None;
+    // The callback keeps getting the events of the rollback after Ctrl-C, but no more
+    // once it raised itself.
+    let mut callback_failed = false;
+    let interrupt = |err: PyErr, pending: &mut Option<PyErr>| {
+        if let Some(c) = &cancel {
+            c.cancel();
+        }
+        if pending.is_none() {
+            *pending = Some(err);
+        }
+    };
+    let result = loop {
+        // The receiver is not Sync: hand it to the detached closure and take it back.
+        let (got, back) = crate::detached(py, move || (rx.recv_timeout(TICK), rx));
+        rx = back;
+        match got {
+            Ok(Wake::Done(r)) => break r,
+            Ok(Wake::Event(e)) => {
+                if let Some(cb) = &cb
+                    && !callback_failed
+                    && let Err(err) = cb.call1((PyEvent::new(e),))
+                {
+                    callback_failed = true;
+                    interrupt(err, &mut pending);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if pending.is_none()
+                    && let Err(err) = py.check_signals()
+                {
+                    interrupt(err, &mut pending);
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(PyRuntimeError::new_err(
+                    "devvm: the runtime shut down while the call ran",
+                ));
+            }
+        }
+    };
+    if let Some(err) = pending {
+        return Err(err);
+    }
+    match result {
+        Ok(r) => core(py, r),
+        Err(e) => Err(PyRuntimeError::new_err(format!("devvm: task failed: {e}"))),
+    }
+}
+
+/// Runs `fut` on the runtime and waits for it (see [`wait`]), not cancellable.
+fn run<T, F>(py: Python<'_>, fut: F) -> PyResult<T>
+where
+    T: Send + 'static,
+    F: Future<Output = devvm_core::Result<T>> + Send + 'static,
+{
+    wait(
+        py,
+        fut,
+        Watch {
+            cancel: None,
+            events: None,
+        },
+    )
+}
+
+/// Provisions and removes developer VMs (`devvm.Provisioner`).
+///
+/// Every method blocks the calling thread with the GIL released. Ctrl-C
+/// (KeyboardInterrupt) during `provision` cancels the run and rolls it back before the
+/// exception propagates; during other calls the call finishes first.
+#[pyclass(module = "devvm", name = "Provisioner", frozen)]
+pub(crate) struct PyProvisioner {
+    inner: Mutex<Option<Provisioner>>,
+}
+
+impl PyProvisioner {
+    fn is_closed(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
+    }
+
+    fn get(&self) -> PyResult<Provisioner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| PyRuntimeError::new_err("devvm: the provisioner is closed"))
+    }
+}
+
+/// Parses a validated name, raising `devvm.InvalidInput`.
+fn parse<T: std::str::FromStr<Err = devvm_core::Error>>(py: Python<'_>, s: &str) -> PyResult<T> {
+    core(py, s.parse())
+}
+
+#[pymethods]
+impl PyProvisioner {
+    /// Builds the provisioner that the TOML config at `path` describes.
+    ///
+    /// Steps whose section says `backend = "custom"` take a Python object passed by
+    /// keyword: `users`, `placement`, `ip`, `dns`, or `bootstrap` (see `devvm.backends`
+    /// for each protocol). A keyword for a step with a built-in backend replaces it.
+    #[staticmethod]
+    #[pyo3(signature = (path, **custom_backends))]
+    fn from_config(
+        py: Python<'_>,
+        path: PathBuf,
+        custom_backends: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Self> {
+        let mut custom: Vec<
+            Box<
+                dyn FnOnce(devvm_core::ProvisionerBuilder) -> devvm_core::ProvisionerBuilder + Send,
+            >,
+        > = Vec::new();
+        if let Some(kw) = custom_backends {
+            for (k, v) in kw.iter() {
+                let key: String = k.extract()?;
+                custom.push(match key.as_str() {
+                    "users" => {
+                        let b = Arc::new(PyUsers::new(&v)?);
+                        Box::new(move |bld| bld.users(b))
+                    }
+                    "placement" => {
+                        let b = Arc::new(PyPlacement::new(&v)?);
+                        Box::new(move |bld| bld.placement(b))
+                    }
+                    "ip" => {
+                        let b = Arc::new(PyIpAllocator::new(&v)?);
+                        Box::new(move |bld| bld.ip(b))
+                    }
+                    "dns" => {
+                        let b = Arc::new(PyDns::new(&v)?);
+                        Box::new(move |bld| bld.dns(b))
+                    }
+                    "bootstrap" => {
+                        let b = Arc::new(PyBootstrapper::new(&v)?);
+                        Box::new(move |bld| bld.bootstrap(b))
+                    }
+                    other => {
+                        return Err(PyTypeError::new_err(format!(
+                            "unknown custom backend {other:?}; known: users, placement, ip, dns, bootstrap"
+                        )));
+                    }
+                });
+            }
+        }
+        let rt = runtime()?;
+        let built = py.detach(move || {
+            let _enter = rt.enter();
+            let mut builder = Config::load(&path)?.builder()?;
+            for f in custom {
+                builder = f(builder);
+            }
+            builder.build()
+        });
+        Ok(PyProvisioner {
+            inner: Mutex::new(Some(core(py, built)?)),
+        })
+    }
+
+    /// Provisions a VM for `user` and returns it (a `devvm.Vm`).
+    ///
+    /// Unset fields come from the config's `[defaults]`; `memory_mb` is MiB and `disk_gb`
+    /// GiB. `on_event(event)` is called on this thread for every event of the run, in
+    /// order, before this returns; if it raises, the run is cancelled and rolled back and
+    /// the exception propagates. `request_id` is the idempotency key (random if absent):
+    /// provisioning the same id again returns the same VM.
+    #[pyo3(signature = (user, name=None, template=None, vcpus=None, memory_mb=None, disk_gb=None, on_event=None, request_id=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn provision(
+        &self,
+        py: Python<'_>,
+        user: &str,
+        name: Option<&str>,
+        template: Option<&str>,
+        vcpus: Option<u32>,
+        memory_mb: Option<u64>,
+        disk_gb: Option<u64>,
+        on_event: Option<Bound<'_, PyAny>>,
+        request_id: Option<&str>,
+    ) -> PyResult<PyVm> {
+        let p = self.get()?;
+        let mut req = ProvisionRequest::new(parse::<UserName>(py, user)?);
+        if let Some(id) = request_id {
+            req = req.with_request_id(parse::<RequestId>(py, id)?);
+        }
+        if let Some(name) = name {
+            req = req.with_name(parse::<VmName>(py, name)?);
+        }
+        if let Some(t) = template {
+            req = req.with_template(parse::<TemplateName>(py, t)?);
+        }
+        if vcpus.is_some() || memory_mb.is_some() || disk_gb.is_some() {
+            let d = core(py, p.resolve(&req))?.size;
+            req = req.with_size(VmSize {
+                vcpus: vcpus.unwrap_or(d.vcpus),
+                memory_mib: memory_mb.unwrap_or(d.memory_mib),
+                disk_gib: disk_gb.unwrap_or(d.disk_gib),
+            });
+        }
+        if let Some(cb) = &on_event
+            && !cb.is_callable()
+        {
+            return Err(PyTypeError::new_err("on_event must be callable"));
+        }
+        let events = on_event.map(|cb| (p.subscribe(), req.request_id.clone(), cb));
+        let cancel = CancelToken::new();
+        let token = cancel.clone();
+        let vm = wait(
+            py,
+            async move { p.provision_with(req, token).await },
+            Watch {
+                cancel: Some(cancel),
+                events,
+            },
+        )?;
+        Ok(PyVm { vm })
+    }
+
+    /// Removes the VM `name` (undoes every step in reverse order). Unknown name:
+    /// `devvm.NotFound`.
+    fn deprovision(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        let p = self.get()?;
+        let name = parse::<VmName>(py, name)?;
+        run(py, async move { p.deprovision(&name).await })
+    }
+
+    /// Every VM that exists, oldest first.
+    fn list(&self, py: Python<'_>) -> PyResult<Vec<PyVm>> {
+        let p = self.get()?;
+        let vms = run(py, async move { p.list().await })?;
+        Ok(vms.into_iter().map(|vm| PyVm { vm }).collect())
+    }
+
+    /// The VM named `name`, or None.
+    fn get_vm(&self, py: Python<'_>, name: &str) -> PyResult<Option<PyVm>> {
+        let p = self.get()?;
+        let name = parse::<VmName>(py, name)?;
+        let vm = run(py, async move { p.get(&name).await })?;
+        Ok(vm.map(|vm| PyVm { vm }))
+    }
+
+    /// Finishes or rolls back runs a crashed provisioner left unfinished; returns a
+    /// `devvm.RecoveryReport`. Never touches a live run; safe to call any time.
+    fn recover(&self, py: Python<'_>) -> PyResult<PyRecoveryReport> {
+        let p = self.get()?;
+        let report = run(py, async move { p.recover().await })?;
+        Ok(PyRecoveryReport { report })
+    }
+
+    /// A `devvm.Events` iterator over the events of every run that starts after this call
+    /// (from any thread using this provisioner). Iteration blocks (GIL released) until
+    /// the next event and ends when the iterator is closed or the provisioner is closed
+    /// and every queued event was read.
+    fn events(slf: &Bound<'_, Self>) -> PyResult<PyEvents> {
+        Ok(PyEvents {
+            sub: Mutex::new(Some(slf.get().get()?.subscribe())),
+            closed: AtomicBool::new(false),
+            owner: slf.clone().unbind(),
+        })
+    }
+
+    /// The directory holding the journal.
+    #[getter]
+    fn state_dir(&self) -> PyResult<PathBuf> {
+        Ok(self.get()?.state_dir().to_path_buf())
+    }
+
+    /// The backend name of each step (`{"user": "ldap", "ip": "python:MyIpam", ...}`).
+    #[getter]
+    fn backends(&self) -> PyResult<std::collections::BTreeMap<&'static str, String>> {
+        let p = self.get()?;
+        let b = p.backends();
+        Ok(Step::ALL
+            .iter()
+            .map(|step| {
+                let name = match step {
+                    Step::User => b.users.backend(),
+                    Step::Placement => b.placement.backend(),
+                    Step::Ip => b.ip.backend(),
+                    Step::Dns => b.dns.backend(),
+                    Step::Image | Step::Disk => b.images.backend(),
+                    Step::Domain => b.hypervisor.backend(),
+                    _ => b.bootstrap.backend(),
+                };
+                (step.as_str(), name.to_owned())
+            })
+            .collect())
+    }
+
+    /// Releases the provisioner (its journal and owner lock). Later calls raise
+    /// `RuntimeError`; `Events` iterators end.
+    fn close(&self, py: Python<'_>) {
+        let p = self
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        py.detach(move || drop(p));
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) {
+        self.close(py);
+    }
+
+    fn __repr__(&self) -> String {
+        match self.get() {
+            Ok(p) => format!("Provisioner(state_dir={:?})", p.state_dir()),
+            Err(_) => "Provisioner(closed)".to_owned(),
+        }
+    }
+}
+
+/// An iterator over progress events (`devvm.Events`), from `Provisioner.events()`.
+#[pyclass(module = "devvm", name = "Events", frozen)]
+pub(crate) struct PyEvents {
+    sub: Mutex<Option<Subscription>>,
+    closed: AtomicBool,
+    /// The provisioner: the iteration ends when it is closed.
+    owner: Py<PyProvisioner>,
+}
+
+impl PyEvents {
+    /// The next event, waiting at most `timeout` (forever when None). None when closed or
+    /// timed out.
+    fn next_event(&self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<Option<PyEvent>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if self.closed.load(Ordering::SeqCst) || crate::is_shut_down() {
+                return Ok(None);
+            }
+            // Polls (GIL released) for up to one tick; needs no runtime, so it also works
+            // while the interpreter exits.
+            let got = crate::detached(py, || {
+                let until = Instant::now() + TICK;
+                loop {
+                    {
+                        let mut guard = self.sub.lock().unwrap_or_else(PoisonError::into_inner);
+                        let Some(sub) = guard.as_mut() else {
+                            return Some(None);
+                        };
+                        if let Some(e) = sub.try_recv() {
+                            return Some(Some(e));
+                        }
+                        if self.owner.get().is_closed() {
+                            return Some(None);
+                        }
+                    }
+                    // Returning at once on shutdown lets a thread still iterating leave
+                    // Rust code while `atexit` runs, before the interpreter finalizes.
+                    if Instant::now() >= until
+                        || self.closed.load(Ordering::SeqCst)
+                        || crate::is_shut_down()
+                    {
+                        return None;
+                    }
+                    std::thread::sleep(POLL);
+                }
+            });
+            match got {
+                Some(Some(e)) => return Ok(Some(PyEvent::new(e))),
+                Some(None) => {
+                    self.closed.store(true, Ordering::SeqCst);
+                    return Ok(None);
+                }
+                None => {
+                    py.check_signals()?;
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl PyEvents {
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<PyEvent>> {
+        self.next_event(py, None)
+    }
+
+    /// The next event, waiting at most `timeout` seconds (forever when None); None if
+    /// none came or the iterator is closed.
+    #[pyo3(signature = (timeout=None))]
+    fn get(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<PyEvent>> {
+        let timeout = match timeout {
+            Some(t) if t.is_finite() && t >= 0.0 => Some(Duration::from_secs_f64(t)),
+            Some(_) => return Err(PyTypeError::new_err("timeout must be a number >= 0")),
+            None => None,
+        };
+        self.next_event(py, timeout)
+    }
+
+    /// Ends the iteration (also from another thread); queued events are dropped.
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        if let Ok(mut g) = self.sub.try_lock() {
+            g.take();
+        }
+    }
+
+    /// Whether `close()` was called or the provisioner is gone.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, _args: &Bound<'_, pyo3::types::PyTuple>) {
+        self.close();
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyProvisioner>()?;
+    m.add_class::<PyEvents>()?;
+    m.add_class::<crate::custom::PyProgress>()?;
+    Ok(())
+}

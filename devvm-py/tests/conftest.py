@@ -1,0 +1,119 @@
+"""Fixtures of the devvm binding's tests.
+
+* ``memory_config``: a config of devvm-core's in-memory reference backends (state in JSON
+  files in a temp dir, so another process sees the same state), as in the workspace's
+  ``tests/support``: users alice and bob (mallory may not own VMs), two hosts, the subnet
+  10.20.0.0/28.
+* ``lab``, ``lab_config``: the lab's real services (``scripts/lab-config``). Outside the
+  lab these tests skip, unless ``DEVVM_REQUIRE_LAB=1`` (as ``scripts/test-python`` sets),
+  where an absent lab is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+ZONE = "lab.example"
+TEMPLATE = "debian-12"
+
+
+def memory_toml(state: Path, custom: tuple[str, ...] = ()) -> str:
+    """The reference-backend config; each section named in ``custom`` is
+    ``backend = "custom"`` instead."""
+    sections = {
+        "users": f"""backend = "memory"
+accounts = [
+  {{ name = "alice", display_name = "alice (test)", mail = "alice@{ZONE}", ssh_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITEST alice"] }},
+  {{ name = "bob", ssh_keys = [] }},
+  {{ name = "mallory", may_own_vms = false }},
+]""",
+        "placement": """backend = "memory"
+state_file = "placement.json"
+hosts = [
+  { id = "host-a", vcpus = 4, memory_mib = 10240, disk_gib = 80 },
+  { id = "host-b", vcpus = 2, memory_mib = 5120, disk_gib = 40 },
+]""",
+        "ip": """backend = "memory"
+subnet = "10.20.0.0/28"
+gateway = "10.20.0.1"
+state_file = "ip.json\"""",
+        "dns": f"""backend = "memory"
+zone = "{ZONE}"
+state_file = "dns.json\"""",
+        "images": f"""backend = "memory"
+templates = ["{TEMPLATE}"]
+state_file = "disks.json\"""",
+        "hypervisor": """backend = "memory"
+state_file = "domains.json\"""",
+        "bootstrap": """backend = "memory"
+state_file = "bootstrap.json\"""",
+    }
+    out = [
+        "# Reference backends with state files: for tests only.",
+        'state_dir = "state"',
+        "",
+        "[defaults]",
+        f'template = "{TEMPLATE}"',
+        'run_list = ["recipe[base]"]',
+        "",
+        "[timeouts]",
+        "domain = 30",
+    ]
+    for name, body in sections.items():
+        out += ["", f"[{name}]", 'backend = "custom"' if name in custom else body]
+    return "\n".join(out) + "\n"
+
+
+def write_memory_config(dir: Path, custom: tuple[str, ...] = ()) -> Path:
+    dir.mkdir(parents=True, exist_ok=True)
+    path = dir / "devvm.toml"
+    path.write_text(memory_toml(dir, custom))
+    return path
+
+
+@pytest.fixture
+def memory_config(tmp_path: Path) -> Path:
+    return write_memory_config(tmp_path)
+
+
+def replace_section(toml: str, section: str, body: str) -> str:
+    """Replaces the body of ``[section]`` (up to the next header) with ``body``."""
+    pattern = re.compile(r"^\[" + re.escape(section) + r"\]\n(?:(?!\[).*\n?)*", re.M)
+    assert pattern.search(toml), f"no [{section}] in the config"
+    return pattern.sub(f"[{section}]\n{body}\n\n", toml, count=1)
+
+
+@pytest.fixture(scope="session")
+def lab() -> dict[str, str]:
+    if os.environ.get("DEVVM_LAB") != "1":
+        why = "the lab is not up (run inside scripts/lab exec)"
+        if os.environ.get("DEVVM_REQUIRE_LAB") == "1":
+            pytest.fail(f"DEVVM_REQUIRE_LAB=1 but {why}")
+        pytest.skip(why)
+    return {k[len("DEVVM_LAB_"):].lower(): v for k, v in os.environ.items() if k.startswith("DEVVM_LAB_")}
+
+
+def lab_toml(state: Path) -> str:
+    return subprocess.run(
+        [str(REPO / "scripts" / "lab-config"), str(state)],
+        check=True,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    ).stdout
+
+
+@pytest.fixture
+def lab_config(lab: dict[str, str], tmp_path: Path) -> Path:
+    path = tmp_path / "devvm.toml"
+    path.write_text(lab_toml(tmp_path / "state"))
+    return path

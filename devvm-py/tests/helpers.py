@@ -1,0 +1,95 @@
+"""Backends written in Python, used by the tests (and as examples of the protocols in
+``devvm.backends``)."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from typing import Optional
+
+import devvm
+
+
+class PyIpam:
+    """An ``IpAllocator`` over a fixed list of addresses, in memory."""
+
+    backend = "py-ipam"
+
+    def __init__(self, addresses: list[str], prefix_len: int, gateway: Optional[str] = None):
+        self.addresses = list(addresses)
+        self.prefix_len = prefix_len
+        self.gateway = gateway
+        self.leases: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.calls: list[str] = []
+
+    def _lease(self, vm: str, ip: str) -> dict:
+        return {"vm": vm, "ip": ip, "prefix_len": self.prefix_len, "gateway": self.gateway}
+
+    def allocate(self, vm: str) -> dict:
+        with self.lock:
+            self.calls.append(f"allocate {vm}")
+            if vm in self.leases:
+                return self._lease(vm, self.leases[vm])
+            used = set(self.leases.values())
+            for ip in self.addresses:
+                if ip not in used:
+                    self.leases[vm] = ip
+                    return self._lease(vm, ip)
+            raise devvm.Exhausted("no free address")
+
+    def release(self, vm: str) -> None:
+        with self.lock:
+            self.calls.append(f"release {vm}")
+            self.leases.pop(vm, None)
+
+    def lease(self, vm: str) -> Optional[dict]:
+        with self.lock:
+            ip = self.leases.get(vm)
+            return None if ip is None else self._lease(vm, ip)
+
+
+class PyDns:
+    """A ``DnsUpdater`` for ``zone``, records kept in memory (as an in-house API would)."""
+
+    def __init__(self, zone: str):
+        self.zone = zone
+        self.forward: dict[str, str] = {}
+        self.ptr: dict[str, str] = {}
+        self.lock = threading.Lock()
+
+    def fqdn(self, vm: str) -> str:
+        return f"{vm}.{self.zone}"
+
+    def publish(self, vm: str, ip: str) -> dict:
+        fqdn = self.fqdn(vm)
+        with self.lock:
+            if self.forward.get(fqdn, ip) != ip:
+                raise devvm.Conflict(f"{fqdn} points to {self.forward[fqdn]}")
+            if self.ptr.get(ip, fqdn) != fqdn:
+                raise devvm.Conflict(f"PTR of {ip} names {self.ptr[ip]}")
+            self.forward[fqdn] = ip
+            self.ptr[ip] = fqdn
+        return {"fqdn": fqdn, "ip": ipaddress.ip_address(ip)}
+
+    def remove(self, vm: str, ip: str) -> None:
+        fqdn = self.fqdn(vm)
+        with self.lock:
+            if self.forward.get(fqdn) == ip:
+                del self.forward[fqdn]
+            if self.ptr.get(ip) == fqdn:
+                del self.ptr[ip]
+
+    def resolve(self, vm: str) -> list:
+        with self.lock:
+            ip = self.forward.get(self.fqdn(vm))
+            return [] if ip is None else [ip]
+
+    def reverse(self, ip: str) -> list:
+        with self.lock:
+            name = self.ptr.get(ip)
+            return [] if name is None else [name]
+
+    def records(self) -> dict:
+        with self.lock:
+            return {"forward": dict(self.forward), "ptr": dict(self.ptr)}
