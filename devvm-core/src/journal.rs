@@ -10,7 +10,6 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
@@ -131,21 +130,8 @@ fn journal_err(message: impl Into<String>) -> Error {
     Error::backend(message).with_backend("journal")
 }
 
-fn sql_err(context: &str) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
-    move |e| {
-        let busy = matches!(
-            e.sqlite_error_code(),
-            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-        );
-        let kind = if busy {
-            crate::ErrorKind::Unavailable
-        } else {
-            crate::ErrorKind::Backend
-        };
-        Error::new(kind, format!("journal: {context}"))
-            .with_backend("journal")
-            .with_source(e)
-    }
+fn sql_err(context: &str) -> impl Fn(rusqlite::Error) -> Error {
+    crate::sqlite::err(format!("journal: {context}"), "journal")
 }
 
 fn json_err(context: &str) -> impl FnOnce(serde_json::Error) -> Error + '_ {
@@ -205,14 +191,7 @@ impl Journal {
         std::fs::create_dir_all(&owners_dir).map_err(|e| {
             journal_err(format!("cannot create {}", owners_dir.display())).with_source(e)
         })?;
-        let conn = Connection::open(state_dir.join("journal.sqlite3"))
-            .map_err(sql_err("cannot open the journal"))?;
-        conn.busy_timeout(Duration::from_secs(30))
-            .map_err(sql_err("cannot set busy timeout"))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql_err("cannot enable WAL"))?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(sql_err("cannot set synchronous"))?;
+        let conn = crate::sqlite::open(&state_dir.join("journal.sqlite3"), "journal")?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(sql_err("cannot enable foreign keys"))?;
         conn.execute_batch(SCHEMA)

@@ -32,6 +32,7 @@ mod journal;
 pub mod memory;
 mod provisioner;
 pub mod seed;
+mod sqlite;
 mod traits;
 mod types;
 

@@ -4,7 +4,7 @@
 //!
 //! Both verify the guest's SSH host key against the one the provisioner generated for it
 //! ([`BootstrapTarget::host_key`]) and refuse any other with
-//! [`ErrorKind::Unauthorized`](crate::ErrorKind::Unauthorized); both ask the pipeline
+//! [`Unauthorized`](crate::ErrorKind::Unauthorized); both ask the pipeline
 //! (through [`Bootstrapper::guest_setup`]) to install that host key and the public half
 //! of their own private key in the guest. Every line of output becomes a progress event;
 //! a non-zero exit fails the step, and the run is rolled back.

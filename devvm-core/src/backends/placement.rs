@@ -10,14 +10,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Deserialize;
 
 use crate::backends::libvirt::DomainInfo;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::traits::Placement;
 use crate::types::{HostId, VmName, VmSize};
 
@@ -137,23 +136,8 @@ impl DomainLister for LibvirtLister {
     }
 }
 
-fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
-    move |e| {
-        let busy = matches!(
-            e.sqlite_error_code(),
-            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-        );
-        Error::new(
-            if busy {
-                ErrorKind::Unavailable
-            } else {
-                ErrorKind::Backend
-            },
-            format!("placement database {}", path.display()),
-        )
-        .with_backend(BACKEND)
-        .with_source(e)
-    }
+fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error {
+    crate::sqlite::err(format!("placement database {}", path.display()), BACKEND)
 }
 
 impl LibvirtPlacement {
@@ -173,12 +157,7 @@ impl LibvirtPlacement {
             })?;
         }
         let err = db_err(&path);
-        let conn = Connection::open(&path).map_err(&err)?;
-        conn.busy_timeout(Duration::from_secs(30)).map_err(&err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(&err)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(&err)?;
+        let conn = crate::sqlite::open(&path, BACKEND)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS reservations (
                 vm TEXT PRIMARY KEY, host TEXT NOT NULL,
@@ -422,6 +401,7 @@ impl Placement for LibvirtPlacement {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ErrorKind;
     use crate::testkit::conformance::{PlacementFixture, placement};
 
     struct Fixed(BTreeMap<HostId, Vec<DomainInfo>>);

@@ -16,14 +16,13 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use ipnet::Ipv4Net;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Deserialize;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::traits::IpAllocator;
 use crate::types::{Lease, VmName};
 
@@ -178,21 +177,8 @@ impl std::fmt::Debug for SqliteIpAllocator {
     }
 }
 
-fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
-    move |e| {
-        let busy = matches!(
-            e.sqlite_error_code(),
-            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-        );
-        let kind = if busy {
-            ErrorKind::Unavailable
-        } else {
-            ErrorKind::Backend
-        };
-        Error::new(kind, format!("lease database {}", path.display()))
-            .with_backend(BACKEND)
-            .with_source(e)
-    }
+fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error {
+    crate::sqlite::err(format!("lease database {}", path.display()), BACKEND)
 }
 
 const SCHEMA: &str = "
@@ -208,7 +194,7 @@ CREATE TABLE IF NOT EXISTS addresses (
 impl SqliteIpAllocator {
     /// Opens (creating if needed) the lease database at `path` for `plan`.
     ///
-    /// A database made for another subnet plan is refused ([`ErrorKind::Conflict`]);
+    /// A database made for another subnet plan is refused ([`Conflict`](crate::ErrorKind::Conflict));
     /// move or delete it deliberately rather than silently mixing two subnets.
     pub fn open(path: impl Into<PathBuf>, plan: SubnetPlan) -> Result<Self> {
         let path = path.into();
@@ -220,12 +206,7 @@ impl SqliteIpAllocator {
             })?;
         }
         let err = db_err(&path);
-        let mut conn = Connection::open(&path).map_err(&err)?;
-        conn.busy_timeout(Duration::from_secs(30)).map_err(&err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(&err)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(&err)?;
+        let mut conn = crate::sqlite::open(&path, BACKEND)?;
         conn.execute_batch(SCHEMA).map_err(&err)?;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -320,8 +301,8 @@ impl SqliteIpAllocator {
 
     /// Records existing leases (for example, imported from another IPAM) in one
     /// transaction: all or none. An address outside the subnet, a blocked one, or one
-    /// already leased to another VM is refused with [`ErrorKind::InvalidInput`] or
-    /// [`ErrorKind::Conflict`]; re-importing an identical lease changes nothing.
+    /// already leased to another VM is refused with [`InvalidInput`](crate::ErrorKind::InvalidInput) or
+    /// [`Conflict`](crate::ErrorKind::Conflict); re-importing an identical lease changes nothing.
     pub async fn import(&self, leases: Vec<(VmName, Ipv4Addr)>) -> Result<()> {
         self.blocking(move |conn, plan, path| {
             let err = db_err(path);
@@ -536,6 +517,7 @@ impl IpAllocator for SqliteIpAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ErrorKind;
     use crate::testkit::conformance::{IpAllocatorFixture, ip_allocator};
 
     fn net(s: &str) -> Ipv4Net {
