@@ -2,7 +2,7 @@
 //!
 //! Each suite takes the backend under test plus whatever fixture only the tester can
 //! know (which user exists, which addresses the DNS zone covers, how many addresses the
-//! subnet has). Suites use fresh VM names from [`unique_vm_name`](super::unique_vm_name)
+//! subnet has). Suites use fresh VM names from [`super::unique_vm_name`]
 //! and undo what they create, so they can run against a shared real service.
 //!
 //! ```text
