@@ -9,7 +9,7 @@
 //! libvirt/BIND/the lease database through `LabEnv::leftovers`.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,46 +21,16 @@ use devvm_core::config::Config;
 use devvm_core::testkit::unique_vm_name;
 use devvm_core::{
     BootstrapSettings, Bootstrapper, ErrorKind, Event, EventKind, ProvisionRequest, Provisioner,
-    Step, UserName,
+    Step,
 };
 use devvm_examples::lab::LabEnv;
 use devvm_tests::Lab;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Writes the lab config (from `scripts/lab-config`) with a private journal.
-fn lab_config(dir: &Path) -> PathBuf {
-    let out = std::process::Command::new(root().join("scripts/lab-config"))
-        .arg(dir.join("state"))
-        .output()
-        .unwrap_or_else(|e| panic!("scripts/lab-config: {e}"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = dir.join("devvm.toml");
-    std::fs::write(&path, out.stdout).unwrap_or_else(|e| panic!("{e}"));
-    path
-}
-
-fn provisioner(dir: &Path, b: Arc<dyn Bootstrapper>) -> Provisioner {
-    Config::load(&lab_config(dir))
+fn provisioner(lab: &Lab, dir: &Path, b: Arc<dyn Bootstrapper>) -> Provisioner {
+    Config::load(&lab.write_config(dir))
         .and_then(|c| c.builder())
         .and_then(|b2| b2.bootstrap(b).build())
         .unwrap_or_else(|e| panic!("provisioner: {e}"))
-}
-
-fn member(lab: &Lab) -> UserName {
-    UserName::new(
-        lab.var("ldap_users")
-            .split_whitespace()
-            .next()
-            .unwrap_or("alice"),
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn toml_str(s: &str) -> String {
@@ -202,7 +172,7 @@ async fn chef_bootstrap_with_the_stand_in_chef_client_registers_the_node_and_dep
     };
     let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let p = provisioner(dir.path(), Arc::new(chef(&lab)));
+    let p = provisioner(&lab, dir.path(), Arc::new(chef(&lab)));
     let mut events = p.subscribe();
     let name = unique_vm_name("chef");
     let settings = BootstrapSettings {
@@ -215,7 +185,7 @@ async fn chef_bootstrap_with_the_stand_in_chef_client_registers_the_node_and_dep
     };
     let vm = p
         .provision(
-            ProvisionRequest::new(member(&lab))
+            ProvisionRequest::new(lab.member())
                 .with_name(name.clone())
                 .with_bootstrap(settings),
         )
@@ -327,7 +297,7 @@ async fn a_failing_stand_in_chef_run_rolls_the_vm_back_and_leaves_no_node() {
     };
     let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let p = provisioner(dir.path(), Arc::new(chef(&lab)));
+    let p = provisioner(&lab, dir.path(), Arc::new(chef(&lab)));
     let mut events = p.subscribe();
     let name = unique_vm_name("chef-fail");
     let settings = BootstrapSettings {
@@ -336,7 +306,7 @@ async fn a_failing_stand_in_chef_run_rolls_the_vm_back_and_leaves_no_node() {
     };
     let e = p
         .provision(
-            ProvisionRequest::new(member(&lab))
+            ProvisionRequest::new(lab.member())
                 .with_name(name.clone())
                 .with_bootstrap(settings),
         )
@@ -396,11 +366,11 @@ async fn a_shell_script_exiting_1_rolls_the_vm_back() {
     let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let script = "echo \"hello from $DEVVM_VM\"\necho 'about to fail' >&2\nexit 1\n";
-    let p = provisioner(dir.path(), Arc::new(shell(&lab, script)));
+    let p = provisioner(&lab, dir.path(), Arc::new(shell(&lab, script)));
     let mut events = p.subscribe();
     let name = unique_vm_name("shell-fail");
     let e = p
-        .provision(ProvisionRequest::new(member(&lab)).with_name(name.clone()))
+        .provision(ProvisionRequest::new(lab.member()).with_name(name.clone()))
         .await
         .expect_err("exit 1 fails the run");
     assert_eq!(e.step(), Some(Step::Bootstrap), "{e}");
@@ -431,11 +401,11 @@ async fn a_shell_bootstrap_runs_and_a_wrong_host_key_is_refused_before_anything_
     let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let script = "set -e\necho \"configuring $DEVVM_FQDN\"\necho ok > /root/devvm-shell-ran\n";
-    let p = provisioner(dir.path(), Arc::new(shell(&lab, script)));
+    let p = provisioner(&lab, dir.path(), Arc::new(shell(&lab, script)));
     let mut events = p.subscribe();
     let name = unique_vm_name("shell");
     let vm = p
-        .provision(ProvisionRequest::new(member(&lab)).with_name(name.clone()))
+        .provision(ProvisionRequest::new(lab.member()).with_name(name.clone()))
         .await
         .unwrap_or_else(|e| panic!("provision: {e}"));
     assert!(vm.bootstrapped);
@@ -464,7 +434,7 @@ async fn a_shell_bootstrap_runs_and_a_wrong_host_key_is_refused_before_anything_
         fqdn: vm.fqdn.clone(),
         ip: vm.ip,
         owner: devvm_core::User {
-            name: member(&lab),
+            name: lab.member(),
             display_name: None,
             mail: None,
             ssh_keys: Vec::new(),
