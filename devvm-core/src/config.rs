@@ -65,12 +65,23 @@ pub struct Config {
 }
 
 /// The section of one step: its backend name and the rest of its keys.
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` shows the keys but no values: a value may be an inline secret.
+#[derive(Clone)]
 pub struct BackendSection {
     /// The `backend` key.
     pub backend: String,
     /// Every other key.
     pub options: toml::Table,
+}
+
+impl fmt::Debug for BackendSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendSection")
+            .field("backend", &self.backend)
+            .field("keys", &self.options.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -723,6 +734,18 @@ backend = "none"
         let err = parse(&BASE.replace("[defaults]\n", "[defaults]\nvcpu = 3\n"))
             .expect_err("unknown default");
         assert!(err.to_string().contains("vcpu"), "{err}");
+    }
+
+    #[test]
+    fn the_config_never_prints_a_value() {
+        let c = parse(&BASE.replace(
+            "zone = \"lab.example\"",
+            "zone = \"lab.example\"\nsecret = \"inline-hunter2\"",
+        ))
+        .expect("parses");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("inline-hunter2"), "{shown}");
+        assert!(shown.contains("secret"), "keys are shown: {shown}");
     }
 
     #[test]
