@@ -179,3 +179,93 @@ async fn bad_user_names_never_reach_the_directory() {
     let e = d.find_user(&near).await.expect_err("not a user");
     assert_eq!(e.kind(), ErrorKind::NotFound);
 }
+
+/// The lab's directory over TLS: `ldaps://` or `ldap://` with StartTLS,
+/// trusting the CA file given (none: the platform's roots).
+fn tls_directory(lab: &Lab, starttls: bool, ca_file: Option<&str>) -> LdapDirectory {
+    let mut c = config(lab, "");
+    if starttls {
+        c.starttls = true;
+    } else {
+        c.url = lab.var("ldaps_url").to_owned();
+    }
+    c.ca_file = ca_file.map(std::path::PathBuf::from);
+    LdapDirectory::from_config(&c, std::path::Path::new("/")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test]
+async fn ldaps_directory_with_the_lab_ca_conforms() {
+    let Some(lab) = Lab::get("ldaps_directory_with_the_lab_ca_conforms") else {
+        return;
+    };
+    user_directory(
+        Arc::new(tls_directory(&lab, false, Some(lab.var("ldap_ca_file")))),
+        UserDirectoryFixture {
+            member: member(&lab),
+            outsider: Some(
+                UserName::new(lab.var("ldap_outsider")).unwrap_or_else(|e| panic!("{e}")),
+            ),
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn starttls_with_the_lab_ca_finds_a_member() {
+    let Some(lab) = Lab::get("starttls_with_the_lab_ca_finds_a_member") else {
+        return;
+    };
+    let d = tls_directory(&lab, true, Some(lab.var("ldap_ca_file")));
+    let user = d
+        .find_user(&member(&lab))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(user.name, member(&lab));
+    assert!(
+        user.mail.as_deref().is_some_and(|m| m.contains('@')),
+        "{user:?}"
+    );
+    assert!(
+        user.ssh_keys.iter().any(|k| k.starts_with("ssh-")),
+        "{user:?}"
+    );
+    // The outsider is still refused over TLS.
+    let outsider = UserName::new(lab.var("ldap_outsider")).unwrap_or_else(|e| panic!("{e}"));
+    let e = d.find_user(&outsider).await.expect_err("not in the group");
+    assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
+}
+
+/// Without the lab's CA the platform's roots do not trust slapd's certificate, and a CA
+/// file holding another certificate does not either: every lookup fails with
+/// `Unavailable`, not retryable (a certificate does not become trusted by trying again),
+/// and no user is ever returned.
+#[tokio::test]
+async fn tls_without_the_lab_ca_fails_typed_and_returns_no_user() {
+    let Some(lab) = Lab::get("tls_without_the_lab_ca_fails_typed_and_returns_no_user") else {
+        return;
+    };
+    // The server's own certificate is no CA for itself (it was issued by the lab's CA).
+    let server_cert = std::path::Path::new(lab.var("ldap_ca_file")).with_file_name("ldap-tls.crt");
+    let server_cert = server_cert.to_str().unwrap_or_else(|| panic!("utf-8 path"));
+    let outsider = UserName::new(lab.var("ldap_outsider")).unwrap_or_else(|e| panic!("{e}"));
+    for (what, starttls, ca) in [
+        ("ldaps, platform roots", false, None),
+        ("StartTLS, platform roots", true, None),
+        (
+            "ldaps, the server certificate as CA",
+            false,
+            Some(server_cert),
+        ),
+    ] {
+        let d = tls_directory(&lab, starttls, ca);
+        for user in [member(&lab), outsider.clone()] {
+            let e = match d.find_user(&user).await {
+                Ok(u) => panic!("{what}: a user came back over an untrusted connection: {u:?}"),
+                Err(e) => e,
+            };
+            assert_eq!(e.kind(), ErrorKind::Unavailable, "{what}: {e}");
+            assert!(!e.is_retryable(), "{what}: {e}");
+            assert!(e.to_string().contains("TLS"), "{what}: {e}");
+        }
+    }
+}

@@ -4,13 +4,22 @@
 //! binds (simple bind with a service account, or anonymously), searches the user by
 //! uid with the value escaped for the filter, optionally checks membership of a group,
 //! and unbinds. The bind password is a secret: it never appears in `Debug`, errors or logs.
+//!
+//! TLS (ldaps or StartTLS) verifies the server's certificate and name (an IP address in the
+//! URL must be in the certificate's IP SANs). It trusts the platform's roots, or with
+//! `ca_file` exactly the CA certificates in that PEM file and nothing else. A certificate
+//! that is not trusted is [`ErrorKind::Unavailable`], not retryable: trying again unchanged
+//! cannot help.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use ldap3::{LdapConnAsync, LdapConnSettings, LdapError, Scope, SearchEntry, ldap_escape};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
@@ -41,6 +50,10 @@ pub struct LdapConfig {
     /// Upgrade an `ldap://` connection with StartTLS (default false).
     #[serde(default)]
     pub starttls: bool,
+    /// A PEM file of CA certificates (relative to the config file): TLS then trusts
+    /// exactly these instead of the platform's roots. Needs `ldaps://` or `starttls`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Where users live (searched with subtree scope).
     pub base_dn: String,
     /// The service account; anonymous bind when absent.
@@ -86,6 +99,8 @@ fn default_timeout() -> u64 {
 pub struct LdapDirectory {
     url: String,
     starttls: bool,
+    /// The CA file and the TLS config trusting only it; platform roots when absent.
+    tls: Option<(PathBuf, Arc<rustls::ClientConfig>)>,
     base_dn: String,
     bind: Option<(String, SecretString)>,
     uid_attribute: String,
@@ -101,10 +116,49 @@ impl std::fmt::Debug for LdapDirectory {
         f.debug_struct("LdapDirectory")
             .field("url", &self.url)
             .field("starttls", &self.starttls)
+            .field("ca_file", &self.tls.as_ref().map(|(path, _)| path))
             .field("base_dn", &self.base_dn)
             .field("bind_dn", &self.bind.as_ref().map(|(dn, _)| dn))
             .field("required_group", &self.required_group)
             .finish_non_exhaustive()
+    }
+}
+
+/// A rustls client config that trusts exactly the CA certificates in the PEM file `path`.
+/// An unreadable file, one without a certificate, or a certificate that is not a usable
+/// trust anchor is [`ErrorKind::InvalidInput`] naming the file.
+fn tls_config_trusting(path: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    let bad = |why: String| Error::invalid_input(format!("ldap ca_file {}: {why}", path.display()));
+    let pem =
+        std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")).with_source(e))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| bad(format!("bad PEM: {e}")).with_source(e))?;
+        roots
+            .add(cert)
+            .map_err(|e| bad(format!("not a usable CA certificate: {e}")).with_source(e))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("holds no PEM certificate".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::new(ErrorKind::Backend, format!("rustls: {e}")).with_source(e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The rustls error inside an I/O error: tokio-rustls reports a failed handshake (an
+/// untrusted certificate, a name mismatch) as `InvalidData` wrapping it.
+fn tls_error(e: &LdapError) -> Option<&rustls::Error> {
+    match e {
+        LdapError::Rustls { source } => Some(source),
+        LdapError::Io { source } => source
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        _ => None,
     }
 }
 
@@ -128,6 +182,19 @@ impl LdapDirectory {
                 "starttls applies to ldap:// urls, not ldaps://",
             ));
         }
+        let tls = match &c.ca_file {
+            None => None,
+            Some(_) if !(c.starttls || c.url.starts_with("ldaps://")) => {
+                return Err(Error::invalid_input(
+                    "ca_file needs TLS: an ldaps:// url or starttls = true",
+                ));
+            }
+            Some(file) => {
+                let path = base_dir.join(file);
+                let config = tls_config_trusting(&path)?;
+                Some((path, config))
+            }
+        };
         if !is_valid_filter(&c.user_filter) {
             return Err(Error::invalid_input(format!(
                 "user_filter {:?} is not a parenthesized LDAP filter",
@@ -165,6 +232,7 @@ impl LdapDirectory {
         Ok(LdapDirectory {
             url: c.url.clone(),
             starttls: c.starttls,
+            tls,
             base_dn: c.base_dn.clone(),
             bind,
             uid_attribute: c.uid_attribute.clone(),
@@ -187,6 +255,15 @@ impl LdapDirectory {
     }
 
     fn map_err(&self, what: &str, e: LdapError) -> Error {
+        if let Some(tls) = tls_error(&e) {
+            // A certificate the client does not trust, or a name it does not carry, stays
+            // so when tried again: unavailable to us, but not retryable.
+            let message = format!("{what} at {}: TLS: {tls}", self.url);
+            return Error::new(ErrorKind::Unavailable, message)
+                .with_retryable(false)
+                .with_backend(BACKEND)
+                .with_source(e);
+        }
         let (kind, retry) = match &e {
             LdapError::Timeout { .. } => (ErrorKind::Timeout, true),
             LdapError::Io { .. } | LdapError::ResultRecv { .. } | LdapError::OpSend { .. } => {
@@ -216,9 +293,12 @@ impl LdapDirectory {
     }
 
     async fn lookup(&self, user: &UserName) -> Result<User> {
-        let settings = LdapConnSettings::new()
+        let mut settings = LdapConnSettings::new()
             .set_conn_timeout(self.timeout)
             .set_starttls(self.starttls);
+        if let Some((_, config)) = &self.tls {
+            settings = settings.set_config(Arc::clone(config));
+        }
         let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &self.url)
             .await
             .map_err(|e| self.map_err("cannot connect to the directory", e))?;
@@ -375,6 +455,85 @@ mod tests {
         );
         // UserName already refuses metacharacters; the escape is the second wall.
         assert_eq!(ldap_escape("*)(uid=*"), "\\2a\\29\\28uid=\\2a");
+    }
+
+    /// A self-signed CA certificate (its key was thrown away): only parsed here.
+    const TEST_CA_PEM: &str = "\
+-----BEGIN CERTIFICATE-----
+MIIBoTCCAUegAwIBAgIUGHb7JfekR3plApYGb4hQYTJUv6UwCgYIKoZIzj0EAwIw
+HTEbMBkGA1UEAwwSZGV2dm0gdW5pdC10ZXN0IENBMCAXDTI2MTEyNjEzNDMzMFoY
+DzIxMjYxMTAyMTM0MzMwWjAdMRswGQYDVQQDDBJkZXZ2bSB1bml0LXRlc3QgQ0Ew
+WTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAARe+yBxeGYMGGg+rYB8YGON2p5IVPaV
+lFtP9DrwwcuYtLCLn4kpk2SO91ptBEnpGffy8dSGPbMiZ2fSbdjfUeh3o2MwYTAd
+BgNVHQ4EFgQUJuxGOir08T50SOyVJTOsSg8b8wIwHwYDVR0jBBgwFoAUJuxGOir0
+8T50SOyVJTOsSg8b8wIwDwYDVR0TAQH/BAUwAwEB/zAOBgNVHQ8BAf8EBAMCAgQw
+CgYIKoZIzj0EAwIDSAAwRQIgCEyDEbRal+29j9XoNPzrANikppLwBjJ1eMpDZ+IT
+zZYCIQCgXaA4CdHhSvnoU0M5XS8aZRc8+OmW+YBbx+ye/3GWgA==
+-----END CERTIFICATE-----
+";
+
+    #[test]
+    fn ca_file_is_read_relative_to_the_config_and_refused_when_unusable() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir(dir.path().join("tls")).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.path().join("tls/ca.pem"), TEST_CA_PEM)
+            .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.path().join("empty.pem"), "").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.path().join("notpem.pem"), "just text\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(
+            dir.path().join("bad.pem"),
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+
+        // Absent by default: the platform roots are used.
+        let c = config("");
+        assert_eq!(c.ca_file, None);
+        let d = LdapDirectory::from_config(&c, dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(d.tls.is_none());
+
+        // Relative to the config file's directory, with ldaps:// or with StartTLS.
+        for extra in [
+            "starttls = true\nca_file = \"tls/ca.pem\"",
+            "ca_file = \"tls/ca.pem\"",
+        ] {
+            let mut c = config(extra);
+            assert_eq!(c.ca_file.as_deref(), Some(Path::new("tls/ca.pem")));
+            if !c.starttls {
+                c.url = "ldaps://127.0.0.1:636".into();
+            }
+            let d = LdapDirectory::from_config(&c, dir.path()).unwrap_or_else(|e| panic!("{e}"));
+            let (path, _) = d.tls.as_ref().unwrap_or_else(|| panic!("a TLS config"));
+            assert_eq!(path, &dir.path().join("tls/ca.pem"));
+            assert!(format!("{d:?}").contains("tls/ca.pem"), "{d:?}");
+        }
+        // An absolute path is taken as it is.
+        let abs = dir.path().join("tls/ca.pem");
+        let c = config(&format!(
+            "starttls = true\nca_file = {:?}",
+            abs.display().to_string()
+        ));
+        let d = LdapDirectory::from_config(&c, Path::new("/nonexistent"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(d.tls.as_ref().map(|(p, _)| p.clone()), Some(abs));
+
+        // Unreadable, empty, not PEM, or not a certificate: InvalidInput naming the file.
+        for file in ["missing.pem", "empty.pem", "notpem.pem", "bad.pem"] {
+            let c = config(&format!("starttls = true\nca_file = \"{file}\""));
+            let e = LdapDirectory::from_config(&c, dir.path()).expect_err(file);
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{file}: {e}");
+            assert!(e.to_string().contains(file), "{file}: {e}");
+        }
+        // Without TLS a CA would be silently unused: refused.
+        let e = LdapDirectory::from_config(&config("ca_file = \"tls/ca.pem\""), dir.path())
+            .expect_err("ldap:// without starttls");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("ca_file"), "{e}");
+        // The field's name is checked like the others.
+        let bad: std::result::Result<LdapConfig, _> =
+            toml::from_str("url = \"ldaps://x\"\nbase_dn = \"dc=x\"\ncafile = \"ca.pem\"");
+        assert!(bad.is_err_and(|e| e.to_string().contains("cafile")));
     }
 
     #[test]
