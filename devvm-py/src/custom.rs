@@ -11,9 +11,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use devvm_core::{
-    BootstrapReport, BootstrapTarget, Bootstrapper, DnsRecord, DnsUpdater, Error, HostId,
-    IpAllocator, Lease, Placement, Progress, Result, User, UserDirectory, UserName, VmName, VmSize,
-    async_trait,
+    BootstrapReport, BootstrapTarget, Bootstrapper, Disk, DnsRecord, DnsUpdater, Domain,
+    DomainSpec, Error, HostId, Hypervisor, ImageStore, IpAllocator, Lease, Placement, Progress,
+    Result, Template, TemplateName, User, UserDirectory, UserName, VmName, VmSize, async_trait,
 };
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -297,5 +297,139 @@ impl Bootstrapper for PyBootstrapper {
     }
     async fn unregister(&self, vm: &VmName) -> Result<()> {
         self.0.call("unregister", vec![s(vm)]).await.map(drop)
+    }
+}
+
+/// `ImageStore`: `prepare(template, progress) -> dict`, `templates() -> list[dict]`,
+/// `create_disk(vm, host, template, size_gib, progress) -> dict`, `delete_disk(vm, host)`,
+/// `disk(vm, host) -> dict | None`.
+pub(crate) struct PyImages(PyBackend);
+
+impl PyImages {
+    pub(crate) fn new(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        PyBackend::new(
+            obj,
+            "ImageStore",
+            &["prepare", "templates", "create_disk", "delete_disk", "disk"],
+        )
+        .map(PyImages)
+    }
+}
+
+#[async_trait]
+impl ImageStore for PyImages {
+    fn backend(&self) -> &str {
+        &self.0.name
+    }
+    async fn prepare(&self, template: &TemplateName, progress: &Progress) -> Result<Template> {
+        self.0
+            .call_as(
+                "prepare",
+                vec![s(template), Arg::Progress(progress.clone())],
+            )
+            .await
+    }
+    async fn templates(&self) -> Result<Vec<Template>> {
+        self.0.call_as("templates", vec![]).await
+    }
+    async fn create_disk(
+        &self,
+        vm: &VmName,
+        host: &HostId,
+        template: &Template,
+        size_gib: u64,
+        progress: &Progress,
+    ) -> Result<Disk> {
+        let template = serde_json::to_value(template).unwrap_or(Value::Null);
+        let v = self
+            .0
+            .call(
+                "create_disk",
+                vec![
+                    s(vm),
+                    s(host),
+                    Arg::Json(template),
+                    Arg::Json(size_gib.into()),
+                    Arg::Progress(progress.clone()),
+                ],
+            )
+            .await?;
+        self.0
+            .decode("create_disk", with_default(v, "vm", vm.as_str()))
+    }
+    async fn delete_disk(&self, vm: &VmName, host: &HostId) -> Result<()> {
+        self.0
+            .call("delete_disk", vec![s(vm), s(host)])
+            .await
+            .map(drop)
+    }
+    async fn disk(&self, vm: &VmName, host: &HostId) -> Result<Option<Disk>> {
+        let v = self.0.call("disk", vec![s(vm), s(host)]).await?;
+        self.0.decode("disk", with_default(v, "vm", vm.as_str()))
+    }
+}
+
+/// The spec a Python hypervisor receives: every field of the `DomainSpec`, and the
+/// first-boot seed's files (`meta_data`, `user_data`, `network_config`) as text. The
+/// user-data holds the guest's private host key: the object is the user's own backend.
+fn spec_json(spec: &DomainSpec) -> Value {
+    let seed = spec.seed.as_ref().map(|seed| {
+        serde_json::json!({
+            "meta_data": seed.meta_data(),
+            "user_data": secrecy::ExposeSecret::expose_secret(&seed.user_data()),
+            "network_config": devvm_core::seed::network_config(&spec.lease, &[]),
+            "host_key": seed.host_key.as_ref().map(|k| k.public.clone()),
+        })
+    });
+    serde_json::json!({
+        "name": spec.name,
+        "host": spec.host,
+        "size": spec.size,
+        "disk": spec.disk,
+        "template": spec.template,
+        "lease": spec.lease,
+        "fqdn": spec.fqdn,
+        "owner": spec.owner,
+        "request_id": spec.request_id,
+        "ssh_keys": spec.ssh_keys,
+        "seed": seed,
+    })
+}
+
+/// `Hypervisor`: `create(spec, progress) -> dict`, `destroy(vm, host)`,
+/// `domain(vm, host) -> dict | None`.
+pub(crate) struct PyHypervisor(PyBackend);
+
+impl PyHypervisor {
+    pub(crate) fn new(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        PyBackend::new(obj, "Hypervisor", &["create", "destroy", "domain"]).map(PyHypervisor)
+    }
+}
+
+#[async_trait]
+impl Hypervisor for PyHypervisor {
+    fn backend(&self) -> &str {
+        &self.0.name
+    }
+    async fn create(&self, spec: &DomainSpec, progress: &Progress) -> Result<Domain> {
+        let v = self
+            .0
+            .call(
+                "create",
+                vec![Arg::Json(spec_json(spec)), Arg::Progress(progress.clone())],
+            )
+            .await?;
+        let v = with_default(v, "name", spec.name.as_str());
+        self.0
+            .decode("create", with_default(v, "host", spec.host.as_str()))
+    }
+    async fn destroy(&self, vm: &VmName, host: &HostId) -> Result<()> {
+        self.0.call("destroy", vec![s(vm), s(host)]).await.map(drop)
+    }
+    async fn domain(&self, vm: &VmName, host: &HostId) -> Result<Option<Domain>> {
+        let v = self.0.call("domain", vec![s(vm), s(host)]).await?;
+        let v = with_default(v, "name", vm.as_str());
+        self.0
+            .decode("domain", with_default(v, "host", host.as_str()))
     }
 }

@@ -19,7 +19,9 @@ use pyo3::types::PyDict;
 use tokio::runtime::Handle;
 
 use crate::convert::{PyEvent, PyRecoveryReport, PyVm};
-use crate::custom::{PyBootstrapper, PyDns, PyIpAllocator, PyPlacement, PyUsers};
+use crate::custom::{
+    PyBootstrapper, PyDns, PyHypervisor, PyImages, PyIpAllocator, PyPlacement, PyUsers,
+};
 use crate::errors::to_py_err;
 use crate::runtime;
 
@@ -214,7 +216,8 @@ impl PyProvisioner {
     /// Builds the provisioner that the TOML config at `path` describes.
     ///
     /// Steps whose section says `backend = "custom"` take a Python object passed by
-    /// keyword: `users`, `placement`, `ip`, `dns`, or `bootstrap` (see `devvm.backends`
+    /// keyword: `users`, `placement`, `ip`, `dns`, `images`, `hypervisor` or `bootstrap`
+    /// (see `devvm.backends`
     /// for each protocol). A keyword for a step with a built-in backend replaces it.
     #[staticmethod]
     #[pyo3(signature = (path, **custom_backends))]
@@ -248,13 +251,21 @@ impl PyProvisioner {
                         let b = Arc::new(PyDns::new(&v)?);
                         Box::new(move |bld| bld.dns(b))
                     }
+                    "images" => {
+                        let b = Arc::new(PyImages::new(&v)?);
+                        Box::new(move |bld| bld.images(b))
+                    }
+                    "hypervisor" => {
+                        let b = Arc::new(PyHypervisor::new(&v)?);
+                        Box::new(move |bld| bld.hypervisor(b))
+                    }
                     "bootstrap" => {
                         let b = Arc::new(PyBootstrapper::new(&v)?);
                         Box::new(move |bld| bld.bootstrap(b))
                     }
                     other => {
                         return Err(PyTypeError::new_err(format!(
-                            "unknown custom backend {other:?}; known: users, placement, ip, dns, bootstrap"
+                            "unknown custom backend {other:?}; known: users, placement, ip, dns, images, hypervisor, bootstrap"
                         )));
                     }
                 });

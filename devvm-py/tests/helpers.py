@@ -93,3 +93,67 @@ class PyDns:
     def records(self) -> dict:
         with self.lock:
             return {"forward": dict(self.forward), "ptr": dict(self.ptr)}
+
+
+class PyImages:
+    """An ``ImageStore`` whose disks are dicts in memory."""
+
+    def __init__(self, templates: list[str]):
+        self.known = set(templates)
+        self.disks: dict[tuple[str, str], dict] = {}
+        self.lock = threading.Lock()
+
+    def _template(self, name: str) -> dict:
+        if name not in self.known:
+            raise devvm.NotFound(f"no template {name}")
+        return {"name": name, "path": f"/py/templates/{name}.qcow2", "digest": None, "boot": {}}
+
+    def prepare(self, template: str, progress: devvm.Progress) -> dict:
+        progress.message(f"python has {template}")
+        return self._template(template)
+
+    def templates(self) -> list[dict]:
+        return [self._template(t) for t in sorted(self.known)]
+
+    def create_disk(self, vm: str, host: str, template: dict, size_gib: int, progress: devvm.Progress) -> dict:
+        with self.lock:
+            return self.disks.setdefault(
+                (vm, host), {"vm": vm, "path": f"/py/disks/{vm}.qcow2", "format": "qcow2", "size_gib": size_gib}
+            )
+
+    def delete_disk(self, vm: str, host: str) -> None:
+        with self.lock:
+            self.disks.pop((vm, host), None)
+
+    def disk(self, vm: str, host: str) -> Optional[dict]:
+        with self.lock:
+            return self.disks.get((vm, host))
+
+
+class PyHypervisor:
+    """A ``Hypervisor`` whose domains are dicts in memory; it keeps the specs it got."""
+
+    def __init__(self) -> None:
+        self.domains: dict[tuple[str, str], dict] = {}
+        self.specs: list[dict] = []
+        self.lock = threading.Lock()
+
+    def create(self, spec: dict, progress: devvm.Progress) -> dict:
+        with self.lock:
+            self.specs.append(spec)
+            key = (spec["name"], spec["host"])
+            have = self.domains.get(key)
+            if have and have["request_id"] != spec["request_id"]:
+                raise devvm.AlreadyExists(f"domain {spec['name']} belongs to another request")
+            self.domains[key] = {"uuid": f"uuid-{spec['name']}", "request_id": spec["request_id"]}
+            progress.message(f"python started {spec['name']}")
+            return {"uuid": f"uuid-{spec['name']}"}
+
+    def destroy(self, vm: str, host: str) -> None:
+        with self.lock:
+            self.domains.pop((vm, host), None)
+
+    def domain(self, vm: str, host: str) -> Optional[dict]:
+        with self.lock:
+            d = self.domains.get((vm, host))
+            return None if d is None else {"uuid": d["uuid"]}

@@ -11,7 +11,7 @@ import pytest
 
 import devvm
 from conftest import write_memory_config
-from helpers import PyDns, PyIpam
+from helpers import PyHypervisor, PyImages, PyDns, PyIpam
 
 STEPS = ["user", "placement", "ip", "dns", "image", "disk", "domain", "bootstrap"]
 
@@ -204,3 +204,31 @@ def test_python_backends_in_the_pipeline(tmp_path: Path) -> None:
     p.deprovision("pyvm")
     assert ipam.leases == {} and dns.forward == {}
     assert p.list() == []
+
+
+def test_python_image_store_and_hypervisor_in_the_pipeline(tmp_path: Path) -> None:
+    cfg = write_memory_config(tmp_path, custom=("images", "hypervisor"))
+    images = PyImages(["debian-12"])
+    hv = PyHypervisor()
+    p = devvm.Provisioner.from_config(cfg, images=images, hypervisor=hv)
+    seen: list = []
+    vm = p.provision("alice", name="pyhv", on_event=seen.append)
+    assert vm.disk == "/py/disks/pyhv.qcow2"
+    assert ("pyhv", vm.host) in hv.domains and ("pyhv", vm.host) in images.disks
+    spec = hv.specs[-1]
+    assert spec["lease"]["ip"] == vm.ip and spec["fqdn"] == vm.fqdn
+    # The first-boot seed: the host key the guest must present, the private half in user-data.
+    assert spec["seed"]["host_key"].startswith("ssh-ed25519 ")
+    assert spec["seed"]["user_data"].startswith("#cloud-config")
+    assert "instance-id" in spec["seed"]["meta_data"]
+    assert any(e.type == "step_progress" and e.message == "python started pyhv" for e in seen)
+    # No event carries the private key.
+    assert not any("PRIVATE KEY" in e.to_json() for e in seen)
+
+    # An unknown template from Python rolls the run back: nothing held anywhere.
+    with pytest.raises(devvm.NotFound):
+        p.provision("alice", name="nope", template="centos")
+    assert set(images.disks) == {("pyhv", vm.host)}
+
+    p.deprovision("pyhv")
+    assert hv.domains == {} and images.disks == {}

@@ -174,7 +174,8 @@ class Provisioner:
     @staticmethod
     def from_config(path: Union[str, os.PathLike[str]], **custom_backends: Any) -> Provisioner:
         """Builds the provisioner a TOML config describes; ``users=``, ``placement=``,
-        ``ip=``, ``dns=``, ``bootstrap=`` supply Python backends (``devvm.backends``)."""
+        ``ip=``, ``dns=``, ``images=``, ``hypervisor=``, ``bootstrap=`` supply Python
+        backends (``devvm.backends``)."""
     def provision(
         self,
         user: str,

@@ -1,7 +1,8 @@
 """The protocols a Python object follows to be a step's backend.
 
 Pass such an object to :meth:`devvm.Provisioner.from_config` by the step's keyword
-(``users=``, ``placement=``, ``ip=``, ``dns=``, ``bootstrap=``); the config's section for
+(``users=``, ``placement=``, ``ip=``, ``dns=``, ``images=``, ``hypervisor=``,
+``bootstrap=``); the config's section for
 that step says ``backend = "custom"``. The pipeline calls it like any built-in backend,
 each call in a worker thread holding the GIL, so methods may block (call an HTTP API,
 sleep) but must be thread-safe: calls for different VMs can overlap.
@@ -140,6 +141,58 @@ class DnsUpdater(Protocol):
         ...
 
 
+class ImageStore(Protocol):
+    """Steps ``image`` and ``disk`` (keyword ``images=``). Templates and disks cross as
+    dicts with the serde form of ``Template`` (``name``, ``path``, ``digest``, ``boot``)
+    and ``Disk`` (``vm``, ``path``, ``format`` = ``"qcow2"`` | ``"raw"``, ``size_gib``)."""
+
+    def prepare(self, template: str, progress: Progress) -> Dict[str, Any]:
+        """Makes ``template`` available locally and returns it; idempotent. An unknown
+        template raises :class:`devvm.NotFound`."""
+        ...
+
+    def templates(self) -> List[Dict[str, Any]]:
+        """The templates available locally."""
+        ...
+
+    def create_disk(
+        self, vm: str, host: str, template: Dict[str, Any], size_gib: int, progress: Progress
+    ) -> Dict[str, Any]:
+        """Creates the disk of ``vm`` on ``host``; calling again returns the same disk."""
+        ...
+
+    def delete_disk(self, vm: str, host: str) -> None:
+        """Deletes the disk of ``vm``; succeeds if there is none."""
+        ...
+
+    def disk(self, vm: str, host: str) -> Optional[Dict[str, Any]]:
+        """The disk of ``vm`` on ``host``, or None."""
+        ...
+
+
+class Hypervisor(Protocol):
+    """Step ``domain`` (keyword ``hypervisor=``)."""
+
+    def create(self, spec: Dict[str, Any], progress: Progress) -> Dict[str, Any]:
+        """Defines and starts the VM; returns ``{"uuid": ...}`` (``name`` and ``host``
+        default to the spec's). ``spec`` holds ``name``, ``host``, ``size``, ``disk``,
+        ``template``, ``lease``, ``fqdn``, ``owner``, ``request_id``, ``ssh_keys`` and
+        ``seed`` (``meta_data``, ``user_data``, ``network_config`` as text for a NoCloud
+        ``cidata`` disk, and the ``host_key`` the guest must present; ``user_data`` holds
+        the guest's private host key: keep it secret). Calling again for the same request
+        returns the running domain; a domain of that name from another request raises
+        :class:`devvm.AlreadyExists`."""
+        ...
+
+    def destroy(self, vm: str, host: str) -> None:
+        """Stops and removes the domain; succeeds if there is none."""
+        ...
+
+    def domain(self, vm: str, host: str) -> Optional[Dict[str, Any]]:
+        """The domain ``vm`` on ``host``, or None."""
+        ...
+
+
 class Bootstrapper(Protocol):
     """Step ``bootstrap`` (keyword ``bootstrap=``)."""
 
@@ -159,6 +212,8 @@ __all__ = [
     "BootstrapReportDict",
     "DnsRecordDict",
     "DnsUpdater",
+    "Hypervisor",
+    "ImageStore",
     "IpAllocator",
     "LeaseDict",
     "Placement",
