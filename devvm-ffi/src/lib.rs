@@ -992,14 +992,16 @@ pub unsafe extern "C" fn devvm_recover(
                     // SAFETY: non-NULL and writable per the contract.
                     unsafe { *cleaned = u32::try_from(n).unwrap_or(u32::MAX) };
                 }
-                if r.still_held.is_empty() {
-                    DEVVM_OK
-                } else {
-                    let names: Vec<String> = r.still_held.iter().map(ToString::to_string).collect();
-                    fail(
-                        status_of(r.still_held[0].kind),
-                        &format!("still held: {}", names.join("; ")),
-                    )
+                match r.still_held.first() {
+                    None => DEVVM_OK,
+                    Some(first) => {
+                        let names: Vec<String> =
+                            r.still_held.iter().map(ToString::to_string).collect();
+                        fail(
+                            status_of(first.kind),
+                            &format!("still held: {}", names.join("; ")),
+                        )
+                    }
                 }
             }
             Err(e) => fail_with(&e),
@@ -1207,26 +1209,23 @@ mod tests {
     /// The committed header is what cbindgen generates now (regenerate with
     /// `DEVVM_BLESS=1 cargo test -p devvm-ffi`).
     #[test]
-    fn the_committed_header_is_current() {
+    fn the_committed_header_is_current() -> Result<(), Box<dyn std::error::Error>> {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut fresh = Vec::new();
         cbindgen::Builder::new()
             .with_crate(dir)
-            .with_config(
-                cbindgen::Config::from_file(dir.join("cbindgen.toml"))
-                    .unwrap_or_else(|e| panic!("cbindgen.toml: {e}")),
-            )
-            .generate()
-            .unwrap_or_else(|e| panic!("cbindgen: {e}"))
+            .with_config(cbindgen::Config::from_file(dir.join("cbindgen.toml"))?)
+            .generate()?
             .write(&mut fresh);
         let path = dir.join("include/devvm.h");
         if std::env::var("DEVVM_BLESS").as_deref() == Ok("1") {
-            std::fs::write(&path, &fresh).unwrap_or_else(|e| panic!("{e}"));
+            std::fs::write(&path, &fresh)?;
         }
         let committed = std::fs::read(&path).unwrap_or_default();
         assert!(
             committed == fresh,
             "include/devvm.h is stale: run DEVVM_BLESS=1 cargo test -p devvm-ffi the_committed_header_is_current"
         );
+        Ok(())
     }
 }

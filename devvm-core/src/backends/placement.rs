@@ -118,7 +118,8 @@ impl std::fmt::Debug for LibvirtPlacement {
     }
 }
 
-/// Lists the devvm domains of a host (libvirt in production; a stub in unit tests).
+/// Lists the devvm domains of a host: [`LibvirtLister`] asks libvirt; unit tests give
+/// fixed lists.
 #[async_trait]
 pub trait DomainLister: Send + Sync + 'static {
     /// devvm's domains on `host`.
