@@ -42,6 +42,22 @@ pub mod lab {
             })
         }
 
+        /// Writes the lab's devvm config (printed by `scripts/lab-config`) into `dir`, with
+        /// its journal in `dir/state`, and returns its path.
+        pub fn write_config(&self, dir: &Path) -> std::io::Result<PathBuf> {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/lab-config");
+            let out = Command::new(script).arg(dir.join("state")).output()?;
+            if !out.status.success() {
+                return Err(std::io::Error::other(format!(
+                    "scripts/lab-config: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            let path = dir.join("devvm.toml");
+            std::fs::write(&path, out.stdout)?;
+            Ok(path)
+        }
+
         /// The lease database `scripts/lab-config` configures.
         pub fn lease_db(&self) -> PathBuf {
             self.dir.join("devvm-shared/leases.sqlite3")

@@ -135,17 +135,11 @@ async fn retrying_a_crashed_request_cleans_up_first() {
 /// A live provisioner's run is never recovered from under it by another process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recover_leaves_live_runs_alone() {
-    use devvm_core::testkit::faults::{self, Fault, FaultPlan};
+    use devvm_core::testkit::faults::{Fault, FaultPlan};
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let config = write_config(dir.path());
     let cfg = devvm_core::config::Config::load(&config).unwrap_or_else(|e| panic!("{e}"));
-    let b = cfg.builder().unwrap_or_else(|e| panic!("{e}"));
-    let clean = b.current_backends().unwrap_or_else(|| panic!("all set"));
-    let live = b
-        .backends(faults::inject(
-            clean,
-            FaultPlan::new(Step::Domain, Fault::Hang),
-        ))
+    let live = devvm_tests::with_fault(&cfg, FaultPlan::new(Step::Domain, Fault::Hang))
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
     let mut sub = live.subscribe();

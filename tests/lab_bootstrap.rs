@@ -24,7 +24,7 @@ use devvm_core::{
     Step,
 };
 use devvm_examples::lab::LabEnv;
-use devvm_tests::Lab;
+use devvm_tests::{Lab, run_addresses};
 
 fn provisioner(lab: &Lab, dir: &Path, b: Arc<dyn Bootstrapper>) -> Provisioner {
     Config::load(&lab.write_config(dir))
@@ -68,14 +68,6 @@ fn shell(lab: &Lab, script: &str) -> ShellBootstrapper {
     );
     let c: ShellConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
     ShellBootstrapper::from_config(&c, Path::new("/")).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn drain(events: &mut devvm_core::Subscription) -> Vec<Event> {
-    let mut all = Vec::new();
-    while let Some(e) = events.try_recv() {
-        all.push(e);
-    }
-    all
 }
 
 fn bootstrap_lines(events: &[Event]) -> Vec<String> {
@@ -192,7 +184,7 @@ async fn chef_bootstrap_with_the_stand_in_chef_client_registers_the_node_and_dep
         .await
         .unwrap_or_else(|e| panic!("provision: {e}"));
     assert!(vm.bootstrapped, "{vm:?}");
-    let all = drain(&mut events);
+    let all = events.drain();
     let lines = bootstrap_lines(&all);
     for want in [
         "Starting Chef Client (devvm lab stand-in), version 0.0.0-devvm-lab",
@@ -270,23 +262,7 @@ async fn chef_bootstrap_with_the_stand_in_chef_client_registers_the_node_and_dep
     );
     let left = env.leftovers(name.as_str(), &vm.fqdn, Some(vm.ip));
     assert!(left.is_empty(), "leaked: {left:?}");
-    assert_no_secret(&drain(&mut events), &[lab.var("chef_validation_key")]);
-}
-
-/// The address and fqdn a failed run had, from its events.
-fn run_addresses(events: &[Event]) -> (Option<IpAddr>, Option<String>) {
-    let mut ip = None;
-    let mut fqdn = None;
-    for e in events {
-        if let EventKind::StepFinished { step, result, .. } = &e.kind {
-            match step {
-                Step::Ip => ip = result["ip"].as_str().and_then(|s| s.parse().ok()),
-                Step::Dns => fqdn = result["fqdn"].as_str().map(str::to_owned),
-                _ => {}
-            }
-        }
-    }
-    (ip, fqdn)
+    assert_no_secret(&events.drain(), &[lab.var("chef_validation_key")]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,7 +300,7 @@ async fn a_failing_stand_in_chef_run_rolls_the_vm_back_and_leaves_no_node() {
         "the last line of stderr: {e}"
     );
     assert!(e.undo_failures().is_empty(), "{e}");
-    let all = drain(&mut events);
+    let all = events.drain();
     let lines = bootstrap_lines(&all);
     assert!(
         lines
@@ -379,7 +355,7 @@ async fn a_shell_script_exiting_1_rolls_the_vm_back() {
         e.message().contains("exit status 1") && e.message().contains("about to fail"),
         "{e}"
     );
-    let all = drain(&mut events);
+    let all = events.drain();
     let lines = bootstrap_lines(&all);
     assert!(
         lines.iter().any(|l| l == &format!("hello from {name}")),
@@ -409,7 +385,7 @@ async fn a_shell_bootstrap_runs_and_a_wrong_host_key_is_refused_before_anything_
         .await
         .unwrap_or_else(|e| panic!("provision: {e}"));
     assert!(vm.bootstrapped);
-    let lines = bootstrap_lines(&drain(&mut events));
+    let lines = bootstrap_lines(&events.drain());
     assert!(
         lines
             .iter()

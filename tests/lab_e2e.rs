@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use devvm_core::config::Config;
-use devvm_core::testkit::faults::{self, Fault, FaultPlan};
+use devvm_core::testkit::faults::{Fault, FaultPlan};
 use devvm_core::testkit::unique_vm_name;
 use devvm_core::{ErrorKind, EventKind, Placement, ProvisionRequest, Provisioner, Step};
 use devvm_examples::lab::{LabEnv, ssh_answers};
-use devvm_tests::Lab;
+use devvm_tests::{Lab, finished, run_addresses, with_fault};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_vm_is_provisioned_and_removed_without_trace() {
@@ -120,18 +120,13 @@ async fn a_fault_at_any_real_step_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let config = Config::load(&lab.write_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
     for step in Step::ALL {
-        let builder = config.builder().unwrap_or_else(|e| panic!("{e}"));
-        let clean = builder
-            .current_backends()
-            .unwrap_or_else(|| panic!("all set"));
-        let p = builder
-            .backends(faults::inject(
-                clean,
-                FaultPlan::new(step, Fault::Error(ErrorKind::Unavailable)),
-            ))
-            .state_dir(dir.path().join(format!("state-{step}")))
-            .build()
-            .unwrap_or_else(|e| panic!("{e}"));
+        let p = with_fault(
+            &config,
+            FaultPlan::new(step, Fault::Error(ErrorKind::Unavailable)),
+        )
+        .state_dir(dir.path().join(format!("state-{step}")))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
         let mut events = p.subscribe();
         let name = unique_vm_name("fault");
         let e = p
@@ -141,17 +136,7 @@ async fn a_fault_at_any_real_step_leaves_nothing_behind() {
         assert_eq!(e.step(), Some(step), "{e}");
         assert!(e.undo_failures().is_empty(), "{e}");
         // The address the run had leased, if it got that far.
-        let mut ip = None;
-        while let Some(ev) = events.try_recv() {
-            if let EventKind::StepFinished {
-                step: Step::Ip,
-                result,
-                ..
-            } = &ev.kind
-            {
-                ip = result["ip"].as_str().and_then(|s| s.parse().ok());
-            }
-        }
+        let (ip, _) = run_addresses(&events.drain());
         let fqdn = format!("{name}.{}", lab.var("dns_zone"));
         let left = env.leftovers(name.as_str(), &fqdn, ip);
         assert!(left.is_empty(), "fault at {step} leaked: {left:?}");
@@ -167,15 +152,7 @@ async fn a_failure_after_boot_destroys_the_running_guest() {
     let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let config = Config::load(&lab.write_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
-    let builder = config.builder().unwrap_or_else(|e| panic!("{e}"));
-    let clean = builder
-        .current_backends()
-        .unwrap_or_else(|| panic!("all set"));
-    let p = builder
-        .backends(faults::inject(
-            clean,
-            FaultPlan::new(Step::Bootstrap, Fault::Panic),
-        ))
+    let p = with_fault(&config, FaultPlan::new(Step::Bootstrap, Fault::Panic))
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
     let mut events = p.subscribe();
@@ -185,23 +162,9 @@ async fn a_failure_after_boot_destroys_the_running_guest() {
         .await
         .expect_err("bootstrap panics");
     assert_eq!(e.step(), Some(Step::Bootstrap));
-    let mut ip = None;
-    let mut booted = false;
-    while let Some(ev) = events.try_recv() {
-        match &ev.kind {
-            EventKind::StepFinished {
-                step: Step::Ip,
-                result,
-                ..
-            } => {
-                ip = result["ip"].as_str().and_then(|s| s.parse().ok());
-            }
-            EventKind::StepFinished {
-                step: Step::Domain, ..
-            } => booted = true,
-            _ => {}
-        }
-    }
+    let all = events.drain();
+    let (ip, _) = run_addresses(&all);
+    let booted = finished(&all, Step::Domain);
     assert!(booted, "the guest had booted before the failure");
     let fqdn = format!("{name}.{}", lab.var("dns_zone"));
     let left = env.leftovers(name.as_str(), &fqdn, ip);

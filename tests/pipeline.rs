@@ -9,7 +9,7 @@ use std::time::Duration;
 use devvm_core::memory::MemoryBackends;
 use devvm_core::testkit::faults::{self, Fault, FaultPlan};
 use devvm_core::{
-    BootstrapSettings, CancelToken, ErrorKind, Event, EventKind, IpAllocator, Lease, Placement,
+    BootstrapSettings, CancelToken, ErrorKind, EventKind, IpAllocator, Lease, Placement,
     ProvisionRequest, Provisioner, RequestId, Step, Timeouts, VmName, VmSize, async_trait,
 };
 use devvm_tests::{reference_backends, user};
@@ -60,14 +60,6 @@ fn held(f: &Fixture) -> usize {
     f.mem.held_total().unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn drain(sub: &mut devvm_core::Subscription) -> Vec<Event> {
-    let mut out = Vec::new();
-    while let Some(e) = sub.try_recv() {
-        out.push(e);
-    }
-    out
-}
-
 #[tokio::test]
 async fn provision_runs_every_step_and_deprovision_undoes_them() {
     let f = fixture();
@@ -103,7 +95,7 @@ async fn provision_runs_every_step_and_deprovision_undoes_them() {
         assert_eq!(held_per_step.get(step), Some(&1), "{step}");
     }
 
-    let events = drain(&mut sub);
+    let events = sub.drain();
     assert!(matches!(
         events.first().map(|e| &e.kind),
         Some(EventKind::RunStarted { .. })
@@ -171,7 +163,8 @@ async fn provision_runs_every_step_and_deprovision_undoes_them() {
             .unwrap_or_else(|e| panic!("{e}"))
             .is_empty()
     );
-    let undone: Vec<Step> = drain(&mut sub)
+    let undone: Vec<Step> = sub
+        .drain()
         .into_iter()
         .filter_map(|e| match e.kind {
             EventKind::StepUndone { step } => Some(step),
@@ -379,7 +372,7 @@ async fn a_fault_at_any_step_leaves_nothing_behind() {
                     .is_empty(),
                 "{ctx}"
             );
-            let events = drain(&mut sub);
+            let events = sub.drain();
             assert!(
                 events.iter().any(
                     |e| matches!(&e.kind, EventKind::StepFailed { step: s, .. } if *s == step)
@@ -547,8 +540,8 @@ async fn every_subscriber_sees_every_event() {
     f.p.provision(ProvisionRequest::new(user("alice")))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let ea = drain(&mut a);
-    let eb = drain(&mut b);
+    let ea = a.drain();
+    let eb = b.drain();
     assert!(
         ea.len() >= 18,
         "run started, 8 x started/finished, run finished"

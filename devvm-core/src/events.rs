@@ -176,6 +176,11 @@ impl Subscription {
         self.rx.try_recv().ok()
     }
 
+    /// Every event waiting now, without blocking.
+    pub fn drain(&mut self) -> Vec<Event> {
+        std::iter::from_fn(|| self.try_recv()).collect()
+    }
+
     /// Whether the provisioner is gone (no event will ever arrive again once the
     /// queued ones are read).
     pub fn is_closed(&self) -> bool {

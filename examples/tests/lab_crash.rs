@@ -6,7 +6,6 @@
 //! and fails instead of skipping when `DEVVM_REQUIRE_LAB=1`.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 
 use devvm_examples::lab::LabEnv;
@@ -27,14 +26,9 @@ fn lab() -> Option<LabEnv> {
 fn a_provisioner_killed_mid_run_is_recovered_without_leaks() {
     let Some(env) = lab() else { return };
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = Command::new(root.join("scripts/lab-config"))
-        .arg(dir.path().join("state"))
-        .output()
-        .unwrap_or_else(|e| panic!("scripts/lab-config: {e}"));
-    assert!(out.status.success());
-    let config = dir.path().join("devvm.toml");
-    std::fs::write(&config, out.stdout).unwrap_or_else(|e| panic!("{e}"));
+    let config = env
+        .write_config(dir.path())
+        .unwrap_or_else(|e| panic!("{e}"));
     let name = format!("crash-{}", std::process::id());
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_devvm"))

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: reference backends wired to state files in a
 //! test directory, and a config file describing the same backends.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -199,18 +200,45 @@ impl Lab {
     /// Writes the lab's devvm config (from `scripts/lab-config`) into `dir`, with its
     /// journal in `dir/state`, and returns its path.
     pub fn write_config(&self, dir: &Path) -> PathBuf {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let out = std::process::Command::new(root.join("scripts/lab-config"))
-            .arg(dir.join("state"))
-            .output()
-            .unwrap_or_else(|e| panic!("scripts/lab-config: {e}"));
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let path = dir.join("devvm.toml");
-        std::fs::write(&path, out.stdout).unwrap_or_else(|e| panic!("{e}"));
-        path
+        devvm_examples::lab::LabEnv::from_env()
+            .unwrap_or_else(|| panic!("lab environment"))
+            .write_config(dir)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
+}
+
+/// The address and fqdn a run had leased and published, from its events (to check the
+/// services for leftovers after a failed run).
+pub fn run_addresses(events: &[devvm_core::Event]) -> (Option<IpAddr>, Option<String>) {
+    let mut ip = None;
+    let mut fqdn = None;
+    for e in events {
+        if let devvm_core::EventKind::StepFinished { step, result, .. } = &e.kind {
+            match step {
+                devvm_core::Step::Ip => ip = result["ip"].as_str().and_then(|s| s.parse().ok()),
+                devvm_core::Step::Dns => fqdn = result["fqdn"].as_str().map(str::to_owned),
+                _ => {}
+            }
+        }
+    }
+    (ip, fqdn)
+}
+
+/// Whether `step` finished in `events`.
+pub fn finished(events: &[devvm_core::Event], step: devvm_core::Step) -> bool {
+    events.iter().any(
+        |e| matches!(&e.kind, devvm_core::EventKind::StepFinished { step: s, .. } if *s == step),
+    )
+}
+
+/// A builder from `config` whose backend of `plan.step` fails as planned.
+pub fn with_fault(
+    config: &devvm_core::config::Config,
+    plan: devvm_core::testkit::faults::FaultPlan,
+) -> devvm_core::ProvisionerBuilder {
+    let builder = config.builder().unwrap_or_else(|e| panic!("{e}"));
+    let clean = builder
+        .current_backends()
+        .unwrap_or_else(|| panic!("the config leaves a backend unset"));
+    builder.backends(devvm_core::testkit::faults::inject(clean, plan))
 }
