@@ -118,8 +118,10 @@ async fn run(args: Args) -> Result<bool, String> {
     );
     if args.keep {
         println!(
-            "kept: ssh root@{} (inside the lab: scripts/lab exec ssh -i $DEVVM_LAB_SSH_KEY root@{})",
-            vm.ip, vm.ip
+            "kept {name}: log in with `scripts/lab exec ssh -i $DEVVM_LAB_SSH_KEY root@{ip}`; \
+             remove it with `scripts/demo --remove {name}`",
+            name = vm.name,
+            ip = vm.ip
         );
     } else {
         p.deprovision(&vm.name)
