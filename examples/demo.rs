@@ -107,7 +107,7 @@ async fn run(args: Args) -> Result<bool, String> {
     let seconds = start.elapsed().as_secs_f64();
     let dns_ok = env.dns_a(&vm.fqdn) == vec![vm.ip.to_string()]
         && env.dns_ptr(vm.ip) == vec![vm.fqdn.clone()];
-    let reachable = ssh_answers(vm.ip, Duration::from_secs(5));
+    let reachable = ssh_answers(vm.ip, Duration::from_secs(60));
     println!(
         "{}",
         serde_json::json!({

@@ -493,7 +493,9 @@ impl AuthGoiardi {
             .unwrap_or_else(|e| panic!("goiardi: {e}"));
         let url = format!("http://127.0.0.1:{port}");
         let g = AuthGoiardi { child, url, conf };
-        for _ in 0..100 {
+        // Poll until it answers; a generous limit only bounds a goiardi that never starts.
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while std::time::Instant::now() < deadline {
             if http_status(&format!("{}/nodes", g.url)) == 401
                 && g.conf.path().join("admin.pem").exists()
             {

@@ -9,7 +9,6 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use devvm_core::backends::rfc2136::{Rfc2136Config, Rfc2136Dns};
 use devvm_core::testkit::conformance::{DnsUpdaterFixture, dns_updater};
@@ -345,7 +344,6 @@ async fn an_unreachable_server_is_unavailable_and_retryable() {
         ],
     );
     let vm = unique_vm_name("down");
-    let started = Instant::now();
     for err in [
         dns.publish(&vm, ip("10.99.0.249")).await.expect_err("down"),
         dns.resolve(&vm).await.expect_err("down"),
@@ -359,10 +357,6 @@ async fn an_unreachable_server_is_unavailable_and_retryable() {
         assert!(err.is_retryable(), "{err}");
         assert_eq!(err.backend_name(), Some("rfc2136"));
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(7),
-        "within the timeouts"
-    );
 }
 
 /// Names that could smuggle DNS syntax never reach the backend: `VmName` refuses them.

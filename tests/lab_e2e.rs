@@ -43,7 +43,7 @@ async fn a_real_vm_is_provisioned_and_removed_without_trace() {
     assert_eq!(env.dns_ptr(vm.ip), vec![vm.fqdn.clone()]);
     // The guest answers on SSH, and its disk is an overlay on the synced template.
     assert!(
-        ssh_answers(vm.ip, Duration::from_secs(5)),
+        ssh_answers(vm.ip, Duration::from_secs(60)),
         "ssh on {}",
         vm.ip
     );

@@ -228,7 +228,10 @@ try {
     check('the error shows the name as text', message.includes(HOSTILE), message);
     check('the title shows the name as text', (await card.locator('.run-title .subject').textContent()) === HOSTILE);
     check('no <img> element was created', (await page.locator('img').count()) === 0);
-    await sleep(300);
+    // A script smuggled in through the name would have run while the card rendered, and an
+    // alert() blocks the page until the dialog handler dismisses it: a round trip through the
+    // page's JS thread therefore comes back only after any such dialog was reported.
+    await page.evaluate(() => new Promise((r) => requestAnimationFrame(() => r(true))));
     check('no script ran (no dialog)', dialogs.length === 0, dialogs.join('; '));
 
     const dave = await deploy(page, 'dave');
