@@ -56,6 +56,11 @@ fn line(kind: &EventKind, t: f64) -> Option<String> {
         EventKind::UndoFailed { failure } => {
             format!("{:>9}  ✗ undo failed: {failure}", failure.step)
         }
+        EventKind::LeftAlone {
+            step,
+            resource,
+            holder,
+        } => format!("{step:>9}  ↷ left alone: {resource} (held by {holder})"),
         _ => return None,
     };
     Some(format!("[{t:6.1}s] {s}"))

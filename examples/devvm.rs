@@ -143,6 +143,15 @@ impl Display {
                 format!("✗ undo failed: {failure}"),
                 Some(false),
             ),
+            EventKind::LeftAlone {
+                step,
+                resource,
+                holder,
+            } => (
+                *step,
+                format!("↷ left alone: {resource} (held by {holder})"),
+                None,
+            ),
             _ => return,
         };
         let (step, message, done) = line;

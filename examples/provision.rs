@@ -50,6 +50,11 @@ fn describe(kind: &EventKind) -> Option<String> {
         EventKind::StepFailed { step, error } => format!("[{step}] FAILED: {}", error.message),
         EventKind::StepUndone { step } => format!("[{step}] undone"),
         EventKind::UndoFailed { failure } => format!("[{}] UNDO FAILED: {failure}", failure.step),
+        EventKind::LeftAlone {
+            step,
+            resource,
+            holder,
+        } => format!("[{step}] left alone: {resource} (held by {holder})"),
         EventKind::RunFinished { .. } => "finished".to_owned(),
         EventKind::RunFailed { error } => format!("failed: {}", error.message),
         _ => return None,

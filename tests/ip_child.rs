@@ -58,7 +58,11 @@ fn run() -> Result<(), String> {
                 for i in 0..per_thread {
                     let vm =
                         VmName::new(format!("{prefix}-t{t}-{i}")).map_err(|e| e.to_string())?;
-                    let lease = rt.block_on(a.allocate(&vm)).map_err(|e| e.to_string())?;
+                    let owner = devvm_core::RequestId::new(format!("{vm}-owner"))
+                        .map_err(|e| e.to_string())?;
+                    let lease = rt
+                        .block_on(a.allocate(&vm, &owner))
+                        .map_err(|e| e.to_string())?;
                     out.push(format!("{vm} {}", lease.ip));
                 }
                 Ok(out)

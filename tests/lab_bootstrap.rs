@@ -21,7 +21,7 @@ use devvm_core::config::Config;
 use devvm_core::testkit::unique_vm_name;
 use devvm_core::{
     BootstrapSettings, Bootstrapper, ErrorKind, Event, EventKind, ProvisionRequest, Provisioner,
-    Step,
+    Step, Undone,
 };
 use devvm_examples::lab::LabEnv;
 use devvm_tests::{Lab, run_addresses};
@@ -407,6 +407,7 @@ async fn a_shell_bootstrap_runs_and_a_wrong_host_key_is_refused_before_anything_
     let b = shell(&lab, "echo should-not-run > /root/devvm-must-not-exist\n");
     let mut target = devvm_core::BootstrapTarget {
         vm: vm.name.clone(),
+        request_id: vm.request_id.clone(),
         fqdn: vm.fqdn.clone(),
         ip: vm.ip,
         owner: devvm_core::User {
@@ -542,10 +543,11 @@ async fn unregister_signs_chef_requests_v1_3_for_servers_with_auth() {
         .unwrap_or_else(|| panic!("server_admin set"));
     assert!(server.signs());
     let vm = unique_vm_name("signed");
+    let rid = devvm_core::RequestId::random();
     let node = serde_json::json!({
         "name": vm.as_str(), "json_class": "Chef::Node", "chef_type": "node",
         "chef_environment": "_default", "run_list": [],
-        "normal": {}, "default": {}, "override": {}, "automatic": {}
+        "normal": {"devvm": {"request_id": rid.as_str()}}, "default": {}, "override": {}, "automatic": {}
     })
     .to_string();
     let client = serde_json::json!({"name": vm.as_str(), "admin": false}).to_string();
@@ -571,12 +573,25 @@ async fn unregister_signs_chef_requests_v1_3_for_servers_with_auth() {
         .expect_err("unsigned delete refused");
     assert_eq!(refused.kind(), ErrorKind::Unauthorized, "{refused}");
 
-    b.unregister(&vm)
+    // Another request's unregister leaves the node (and its client) alone.
+    let other = devvm_core::RequestId::random();
+    let theirs = b
+        .unregister(&vm, &other)
         .await
-        .unwrap_or_else(|e| panic!("unregister: {e}"));
-    b.unregister(&vm)
-        .await
-        .unwrap_or_else(|e| panic!("unregister again (404 is success): {e}"));
+        .unwrap_or_else(|e| panic!("unregister by another request: {e}"));
+    assert_eq!(theirs, Undone::foreign(rid.as_str()), "left alone");
+    assert_eq!(
+        b.unregister(&vm, &rid)
+            .await
+            .unwrap_or_else(|e| panic!("unregister: {e}")),
+        Undone::Removed
+    );
+    assert_eq!(
+        b.unregister(&vm, &rid)
+            .await
+            .unwrap_or_else(|e| panic!("unregister again (404 is success): {e}")),
+        Undone::Absent
+    );
     let s3 = server.clone();
     let vm3 = vm.clone();
     let after = tokio::task::spawn_blocking(move || {
@@ -601,6 +616,6 @@ async fn unregister_signs_chef_requests_v1_3_for_servers_with_auth() {
     );
     let wrong =
         ChefBootstrapper::from_config(&wrong, Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
-    let e = wrong.unregister(&vm).await.expect_err("wrong key");
+    let e = wrong.unregister(&vm, &rid).await.expect_err("wrong key");
     assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
 }

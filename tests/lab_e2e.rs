@@ -91,6 +91,7 @@ async fn a_real_vm_is_provisioned_and_removed_without_trace() {
                 memory_mib: 256,
                 disk_gib: 1,
             },
+            &devvm_core::RequestId::random(),
         )
         .await
         .expect_err("the running vm fills the host");

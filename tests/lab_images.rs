@@ -21,6 +21,11 @@ struct Setup {
     store: GlanceImageStore,
 }
 
+/// The one owner of the disks these tests make.
+fn own() -> devvm_core::RequestId {
+    devvm_core::RequestId::new("lab-images-test").unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn setup(lab: &Lab, extra: &str) -> Setup {
     setup_url(lab.var("glance_url"), extra)
 }
@@ -352,7 +357,7 @@ async fn an_overlay_is_backed_by_the_template() {
     let vm = vm("overlay");
     let d = s
         .store
-        .create_disk(&vm, &host(), &t, 3, &Progress::discard())
+        .create_disk(&vm, &host(), &t, 3, &own(), &Progress::discard())
         .await
         .unwrap_or_else(|e| panic!("{e:?}"));
     assert_eq!(d.path, s.disks.join(format!("{vm}.qcow2")));
@@ -363,7 +368,7 @@ async fn an_overlay_is_backed_by_the_template() {
     assert_eq!(info["backing-filename-format"], "qcow2");
     assert_eq!(files_in(&s.disks), vec![format!("{vm}.qcow2")]);
     s.store
-        .delete_disk(&vm, &host())
+        .delete_disk(&vm, &host(), &own())
         .await
         .unwrap_or_else(|e| panic!("{e:?}"));
     assert!(files_in(&s.disks).is_empty());
@@ -379,7 +384,7 @@ async fn copy_mode_makes_a_standalone_disk() {
     let vm = vm("copy");
     let d = s
         .store
-        .create_disk(&vm, &host(), &t, 2, &Progress::discard())
+        .create_disk(&vm, &host(), &t, 2, &own(), &Progress::discard())
         .await
         .unwrap_or_else(|e| panic!("{e:?}"));
     let info = qemu_info(&d.path);
@@ -400,7 +405,7 @@ async fn copy_mode_makes_a_standalone_disk() {
         String::from_utf8_lossy(&cmp.stdout)
     );
     s.store
-        .delete_disk(&vm, &host())
+        .delete_disk(&vm, &host(), &own())
         .await
         .unwrap_or_else(|e| panic!("{e:?}"));
     assert!(files_in(&s.disks).is_empty());
@@ -495,7 +500,7 @@ async fn the_newest_image_with_the_tag_wins() {
     // A disk smaller than the template's virtual size (3 GiB) is refused.
     let e = s
         .store
-        .create_disk(&vm("small"), &host(), &got, 1, &Progress::discard())
+        .create_disk(&vm("small"), &host(), &got, 1, &own(), &Progress::discard())
         .await
         .err();
     assert_eq!(e.map(|e| e.kind()), Some(ErrorKind::InvalidInput));
@@ -511,7 +516,7 @@ async fn the_newest_image_with_the_tag_wins() {
     let vm = vm("keep");
     let d = s
         .store
-        .create_disk(&vm, &host(), &s_old, 3, &Progress::discard())
+        .create_disk(&vm, &host(), &s_old, 3, &own(), &Progress::discard())
         .await
         .unwrap_or_else(|e| panic!("{e:?}"));
     std::thread::sleep(std::time::Duration::from_millis(1100));
@@ -526,12 +531,12 @@ async fn the_newest_image_with_the_tag_wins() {
     // The same vm again returns its existing disk.
     let again = s
         .store
-        .create_disk(&vm, &host(), &s_new, 4, &Progress::discard())
+        .create_disk(&vm, &host(), &s_new, 4, &own(), &Progress::discard())
         .await
         .unwrap_or_else(|e| panic!("{e:?}"));
     assert_eq!(again, d);
     s.store
-        .delete_disk(&vm, &host())
+        .delete_disk(&vm, &host(), &own())
         .await
         .unwrap_or_else(|e| panic!("{e:?}"));
 }
@@ -579,7 +584,14 @@ async fn a_crafted_cache_entry_cannot_escape() {
         forged.path = path;
         let e = s
             .store
-            .create_disk(&vm("forged"), &host(), &forged, 2, &Progress::discard())
+            .create_disk(
+                &vm("forged"),
+                &host(),
+                &forged,
+                2,
+                &own(),
+                &Progress::discard(),
+            )
             .await
             .err();
         assert!(

@@ -187,12 +187,12 @@ async fn a_guest_boots_answers_ssh_and_leaves_nothing() {
         "the serial console is logged"
     );
 
-    g.hv.destroy(vm, &g.spec.host)
+    g.hv.destroy(vm, &g.spec.host, &g.spec.request_id)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let (exists, _) = virsh(&lab, &["dominfo", vm.as_str()]);
     assert!(!exists, "destroyed and undefined");
-    g.hv.destroy(vm, &g.spec.host)
+    g.hv.destroy(vm, &g.spec.host, &g.spec.request_id)
         .await
         .unwrap_or_else(|e| panic!("destroy again: {e}"));
 }

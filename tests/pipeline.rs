@@ -10,7 +10,7 @@ use devvm_core::memory::MemoryBackends;
 use devvm_core::testkit::faults::{self, Fault, FaultPlan};
 use devvm_core::{
     BootstrapSettings, CancelToken, ErrorKind, EventKind, IpAllocator, Lease, Placement,
-    ProvisionRequest, Provisioner, RequestId, Step, Timeouts, VmName, VmSize, async_trait,
+    ProvisionRequest, Provisioner, RequestId, Step, Timeouts, Undone, VmName, VmSize, async_trait,
 };
 use devvm_tests::{reference_backends, user};
 
@@ -472,12 +472,13 @@ async fn independent_steps_run_concurrently() {
             &self,
             vm: &VmName,
             size: &VmSize,
+            owner: &RequestId,
         ) -> devvm_core::Result<devvm_core::HostId> {
             self.1.wait().await;
-            self.0.reserve(vm, size).await
+            self.0.reserve(vm, size, owner).await
         }
-        async fn release(&self, vm: &VmName) -> devvm_core::Result<()> {
-            self.0.release(vm).await
+        async fn release(&self, vm: &VmName, owner: &RequestId) -> devvm_core::Result<Undone> {
+            self.0.release(vm, owner).await
         }
         async fn reservation(&self, vm: &VmName) -> devvm_core::Result<Option<devvm_core::HostId>> {
             self.0.reservation(vm).await
@@ -488,12 +489,12 @@ async fn independent_steps_run_concurrently() {
         fn backend(&self) -> &str {
             "meet"
         }
-        async fn allocate(&self, vm: &VmName) -> devvm_core::Result<Lease> {
+        async fn allocate(&self, vm: &VmName, owner: &RequestId) -> devvm_core::Result<Lease> {
             self.1.wait().await;
-            self.0.allocate(vm).await
+            self.0.allocate(vm, owner).await
         }
-        async fn release(&self, vm: &VmName) -> devvm_core::Result<()> {
-            self.0.release(vm).await
+        async fn release(&self, vm: &VmName, owner: &RequestId) -> devvm_core::Result<Undone> {
+            self.0.release(vm, owner).await
         }
         async fn lease(&self, vm: &VmName) -> devvm_core::Result<Option<Lease>> {
             self.0.lease(vm).await
@@ -632,4 +633,154 @@ async fn from_config_builds_a_working_provisioner() {
 
     let missing = Provisioner::from_config(dir.path().join("nope.toml")).expect_err("no file");
     assert_eq!(missing.kind(), ErrorKind::NotFound);
+}
+
+/// What a foreign resource of the VM's name is, for [`a_foreign_resource_of_the_name_is_refused_and_left_alone`].
+#[derive(Debug, Clone, Copy)]
+enum Foreign {
+    Slot,
+    Lease,
+    Record,
+    Disk,
+    Domain,
+}
+
+/// Another tool (or another provisioner sharing the hosts, pool, lease and DNS data) holds
+/// a resource of the name a run asks for: the run fails with `AlreadyExists` (`Conflict`
+/// for DNS), the foreign resource survives the rollback untouched, the rollback reports it
+/// as left alone (not as an undo failure), and nothing of the run's own is left behind.
+#[tokio::test]
+async fn a_foreign_resource_of_the_name_is_refused_and_left_alone() {
+    use devvm_core::{DnsUpdater, Hypervisor, ImageStore, Progress};
+    let host = devvm_core::HostId::new("host-a").unwrap_or_else(|e| panic!("{e}"));
+    for foreign in [
+        Foreign::Slot,
+        Foreign::Lease,
+        Foreign::Record,
+        Foreign::Disk,
+        Foreign::Domain,
+    ] {
+        let f = fixture();
+        let (vm, other) = (name("taken"), RequestId::random());
+        let size = VmSize::default();
+        let p = Progress::discard();
+        let (expect, step) = match foreign {
+            Foreign::Slot => {
+                let h = f.mem.placement.reserve(&vm, &size, &other).await;
+                h.unwrap_or_else(|e| panic!("{e}"));
+                (ErrorKind::AlreadyExists, Step::Placement)
+            }
+            Foreign::Lease => {
+                let l = f.mem.ip.allocate(&vm, &other).await;
+                l.unwrap_or_else(|e| panic!("{e}"));
+                (ErrorKind::AlreadyExists, Step::Ip)
+            }
+            Foreign::Record => {
+                let fqdn = f.mem.dns.fqdn(&vm);
+                f.mem
+                    .dns
+                    .insert_foreign(&fqdn, [192, 0, 2, 7].into())
+                    .unwrap_or_else(|e| panic!("{e}"));
+                (ErrorKind::Conflict, Step::Dns)
+            }
+            Foreign::Disk | Foreign::Domain => {
+                let template = devvm_core::TemplateName::new(devvm_tests::TEMPLATE)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let t = f.mem.images.prepare(&template, &p).await;
+                let t = t.unwrap_or_else(|e| panic!("{e}"));
+                let disk = f
+                    .mem
+                    .images
+                    .create_disk(&vm, &host, &t, size.disk_gib, &other, &p)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                if matches!(foreign, Foreign::Disk) {
+                    (ErrorKind::AlreadyExists, Step::Disk)
+                } else {
+                    // Only a domain of that name is foreign here: the disk made to build
+                    // its spec goes again.
+                    f.mem
+                        .images
+                        .delete_disk(&vm, &host, &other)
+                        .await
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    let spec = devvm_core::DomainSpec {
+                        name: vm.clone(),
+                        host: host.clone(),
+                        size,
+                        disk,
+                        template: t,
+                        lease: devvm_core::Lease {
+                            vm: vm.clone(),
+                            ip: [192, 0, 2, 8].into(),
+                            prefix_len: 24,
+                            gateway: None,
+                        },
+                        fqdn: "elsewhere.example".into(),
+                        owner: user("bob"),
+                        request_id: other.clone(),
+                        ssh_keys: Vec::new(),
+                        seed: None,
+                    };
+                    let d = f.mem.hypervisor.create(&spec, &p).await;
+                    d.unwrap_or_else(|e| panic!("{e}"));
+                    (ErrorKind::AlreadyExists, Step::Domain)
+                }
+            }
+        };
+        let before = f.mem.held().unwrap_or_else(|e| panic!("{e}"));
+        let mut sub = f.p.subscribe();
+        let e =
+            f.p.provision(ProvisionRequest::new(user("alice")).with_name(vm.clone()))
+                .await
+                .expect_err("the name is taken");
+        let ctx = format!("{foreign:?}: {e}");
+        assert_eq!(e.kind(), expect, "{ctx}");
+        assert_eq!(e.step(), Some(step), "{ctx}");
+        assert!(
+            e.undo_failures().is_empty(),
+            "{ctx}: {:?}",
+            e.undo_failures()
+        );
+        assert_eq!(
+            f.mem.held().unwrap_or_else(|e| panic!("{e}")),
+            before,
+            "{ctx}: exactly the foreign resource is held, nothing of the run's"
+        );
+        let left_alone: Vec<Step> = sub
+            .drain()
+            .into_iter()
+            .filter_map(|ev| match ev.kind {
+                EventKind::LeftAlone { step, .. } => Some(step),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            left_alone.contains(&step),
+            "{ctx}: the rollback reports the foreign resource left alone: {left_alone:?}"
+        );
+        // Still the foreign owner's: it can remove it, the run could not.
+        match foreign {
+            Foreign::Slot => assert_eq!(
+                f.mem.placement.release(&vm, &other).await.ok(),
+                Some(Undone::Removed)
+            ),
+            Foreign::Lease => assert_eq!(
+                f.mem.ip.release(&vm, &other).await.ok(),
+                Some(Undone::Removed)
+            ),
+            Foreign::Record => assert_eq!(
+                f.mem.dns.resolve(&vm).await.ok(),
+                Some(vec![[192, 0, 2, 7].into()])
+            ),
+            Foreign::Disk => assert_eq!(
+                f.mem.images.delete_disk(&vm, &host, &other).await.ok(),
+                Some(Undone::Removed)
+            ),
+            Foreign::Domain => assert_eq!(
+                f.mem.hypervisor.destroy(&vm, &host, &other).await.ok(),
+                Some(Undone::Removed)
+            ),
+        }
+    }
 }

@@ -48,13 +48,14 @@ async fn round(a: &SqliteIpAllocator, tag: &str, r: usize) -> Duration {
     let vms: Vec<VmName> = (0..PER_ROUND)
         .map(|i| VmName::new(format!("{tag}-{r}-{i}")).unwrap())
         .collect();
+    let owner = devvm_core::RequestId::new(format!("bench-{tag}-{r}")).unwrap();
     let start = Instant::now();
     for vm in &vms {
-        a.allocate(vm).await.unwrap();
+        a.allocate(vm, &owner).await.unwrap();
     }
     let t = start.elapsed();
     for vm in &vms {
-        a.release(vm).await.unwrap();
+        a.release(vm, &owner).await.unwrap();
     }
     t / PER_ROUND as u32
 }

@@ -94,6 +94,17 @@ pub enum EventKind {
         /// What is still held.
         failure: UndoFailure,
     },
+    /// An undo found a resource of this VM's name that the run did not make (another
+    /// request's, or one made by hand) and left it alone. Not a failure: the step counts
+    /// as undone.
+    LeftAlone {
+        /// The step.
+        step: Step,
+        /// What was left alone (`domain web-1 on qemu:///system`).
+        resource: String,
+        /// Who holds it, as far as the backend can tell.
+        holder: String,
+    },
     /// The run finished.
     RunFinished {
         /// The VM, for a provision; `None` for a deprovision or recovery. (Named apart
@@ -118,6 +129,7 @@ impl EventKind {
             | EventKind::StepFailed { step, .. }
             | EventKind::StepUndone { step } => Some(*step),
             EventKind::UndoFailed { failure } => Some(failure.step),
+            EventKind::LeftAlone { step, .. } => Some(*step),
             _ => None,
         }
     }

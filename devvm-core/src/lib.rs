@@ -50,7 +50,7 @@ pub use traits::{
 pub use types::{
     BootSpec, BootstrapReport, BootstrapSettings, BootstrapTarget, Disk, DiskFormat, DnsRecord,
     Domain, DomainSpec, HostId, Lease, ProvisionRequest, RequestId, ResolvedRequest, Step,
-    Template, TemplateName, User, UserName, Vm, VmName, VmSize,
+    Template, TemplateName, Undone, User, UserName, Vm, VmName, VmSize,
 };
 
 /// Re-exported so that implementors need not depend on `async-trait` themselves.

@@ -29,7 +29,7 @@ use crate::traits::{
 };
 use crate::types::{
     BootSpec, BootstrapReport, BootstrapTarget, Disk, DiskFormat, DnsRecord, Domain, DomainSpec,
-    HostId, Lease, Template, TemplateName, User, UserName, VmName, VmSize,
+    HostId, Lease, RequestId, Template, TemplateName, Undone, User, UserName, VmName, VmSize,
 };
 
 /// State kept in memory or in a JSON file.
@@ -207,7 +207,29 @@ impl HostCapacity {
     }
 }
 
-type Reservations = BTreeMap<VmName, (HostId, VmSize)>;
+type Reservations = BTreeMap<VmName, (HostId, VmSize, RequestId)>;
+
+/// The same name held by another owner: what an acting method refuses.
+fn taken(what: &str, holder: &RequestId) -> Error {
+    Error::already_exists(format!("{what} is held by request {holder}"))
+}
+
+/// Removes `key` from `map` if `owner` holds it.
+fn release_owned<K: Ord, V>(
+    map: &mut BTreeMap<K, V>,
+    key: &K,
+    owner: &RequestId,
+    owner_of: impl Fn(&V) -> &RequestId,
+) -> Undone {
+    match map.get(key).map(&owner_of) {
+        None => Undone::Absent,
+        Some(o) if o == owner => {
+            map.remove(key);
+            Undone::Removed
+        }
+        Some(o) => Undone::foreign(o.as_str()),
+    }
+}
 
 /// Reference [`Placement`]: fixed host capacities, reservations in memory or a file.
 #[derive(Debug)]
@@ -243,15 +265,18 @@ impl Placement for MemoryPlacement {
         "memory"
     }
 
-    async fn reserve(&self, vm: &VmName, size: &VmSize) -> Result<HostId> {
+    async fn reserve(&self, vm: &VmName, size: &VmSize, owner: &RequestId) -> Result<HostId> {
         self.store.update(|res| {
-            if let Some((host, _)) = res.get(vm) {
+            if let Some((host, _, holder)) = res.get(vm) {
+                if holder != owner {
+                    return Err(taken(&format!("the slot of {vm}"), holder));
+                }
                 return Ok(host.clone());
             }
             let free = |h: &HostCapacity| {
-                let used = res.values().filter(|(id, _)| *id == h.id);
+                let used = res.values().filter(|(id, _, _)| *id == h.id);
                 let (mut c, mut m, mut d) = (0u64, 0u64, 0u64);
-                for (_, s) in used {
+                for (_, s, _) in used {
                     c += u64::from(s.vcpus);
                     m += s.memory_mib;
                     d += s.disk_gib;
@@ -272,20 +297,19 @@ impl Placement for MemoryPlacement {
                 .max_by_key(|(_, (_, m, _))| *m)
                 .map(|(h, _)| h.id.clone())
                 .ok_or_else(|| Error::exhausted("no host has room for this vm"))?;
-            res.insert(vm.clone(), (host.clone(), *size));
+            res.insert(vm.clone(), (host.clone(), *size, owner.clone()));
             Ok(host)
         })
     }
 
-    async fn release(&self, vm: &VmName) -> Result<()> {
-        self.store.update(|res| {
-            res.remove(vm);
-            Ok(())
-        })
+    async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
+        self.store
+            .update(|res| Ok(release_owned(res, vm, owner, |(_, _, o)| o)))
     }
 
     async fn reservation(&self, vm: &VmName) -> Result<Option<HostId>> {
-        self.store.read(|res| res.get(vm).map(|(h, _)| h.clone()))
+        self.store
+            .read(|res| res.get(vm).map(|(h, _, _)| h.clone()))
     }
 }
 
@@ -298,7 +322,7 @@ pub struct MemoryIpAllocator {
     subnet: Ipv4Net,
     gateway: Option<Ipv4Addr>,
     reserved: Vec<(Ipv4Addr, Ipv4Addr)>,
-    store: Store<BTreeMap<VmName, Ipv4Addr>>,
+    store: Store<BTreeMap<VmName, (Ipv4Addr, RequestId)>>,
 }
 
 impl MemoryIpAllocator {
@@ -350,34 +374,35 @@ impl IpAllocator for MemoryIpAllocator {
         "memory"
     }
 
-    async fn allocate(&self, vm: &VmName) -> Result<Lease> {
+    async fn allocate(&self, vm: &VmName, owner: &RequestId) -> Result<Lease> {
         let ip = self.store.update(|leases| {
-            if let Some(ip) = leases.get(vm) {
+            if let Some((ip, holder)) = leases.get(vm) {
+                if holder != owner {
+                    return Err(taken(&format!("the lease of {vm}"), holder));
+                }
                 return Ok(*ip);
             }
-            let taken: BTreeSet<Ipv4Addr> = leases.values().copied().collect();
+            let taken: BTreeSet<Ipv4Addr> = leases.values().map(|(ip, _)| *ip).collect();
             let ip = self
                 .subnet
                 .hosts()
                 .find(|ip| self.usable(*ip) && !taken.contains(ip))
                 .ok_or_else(|| Error::exhausted(format!("no free address in {}", self.subnet)))?;
-            leases.insert(vm.clone(), ip);
+            leases.insert(vm.clone(), (ip, owner.clone()));
             Ok(ip)
         })?;
         Ok(self.lease_of(vm, ip))
     }
 
-    async fn release(&self, vm: &VmName) -> Result<()> {
-        self.store.update(|leases| {
-            leases.remove(vm);
-            Ok(())
-        })
+    async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
+        self.store
+            .update(|leases| Ok(release_owned(leases, vm, owner, |(_, o)| o)))
     }
 
     async fn lease(&self, vm: &VmName) -> Result<Option<Lease>> {
         Ok(self
             .store
-            .read(|leases| leases.get(vm).copied())?
+            .read(|leases| leases.get(vm).map(|(ip, _)| *ip))?
             .map(|ip| self.lease_of(vm, ip)))
     }
 }
@@ -448,16 +473,25 @@ impl DnsUpdater for MemoryDns {
         Ok(DnsRecord { fqdn, ip })
     }
 
-    async fn remove(&self, vm: &VmName, ip: IpAddr) -> Result<()> {
+    async fn remove(&self, vm: &VmName, ip: IpAddr) -> Result<Undone> {
         let fqdn = self.fqdn(vm);
         self.store.update(|z| {
+            let mut removed = false;
             if z.a.get(&fqdn) == Some(&ip) {
                 z.a.remove(&fqdn);
+                removed = true;
             }
             if z.ptr.get(&ip) == Some(&fqdn) {
                 z.ptr.remove(&ip);
+                removed = true;
             }
-            Ok(())
+            Ok(if removed {
+                Undone::Removed
+            } else if let Some(other) = z.a.get(&fqdn) {
+                Undone::foreign(format!("the owner of {fqdn} -> {other}"))
+            } else {
+                Undone::Absent
+            })
         })
     }
 
@@ -481,7 +515,7 @@ fn host_key(vm: &VmName, host: &HostId) -> String {
 #[derive(Debug)]
 pub struct MemoryImages {
     templates: BTreeSet<TemplateName>,
-    store: Store<BTreeMap<String, Disk>>,
+    store: Store<BTreeMap<String, (Disk, RequestId)>>,
 }
 
 impl MemoryImages {
@@ -537,6 +571,7 @@ impl ImageStore for MemoryImages {
         host: &HostId,
         template: &Template,
         size_gib: u64,
+        owner: &RequestId,
         _progress: &Progress,
     ) -> Result<Disk> {
         self.template(&template.name)?;
@@ -545,7 +580,10 @@ impl ImageStore for MemoryImages {
         }
         self.store.update(|disks| {
             let key = host_key(vm, host);
-            if let Some(d) = disks.get(&key) {
+            if let Some((d, holder)) = disks.get(&key) {
+                if holder != owner {
+                    return Err(taken(&format!("the disk of {vm}"), holder));
+                }
                 return Ok(d.clone());
             }
             let disk = Disk {
@@ -554,21 +592,19 @@ impl ImageStore for MemoryImages {
                 format: DiskFormat::Qcow2,
                 size_gib,
             };
-            disks.insert(key, disk.clone());
+            disks.insert(key, (disk.clone(), owner.clone()));
             Ok(disk)
         })
     }
 
-    async fn delete_disk(&self, vm: &VmName, host: &HostId) -> Result<()> {
-        self.store.update(|disks| {
-            disks.remove(&host_key(vm, host));
-            Ok(())
-        })
+    async fn delete_disk(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<Undone> {
+        self.store
+            .update(|disks| Ok(release_owned(disks, &host_key(vm, host), owner, |(_, o)| o)))
     }
 
     async fn disk(&self, vm: &VmName, host: &HostId) -> Result<Option<Disk>> {
         self.store
-            .read(|disks| disks.get(&host_key(vm, host)).cloned())
+            .read(|disks| disks.get(&host_key(vm, host)).map(|(d, _)| d.clone()))
     }
 }
 
@@ -644,10 +680,11 @@ impl Hypervisor for MemoryHypervisor {
         Ok(d)
     }
 
-    async fn destroy(&self, vm: &VmName, host: &HostId) -> Result<()> {
+    async fn destroy(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<Undone> {
         self.store.update(|doms| {
-            doms.remove(&host_key(vm, host));
-            Ok(())
+            Ok(release_owned(doms, &host_key(vm, host), owner, |r| {
+                &r.request_id
+            }))
         })
     }
 
@@ -661,7 +698,7 @@ impl Hypervisor for MemoryHypervisor {
 /// `recipe[fail]` fails, like a failing Chef run.
 #[derive(Debug)]
 pub struct MemoryBootstrapper {
-    store: Store<BTreeSet<VmName>>,
+    store: Store<BTreeMap<VmName, RequestId>>,
 }
 
 impl Default for MemoryBootstrapper {
@@ -687,7 +724,7 @@ impl MemoryBootstrapper {
     }
     /// How many VMs are registered.
     pub fn held(&self) -> Result<usize> {
-        self.store.read(BTreeSet::len)
+        self.store.read(BTreeMap::len)
     }
 }
 
@@ -703,9 +740,14 @@ impl Bootstrapper for MemoryBootstrapper {
         progress: &Progress,
     ) -> Result<BootstrapReport> {
         // Register first, as a Chef client does before converging.
-        self.store.update(|reg| {
-            reg.insert(target.vm.clone());
-            Ok(())
+        self.store.update(|reg| match reg.get(&target.vm) {
+            Some(holder) if *holder != target.request_id => {
+                Err(taken(&format!("the registration of {}", target.vm), holder))
+            }
+            _ => {
+                reg.insert(target.vm.clone(), target.request_id.clone());
+                Ok(())
+            }
         })?;
         for item in &target.settings.run_list {
             progress.message(format!("applying {item}"));
@@ -722,11 +764,9 @@ impl Bootstrapper for MemoryBootstrapper {
         })
     }
 
-    async fn unregister(&self, vm: &VmName) -> Result<()> {
-        self.store.update(|reg| {
-            reg.remove(vm);
-            Ok(())
-        })
+    async fn unregister(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
+        self.store
+            .update(|reg| Ok(release_owned(reg, vm, owner, |o| o)))
     }
 }
 

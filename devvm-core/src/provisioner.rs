@@ -23,8 +23,8 @@ use crate::traits::{
 };
 use crate::types::{
     BootstrapReport, BootstrapSettings, BootstrapTarget, Disk, DnsRecord, DomainSpec, HostId,
-    Lease, ProvisionRequest, RequestId, ResolvedRequest, Step, Template, TemplateName, User, Vm,
-    VmName, VmSize,
+    Lease, ProvisionRequest, RequestId, ResolvedRequest, Step, Template, TemplateName, Undone,
+    User, Vm, VmName, VmSize,
 };
 
 /// The backend of every step.
@@ -86,7 +86,7 @@ pub struct Defaults {
 }
 
 /// How long each step (and its undo) may take before it fails with
-/// [`ErrorKind::Timeout`].
+/// [`ErrorKind::Timeout`]. The undo of a step gets the same limit as the step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timeouts {
     per_step: [Duration; 8],
@@ -987,9 +987,9 @@ impl Run {
         // Host, template and disk on one branch; address and DNS on the other.
         let storage = async {
             let placement = b.placement.clone();
-            let (vm, size) = (req.name.clone(), req.size);
+            let (vm, size, owner) = (req.name.clone(), req.size, req.request_id.clone());
             let host = self.step(Step::Placement, self.key(), move |_| async move {
-                placement.reserve(&vm, &size).await
+                placement.reserve(&vm, &size, &owner).await
             });
             let images = b.images.clone();
             let tname = req.template.clone();
@@ -999,11 +999,12 @@ impl Run {
             let (host, template) = tokio::join!(host, template);
             let (host, template) = (host?, template?);
             let images = b.images.clone();
-            let (vm, h, t, gib) = (
+            let (vm, h, t, gib, owner) = (
                 req.name.clone(),
                 host.clone(),
                 template.clone(),
                 req.size.disk_gib,
+                req.request_id.clone(),
             );
             let key = UndoKey {
                 host: Some(host.clone()),
@@ -1011,17 +1012,17 @@ impl Run {
             };
             let disk = self
                 .step(Step::Disk, key, move |p| async move {
-                    images.create_disk(&vm, &h, &t, gib, &p).await
+                    images.create_disk(&vm, &h, &t, gib, &owner, &p).await
                 })
                 .await?;
             Ok::<_, StepError>((host, template, disk))
         };
         let network = async {
             let ip = b.ip.clone();
-            let vm = req.name.clone();
+            let (vm, owner) = (req.name.clone(), req.request_id.clone());
             let lease = self
                 .step(Step::Ip, self.key(), move |_| async move {
-                    ip.allocate(&vm).await
+                    ip.allocate(&vm, &owner).await
                 })
                 .await?;
             let dns = b.dns.clone();
@@ -1051,6 +1052,7 @@ impl Run {
         let host_key = crate::seed::HostKey::generate().map_err(|e| e.with_step(Step::Domain))?;
         let mut target = BootstrapTarget {
             vm: req.name.clone(),
+            request_id: req.request_id.clone(),
             fqdn: record.fqdn.clone(),
             ip: lease.ip,
             owner: user.clone(),
@@ -1198,55 +1200,63 @@ fn resource(step: Step, key: &UndoKey) -> String {
     }
 }
 
-async fn undo_one(b: &Backends, step: Step, key: &UndoKey) -> Result<()> {
-    let vm = key.vm.clone();
-    let host = key.host.clone();
+/// Undoes one step of the run `owner`, within the step's own time limit.
+async fn undo_one(
+    b: &Backends,
+    step: Step,
+    key: &UndoKey,
+    owner: &RequestId,
+    limit: Duration,
+) -> Result<Undone> {
+    let (vm, host, owner) = (key.vm.clone(), key.host.clone(), owner.clone());
     match step {
         // Looking up a user and caching a template hold nothing for the VM.
-        Step::User | Step::Image => Ok(()),
+        Step::User | Step::Image => Ok(Undone::Absent),
         Step::Placement => {
             let p = b.placement.clone();
-            guarded(async move { p.release(&vm).await }, UNDO_LIMIT, None).await
+            guarded(async move { p.release(&vm, &owner).await }, limit, None).await
         }
         Step::Ip => {
             let ip = b.ip.clone();
-            guarded(async move { ip.release(&vm).await }, UNDO_LIMIT, None).await
+            guarded(async move { ip.release(&vm, &owner).await }, limit, None).await
         }
         Step::Dns => match key.ip {
             Some(addr) => {
                 let dns = b.dns.clone();
-                guarded(async move { dns.remove(&vm, addr).await }, UNDO_LIMIT, None).await
+                guarded(async move { dns.remove(&vm, addr).await }, limit, None).await
             }
-            None => Ok(()),
+            None => Ok(Undone::Absent),
         },
         Step::Disk => match host {
             Some(h) => {
                 let images = b.images.clone();
                 guarded(
-                    async move { images.delete_disk(&vm, &h).await },
-                    UNDO_LIMIT,
+                    async move { images.delete_disk(&vm, &h, &owner).await },
+                    limit,
                     None,
                 )
                 .await
             }
-            None => Ok(()),
+            None => Ok(Undone::Absent),
         },
         Step::Domain => match host {
             Some(h) => {
                 let hv = b.hypervisor.clone();
-                guarded(async move { hv.destroy(&vm, &h).await }, UNDO_LIMIT, None).await
+                guarded(
+                    async move { hv.destroy(&vm, &h, &owner).await },
+                    limit,
+                    None,
+                )
+                .await
             }
-            None => Ok(()),
+            None => Ok(Undone::Absent),
         },
         Step::Bootstrap => {
             let bs = b.bootstrap.clone();
-            guarded(async move { bs.unregister(&vm).await }, UNDO_LIMIT, None).await
+            guarded(async move { bs.unregister(&vm, &owner).await }, limit, None).await
         }
     }
 }
-
-/// How long one undo may take.
-const UNDO_LIMIT: Duration = Duration::from_secs(300);
 
 /// Undoes `todo` in reverse pipeline order. Every undo is tried even if an earlier one
 /// failed; the failures are returned, journaled and emitted.
@@ -1259,9 +1269,19 @@ async fn undo_steps(
     todo.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
     let mut failures = Vec::new();
     for (step, key) in todo {
-        let outcome = undo_one(&inner.backends, step, &key)
+        let outcome = undo_one(&inner.backends, step, &key, id, inner.timeouts.get(step))
             .await
             .map_err(|e| e.or_step(step).or_backend(inner.backends.name_of(step)));
+        if let Ok(Undone::Foreign { holder }) = &outcome {
+            let resource = resource(step, &key);
+            tracing::warn!(%step, %resource, %holder, "left alone: not this run's");
+            events.emit(EventKind::LeftAlone {
+                step,
+                resource,
+                holder: holder.clone(),
+            });
+        }
+        let outcome = outcome.map(drop);
         let info = outcome.as_ref().err().map(Error::info);
         let rid = id.clone();
         let record = inner

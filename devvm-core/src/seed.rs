@@ -9,8 +9,10 @@
 //!
 //! The YAML written here is a small block-style subset (mappings, lists, double-quoted
 //! scalars, `|` literal blocks) that real cloud-init and the lab's guest init both read.
-//! Every scalar is quoted and escaped by `serde_json` (a JSON string is a valid YAML
-//! double-quoted scalar), so no value can change the document's structure.
+//! Every key and every string is a double-quoted scalar whose line breaks, controls and
+//! other unprintable characters are escaped, so it is one line and reads back exactly;
+//! only printable-ASCII text that a literal block keeps exactly (a PEM key) is written as
+//! one. No value can change the document's structure.
 
 use std::fmt;
 use std::io::Write;
@@ -91,9 +93,55 @@ pub struct GuestSeed {
     pub cloud_config: serde_json::Map<String, Value>,
 }
 
+/// Writes `s` as a YAML double-quoted scalar that reads back as exactly `s`.
+///
+/// JSON's escaping is not enough: YAML also reads NEL, LS and PS as line breaks (folded
+/// inside a quoted scalar) and refuses DEL, the C1 controls and U+FFFE/U+FFFF as
+/// unprintable, and a BOM has a meaning of its own. All of them, every C0 control, `"`
+/// and `\` are escaped with YAML's escapes (`\x`, `\u`, `\N`, `\L`, `\P`), which YAML 1.1
+/// (PyYAML, hence cloud-init) and 1.2 both read. The result never holds a line break.
 fn quote(s: &str) -> String {
-    // A JSON string literal is a valid YAML double-quoted scalar.
-    Value::String(s.to_owned()).to_string()
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\u{85}' => out.push_str("\\N"),
+            '\u{2028}' => out.push_str("\\L"),
+            '\u{2029}' => out.push_str("\\P"),
+            '\0'..='\u{1f}' | '\u{7f}'..='\u{9f}' => {
+                out.push_str(&format!("\\x{:02X}", u32::from(c)));
+            }
+            '\u{feff}' | '\u{fffe}' | '\u{ffff}' => {
+                out.push_str(&format!("\\u{:04X}", u32::from(c)));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Whether `s` can be a `|` literal block that reads back as exactly `s`: printable
+/// ASCII only (no tab, and none of the line breaks YAML normalises or folds), a first
+/// line that is not indented (a block takes its indentation from it), no line of spaces
+/// only, and exactly one final newline (the block's default chomping keeps one).
+fn literal_block(s: &str) -> bool {
+    s.strip_suffix('\n').is_some_and(|body| {
+        !body.is_empty()
+            && !body.starts_with([' ', '\n'])
+            && body
+                .bytes()
+                .all(|b| b == b'\n' || (0x20..0x7f).contains(&b))
+            && body
+                .split('\n')
+                .all(|line| line.is_empty() || line.bytes().any(|b| b != b' '))
+            && !body.ends_with('\n')
+    })
 }
 
 /// Writes `value` as block YAML at `indent`, under a key line already written.
@@ -108,6 +156,8 @@ fn yaml_value(out: &mut String, value: &Value, indent: usize) {
         Value::Array(items) => {
             for item in items {
                 match item {
+                    Value::Object(m) if m.is_empty() => out.push_str(&format!("{pad}- {{}}\n")),
+                    Value::Array(a) if a.is_empty() => out.push_str(&format!("{pad}- []\n")),
                     Value::Object(_) | Value::Array(_) => {
                         out.push_str(&format!("{pad}-\n"));
                         yaml_value(out, item, indent + 2);
@@ -123,39 +173,65 @@ fn yaml_value(out: &mut String, value: &Value, indent: usize) {
 fn scalar(v: &Value) -> String {
     match v {
         Value::String(s) => quote(s),
+        Value::Number(n) => number(n),
         Value::Null => "null".to_owned(),
         other => other.to_string(),
     }
 }
 
-/// A key is written plain when it is a simple identifier, quoted otherwise.
-fn yaml_key(key: &str) -> String {
-    let simple = !key.is_empty()
-        && key.starts_with(|c: char| c.is_ascii_alphabetic())
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
-    if simple { key.to_owned() } else { quote(key) }
+/// A number as YAML 1.1 reads it back: a float needs a `.` and a signed exponent there
+/// (`1e100` and `1e-7` would be read as strings), so they are written `1.0e+100`, `1.0e-7`.
+fn number(n: &serde_json::Number) -> String {
+    let s = n.to_string();
+    if !n.is_f64() {
+        return s;
+    }
+    match s.split_once(['e', 'E']) {
+        Some((mantissa, exp)) => {
+            let dot = if mantissa.contains('.') { "" } else { ".0" };
+            let sign = if exp.starts_with(['+', '-']) { "" } else { "+" };
+            format!("{mantissa}{dot}e{sign}{exp}")
+        }
+        None if s.contains('.') => s,
+        None => format!("{s}.0"),
+    }
 }
 
+/// Quoted keys longer than this are written as explicit `? key` entries: YAML limits an
+/// implicit `key: value` key to 1024 characters, and PyYAML and libyaml enforce it.
+const MAX_IMPLICIT_KEY: usize = 1000;
+
+/// Writes `key: value` at `indent`. Every key is quoted: a plain `yes`, `null`, `on` or
+/// `1` would be read as a boolean, null or number, and `<<` as a merge.
 fn yaml_entry(out: &mut String, key: &str, value: &Value, indent: usize) {
     let pad = " ".repeat(indent);
-    let k = yaml_key(key);
+    let k = quote(key);
+    // Everything before the value: `"key":`, or `? "key"` and `:` on the next line.
+    let head = if k.chars().count() > MAX_IMPLICIT_KEY {
+        format!("{pad}? {k}\n{pad}:")
+    } else {
+        format!("{pad}{k}:")
+    };
     match value {
-        Value::Object(m) if m.is_empty() => out.push_str(&format!("{pad}{k}: {{}}\n")),
-        Value::Array(a) if a.is_empty() => out.push_str(&format!("{pad}{k}: []\n")),
+        Value::Object(m) if m.is_empty() => out.push_str(&format!("{head} {{}}\n")),
+        Value::Array(a) if a.is_empty() => out.push_str(&format!("{head} []\n")),
         Value::Object(_) | Value::Array(_) => {
-            out.push_str(&format!("{pad}{k}:\n"));
+            out.push_str(&format!("{head}\n"));
             yaml_value(out, value, indent + 2);
         }
-        Value::String(s) if s.contains('\n') => {
-            // A literal block keeps multi-line text (keys, scripts) exactly.
-            out.push_str(&format!("{pad}{k}: |\n"));
-            for line in s.trim_end_matches('\n').lines() {
-                out.push_str(&format!("{pad}  {line}\n"));
+        Value::String(s) if literal_block(s) => {
+            // A literal block keeps multi-line text (a private key) readable, and the
+            // lab's guest init reads it line by line.
+            out.push_str(&format!("{head} |\n"));
+            for line in s.strip_suffix('\n').unwrap_or(s).split('\n') {
+                if line.is_empty() {
+                    out.push('\n');
+                } else {
+                    out.push_str(&format!("{pad}  {line}\n"));
+                }
             }
         }
-        _ => out.push_str(&format!("{pad}{k}: {}\n", scalar(value))),
+        _ => out.push_str(&format!("{head} {}\n", scalar(value))),
     }
 }
 
@@ -330,16 +406,148 @@ mod tests {
         let ud = s.user_data();
         let text = ud.expose_secret();
         assert!(text.starts_with("#cloud-config\n"));
-        assert!(text.contains("hostname: \"web-1\"\n"));
-        assert!(text.contains("ssh_authorized_keys:\n  - \"ssh-ed25519 AAAA alice@x\"\n"));
+        assert!(text.contains("\"hostname\": \"web-1\"\n"));
+        assert!(text.contains("\"ssh_authorized_keys\":\n  - \"ssh-ed25519 AAAA alice@x\"\n"));
         // The hostile key stays one quoted scalar: its newline is escaped, not emitted.
         assert!(
             text.contains("  - \"ssh-rsa AAAA evil\\\"\\n- injected: true\"\n"),
             "{text}"
         );
         assert!(!text.contains("\n- injected"));
-        assert!(text.contains("ed25519_private: |\n    -----BEGIN OPENSSH PRIVATE KEY-----\n"));
-        assert!(text.contains("runcmd:\n  - \"echo hi\"\n  -\n    - \"sh\"\n"));
+        assert!(text.contains("\"ed25519_private\": |\n    -----BEGIN OPENSSH PRIVATE KEY-----\n"));
+        assert!(text.contains("\"runcmd\":\n  - \"echo hi\"\n  -\n    - \"sh\"\n"));
+    }
+
+    #[test]
+    fn quotes_and_backslashes_are_escaped() {
+        assert_eq!(quote(r#"a"b\c"#), r#""a\"b\\c""#);
+        assert_eq!(quote(r#"\""#), r#""\\\"""#);
+        assert_eq!(quote("'"), r#""'""#);
+        assert_eq!(quote(""), r#""""#);
+    }
+
+    #[test]
+    fn c0_controls_and_del_are_escaped() {
+        assert_eq!(quote("a\nb\rc\td"), r#""a\nb\rc\td""#);
+        assert_eq!(quote("\r\n"), r#""\r\n""#);
+        assert_eq!(quote("\0\u{1}\u{7}\u{8}"), r#""\x00\x01\x07\x08""#);
+        assert_eq!(quote("\u{b}\u{c}\u{1b}\u{1f}"), r#""\x0B\x0C\x1B\x1F""#);
+        assert_eq!(quote("\u{7f}"), r#""\x7F""#);
+    }
+
+    #[test]
+    fn c1_controls_and_unicode_line_breaks_are_escaped() {
+        assert_eq!(quote("x\u{85}y"), r#""x\Ny""#);
+        assert_eq!(quote("x\u{2028}bootcmd: y"), r#""x\Lbootcmd: y""#);
+        assert_eq!(quote("\u{2029}"), r#""\P""#);
+        assert_eq!(quote("\u{80}\u{84}\u{86}\u{9f}"), r#""\x80\x84\x86\x9F""#);
+    }
+
+    #[test]
+    fn a_bom_and_noncharacters_are_escaped() {
+        assert_eq!(quote("\u{feff}#cloud-config"), r#""\uFEFF#cloud-config""#);
+        assert_eq!(quote("\u{fffe}\u{ffff}"), r#""\uFFFE\uFFFF""#);
+    }
+
+    #[test]
+    fn yaml_indicators_and_printable_text_stay_inside_the_quotes() {
+        for s in [
+            "  - evil",
+            "#!/bin/sh",
+            "key: value",
+            "{a: b}",
+            "[x]",
+            "&a *a !tag |>%@`",
+            "---",
+            "...",
+            "\u{a0}caf\u{e9} \u{1f600}\u{10ffff}",
+        ] {
+            assert_eq!(quote(s), format!("\"{s}\""));
+        }
+    }
+
+    #[test]
+    fn no_character_leaves_a_line_break_or_an_unprintable_in_a_quoted_scalar() {
+        // YAML 1.1's printable set (what PyYAML accepts), without its line breaks.
+        let printable = |c: char| {
+            matches!(c, ' '..='~' | '\u{a0}'..='\u{d7ff}' | '\u{e000}'..='\u{fffd}')
+                && c != '\u{2028}'
+                && c != '\u{2029}'
+                && c != '\u{feff}'
+                || c >= '\u{10000}'
+        };
+        for c in (0..=0x10_ffff).filter_map(char::from_u32) {
+            let q = quote(&c.to_string());
+            assert!(q.chars().all(printable), "{c:?} -> {q:?}");
+            let escaped = !printable(c) || c == '"' || c == '\\';
+            assert_eq!(q.starts_with("\"\\"), escaped, "{c:?} -> {q:?}");
+        }
+    }
+
+    #[test]
+    fn every_key_is_quoted_and_long_keys_are_explicit() {
+        let doc = serde_json::json!({
+            "yes": "no", "null": null, "on": true, "1": 1, "<<": "x", "a: b": "c",
+            "- x": [], "#": {}, "": "",
+        });
+        let Value::Object(doc) = doc else {
+            unreachable!()
+        };
+        assert_eq!(
+            to_yaml(&doc),
+            "\"\": \"\"\n\"#\": {}\n\"- x\": []\n\"1\": 1\n\"<<\": \"x\"\n\"a: b\": \"c\"\n\
+             \"null\": null\n\"on\": true\n\"yes\": \"no\"\n"
+        );
+        let long = "k".repeat(MAX_IMPLICIT_KEY);
+        let mut doc = serde_json::Map::new();
+        doc.insert(long.clone(), serde_json::json!({ "a": 1 }));
+        doc.insert("short".into(), "v".into());
+        assert_eq!(
+            to_yaml(&doc),
+            format!("? \"{long}\"\n:\n  \"a\": 1\n\"short\": \"v\"\n")
+        );
+    }
+
+    #[test]
+    fn only_text_a_literal_block_keeps_exactly_is_written_as_one() {
+        assert!(literal_block(
+            "-----BEGIN X-----\nAAAA\n\n-----END X-----\n"
+        ));
+        for s in [
+            "one line",
+            "no final newline\nx",
+            "two final newlines\n\n",
+            "\n",
+            "\nfirst line empty\n",
+            " indented first line\nx\n",
+            "a\r\nruncmd: [x]\n",
+            "tab\there\n",
+            "nel\u{85}x\n",
+            "ls\u{2028}x\n",
+            "caf\u{e9}\n",
+            "spaces\n   \nonly\n",
+        ] {
+            assert!(!literal_block(s), "{s:?}");
+        }
+        let mut doc = serde_json::Map::new();
+        doc.insert("k".into(), "a\n\n  b\n".into());
+        doc.insert("r".into(), "a\r\nruncmd: [x]".into());
+        assert_eq!(
+            to_yaml(&doc),
+            "\"k\": |\n  a\n\n    b\n\"r\": \"a\\r\\nruncmd: [x]\"\n"
+        );
+    }
+
+    #[test]
+    fn empty_collections_in_lists_and_floats_keep_their_type() {
+        let doc = serde_json::json!({ "l": [[], {}, [[]], 1e100, 1e-7, 1.5, -2, 0.0] });
+        let Value::Object(doc) = doc else {
+            unreachable!()
+        };
+        assert_eq!(
+            to_yaml(&doc),
+            "\"l\":\n  - []\n  - {}\n  -\n    - []\n  - 1.0e+100\n  - 1.0e-7\n  - 1.5\n  - -2\n  - 0.0\n"
+        );
     }
 
     #[test]
@@ -353,11 +561,11 @@ mod tests {
         let n = network_config(&lease, &[[10, 99, 0, 1].into()]);
         assert_eq!(
             n,
-            "ethernets:\n  eth0:\n    addresses:\n      - \"10.99.0.7/24\"\n    gateway4: \"10.99.0.1\"\n    nameservers:\n      addresses:\n        - \"10.99.0.1\"\nversion: 2\n"
+            "\"ethernets\":\n  \"eth0\":\n    \"addresses\":\n      - \"10.99.0.7/24\"\n    \"gateway4\": \"10.99.0.1\"\n    \"nameservers\":\n      \"addresses\":\n        - \"10.99.0.1\"\n\"version\": 2\n"
         );
         assert_eq!(
             seed().meta_data(),
-            "instance-id: \"req-1\"\nlocal-hostname: \"web-1\"\n"
+            "\"instance-id\": \"req-1\"\n\"local-hostname\": \"web-1\"\n"
         );
     }
 

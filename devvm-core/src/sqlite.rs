@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use rusqlite::Connection;
+use rusqlite_migration::{M, Migrations};
 
 use crate::error::{Error, ErrorKind};
 
@@ -38,4 +39,39 @@ pub(crate) fn open(path: &Path, backend: &'static str) -> Result<Connection, Err
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(&e)?;
     Ok(conn)
+}
+
+/// Brings the schema of `conn` forward to the newest of `steps` (one SQL batch per
+/// version, kept in SQLite's `user_version`). Every step runs once, in order, in one
+/// transaction with its version bump. A database from a newer devvm (a higher
+/// `user_version` than `steps` knows) is refused rather than misread.
+pub(crate) fn migrate(
+    conn: &mut Connection,
+    steps: &[&'static str],
+    what: String,
+    backend: &'static str,
+) -> Result<(), Error> {
+    let migrations = Migrations::new(steps.iter().map(|sql| M::up(sql)).collect());
+    migrations.to_latest(conn).map_err(|e| {
+        let kind = match &e {
+            rusqlite_migration::Error::RusqliteError { err, .. }
+                if matches!(
+                    err.sqlite_error_code(),
+                    Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+                ) =>
+            {
+                ErrorKind::Unavailable
+            }
+            rusqlite_migration::Error::MigrationDefinition(
+                rusqlite_migration::MigrationDefinitionError::DatabaseTooFarAhead,
+            ) => ErrorKind::Conflict,
+            _ => ErrorKind::Backend,
+        };
+        Error::new(
+            kind,
+            format!("cannot bring the schema of {what} up to date"),
+        )
+        .with_backend(backend)
+        .with_source(e)
+    })
 }

@@ -11,8 +11,15 @@
 //! * **Acting is idempotent per VM.** Calling an acting method again for the same VM
 //!   returns the same result instead of acquiring a second resource. This is what lets a
 //!   crashed run be recovered.
-//! * **Undoing is idempotent and total.** Undoing something absent succeeds. An undo only
-//!   ever removes what belongs to the VM it is given, never another VM's resource.
+//! * **Undoing is idempotent and total.** Undoing something absent succeeds
+//!   ([`Undone::Absent`]).
+//! * **Ownership first.** Every acting method is given the run's request id (`owner`) and
+//!   records it with what it makes, wherever the backend can hold it (domain metadata, a
+//!   disk's owner record, an owner column). Acting over a resource of the same name that
+//!   another owner holds fails with [`ErrorKind::AlreadyExists`](crate::ErrorKind::AlreadyExists)
+//!   and changes nothing. Every undo method is given the same `owner` and acts only on a
+//!   resource that it can prove is that owner's; anything else of that name is left alone
+//!   and reported as [`Undone::Foreign`], which is not an error.
 
 use std::net::IpAddr;
 
@@ -22,8 +29,8 @@ use crate::error::Result;
 use crate::events::Progress;
 use crate::seed::GuestSetup;
 use crate::types::{
-    BootstrapReport, BootstrapTarget, Disk, DnsRecord, Domain, DomainSpec, HostId, Lease, Template,
-    TemplateName, User, UserName, VmName, VmSize,
+    BootstrapReport, BootstrapTarget, Disk, DnsRecord, Domain, DomainSpec, HostId, Lease,
+    RequestId, Template, TemplateName, Undone, User, UserName, VmName, VmSize,
 };
 
 /// Finds users and says whether they may own VMs.
@@ -50,14 +57,17 @@ pub trait Placement: Send + Sync + 'static {
     /// A short name for this backend.
     fn backend(&self) -> &str;
 
-    /// Reserves room for a VM of `size` on some host and returns the host.
+    /// Reserves room for a VM of `size` on some host for `owner` and returns the host.
     ///
-    /// Reserving again for the same `vm` returns the same host and holds one slot, not
-    /// two. No host with room is [`ErrorKind::Exhausted`](crate::ErrorKind::Exhausted).
-    async fn reserve(&self, vm: &VmName, size: &VmSize) -> Result<HostId>;
+    /// Reserving again for the same `vm` and `owner` returns the same host and holds one
+    /// slot, not two. A slot of that `vm` held by another owner is
+    /// [`ErrorKind::AlreadyExists`](crate::ErrorKind::AlreadyExists). No host with room is
+    /// [`ErrorKind::Exhausted`](crate::ErrorKind::Exhausted).
+    async fn reserve(&self, vm: &VmName, size: &VmSize, owner: &RequestId) -> Result<HostId>;
 
-    /// Releases the slot held for `vm`. Releasing a VM that holds none succeeds.
-    async fn release(&self, vm: &VmName) -> Result<()>;
+    /// Releases the slot `owner` holds for `vm`. No slot is [`Undone::Absent`]; a slot of
+    /// that `vm` held by another owner is left alone ([`Undone::Foreign`]).
+    async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone>;
 
     /// The host holding a slot for `vm`, if any.
     async fn reservation(&self, vm: &VmName) -> Result<Option<HostId>>;
@@ -69,15 +79,19 @@ pub trait IpAllocator: Send + Sync + 'static {
     /// A short name for this backend.
     fn backend(&self) -> &str;
 
-    /// Leases a free address to `vm`.
+    /// Leases a free address to `vm`, recording `owner` with the lease.
     ///
-    /// Allocating again for the same `vm` returns the same lease. No two VMs ever hold
-    /// the same address, even when many threads and processes allocate at once. A subnet
-    /// with no free address is [`ErrorKind::Exhausted`](crate::ErrorKind::Exhausted).
-    async fn allocate(&self, vm: &VmName) -> Result<Lease>;
+    /// Allocating again for the same `vm` and `owner` returns the same lease. A lease of
+    /// that `vm` held by another owner is
+    /// [`ErrorKind::AlreadyExists`](crate::ErrorKind::AlreadyExists) and changes nothing.
+    /// No two VMs ever hold the same address, even when many threads and processes
+    /// allocate at once. A subnet with no free address is
+    /// [`ErrorKind::Exhausted`](crate::ErrorKind::Exhausted).
+    async fn allocate(&self, vm: &VmName, owner: &RequestId) -> Result<Lease>;
 
-    /// Releases the lease of `vm`. Releasing when `vm` holds no lease succeeds.
-    async fn release(&self, vm: &VmName) -> Result<()>;
+    /// Releases the lease `owner` holds for `vm`. No lease is [`Undone::Absent`]; a lease
+    /// of that `vm` held by another owner is left alone ([`Undone::Foreign`]).
+    async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone>;
 
     /// The lease `vm` holds, if any.
     async fn lease(&self, vm: &VmName) -> Result<Option<Lease>>;
@@ -100,10 +114,11 @@ pub trait DnsUpdater: Send + Sync + 'static {
     /// and nothing changes.
     async fn publish(&self, vm: &VmName, ip: IpAddr) -> Result<DnsRecord>;
 
-    /// Removes the records `fqdn(vm) -> ip` and `ip -> fqdn(vm)`. Records that are absent,
-    /// or that point elsewhere (so belong to someone else), are left alone, and that
-    /// succeeds.
-    async fn remove(&self, vm: &VmName, ip: IpAddr) -> Result<()>;
+    /// Removes the records `fqdn(vm) -> ip` and `ip -> fqdn(vm)`: the address is the proof
+    /// of ownership (it was leased to this VM alone). Records that point elsewhere belong
+    /// to someone else and are left alone ([`Undone::Foreign`]); no record at all is
+    /// [`Undone::Absent`].
+    async fn remove(&self, vm: &VmName, ip: IpAddr) -> Result<Undone>;
 
     /// What the server says now: the addresses `fqdn(vm)` resolves to.
     async fn resolve(&self, vm: &VmName) -> Result<Vec<IpAddr>>;
@@ -127,20 +142,26 @@ pub trait ImageStore: Send + Sync + 'static {
     /// Templates available locally.
     async fn templates(&self) -> Result<Vec<Template>>;
 
-    /// Creates the disk of `vm` on `host` from `template`, `size_gib` large.
+    /// Creates the disk of `vm` on `host` from `template`, `size_gib` large, recording
+    /// `owner` with it. The disk is created exclusively: it is never adopted.
     ///
-    /// Calling it again for the same `vm` returns the existing disk.
+    /// Calling it again for the same `vm` and `owner` returns the existing disk. A disk of
+    /// that name that `owner` did not make (another run's, or one made by hand) is
+    /// [`ErrorKind::AlreadyExists`](crate::ErrorKind::AlreadyExists) and is left alone.
     async fn create_disk(
         &self,
         vm: &VmName,
         host: &HostId,
         template: &Template,
         size_gib: u64,
+        owner: &RequestId,
         progress: &Progress,
     ) -> Result<Disk>;
 
-    /// Deletes the disk of `vm` on `host`. Deleting an absent disk succeeds.
-    async fn delete_disk(&self, vm: &VmName, host: &HostId) -> Result<()>;
+    /// Deletes the disk of `vm` on `host` if `owner` made it. No disk is
+    /// [`Undone::Absent`]; a disk `owner` did not make is left alone
+    /// ([`Undone::Foreign`]).
+    async fn delete_disk(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<Undone>;
 
     /// The disk of `vm` on `host`, if it exists.
     async fn disk(&self, vm: &VmName, host: &HostId) -> Result<Option<Disk>>;
@@ -161,9 +182,11 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// and is left alone.
     async fn create(&self, spec: &DomainSpec, progress: &Progress) -> Result<Domain>;
 
-    /// Stops and removes the domain `vm` on `host` (destroy + undefine). Removing an
-    /// absent domain succeeds.
-    async fn destroy(&self, vm: &VmName, host: &HostId) -> Result<()>;
+    /// Stops and removes the domain `vm` on `host` (destroy + undefine), and whatever
+    /// `create` made for it (a seed disk), if the domain records `owner` as its request.
+    /// No domain is [`Undone::Absent`]; a domain of another request, or without devvm's
+    /// metadata, is left alone ([`Undone::Foreign`]).
+    async fn destroy(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<Undone>;
 
     /// The domain `vm` on `host`, if it is defined.
     async fn domain(&self, vm: &VmName, host: &HostId) -> Result<Option<Domain>>;
@@ -193,7 +216,9 @@ pub trait Bootstrapper: Send + Sync + 'static {
         Ok(GuestSetup::default())
     }
 
-    /// Undoes what bootstrapping registered outside the guest (for Chef: the node and
-    /// client on the Chef server). Undoing a VM that was never bootstrapped succeeds.
-    async fn unregister(&self, vm: &VmName) -> Result<()>;
+    /// Undoes what bootstrapping `owner`'s VM registered outside the guest (for Chef: the
+    /// node and client on the Chef server). A VM that was never bootstrapped is
+    /// [`Undone::Absent`]; a registration of that name made for another request (or one
+    /// that does not say) is left alone ([`Undone::Foreign`]).
+    async fn unregister(&self, vm: &VmName, owner: &RequestId) -> Result<Undone>;
 }

@@ -615,11 +615,49 @@ pub struct Domain {
     pub uuid: Option<String>,
 }
 
+/// What an undo found and did. Every undo method of the step traits returns one.
+///
+/// An undo acts only on a resource it can prove belongs to the run it is given (domain
+/// metadata, a disk's owner record, an owner column, a record that points at this VM's
+/// address). Anything else of the same name is left alone and reported as
+/// [`Undone::Foreign`], which is not an error: the pipeline emits an event for it and
+/// carries on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Undone {
+    /// The run's resource existed and is gone now.
+    Removed,
+    /// Nothing of that name was held: there was nothing to do.
+    Absent,
+    /// A resource of that name exists but belongs to someone else; it was left alone.
+    Foreign {
+        /// Who holds it, as far as the backend can tell (a request id, "unknown", "no
+        /// devvm metadata").
+        holder: String,
+    },
+}
+
+impl Undone {
+    /// A foreign resource held by `holder`.
+    pub fn foreign(holder: impl Into<String>) -> Self {
+        Undone::Foreign {
+            holder: holder.into(),
+        }
+    }
+}
+
 /// Everything the bootstrapper needs to reach and configure the guest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BootstrapTarget {
     /// VM name (also the node name).
     pub vm: VmName,
+    /// The run that made the VM: what the bootstrapper records with whatever it
+    /// registers outside the guest, so that [`Bootstrapper::unregister`] can tell its own
+    /// registration from another's.
+    ///
+    /// [`Bootstrapper::unregister`]: crate::Bootstrapper::unregister
+    pub request_id: RequestId,
     /// Its fqdn.
     pub fqdn: String,
     /// Its address.

@@ -32,6 +32,9 @@ typedef enum {
   DEVVM_ERR_CANCELLED = 9,
   // Any other backend failure.
   DEVVM_ERR_BACKEND = 10,
+  // Not an error, and only returned by a C backend's undo (`release`, `remove`): a
+  // resource of that name belongs to someone else and was left alone.
+  DEVVM_LEFT_ALONE = 11,
   // A required pointer argument was NULL.
   DEVVM_ERR_NULL_ARGUMENT = 100,
   // A string argument was not UTF-8.
@@ -55,17 +58,22 @@ typedef struct devvm_vm_list devvm_vm_list;
 typedef struct {
   // Passed back to every function.
   void *user_data;
-  // Lease an address to `vm` (the same one again for the same vm): write it as text
-  // into `ip` (`ip_len` bytes) and its prefix length into `prefix_len`.
+  // Lease an address to `vm` for `owner` (the run's request id; the same address
+  // again for the same vm and owner): write it as text into `ip` (`ip_len` bytes) and
+  // its prefix length into `prefix_len`. A lease of `vm` that another owner holds is
+  // `DEVVM_ERR_ALREADY_EXISTS`.
   int32_t (*allocate)(void *user_data,
                       const char *vm,
+                      const char *owner,
                       char *ip,
                       size_t ip_len,
                       uint8_t *prefix_len,
                       char *err,
                       size_t err_len);
-  // Release the lease of `vm`; releasing none succeeds.
-  int32_t (*release)(void *user_data, const char *vm, char *err, size_t err_len);
+  // Release the lease `owner` holds for `vm`; releasing none succeeds (`DEVVM_OK`). A
+  // lease of `vm` that another owner holds must be left alone: return
+  // `DEVVM_LEFT_ALONE`.
+  int32_t (*release)(void *user_data, const char *vm, const char *owner, char *err, size_t err_len);
   // The lease of `vm`: set `*found` and, if found, fill `ip` and `prefix_len`.
   int32_t (*lease)(void *user_data,
                    const char *vm,
@@ -85,7 +93,9 @@ typedef struct {
   const char *zone;
   // Publish `fqdn -> ip` and its PTR; an existing different record is `DEVVM_ERR_CONFLICT`.
   int32_t (*publish)(void *user_data, const char *fqdn, const char *ip, char *err, size_t err_len);
-  // Remove `fqdn -> ip` and its PTR; absent records succeed.
+  // Remove `fqdn -> ip` and its PTR (only records with exactly that data); absent
+  // records succeed. When `fqdn` points at another address, leave it and return
+  // `DEVVM_LEFT_ALONE`.
   int32_t (*remove)(void *user_data, const char *fqdn, const char *ip, char *err, size_t err_len);
   // The address `fqdn` resolves to, written into `ip` (empty if none).
   int32_t (*resolve)(void *user_data,

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use devvm_core::{
     DnsRecord, DnsUpdater, Error, ErrorKind, Event, EventKind, IpAllocator, Lease,
-    ProvisionRequest, Provisioner, RequestId, TemplateName, UserName, Vm, VmName, VmSize,
+    ProvisionRequest, Provisioner, RequestId, TemplateName, Undone, UserName, Vm, VmName, VmSize,
     async_trait,
 };
 
@@ -56,6 +56,9 @@ pub enum devvm_status {
     DEVVM_ERR_CANCELLED = 9,
     /// Any other backend failure.
     DEVVM_ERR_BACKEND = 10,
+    /// Not an error, and only returned by a C backend's undo (`release`, `remove`): a
+    /// resource of that name belongs to someone else and was left alone.
+    DEVVM_LEFT_ALONE = 11,
     /// A required pointer argument was NULL.
     DEVVM_ERR_NULL_ARGUMENT = 100,
     /// A string argument was not UTF-8.
@@ -269,6 +272,9 @@ fn deliver(cb: devvm_event_cb, user_data: *mut c_void, e: &Event) {
             Some(error.message.clone())
         }
         EventKind::UndoFailed { failure } => Some(failure.to_string()),
+        EventKind::LeftAlone {
+            resource, holder, ..
+        } => Some(format!("left alone: {resource} (held by {holder})")),
         _ => None,
     };
     let (rid, vm, kind_c, json_c) = (
@@ -320,12 +326,15 @@ pub struct devvm_request {
 pub struct devvm_ip_allocator {
     /// Passed back to every function.
     pub user_data: *mut c_void,
-    /// Lease an address to `vm` (the same one again for the same vm): write it as text
-    /// into `ip` (`ip_len` bytes) and its prefix length into `prefix_len`.
+    /// Lease an address to `vm` for `owner` (the run's request id; the same address
+    /// again for the same vm and owner): write it as text into `ip` (`ip_len` bytes) and
+    /// its prefix length into `prefix_len`. A lease of `vm` that another owner holds is
+    /// `DEVVM_ERR_ALREADY_EXISTS`.
     pub allocate: Option<
         unsafe extern "C" fn(
             user_data: *mut c_void,
             vm: *const c_char,
+            owner: *const c_char,
             ip: *mut c_char,
             ip_len: usize,
             prefix_len: *mut u8,
@@ -333,11 +342,14 @@ pub struct devvm_ip_allocator {
             err_len: usize,
         ) -> i32,
     >,
-    /// Release the lease of `vm`; releasing none succeeds.
+    /// Release the lease `owner` holds for `vm`; releasing none succeeds (`DEVVM_OK`). A
+    /// lease of `vm` that another owner holds must be left alone: return
+    /// `DEVVM_LEFT_ALONE`.
     pub release: Option<
         unsafe extern "C" fn(
             user_data: *mut c_void,
             vm: *const c_char,
+            owner: *const c_char,
             err: *mut c_char,
             err_len: usize,
         ) -> i32,
@@ -375,7 +387,9 @@ pub struct devvm_dns_updater {
             err_len: usize,
         ) -> i32,
     >,
-    /// Remove `fqdn -> ip` and its PTR; absent records succeed.
+    /// Remove `fqdn -> ip` and its PTR (only records with exactly that data); absent
+    /// records succeed. When `fqdn` points at another address, leave it and return
+    /// `DEVVM_LEFT_ALONE`.
     pub remove: Option<
         unsafe extern "C" fn(
             user_data: *mut c_void,
@@ -476,6 +490,20 @@ fn c_result(code: i32, err: &[u8], what: &str) -> devvm_core::Result<()> {
     Err(Error::new(kind_of(code), msg.to_owned()).with_backend("c"))
 }
 
+/// An undo's status: `DEVVM_OK` removed (or found nothing), `DEVVM_LEFT_ALONE` left
+/// another's resource alone, anything else failed.
+fn c_undone(code: i32, err: &[u8], what: &str) -> devvm_core::Result<Undone> {
+    if code == DEVVM_LEFT_ALONE as i32 {
+        let holder = buf_str(err);
+        return Ok(Undone::foreign(if holder.is_empty() {
+            "someone else (said the C backend)".to_owned()
+        } else {
+            holder
+        }));
+    }
+    c_result(code, err, what).map(|()| Undone::Removed)
+}
+
 fn buf_str(buf: &[u8]) -> String {
     CStr::from_bytes_until_nul(buf)
         .ok()
@@ -496,20 +524,21 @@ impl IpAllocator for CBackend<devvm_ip_allocator> {
         "c"
     }
 
-    async fn allocate(&self, vm: &VmName) -> devvm_core::Result<Lease> {
-        let name = vm.clone();
+    async fn allocate(&self, vm: &VmName, owner: &RequestId) -> devvm_core::Result<Lease> {
+        let (name, owner) = (vm.clone(), owner.clone());
         let (ip, prefix) = self
             .call(move |t| {
                 let f = t
                     .allocate
                     .ok_or_else(|| Error::backend("allocate is NULL"))?;
-                let vm_c = cstring(name.as_str());
+                let (vm_c, owner_c) = (cstring(name.as_str()), cstring(owner.as_str()));
                 let (mut ip, mut err, mut prefix) = ([0u8; BUF], [0u8; BUF], 0u8);
                 // SAFETY: buffers are valid for their lengths; the C side writes at most that.
                 let code = unsafe {
                     f(
                         t.user_data,
                         vm_c.as_ptr(),
+                        owner_c.as_ptr(),
                         ip.as_mut_ptr().cast(),
                         BUF,
                         &mut prefix,
@@ -529,15 +558,23 @@ impl IpAllocator for CBackend<devvm_ip_allocator> {
         })
     }
 
-    async fn release(&self, vm: &VmName) -> devvm_core::Result<()> {
-        let name = vm.clone();
+    async fn release(&self, vm: &VmName, owner: &RequestId) -> devvm_core::Result<Undone> {
+        let (name, owner) = (vm.clone(), owner.clone());
         self.call(move |t| {
             let f = t.release.ok_or_else(|| Error::backend("release is NULL"))?;
-            let vm_c = cstring(name.as_str());
+            let (vm_c, owner_c) = (cstring(name.as_str()), cstring(owner.as_str()));
             let mut err = [0u8; BUF];
             // SAFETY: as in allocate.
-            let code = unsafe { f(t.user_data, vm_c.as_ptr(), err.as_mut_ptr().cast(), BUF) };
-            c_result(code, &err, "release failed")
+            let code = unsafe {
+                f(
+                    t.user_data,
+                    vm_c.as_ptr(),
+                    owner_c.as_ptr(),
+                    err.as_mut_ptr().cast(),
+                    BUF,
+                )
+            };
+            c_undone(code, &err, "release failed")
         })
         .await
     }
@@ -616,7 +653,7 @@ impl DnsUpdater for CDns {
         Ok(DnsRecord { fqdn, ip })
     }
 
-    async fn remove(&self, vm: &VmName, ip: IpAddr) -> devvm_core::Result<()> {
+    async fn remove(&self, vm: &VmName, ip: IpAddr) -> devvm_core::Result<Undone> {
         let fqdn = self.fqdn(vm);
         self.table
             .call(move |t| {
@@ -632,7 +669,7 @@ impl DnsUpdater for CDns {
                         BUF,
                     )
                 };
-                c_result(code, &err, "remove failed")
+                c_undone(code, &err, "remove failed")
             })
             .await
     }

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use devvm_core::{
     BootstrapReport, BootstrapTarget, Bootstrapper, Disk, DnsRecord, DnsUpdater, Domain,
     DomainSpec, Error, HostId, Hypervisor, ImageStore, IpAllocator, Lease, Placement, Progress,
-    Result, Template, TemplateName, User, UserDirectory, UserName, VmName, VmSize, async_trait,
+    RequestId, Result, Template, TemplateName, Undone, User, UserDirectory, UserName, VmName,
+    VmSize, async_trait,
 };
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -103,6 +104,18 @@ impl PyBackend {
         self.decode(method, v)
     }
 
+    /// What an undo method returned: `None` (or `"removed"`) when it removed the run's
+    /// resource, `"absent"` when there was nothing, and `"foreign"` or
+    /// `{"outcome": "foreign", "holder": "..."}` when it left another's resource alone.
+    fn undone(&self, method: &str, v: Value) -> Result<Undone> {
+        match v {
+            Value::Null => Ok(Undone::Removed),
+            Value::String(o) if o == "foreign" => Ok(Undone::foreign("unknown")),
+            Value::String(o) => self.decode(method, serde_json::json!({ "outcome": o })),
+            other => self.decode(method, other),
+        }
+    }
+
     fn decode<T: DeserializeOwned>(&self, method: &str, v: Value) -> Result<T> {
         serde_json::from_value(v).map_err(|e| {
             Error::backend(format!(
@@ -175,14 +188,15 @@ impl Placement for PyPlacement {
     fn backend(&self) -> &str {
         &self.0.name
     }
-    async fn reserve(&self, vm: &VmName, size: &VmSize) -> Result<HostId> {
+    async fn reserve(&self, vm: &VmName, size: &VmSize, owner: &RequestId) -> Result<HostId> {
         let size = serde_json::to_value(size).unwrap_or(Value::Null);
         self.0
-            .call_as("reserve", vec![s(vm), Arg::Json(size)])
+            .call_as("reserve", vec![s(vm), Arg::Json(size), s(owner)])
             .await
     }
-    async fn release(&self, vm: &VmName) -> Result<()> {
-        self.0.call("release", vec![s(vm)]).await.map(drop)
+    async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
+        let v = self.0.call("release", vec![s(vm), s(owner)]).await?;
+        self.0.undone("release", v)
     }
     async fn reservation(&self, vm: &VmName) -> Result<Option<HostId>> {
         self.0.call_as("reservation", vec![s(vm)]).await
@@ -203,13 +217,14 @@ impl IpAllocator for PyIpAllocator {
     fn backend(&self) -> &str {
         &self.0.name
     }
-    async fn allocate(&self, vm: &VmName) -> Result<Lease> {
-        let v = self.0.call("allocate", vec![s(vm)]).await?;
+    async fn allocate(&self, vm: &VmName, owner: &RequestId) -> Result<Lease> {
+        let v = self.0.call("allocate", vec![s(vm), s(owner)]).await?;
         self.0
             .decode("allocate", with_default(v, "vm", vm.as_str()))
     }
-    async fn release(&self, vm: &VmName) -> Result<()> {
-        self.0.call("release", vec![s(vm)]).await.map(drop)
+    async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
+        let v = self.0.call("release", vec![s(vm), s(owner)]).await?;
+        self.0.undone("release", v)
     }
     async fn lease(&self, vm: &VmName) -> Result<Option<Lease>> {
         let v = self.0.call("lease", vec![s(vm)]).await?;
@@ -257,8 +272,9 @@ impl DnsUpdater for PyDns {
     async fn publish(&self, vm: &VmName, ip: IpAddr) -> Result<DnsRecord> {
         self.0.call_as("publish", vec![s(vm), s(ip)]).await
     }
-    async fn remove(&self, vm: &VmName, ip: IpAddr) -> Result<()> {
-        self.0.call("remove", vec![s(vm), s(ip)]).await.map(drop)
+    async fn remove(&self, vm: &VmName, ip: IpAddr) -> Result<Undone> {
+        let v = self.0.call("remove", vec![s(vm), s(ip)]).await?;
+        self.0.undone("remove", v)
     }
     async fn resolve(&self, vm: &VmName) -> Result<Vec<IpAddr>> {
         self.0.call_as("resolve", vec![s(vm)]).await
@@ -295,8 +311,9 @@ impl Bootstrapper for PyBootstrapper {
             )
             .await
     }
-    async fn unregister(&self, vm: &VmName) -> Result<()> {
-        self.0.call("unregister", vec![s(vm)]).await.map(drop)
+    async fn unregister(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
+        let v = self.0.call("unregister", vec![s(vm), s(owner)]).await?;
+        self.0.undone("unregister", v)
     }
 }
 
@@ -338,6 +355,7 @@ impl ImageStore for PyImages {
         host: &HostId,
         template: &Template,
         size_gib: u64,
+        owner: &RequestId,
         progress: &Progress,
     ) -> Result<Disk> {
         let template = serde_json::to_value(template).unwrap_or(Value::Null);
@@ -350,6 +368,7 @@ impl ImageStore for PyImages {
                     s(host),
                     Arg::Json(template),
                     Arg::Json(size_gib.into()),
+                    s(owner),
                     Arg::Progress(progress.clone()),
                 ],
             )
@@ -357,11 +376,12 @@ impl ImageStore for PyImages {
         self.0
             .decode("create_disk", with_default(v, "vm", vm.as_str()))
     }
-    async fn delete_disk(&self, vm: &VmName, host: &HostId) -> Result<()> {
-        self.0
-            .call("delete_disk", vec![s(vm), s(host)])
-            .await
-            .map(drop)
+    async fn delete_disk(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<Undone> {
+        let v = self
+            .0
+            .call("delete_disk", vec![s(vm), s(host), s(owner)])
+            .await?;
+        self.0.undone("delete_disk", v)
     }
     async fn disk(&self, vm: &VmName, host: &HostId) -> Result<Option<Disk>> {
         let v = self.0.call("disk", vec![s(vm), s(host)]).await?;
@@ -423,8 +443,12 @@ impl Hypervisor for PyHypervisor {
         self.0
             .decode("create", with_default(v, "host", spec.host.as_str()))
     }
-    async fn destroy(&self, vm: &VmName, host: &HostId) -> Result<()> {
-        self.0.call("destroy", vec![s(vm), s(host)]).await.map(drop)
+    async fn destroy(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<Undone> {
+        let v = self
+            .0
+            .call("destroy", vec![s(vm), s(host), s(owner)])
+            .await?;
+        self.0.undone("destroy", v)
     }
     async fn domain(&self, vm: &VmName, host: &HostId) -> Result<Option<Domain>> {
         let v = self.0.call("domain", vec![s(vm), s(host)]).await?;

@@ -20,28 +20,38 @@ class PyIpam:
         self.prefix_len = prefix_len
         self.gateway = gateway
         self.leases: dict[str, str] = {}
+        self.owners: dict[str, str] = {}
         self.lock = threading.Lock()
         self.calls: list[str] = []
 
     def _lease(self, vm: str, ip: str) -> dict:
         return {"vm": vm, "ip": ip, "prefix_len": self.prefix_len, "gateway": self.gateway}
 
-    def allocate(self, vm: str) -> dict:
+    def allocate(self, vm: str, owner: str) -> dict:
         with self.lock:
             self.calls.append(f"allocate {vm}")
             if vm in self.leases:
+                if self.owners.get(vm) != owner:
+                    raise devvm.AlreadyExists(f"{vm} is held by {self.owners.get(vm)}")
                 return self._lease(vm, self.leases[vm])
             used = set(self.leases.values())
             for ip in self.addresses:
                 if ip not in used:
                     self.leases[vm] = ip
+                    self.owners[vm] = owner
                     return self._lease(vm, ip)
             raise devvm.Exhausted("no free address")
 
-    def release(self, vm: str) -> None:
+    def release(self, vm: str, owner: str) -> str:
         with self.lock:
             self.calls.append(f"release {vm}")
-            self.leases.pop(vm, None)
+            if vm not in self.leases:
+                return "absent"
+            if self.owners.get(vm) != owner:
+                return "foreign"
+            del self.leases[vm]
+            del self.owners[vm]
+            return "removed"
 
     def lease(self, vm: str) -> Optional[dict]:
         with self.lock:
@@ -72,13 +82,20 @@ class PyDns:
             self.ptr[ip] = fqdn
         return {"fqdn": fqdn, "ip": ipaddress.ip_address(ip)}
 
-    def remove(self, vm: str, ip: str) -> None:
+    def remove(self, vm: str, ip: str) -> Optional[str]:
         fqdn = self.fqdn(vm)
         with self.lock:
-            if self.forward.get(fqdn) == ip:
+            other = self.forward.get(fqdn)
+            removed = False
+            if other == ip:
                 del self.forward[fqdn]
+                removed = True
             if self.ptr.get(ip) == fqdn:
                 del self.ptr[ip]
+                removed = True
+            if removed:
+                return None
+            return {"outcome": "foreign", "holder": f"{fqdn} -> {other}"} if other else "absent"
 
     def resolve(self, vm: str) -> list:
         with self.lock:
@@ -115,19 +132,33 @@ class PyImages:
     def templates(self) -> list[dict]:
         return [self._template(t) for t in sorted(self.known)]
 
-    def create_disk(self, vm: str, host: str, template: dict, size_gib: int, progress: devvm.Progress) -> dict:
+    def create_disk(
+        self, vm: str, host: str, template: dict, size_gib: int, owner: str, progress: devvm.Progress
+    ) -> dict:
         with self.lock:
-            return self.disks.setdefault(
-                (vm, host), {"vm": vm, "path": f"/py/disks/{vm}.qcow2", "format": "qcow2", "size_gib": size_gib}
+            have = self.disks.get((vm, host))
+            if have is not None and have["owner"] != owner:
+                raise devvm.AlreadyExists(f"the disk of {vm} is {have['owner']}'s")
+            d = self.disks.setdefault(
+                (vm, host),
+                {"vm": vm, "path": f"/py/disks/{vm}.qcow2", "format": "qcow2", "size_gib": size_gib, "owner": owner},
             )
+            return {k: v for k, v in d.items() if k != "owner"}
 
-    def delete_disk(self, vm: str, host: str) -> None:
+    def delete_disk(self, vm: str, host: str, owner: str) -> str:
         with self.lock:
-            self.disks.pop((vm, host), None)
+            have = self.disks.get((vm, host))
+            if have is None:
+                return "absent"
+            if have["owner"] != owner:
+                return "foreign"
+            del self.disks[(vm, host)]
+            return "removed"
 
     def disk(self, vm: str, host: str) -> Optional[dict]:
         with self.lock:
-            return self.disks.get((vm, host))
+            d = self.disks.get((vm, host))
+            return None if d is None else {k: v for k, v in d.items() if k != "owner"}
 
 
 class PyHypervisor:
@@ -149,9 +180,15 @@ class PyHypervisor:
             progress.message(f"python started {spec['name']}")
             return {"uuid": f"uuid-{spec['name']}"}
 
-    def destroy(self, vm: str, host: str) -> None:
+    def destroy(self, vm: str, host: str, owner: str) -> str:
         with self.lock:
-            self.domains.pop((vm, host), None)
+            have = self.domains.get((vm, host))
+            if have is None:
+                return "absent"
+            if have["request_id"] != owner:
+                return "foreign"
+            del self.domains[(vm, host)]
+            return "removed"
 
     def domain(self, vm: str, host: str) -> Optional[dict]:
         with self.lock:

@@ -25,9 +25,12 @@ def test_python_dns_updater_conforms() -> None:
 class SharedAddressIpam(PyIpam):
     """Broken: hands every VM the same address."""
 
-    def allocate(self, vm: str) -> dict:
+    def allocate(self, vm: str, owner: str) -> dict:
         with self.lock:
+            if vm in self.leases and self.owners.get(vm) != owner:
+                raise devvm.AlreadyExists("taken")
             self.leases[vm] = self.addresses[0]
+            self.owners[vm] = owner
             return self._lease(vm, self.addresses[0])
 
 
@@ -67,7 +70,7 @@ def test_python_user_directory_conforms() -> None:
 
 def test_bad_return_value_is_reported() -> None:
     class NoPrefix(PyIpam):
-        def allocate(self, vm: str) -> dict:
+        def allocate(self, vm: str, owner: str) -> dict:
             return {"ip": "10.30.0.2"}
 
     with pytest.raises(AssertionError, match="prefix_len"):

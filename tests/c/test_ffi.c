@@ -24,6 +24,7 @@ static int passed, failed;
 struct pool {
     pthread_mutex_t mu;
     char vm[CAP][64];
+    char owner[CAP][160]; /* the request id that holds each lease */
     int calls_allocate, calls_release;
 };
 
@@ -32,12 +33,17 @@ static int find(struct pool *p, const char *vm) {
     return -1;
 }
 
-static int32_t c_allocate(void *ud, const char *vm, char *ip, size_t ip_len, uint8_t *prefix,
-                          char *err, size_t err_len) {
+static int32_t c_allocate(void *ud, const char *vm, const char *owner, char *ip, size_t ip_len,
+                          uint8_t *prefix, char *err, size_t err_len) {
     struct pool *p = ud;
     pthread_mutex_lock(&p->mu);
     p->calls_allocate++;
     int i = find(p, vm);
+    if (i >= 0 && strcmp(p->owner[i], owner) != 0) {
+        snprintf(err, err_len, "%s is held by %s", vm, p->owner[i]);
+        pthread_mutex_unlock(&p->mu);
+        return DEVVM_ERR_ALREADY_EXISTS;
+    }
     if (i < 0) i = find(p, "");
     if (i < 0) {
         snprintf(err, err_len, "the C pool is full");
@@ -45,21 +51,27 @@ static int32_t c_allocate(void *ud, const char *vm, char *ip, size_t ip_len, uin
         return DEVVM_ERR_EXHAUSTED;
     }
     snprintf(p->vm[i], sizeof p->vm[i], "%s", vm);
+    snprintf(p->owner[i], sizeof p->owner[i], "%s", owner);
     snprintf(ip, ip_len, "10.77.0.%d", 10 + i);
     *prefix = 24;
     pthread_mutex_unlock(&p->mu);
     return DEVVM_OK;
 }
 
-static int32_t c_release(void *ud, const char *vm, char *err, size_t err_len) {
-    (void)err; (void)err_len;
+static int32_t c_release(void *ud, const char *vm, const char *owner, char *err, size_t err_len) {
     struct pool *p = ud;
     pthread_mutex_lock(&p->mu);
     p->calls_release++;
+    int32_t rc = DEVVM_OK;
     int i = find(p, vm);
-    if (i >= 0) p->vm[i][0] = '\0';
+    if (i >= 0 && strcmp(p->owner[i], owner) != 0) {
+        snprintf(err, err_len, "%s", p->owner[i]); /* someone else's: left alone */
+        rc = DEVVM_LEFT_ALONE;
+    } else if (i >= 0) {
+        p->vm[i][0] = p->owner[i][0] = '\0';
+    }
     pthread_mutex_unlock(&p->mu);
-    return DEVVM_OK;
+    return rc;
 }
 
 static int32_t c_lease(void *ud, const char *vm, char *ip, size_t ip_len, uint8_t *prefix,
@@ -112,13 +124,20 @@ static int32_t c_publish(void *ud, const char *fqdn, const char *ip, char *err, 
 }
 
 static int32_t c_remove(void *ud, const char *fqdn, const char *ip, char *err, size_t err_len) {
-    (void)err; (void)err_len;
     struct zone *z = ud;
     pthread_mutex_lock(&z->mu);
-    for (int i = 0; i < RECS; i++)
-        if (strcmp(z->fqdn[i], fqdn) == 0 && strcmp(z->ip[i], ip) == 0) z->fqdn[i][0] = z->ip[i][0] = '\0';
+    int32_t rc = DEVVM_OK;
+    for (int i = 0; i < RECS; i++) {
+        if (strcmp(z->fqdn[i], fqdn) != 0) continue;
+        if (strcmp(z->ip[i], ip) == 0) {
+            z->fqdn[i][0] = z->ip[i][0] = '\0';
+        } else {
+            snprintf(err, err_len, "whoever published %s -> %s", fqdn, z->ip[i]);
+            rc = DEVVM_LEFT_ALONE;
+        }
+    }
     pthread_mutex_unlock(&z->mu);
-    return DEVVM_OK;
+    return rc;
 }
 
 static int32_t c_resolve(void *ud, const char *fqdn, char *ip, size_t ip_len, char *err, size_t err_len) {
@@ -148,13 +167,14 @@ static int records(struct zone *z) {
 }
 
 /* ---- progress callback ---- */
-struct seen { int events, finished, failed_runs; char last_kind[32]; };
+struct seen { int events, finished, failed_runs, left_alone; char last_kind[32]; };
 static void on_event(const devvm_event *e, void *ud) {
     struct seen *s = ud;
     s->events++;
     snprintf(s->last_kind, sizeof s->last_kind, "%s", e->kind);
     if (strcmp(e->kind, "step_finished") == 0) s->finished++;
     if (strcmp(e->kind, "run_failed") == 0) s->failed_runs++;
+    if (strcmp(e->kind, "left_alone") == 0) s->left_alone++;
 }
 
 static const char *CONFIG =
@@ -278,11 +298,27 @@ int main(void) {
     snprintf(zone.ip[RECS - 1], sizeof zone.ip[0], "192.0.2.99");
     devvm_vm *v5 = NULL;
     devvm_request r5 = { .user = "alice", .name = "c-vm-5" };
-    CHECK(devvm_provision(p, &r5, NULL, NULL, &v5) == DEVVM_ERR_CONFLICT && v5 == NULL, "C dns conflict");
+    struct seen seen5 = {0};
+    CHECK(devvm_provision(p, &r5, on_event, &seen5, &v5) == DEVVM_ERR_CONFLICT && v5 == NULL, "C dns conflict");
     CHECK(strstr(devvm_last_error_message(), "taken in the C zone") != NULL, "C message: %s", devvm_last_error_message());
     CHECK(held(&pool) == 2, "the conflicting run's lease was released, %d held", held(&pool));
     CHECK(strcmp(zone.ip[RECS - 1], "192.0.2.99") == 0, "the foreign record is untouched");
+    CHECK(seen5.left_alone == 1, "the foreign record is reported left alone (%d)", seen5.left_alone);
     zone.fqdn[RECS - 1][0] = zone.ip[RECS - 1][0] = '\0';
+
+    /* A lease of that name that another tool holds: refused, and the rollback leaves it. */
+    int slot = find(&pool, "");
+    snprintf(pool.vm[slot], sizeof pool.vm[0], "c-vm-6");
+    snprintf(pool.owner[slot], sizeof pool.owner[0], "another-tool");
+    devvm_vm *v6 = NULL;
+    devvm_request r6 = { .user = "alice", .name = "c-vm-6" };
+    struct seen seen6 = {0};
+    CHECK(devvm_provision(p, &r6, on_event, &seen6, &v6) == DEVVM_ERR_ALREADY_EXISTS && v6 == NULL, "foreign C lease");
+    CHECK(strcmp(pool.vm[slot], "c-vm-6") == 0 && strcmp(pool.owner[slot], "another-tool") == 0,
+          "the foreign lease survives the rollback");
+    CHECK(seen6.left_alone == 1, "the foreign lease is reported left alone (%d)", seen6.left_alone);
+    CHECK(records(&zone) == 2, "no record was published for it, %d", records(&zone));
+    pool.vm[slot][0] = pool.owner[slot][0] = '\0';
 
     devvm_vm_list *list = NULL;
     CHECK(devvm_list(p, &list) == DEVVM_OK && devvm_vm_list_len(list) == 2, "two vms listed");

@@ -48,7 +48,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::events::Progress;
 use crate::seed::GuestSetup;
 use crate::traits::Bootstrapper;
-use crate::types::{BootstrapReport, BootstrapTarget, VmName};
+use crate::types::{BootstrapReport, BootstrapTarget, RequestId, Undone, VmName};
 
 use super::ssh::{
     HostKeyCheck, OutputStream, SshOptions, SshSession, authorized_key_line, load_private_key,
@@ -587,7 +587,23 @@ impl Bootstrapper for ChefBootstrapper {
             session.upload(CLIENT_RB, 0o644, rb.as_bytes()).await?;
             progress.message(format!("wrote {CLIENT_RB} (node_name {node})"));
             let policy = self.policy.as_ref().map(|(n, g)| (n.as_str(), g.as_str()));
-            let json = first_boot_json(&run_list, policy, &target.settings.attributes);
+            let mut json = first_boot_json(&run_list, policy, &target.settings.attributes);
+            // The node's ownership record (a normal attribute chef-client saves on the
+            // node), which `unregister` checks before it deletes anything.
+            if let Value::Object(doc) = &mut json {
+                let devvm = doc
+                    .entry("devvm")
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if !devvm.is_object() {
+                    *devvm = Value::Object(Map::new());
+                }
+                if let Value::Object(d) = devvm {
+                    d.insert(
+                        "request_id".into(),
+                        Value::String(target.request_id.as_str().to_owned()),
+                    );
+                }
+            }
             let mut body = serde_json::to_vec_pretty(&json)
                 .map_err(|e| Error::backend("cannot encode first-boot.json").with_source(e))?;
             body.push(b'\n');
@@ -618,18 +634,38 @@ impl Bootstrapper for ChefBootstrapper {
         })
     }
 
-    async fn unregister(&self, vm: &VmName) -> Result<()> {
+    /// Deletes the node (and its API client) only if the node's normal attribute
+    /// `devvm.request_id` names `owner`. A node of another request, or one without that
+    /// attribute, is left alone with its client. No node is `Absent`: a client without
+    /// a node cannot be proven to be this run's, so it is left alone too.
+    async fn unregister(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
         let Some(server) = self.server.clone() else {
-            return Ok(());
+            return Ok(Undone::Absent);
         };
         let name = Self::node_name(vm);
         let delete_client = server.delete_client;
+        let owner = owner.clone();
         tokio::task::spawn_blocking(move || {
+            let Some(node) = server.get_json(&format!("/nodes/{name}"))? else {
+                return Ok(Undone::Absent);
+            };
+            match node
+                .pointer("/normal/devvm/request_id")
+                .and_then(Value::as_str)
+            {
+                Some(r) if r == owner.as_str() => {}
+                Some(r) => return Ok(Undone::foreign(r)),
+                None => {
+                    return Ok(Undone::foreign(
+                        "a node without devvm's request id (not bootstrapped by devvm)",
+                    ));
+                }
+            }
             server.delete(&format!("/nodes/{name}"))?;
             if delete_client {
                 server.delete(&format!("/clients/{name}"))?;
             }
-            Ok(())
+            Ok(Undone::Removed)
         })
         .await
         .map_err(|e| Error::backend("chef server worker failed").with_source(e))?
@@ -894,6 +930,29 @@ impl ChefServerClient {
         Ok((status, text))
     }
 
+    /// `GET path` as JSON; `None` when the server answers 404.
+    pub fn get_json(&self, path: &str) -> Result<Option<Value>> {
+        let (status, body) = self.request("GET", path, None)?;
+        match status {
+            200..=299 => serde_json::from_slice(&body).map(Some).map_err(|e| {
+                Error::backend(format!(
+                    "the chef server's answer to GET {path} is not JSON"
+                ))
+                .with_source(e)
+            }),
+            404 => Ok(None),
+            401 | 403 => Err(Error::unauthorized(format!(
+                "the chef server refused GET {path} (HTTP {status})"
+            ))),
+            408 | 429 | 500..=599 => Err(Error::unavailable(format!(
+                "the chef server could not answer GET {path} (HTTP {status})"
+            ))),
+            _ => Err(Error::backend(format!(
+                "the chef server answered GET {path} with HTTP {status}"
+            ))),
+        }
+    }
+
     /// `DELETE path`; returns whether something was deleted (404 is success: it is gone).
     pub fn delete(&self, path: &str) -> Result<bool> {
         let (status, _) = self.request("DELETE", path, None)?;
@@ -1041,8 +1100,8 @@ impl Bootstrapper for ShellBootstrapper {
         })
     }
 
-    async fn unregister(&self, _vm: &VmName) -> Result<()> {
-        Ok(())
+    async fn unregister(&self, _vm: &VmName, _owner: &RequestId) -> Result<Undone> {
+        Ok(Undone::Absent)
     }
 }
 

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::events::Progress;
 use crate::seed::GuestSetup;
 use crate::traits::Bootstrapper;
-use crate::types::{BootstrapReport, BootstrapTarget, VmName};
+use crate::types::{BootstrapReport, BootstrapTarget, RequestId, Undone, VmName};
 
 const BACKEND: &str = "cloud-init";
 
@@ -177,8 +177,8 @@ impl Bootstrapper for CloudInitBootstrapper {
         })
     }
 
-    async fn unregister(&self, _vm: &VmName) -> Result<()> {
-        Ok(())
+    async fn unregister(&self, _vm: &VmName, _owner: &RequestId) -> Result<Undone> {
+        Ok(Undone::Absent)
     }
 }
 

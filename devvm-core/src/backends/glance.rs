@@ -69,7 +69,9 @@ use crate::config::SecretSpec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::Progress;
 use crate::traits::ImageStore;
-use crate::types::{BootSpec, Disk, DiskFormat, HostId, Template, TemplateName, VmName};
+use crate::types::{
+    BootSpec, Disk, DiskFormat, HostId, RequestId, Template, TemplateName, Undone, VmName,
+};
 
 const BACKEND: &str = "glance";
 const GIB: u64 = 1 << 30;
@@ -618,6 +620,22 @@ fn temp_name(dir: &Path, final_name: &str) -> TempFile {
         ".{final_name}.{}{PART_SUFFIX}",
         uuid::Uuid::new_v4().simple()
     ))))
+}
+
+/// The request id an owner record holds; `None` when there is no record.
+fn read_owner(path: &Path) -> Result<Option<String>> {
+    match fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s.trim().to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("cannot read", path, e)),
+    }
+}
+
+fn foreign_disk(vm: &VmName, holder: Option<String>) -> Error {
+    Error::already_exists(format!(
+        "a disk for {vm} exists and belongs to {}",
+        holder.unwrap_or_else(|| "someone else (no owner record)".into())
+    ))
 }
 
 /// Removes the temporary files `.<prefix>*.part` in `dir`.
@@ -1418,17 +1436,53 @@ impl Inner {
         })
     }
 
+    /// The owner record of `vm`'s disk: `.<vm>.qcow2.owner` beside it, holding the request
+    /// id of the run that made it (a dot file, so a libvirt dir pool does not list it).
+    fn owner_file(&self, vm: &VmName) -> Result<PathBuf> {
+        contained(&self.disk_dir, &format!(".{}.owner", Self::disk_name(vm)))
+    }
+
+    /// Who made `vm`'s disk, if anyone recorded it.
+    fn disk_owner(&self, vm: &VmName) -> Result<Option<String>> {
+        read_owner(&self.owner_file(vm)?)
+    }
+
+    /// Claims `vm`'s disk name for `owner` by creating its owner record exclusively.
+    /// Claiming again for the same owner succeeds (a retry after a crash); a record of
+    /// another owner is `AlreadyExists`.
+    fn claim_disk(&self, vm: &VmName, owner: &RequestId) -> Result<()> {
+        let path = self.owner_file(vm)?;
+        match OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(mut f) => {
+                f.write_all(owner.as_str().as_bytes())
+                    .and_then(|()| f.sync_all())
+                    .map_err(|e| io_err("cannot write", &path, e))?;
+                fsync_dir(&self.disk_dir)
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => match self.disk_owner(vm)? {
+                Some(o) if o == owner.as_str() => Ok(()),
+                holder => Err(foreign_disk(vm, holder)),
+            },
+            Err(e) => Err(io_err("cannot create", &path, e)),
+        }
+    }
+
     async fn create_disk(
         &self,
         vm: &VmName,
         template: &Template,
         size_gib: u64,
+        owner: &RequestId,
         progress: &Progress,
     ) -> Result<Disk> {
         let name = Self::disk_name(vm);
         let path = contained(&self.disk_dir, &name)?;
         if fs::symlink_metadata(&path).is_ok() {
-            return self.describe_disk(vm, &path).await;
+            // Never adopted: only the run whose record says it made this disk gets it.
+            return match self.disk_owner(vm)? {
+                Some(o) if o == owner.as_str() => self.describe_disk(vm, &path).await,
+                holder => Err(foreign_disk(vm, holder)),
+            };
         }
         if size_gib == 0 {
             return Err(Error::invalid_input("disk size must be at least 1 GiB"));
@@ -1445,6 +1499,7 @@ impl Inner {
                 tinfo.virtual_size as f64 / GIB as f64
             )));
         }
+        self.claim_disk(vm, owner)?;
         let tmp = temp_name(&self.disk_dir, &name);
         let size = format!("{size_gib}G");
         match self.mode {
@@ -1523,15 +1578,21 @@ impl Inner {
         let tmp_path = tmp.path().to_owned();
         let final_path = path.clone();
         let dir = self.disk_dir.clone();
+        let (record, vm2, owner2) = (self.owner_file(vm)?, vm.clone(), owner.clone());
         blocking(move || {
             File::open(&tmp_path)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| io_err("cannot sync", &tmp_path, e))?;
-            // Link, never replace: if another caller finished this vm's disk meanwhile,
-            // theirs stands and ours is dropped.
+            // Link, never replace. A file that appeared meanwhile is ours only if our
+            // record still stands (a concurrent retry of this run); otherwise someone made
+            // it by hand: it stays, and so does nothing of ours.
             match fs::hard_link(&tmp_path, &final_path) {
                 Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    if read_owner(&record)?.as_deref() != Some(owner2.as_str()) {
+                        return Err(foreign_disk(&vm2, None));
+                    }
+                }
                 Err(e) => return Err(io_err("cannot link", &final_path, e)),
             }
             fsync_dir(&dir)
@@ -1542,17 +1603,34 @@ impl Inner {
         self.describe_disk(vm, &path).await
     }
 
-    fn delete_disk(&self, vm: &VmName) -> Result<()> {
+    /// Deletes `vm`'s disk, what a killed `create_disk` of it left behind, and its owner
+    /// record, if that record names `owner`; anything else is left alone.
+    fn delete_disk(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
         let name = Self::disk_name(vm);
         let path = contained(&self.disk_dir, &name)?;
+        let exists = fs::symlink_metadata(&path).is_ok();
+        match self.disk_owner(vm)? {
+            Some(o) if o == owner.as_str() => {}
+            Some(o) => return Ok(Undone::foreign(o)),
+            None if exists => {
+                return Ok(Undone::foreign("no owner record (not made by devvm)"));
+            }
+            None => return Ok(Undone::Absent),
+        }
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("cannot remove", &path, e)),
         }
-        // Also what a killed create_disk of this vm left behind.
         remove_parts(&self.disk_dir, &format!("{name}."))?;
-        fsync_dir(&self.disk_dir)
+        let record = self.owner_file(vm)?;
+        match fs::remove_file(&record) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("cannot remove", &record, e)),
+        }
+        fsync_dir(&self.disk_dir)?;
+        Ok(Undone::Removed)
     }
 }
 
@@ -1582,18 +1660,19 @@ impl ImageStore for GlanceImageStore {
         _host: &HostId,
         template: &Template,
         size_gib: u64,
+        owner: &RequestId,
         progress: &Progress,
     ) -> Result<Disk> {
         self.inner
-            .create_disk(vm, template, size_gib, progress)
+            .create_disk(vm, template, size_gib, owner, progress)
             .await
             .map_err(|e| e.or_backend(BACKEND))
     }
 
-    async fn delete_disk(&self, vm: &VmName, _host: &HostId) -> Result<()> {
+    async fn delete_disk(&self, vm: &VmName, _host: &HostId, owner: &RequestId) -> Result<Undone> {
         let inner = self.inner.clone();
-        let vm = vm.clone();
-        blocking(move || inner.delete_disk(&vm)).await
+        let (vm, owner) = (vm.clone(), owner.clone());
+        blocking(move || inner.delete_disk(&vm, &owner)).await
     }
 
     async fn disk(&self, vm: &VmName, _host: &HostId) -> Result<Option<Disk>> {

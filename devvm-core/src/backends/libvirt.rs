@@ -30,7 +30,7 @@ use virt::error::ErrorNumber;
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::Progress;
 use crate::traits::Hypervisor;
-use crate::types::{Domain, DomainSpec, HostId, RequestId, UserName, VmName};
+use crate::types::{Domain, DomainSpec, HostId, RequestId, Undone, UserName, VmName};
 
 const BACKEND: &str = "libvirt";
 
@@ -447,6 +447,13 @@ fn virt_err(what: &str, host: &HostId, e: virt::error::Error) -> Error {
         .with_source(e)
 }
 
+fn foreign_domain(vm: &VmName, host: &HostId) -> Error {
+    Error::already_exists(format!(
+        "domain {vm} exists on {host} and belongs to another request"
+    ))
+    .with_backend(BACKEND)
+}
+
 fn is_no_domain(e: &virt::error::Error) -> bool {
     matches!(e.code(), Enum::Known(ErrorNumber::NoDomain))
 }
@@ -647,6 +654,22 @@ impl Hypervisor for LibvirtHypervisor {
                 Error::backend(format!("cannot create directory {}", dir.display())).with_source(e)
             })?;
         }
+        // A domain of this name that another request made is refused before anything is
+        // written for this one (the seed file of that name may be the other VM's).
+        {
+            let s = spec.clone();
+            blocking(
+                move || match lookup(&connect(&s.host)?, &s.host, &s.name)? {
+                    Some(existing)
+                        if metadata_of(&existing).request_id.as_ref() != Some(&s.request_id) =>
+                    {
+                        Err(foreign_domain(&s.name, &s.host))
+                    }
+                    _ => Ok(()),
+                },
+            )
+            .await?;
+        }
         if let Some(seed) = &spec.seed {
             let user_data = seed.user_data();
             let meta = seed.meta_data();
@@ -671,11 +694,7 @@ impl Hypervisor for LibvirtHypervisor {
                 Some(existing) => {
                     let meta = metadata_of(&existing);
                     if meta.request_id.as_ref() != Some(&s.request_id) {
-                        return Err(Error::already_exists(format!(
-                            "domain {} exists on {} and belongs to another request",
-                            s.name, s.host
-                        ))
-                        .with_backend(BACKEND));
+                        return Err(foreign_domain(&s.name, &s.host));
                     }
                     p.message(format!("domain {} is already defined", s.name));
                     existing
@@ -707,14 +726,22 @@ impl Hypervisor for LibvirtHypervisor {
         Ok(domain)
     }
 
-    async fn destroy(&self, vm: &VmName, host: &HostId) -> Result<()> {
+    /// Destroys and undefines the domain only if its metadata names `owner` as its
+    /// request; then removes its seed disk. A domain without devvm's metadata, or of
+    /// another request, is left alone with its seed.
+    async fn destroy(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<Undone> {
         let seed = self.seed_image(vm);
-        let (vm, host) = (vm.clone(), host.clone());
-        blocking(move || {
+        let (vm, host, owner) = (vm.clone(), host.clone(), owner.clone());
+        let outcome = blocking(move || {
             let conn = connect(&host)?;
             let Some(dom) = lookup(&conn, &host, &vm)? else {
-                return Ok(());
+                return Ok(Undone::Absent);
             };
+            match metadata_of(&dom).request_id {
+                Some(r) if r == owner => {}
+                Some(r) => return Ok(Undone::foreign(r.as_str())),
+                None => return Ok(Undone::foreign("no devvm metadata (not made by devvm)")),
+            }
             if dom.is_active().unwrap_or(false)
                 && let Err(e) = dom.destroy()
                 && !is_no_domain(&e)
@@ -728,13 +755,18 @@ impl Hypervisor for LibvirtHypervisor {
                 | virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                 | virt::sys::VIR_DOMAIN_UNDEFINE_NVRAM;
             match dom.undefine_flags(flags) {
-                Ok(()) => Ok(()),
-                Err(e) if is_no_domain(&e) => Ok(()),
+                Ok(()) => Ok(Undone::Removed),
+                Err(e) if is_no_domain(&e) => Ok(Undone::Removed),
                 Err(e) => Err(virt_err("cannot undefine the domain", &host, e)),
             }
         })
         .await?;
-        remove_seed(&seed)
+        match outcome {
+            Undone::Foreign { .. } => {}
+            // Absent: a create that failed after writing the seed but before defining.
+            _ => remove_seed(&seed)?,
+        }
+        Ok(outcome)
     }
 
     async fn domain(&self, vm: &VmName, host: &HostId) -> Result<Option<Domain>> {

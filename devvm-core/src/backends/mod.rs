@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use crate::error::Result;
 use crate::events::Progress;
 use crate::traits::Bootstrapper;
-use crate::types::{BootstrapReport, BootstrapTarget, VmName};
+use crate::types::{BootstrapReport, BootstrapTarget, RequestId, Undone, VmName};
 
 /// A [`Bootstrapper`] that does nothing: for VMs that need no configuration management.
 /// Its reports say `bootstrapped: false`.
@@ -39,7 +39,7 @@ impl Bootstrapper for NoopBootstrapper {
         })
     }
 
-    async fn unregister(&self, _vm: &VmName) -> Result<()> {
-        Ok(())
+    async fn unregister(&self, _vm: &VmName, _owner: &RequestId) -> Result<Undone> {
+        Ok(Undone::Absent)
     }
 }

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use crate::backends::libvirt::DomainInfo;
 use crate::error::{Error, Result};
 use crate::traits::Placement;
-use crate::types::{HostId, VmName, VmSize};
+use crate::types::{HostId, RequestId, Undone, VmName, VmSize};
 
 const BACKEND: &str = "libvirt";
 
@@ -141,6 +141,22 @@ fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error {
     crate::sqlite::err(format!("placement database {}", path.display()), BACKEND)
 }
 
+/// The schema, one step per version (SQLite's `user_version`); a step is never edited
+/// once released, only appended to.
+const SCHEMA: &[&str] = &[
+    // 1: one slot per vm.
+    "CREATE TABLE IF NOT EXISTS reservations (
+         vm TEXT PRIMARY KEY, host TEXT NOT NULL,
+         vcpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL, disk_gib INTEGER NOT NULL);",
+    // 2: the request that holds each slot (none for slots from before: never released).
+    "ALTER TABLE reservations ADD COLUMN owner TEXT;",
+];
+
+/// Who holds a slot, for messages.
+fn holder_of(owner: Option<String>) -> String {
+    owner.unwrap_or_else(|| "no request (reserved before owners were recorded)".into())
+}
+
 impl LibvirtPlacement {
     /// Placement over `hosts`, reading usage through `reader`, reservations in `path`.
     pub fn open(
@@ -157,15 +173,13 @@ impl LibvirtPlacement {
                 Error::invalid_input(format!("cannot create {}", dir.display())).with_source(e)
             })?;
         }
-        let err = db_err(&path);
-        let conn = crate::sqlite::open(&path, BACKEND)?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS reservations (
-                vm TEXT PRIMARY KEY, host TEXT NOT NULL,
-                vcpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL, disk_gib INTEGER NOT NULL)",
-        )
-        .map_err(&err)?;
-        drop(err);
+        let mut conn = crate::sqlite::open(&path, BACKEND)?;
+        crate::sqlite::migrate(
+            &mut conn,
+            SCHEMA,
+            format!("placement database {}", path.display()),
+            BACKEND,
+        )?;
         Ok(LibvirtPlacement {
             hosts: Arc::new(hosts),
             reader,
@@ -268,6 +282,21 @@ impl LibvirtPlacement {
         .await
     }
 
+    /// The slot of `vm`: its host and owner.
+    async fn slot(&self, vm: &VmName) -> Result<Option<(String, Option<String>)>> {
+        let vm = vm.clone();
+        self.blocking(move |conn, path| {
+            conn.query_row(
+                "SELECT host, owner FROM reservations WHERE vm = ?1",
+                params![vm.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(db_err(path))
+        })
+        .await
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection, &Path) -> Result<T> + Send + 'static,
@@ -291,9 +320,19 @@ impl Placement for LibvirtPlacement {
         BACKEND
     }
 
-    async fn reserve(&self, vm: &VmName, size: &VmSize) -> Result<HostId> {
-        if let Some(host) = self.reservation(vm).await? {
-            return Ok(host);
+    async fn reserve(&self, vm: &VmName, size: &VmSize, owner: &RequestId) -> Result<HostId> {
+        let held = |host: String, holder: Option<String>| -> Result<HostId> {
+            match holder {
+                Some(o) if o == owner.as_str() => HostId::new(host),
+                other => Err(Error::already_exists(format!(
+                    "{vm} already holds a slot on {host} for {}",
+                    holder_of(other)
+                ))
+                .with_backend(BACKEND)),
+            }
+        };
+        if let Some((host, holder)) = self.slot(vm).await? {
+            return held(host, holder);
         }
         // Usage is read outside the transaction (it talks to every host); the choice is
         // then recorded atomically, re-checked against reservations made meanwhile.
@@ -318,23 +357,23 @@ impl Placement for LibvirtPlacement {
                 .with_backend(BACKEND));
             };
             let before: usize = self.reservations().await?.len();
-            let (vm2, host2, size2) = (vm.clone(), host.clone(), *size);
+            let (vm2, host2, size2, owner2) = (vm.clone(), host.clone(), *size, owner.clone());
             let placed = self
                 .blocking(move |conn, path| {
                     let err = db_err(path);
                     let tx = conn
                         .transaction_with_behavior(TransactionBehavior::Immediate)
                         .map_err(&err)?;
-                    if let Some(h) = tx
+                    if let Some(existing) = tx
                         .query_row(
-                            "SELECT host FROM reservations WHERE vm = ?1",
+                            "SELECT host, owner FROM reservations WHERE vm = ?1",
                             params![vm2.as_str()],
-                            |r| r.get::<_, String>(0),
+                            |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)),
                         )
                         .optional()
                         .map_err(&err)?
                     {
-                        return HostId::new(h).map(Some);
+                        return Ok(Some(existing));
                     }
                     let now: i64 = tx
                         .query_row("SELECT COUNT(*) FROM reservations", [], |r| r.get(0))
@@ -344,23 +383,27 @@ impl Placement for LibvirtPlacement {
                         return Ok(None);
                     }
                     tx.execute(
-                        "INSERT INTO reservations (vm, host, vcpus, memory_mib, disk_gib)
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                        "INSERT INTO reservations (vm, host, vcpus, memory_mib, disk_gib, owner)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                         params![
                             vm2.as_str(),
                             host2.as_str(),
                             size2.vcpus,
                             size2.memory_mib,
-                            size2.disk_gib
+                            size2.disk_gib,
+                            owner2.as_str()
                         ],
                     )
                     .map_err(&err)?;
                     tx.commit().map_err(&err)?;
-                    Ok(Some(host2))
+                    Ok(Some((
+                        host2.as_str().to_owned(),
+                        Some(owner2.as_str().to_owned()),
+                    )))
                 })
                 .await?;
-            if let Some(h) = placed {
-                return Ok(h);
+            if let Some((h, holder)) = placed {
+                return held(h, holder);
             }
         }
         Err(
@@ -369,15 +412,33 @@ impl Placement for LibvirtPlacement {
         )
     }
 
-    async fn release(&self, vm: &VmName) -> Result<()> {
-        let vm = vm.clone();
+    async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
+        let (vm, owner) = (vm.clone(), owner.clone());
         self.blocking(move |conn, path| {
-            conn.execute(
-                "DELETE FROM reservations WHERE vm = ?1",
-                params![vm.as_str()],
-            )
-            .map(|_| ())
-            .map_err(db_err(path))
+            let err = db_err(path);
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(&err)?;
+            let n = tx
+                .execute(
+                    "DELETE FROM reservations WHERE vm = ?1 AND owner = ?2",
+                    params![vm.as_str(), owner.as_str()],
+                )
+                .map_err(&err)?;
+            let left: Option<Option<String>> = tx
+                .query_row(
+                    "SELECT owner FROM reservations WHERE vm = ?1",
+                    params![vm.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(&err)?;
+            tx.commit().map_err(&err)?;
+            Ok(match (n, left) {
+                (0, Some(holder)) => Undone::foreign(holder_of(holder)),
+                (0, None) => Undone::Absent,
+                _ => Undone::Removed,
+            })
         })
         .await
     }
@@ -471,13 +532,14 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let vm = |s: &str| VmName::new(s).unwrap_or_else(|e| panic!("{e}"));
+        let me = RequestId::random();
         // a has 1 of 2 used by an existing domain, b 0 of 1: equal free memory → either.
         let first = p
-            .reserve(&vm("n1"), &size)
+            .reserve(&vm("n1"), &size, &me)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let second = p
-            .reserve(&vm("n2"), &size)
+            .reserve(&vm("n2"), &size, &me)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_ne!(first, second, "one slot left on each");
@@ -485,10 +547,12 @@ mod tests {
             first != host("down") && second != host("down"),
             "an unreadable host is never chosen"
         );
-        let e = p.reserve(&vm("n3"), &size).await.expect_err("full");
+        let e = p.reserve(&vm("n3"), &size, &me).await.expect_err("full");
         assert_eq!(e.kind(), ErrorKind::Exhausted);
-        p.release(&vm("n1")).await.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(p.reserve(&vm("n3"), &size).await.ok(), Some(first));
+        p.release(&vm("n1"), &me)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.reserve(&vm("n3"), &size, &me).await.ok(), Some(first));
     }
 
     #[tokio::test]

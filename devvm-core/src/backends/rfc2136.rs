@@ -84,7 +84,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::traits::DnsUpdater;
-use crate::types::{DnsRecord, VmName};
+use crate::types::{DnsRecord, Undone, VmName};
 
 const BACKEND: &str = "rfc2136";
 
@@ -1151,10 +1151,24 @@ impl DnsUpdater for Rfc2136Dns {
         })
     }
 
-    async fn remove(&self, vm: &VmName, ip: IpAddr) -> Result<()> {
+    /// Deletes exactly the A/AAAA record `fqdn(vm) -> ip` and the PTR `ip -> fqdn(vm)`
+    /// (each update names the record's data, so a record pointing elsewhere is never
+    /// touched). What the name held before tells the outcome.
+    async fn remove(&self, vm: &VmName, ip: IpAddr) -> Result<Undone> {
         let fqdn_text = self.fqdn(vm);
         let fqdn = self.fqdn_name(vm).map_err(|e| self.wrap(e))?;
         let rtype = address_type(ip);
+        let before = self
+            .addresses(&fqdn, rtype)
+            .await
+            .map_err(|e| self.wrap(e))?;
+        let outcome = if before.contains(&ip) {
+            Undone::Removed
+        } else if let Some(other) = before.first() {
+            Undone::foreign(format!("whoever published {fqdn_text} -> {other}"))
+        } else {
+            Undone::Absent
+        };
         let what = format!("delete {fqdn_text} {rtype} {ip}");
         let record = address_record(fqdn.clone(), ip, 0);
         self.update(&self.zone, delete_record_update(&self.zone, record), &what)
@@ -1162,7 +1176,7 @@ impl DnsUpdater for Rfc2136Dns {
             .map_err(|e| self.wrap(e))?;
         // An address outside the configured reverse zone never got a PTR from us.
         let Ok(reverse_zone) = self.reverse_zone_of(ip) else {
-            return Ok(());
+            return Ok(outcome);
         };
         let what = format!("delete {ip} PTR {fqdn_text}");
         let record = ptr_record(reverse_name(ip), fqdn, 0);
@@ -1172,7 +1186,8 @@ impl DnsUpdater for Rfc2136Dns {
             &what,
         )
         .await
-        .map_err(|e| self.wrap(e))
+        .map_err(|e| self.wrap(e))?;
+        Ok(outcome)
     }
 
     async fn resolve(&self, vm: &VmName) -> Result<Vec<IpAddr>> {

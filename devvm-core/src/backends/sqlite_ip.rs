@@ -24,7 +24,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::traits::IpAllocator;
-use crate::types::{Lease, VmName};
+use crate::types::{Lease, RequestId, Undone, VmName};
 
 const BACKEND: &str = "sqlite";
 
@@ -181,15 +181,20 @@ fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error {
     crate::sqlite::err(format!("lease database {}", path.display()), BACKEND)
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- One row per leased or blocked address. Blocked addresses (gateway, reserved) have no vm.
-CREATE TABLE IF NOT EXISTS addresses (
-    ip      INTEGER PRIMARY KEY,
-    vm      TEXT UNIQUE,
-    created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
-);
-";
+/// The schema, one step per version (SQLite's `user_version`); a step is never edited
+/// once released, only appended to.
+const SCHEMA: &[&str] = &[
+    // 1: leases. Blocked addresses (gateway, reserved) are rows without a vm.
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE IF NOT EXISTS addresses (
+         ip      INTEGER PRIMARY KEY,
+         vm      TEXT UNIQUE,
+         created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+     );",
+    // 2: the request that holds each lease. Leases from before, and imported ones, have
+    // none: nothing of devvm's may release them.
+    "ALTER TABLE addresses ADD COLUMN owner TEXT;",
+];
 
 impl SqliteIpAllocator {
     /// Opens (creating if needed) the lease database at `path` for `plan`.
@@ -207,7 +212,12 @@ impl SqliteIpAllocator {
         }
         let err = db_err(&path);
         let mut conn = crate::sqlite::open(&path, BACKEND)?;
-        conn.execute_batch(SCHEMA).map_err(&err)?;
+        crate::sqlite::migrate(
+            &mut conn,
+            SCHEMA,
+            format!("lease database {}", path.display()),
+            BACKEND,
+        )?;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(&err)?;
@@ -388,6 +398,11 @@ impl SqliteIpAllocator {
     }
 }
 
+/// Who holds a lease, for messages: its request id, or what a lease without one is.
+fn holder_of(owner: Option<String>) -> String {
+    owner.unwrap_or_else(|| "no request (imported, or leased before owners were recorded)".into())
+}
+
 /// The first free address in `from..=hi`, jumping over runs of taken ones.
 fn first_free(tx: &rusqlite::Transaction<'_>, from: u32, hi: u32) -> rusqlite::Result<Option<u32>> {
     let mut candidate = from;
@@ -425,24 +440,32 @@ impl IpAllocator for SqliteIpAllocator {
         BACKEND
     }
 
-    async fn allocate(&self, vm: &VmName) -> Result<Lease> {
-        let name = vm.clone();
+    async fn allocate(&self, vm: &VmName, owner: &RequestId) -> Result<Lease> {
+        let (name, owner) = (vm.clone(), owner.clone());
         let ip = self
             .blocking(move |conn, plan, path| {
                 let err = db_err(path);
                 let tx = conn
                     .transaction_with_behavior(TransactionBehavior::Immediate)
                     .map_err(&err)?;
-                let existing: Option<u32> = tx
+                let existing: Option<(u32, Option<String>)> = tx
                     .query_row(
-                        "SELECT ip FROM addresses WHERE vm = ?1",
+                        "SELECT ip, owner FROM addresses WHERE vm = ?1",
                         params![name.as_str()],
-                        |r| r.get(0),
+                        |r| Ok((r.get(0)?, r.get(1)?)),
                     )
                     .optional()
                     .map_err(&err)?;
-                if let Some(ip) = existing {
-                    return Ok(ip);
+                match existing {
+                    Some((ip, Some(o))) if o == owner.as_str() => return Ok(ip),
+                    Some((ip, holder)) => {
+                        return Err(Error::already_exists(format!(
+                            "{name} already holds {} for {}",
+                            Ipv4Addr::from(ip),
+                            holder_of(holder)
+                        )));
+                    }
+                    None => {}
                 }
                 let (lo, hi) = plan.bounds();
                 let cursor: Option<u32> = tx
@@ -466,8 +489,8 @@ impl IpAllocator for SqliteIpAllocator {
                     )));
                 };
                 tx.execute(
-                    "INSERT INTO addresses (ip, vm) VALUES (?1, ?2)",
-                    params![ip, name.as_str()],
+                    "INSERT INTO addresses (ip, vm, owner) VALUES (?1, ?2, ?3)",
+                    params![ip, name.as_str(), owner.as_str()],
                 )
                 .map_err(&err)?;
                 tx.execute(
@@ -484,15 +507,33 @@ impl IpAllocator for SqliteIpAllocator {
         Ok(self.lease_of(vm, ip))
     }
 
-    async fn release(&self, vm: &VmName) -> Result<()> {
-        let name = vm.clone();
+    async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
+        let (name, owner) = (vm.clone(), owner.clone());
         self.blocking(move |conn, _, path| {
-            conn.execute(
-                "DELETE FROM addresses WHERE vm = ?1",
-                params![name.as_str()],
-            )
-            .map(|_| ())
-            .map_err(db_err(path))
+            let err = db_err(path);
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(&err)?;
+            let n = tx
+                .execute(
+                    "DELETE FROM addresses WHERE vm = ?1 AND owner = ?2",
+                    params![name.as_str(), owner.as_str()],
+                )
+                .map_err(&err)?;
+            let left: Option<Option<String>> = tx
+                .query_row(
+                    "SELECT owner FROM addresses WHERE vm = ?1",
+                    params![name.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(&err)?;
+            tx.commit().map_err(&err)?;
+            Ok(match (n, left) {
+                (0, Some(holder)) => Undone::foreign(holder_of(holder)),
+                (0, None) => Undone::Absent,
+                _ => Undone::Removed,
+            })
         })
         .await
     }
@@ -518,6 +559,11 @@ impl IpAllocator for SqliteIpAllocator {
 mod tests {
     use super::*;
     use crate::ErrorKind;
+
+    /// The one owner of every lease these tests make.
+    fn own() -> RequestId {
+        RequestId::new("test-owner").unwrap_or_else(|e| panic!("{e}"))
+    }
     use crate::testkit::conformance::{IpAllocatorFixture, ip_allocator};
 
     fn net(s: &str) -> Ipv4Net {
@@ -554,7 +600,12 @@ mod tests {
         let mut got = Vec::new();
         for i in 0..4 {
             let vm = VmName::new(format!("v{i}")).unwrap_or_else(|e| panic!("{e}"));
-            got.push(a.allocate(&vm).await.unwrap_or_else(|e| panic!("{e}")).ip);
+            got.push(
+                a.allocate(&vm, &own())
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"))
+                    .ip,
+            );
         }
         let want: Vec<IpAddr> = [2, 3, 4, 5]
             .iter()
@@ -562,7 +613,7 @@ mod tests {
             .collect();
         assert_eq!(got, want);
         let e = a
-            .allocate(&VmName::new("v9").unwrap_or_else(|e| panic!("{e}")))
+            .allocate(&VmName::new("v9").unwrap_or_else(|e| panic!("{e}")), &own())
             .await
             .expect_err("full");
         assert_eq!(e.kind(), ErrorKind::Exhausted);
@@ -632,14 +683,26 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         let vm = |i: u32| VmName::new(format!("v{i}")).unwrap_or_else(|e| panic!("{e}"));
         for i in 1..=14 {
-            a.allocate(&vm(i)).await.unwrap_or_else(|e| panic!("{e}"));
+            a.allocate(&vm(i), &own())
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
         }
         // Free .3 and .4; the cursor is at .14, so the next search wraps and skips .1-.2.
-        a.release(&vm(3)).await.unwrap_or_else(|e| panic!("{e}"));
-        a.release(&vm(4)).await.unwrap_or_else(|e| panic!("{e}"));
-        let l = a.allocate(&vm(20)).await.unwrap_or_else(|e| panic!("{e}"));
+        a.release(&vm(3), &own())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        a.release(&vm(4), &own())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let l = a
+            .allocate(&vm(20), &own())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(l.ip, IpAddr::from([10, 9, 0, 3]));
-        let l = a.allocate(&vm(21)).await.unwrap_or_else(|e| panic!("{e}"));
+        let l = a
+            .allocate(&vm(21), &own())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(l.ip, IpAddr::from([10, 9, 0, 4]));
     }
 }

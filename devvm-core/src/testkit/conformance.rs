@@ -23,7 +23,7 @@ use crate::traits::{
     Bootstrapper, DnsUpdater, Hypervisor, ImageStore, IpAllocator, Placement, UserDirectory,
 };
 use crate::types::{
-    BootstrapSettings, BootstrapTarget, DomainSpec, HostId, RequestId, TemplateName, User,
+    BootstrapSettings, BootstrapTarget, DomainSpec, HostId, RequestId, TemplateName, Undone, User,
     UserName, VmName, VmSize,
 };
 
@@ -87,6 +87,23 @@ pub async fn user_directory(dir: Arc<dyn UserDirectory>, fixture: UserDirectoryF
     }
 }
 
+/// A fresh owner token (request id) for a suite's own resources.
+fn owner() -> RequestId {
+    RequestId::random()
+}
+
+fn expect_undone(r: crate::Result<Undone>, want: &Undone, what: &str) {
+    let got = ok(r, what);
+    assert_eq!(&got, want, "{what}");
+}
+
+fn expect_foreign(r: crate::Result<Undone>, what: &str) {
+    match ok(r, what) {
+        Undone::Foreign { .. } => {}
+        other => panic!("{what}: expected Foreign (left alone), got {other:?}"),
+    }
+}
+
 /// What the tester knows about the placement under test.
 #[derive(Debug, Clone)]
 pub struct PlacementFixture {
@@ -96,12 +113,15 @@ pub struct PlacementFixture {
     pub size: VmSize,
 }
 
-/// Checks a [`Placement`]: reserving is idempotent, release is idempotent, releasing an
-/// unknown VM succeeds, and a full set of hosts is `Exhausted` without changing anything.
+/// Checks a [`Placement`]: reserving is idempotent per owner, a slot of another owner is
+/// `AlreadyExists` and survives that owner's neighbours' releases, release is
+/// idempotent, releasing an unknown VM is `Absent`, and a full set of hosts is
+/// `Exhausted` without changing anything.
 pub async fn placement(p: Arc<dyn Placement>, fixture: PlacementFixture) {
+    let (me, them) = (owner(), owner());
     let vm = unique_vm_name("place");
-    let host = ok(p.reserve(&vm, &fixture.size).await, "reserve");
-    let again = ok(p.reserve(&vm, &fixture.size).await, "reserve again");
+    let host = ok(p.reserve(&vm, &fixture.size, &me).await, "reserve");
+    let again = ok(p.reserve(&vm, &fixture.size, &me).await, "reserve again");
     assert_eq!(
         host, again,
         "reserving again for the same vm returns the same host"
@@ -110,14 +130,29 @@ pub async fn placement(p: Arc<dyn Placement>, fixture: PlacementFixture) {
         ok(p.reservation(&vm).await, "reservation"),
         Some(host.clone())
     );
-    ok(p.release(&vm).await, "release");
+    // Another owner's view of the same name: refused, and cannot release it.
+    expect_kind(
+        p.reserve(&vm, &fixture.size, &them).await,
+        ErrorKind::AlreadyExists,
+        "reserving a vm name another owner holds",
+    );
+    expect_foreign(
+        p.release(&vm, &them).await,
+        "releasing another owner's slot",
+    );
+    assert_eq!(
+        ok(p.reservation(&vm).await, "the foreign slot survives"),
+        Some(host.clone())
+    );
+    expect_undone(p.release(&vm, &me).await, &Undone::Removed, "release");
     assert_eq!(
         ok(p.reservation(&vm).await, "reservation after release"),
         None
     );
-    ok(p.release(&vm).await, "release again");
-    ok(
-        p.release(&unique_vm_name("never")).await,
+    expect_undone(p.release(&vm, &me).await, &Undone::Absent, "release again");
+    expect_undone(
+        p.release(&unique_vm_name("never"), &me).await,
+        &Undone::Absent,
         "release of an unknown vm",
     );
 
@@ -125,18 +160,18 @@ pub async fn placement(p: Arc<dyn Placement>, fixture: PlacementFixture) {
         let vms: Vec<VmName> = (0..capacity).map(|_| unique_vm_name("fill")).collect();
         for vm in &vms {
             ok(
-                p.reserve(vm, &fixture.size).await,
+                p.reserve(vm, &fixture.size, &me).await,
                 "reserve within capacity",
             );
         }
         // Reserving again for a VM that holds a slot must not need a new slot.
         ok(
-            p.reserve(&vms[0], &fixture.size).await,
+            p.reserve(&vms[0], &fixture.size, &me).await,
             "re-reserve when full",
         );
         let extra = unique_vm_name("extra");
         expect_kind(
-            p.reserve(&extra, &fixture.size).await,
+            p.reserve(&extra, &fixture.size, &me).await,
             ErrorKind::Exhausted,
             "reserve beyond capacity",
         );
@@ -144,14 +179,14 @@ pub async fn placement(p: Arc<dyn Placement>, fixture: PlacementFixture) {
             ok(p.reservation(&extra).await, "no slot after failure"),
             None
         );
-        ok(p.release(&vms[0]).await, "release one");
+        ok(p.release(&vms[0], &me).await, "release one");
         ok(
-            p.reserve(&extra, &fixture.size).await,
+            p.reserve(&extra, &fixture.size, &me).await,
             "reserve the freed slot",
         );
-        ok(p.release(&extra).await, "cleanup");
+        ok(p.release(&extra, &me).await, "cleanup");
         for vm in &vms {
-            ok(p.release(vm).await, "cleanup");
+            ok(p.release(vm, &me).await, "cleanup");
         }
     }
 }
@@ -165,30 +200,49 @@ pub struct IpAllocatorFixture {
     pub concurrency: usize,
 }
 
-/// Checks an [`IpAllocator`]: allocating is idempotent per VM, different VMs get
-/// different addresses (also when racing), release is idempotent, and a full subnet is
-/// `Exhausted` without changing anything.
+/// Checks an [`IpAllocator`]: allocating is idempotent per VM and owner, a lease of
+/// another owner is `AlreadyExists` and cannot be released by anyone else, different
+/// VMs get different addresses (also when racing), release is idempotent, and a full
+/// subnet is `Exhausted` without changing anything.
 pub async fn ip_allocator(a: Arc<dyn IpAllocator>, fixture: IpAllocatorFixture) {
+    let (me, them) = (owner(), owner());
     let vm = unique_vm_name("ip");
-    let lease = ok(a.allocate(&vm).await, "allocate");
+    let lease = ok(a.allocate(&vm, &me).await, "allocate");
     assert_eq!(lease.vm, vm, "the lease names its vm");
-    let again = ok(a.allocate(&vm).await, "allocate again");
+    let again = ok(a.allocate(&vm, &me).await, "allocate again");
     assert_eq!(
         lease, again,
         "allocating again for the same vm returns the same lease"
     );
     assert_eq!(ok(a.lease(&vm).await, "lease"), Some(lease.clone()));
+    expect_kind(
+        a.allocate(&vm, &them).await,
+        ErrorKind::AlreadyExists,
+        "allocating for a vm name another owner holds",
+    );
+    expect_foreign(
+        a.release(&vm, &them).await,
+        "releasing another owner's lease",
+    );
+    assert_eq!(
+        ok(a.lease(&vm).await, "the foreign lease survives"),
+        Some(lease.clone())
+    );
     let other = unique_vm_name("ip");
-    let other_lease = ok(a.allocate(&other).await, "allocate another");
+    let other_lease = ok(a.allocate(&other, &me).await, "allocate another");
     assert_ne!(lease.ip, other_lease.ip, "two vms never share an address");
     if let Some(gw) = lease.gateway {
         assert_ne!(lease.ip, gw, "the gateway is never leased");
     }
-    ok(a.release(&vm).await, "release");
+    expect_undone(a.release(&vm, &me).await, &Undone::Removed, "release");
     assert_eq!(ok(a.lease(&vm).await, "lease after release"), None);
-    ok(a.release(&vm).await, "release again");
-    ok(a.release(&unique_vm_name("never")).await, "release unknown");
-    ok(a.release(&other).await, "cleanup");
+    expect_undone(a.release(&vm, &me).await, &Undone::Absent, "release again");
+    expect_undone(
+        a.release(&unique_vm_name("never"), &me).await,
+        &Undone::Absent,
+        "release unknown",
+    );
+    ok(a.release(&other, &me).await, "cleanup");
 
     // Racing allocations: no duplicates, and racing the same VM gives one lease.
     let vms: Vec<VmName> = (0..fixture.concurrency)
@@ -196,8 +250,8 @@ pub async fn ip_allocator(a: Arc<dyn IpAllocator>, fixture: IpAllocatorFixture) 
         .collect();
     let mut tasks = Vec::new();
     for vm in vms.iter().cloned().chain(vms.iter().take(2).cloned()) {
-        let a = a.clone();
-        tasks.push(tokio::spawn(async move { a.allocate(&vm).await }));
+        let (a, me) = (a.clone(), me.clone());
+        tasks.push(tokio::spawn(async move { a.allocate(&vm, &me).await }));
     }
     let mut by_vm = std::collections::HashMap::new();
     for t in tasks {
@@ -219,33 +273,33 @@ pub async fn ip_allocator(a: Arc<dyn IpAllocator>, fixture: IpAllocatorFixture) 
         "racing allocations never share an address"
     );
     for vm in &vms {
-        ok(a.release(vm).await, "cleanup");
+        ok(a.release(vm, &me).await, "cleanup");
     }
 
     if let Some(capacity) = fixture.capacity {
         let vms: Vec<VmName> = (0..capacity).map(|_| unique_vm_name("fill")).collect();
         for vm in &vms {
-            ok(a.allocate(vm).await, "allocate within capacity");
+            ok(a.allocate(vm, &me).await, "allocate within capacity");
         }
-        ok(a.allocate(&vms[0]).await, "re-allocate when full");
+        ok(a.allocate(&vms[0], &me).await, "re-allocate when full");
         let extra = unique_vm_name("extra");
         expect_kind(
-            a.allocate(&extra).await,
+            a.allocate(&extra, &me).await,
             ErrorKind::Exhausted,
             "allocate beyond capacity",
         );
         assert_eq!(ok(a.lease(&extra).await, "no lease after failure"), None);
         let freed = ok(a.lease(&vms[0]).await, "lease").map(|l| l.ip);
-        ok(a.release(&vms[0]).await, "release one");
-        let reused = ok(a.allocate(&extra).await, "allocate the freed address");
+        ok(a.release(&vms[0], &me).await, "release one");
+        let reused = ok(a.allocate(&extra, &me).await, "allocate the freed address");
         assert_eq!(
             Some(reused.ip),
             freed,
             "a released address is handed out again"
         );
-        ok(a.release(&extra).await, "cleanup");
+        ok(a.release(&extra, &me).await, "cleanup");
         for vm in &vms {
-            ok(a.release(vm).await, "cleanup");
+            ok(a.release(vm, &me).await, "cleanup");
         }
     }
 }
@@ -259,7 +313,7 @@ pub struct DnsUpdaterFixture {
 
 /// Checks a [`DnsUpdater`]: publish makes A and PTR resolvable, publishing again is a
 /// no-op, a name or PTR pointing elsewhere is `Conflict` and stays untouched, removal is
-/// idempotent and never removes another VM's records.
+/// idempotent and never removes another VM's records (those are `Foreign`).
 pub async fn dns_updater(dns: Arc<dyn DnsUpdater>, fixture: DnsUpdaterFixture) {
     let [ip1, ip2] = fixture.addresses;
     let a = unique_vm_name("dns");
@@ -304,19 +358,26 @@ pub async fn dns_updater(dns: Arc<dyn DnsUpdater>, fixture: DnsUpdaterFixture) {
         vec![fqdn_a.clone()]
     );
 
-    ok(dns.remove(&b, ip1).await, "removing another vm's address");
+    expect_undone(
+        dns.remove(&b, ip1).await,
+        &Undone::Absent,
+        "removing a name that has no records",
+    );
     assert_eq!(ok(dns.resolve(&a).await, "a survives"), vec![ip1]);
     assert_eq!(
         ok(dns.reverse(ip1).await, "ptr survives"),
         vec![fqdn_a.clone()]
     );
-    ok(dns.remove(&a, ip2).await, "removing with the wrong address");
+    expect_foreign(
+        dns.remove(&a, ip2).await,
+        "removing a name whose record points at another address",
+    );
     assert_eq!(ok(dns.resolve(&a).await, "a survives"), vec![ip1]);
 
-    ok(dns.remove(&a, ip1).await, "remove");
+    expect_undone(dns.remove(&a, ip1).await, &Undone::Removed, "remove");
     assert!(ok(dns.resolve(&a).await, "A gone").is_empty());
     assert!(ok(dns.reverse(ip1).await, "PTR gone").is_empty());
-    ok(dns.remove(&a, ip1).await, "remove again");
+    expect_undone(dns.remove(&a, ip1).await, &Undone::Absent, "remove again");
 
     // The address is free again for another VM.
     ok(dns.publish(&b, ip1).await, "publish the freed address");
@@ -335,9 +396,11 @@ pub struct ImageStoreFixture {
 }
 
 /// Checks an [`ImageStore`]: prepare is idempotent, an unknown template is `NotFound`,
-/// disk creation is idempotent per VM, deletion is idempotent.
+/// disk creation is idempotent per VM and owner, a disk of another owner is never
+/// adopted (`AlreadyExists`) nor deleted (`Foreign`), deletion is idempotent.
 pub async fn image_store(store: Arc<dyn ImageStore>, fixture: ImageStoreFixture) {
     let p = Progress::discard();
+    let (me, them) = (owner(), owner());
     let t = ok(store.prepare(&fixture.template, &p).await, "prepare");
     assert_eq!(t.name, fixture.template);
     let t2 = ok(store.prepare(&fixture.template, &p).await, "prepare again");
@@ -355,34 +418,49 @@ pub async fn image_store(store: Arc<dyn ImageStore>, fixture: ImageStoreFixture)
         "unknown template",
     );
 
-    let vm = unique_vm_name("disk");
+    let (vm, host, gib) = (unique_vm_name("disk"), &fixture.host, fixture.size_gib);
     let d = ok(
-        store
-            .create_disk(&vm, &fixture.host, &t, fixture.size_gib, &p)
-            .await,
+        store.create_disk(&vm, host, &t, gib, &me, &p).await,
         "create disk",
     );
     assert_eq!(d.vm, vm);
     assert_eq!(d.size_gib, fixture.size_gib);
     let d2 = ok(
-        store
-            .create_disk(&vm, &fixture.host, &t, fixture.size_gib, &p)
-            .await,
+        store.create_disk(&vm, host, &t, gib, &me, &p).await,
         "create disk again",
     );
     assert_eq!(d, d2, "creating the same vm's disk again returns it");
-    assert_eq!(ok(store.disk(&vm, &fixture.host).await, "disk"), Some(d));
-    ok(store.delete_disk(&vm, &fixture.host).await, "delete");
-    assert_eq!(
-        ok(store.disk(&vm, &fixture.host).await, "disk after delete"),
-        None
+    assert_eq!(ok(store.disk(&vm, host).await, "disk"), Some(d.clone()));
+    expect_kind(
+        store.create_disk(&vm, host, &t, gib, &them, &p).await,
+        ErrorKind::AlreadyExists,
+        "creating a disk another owner made (never adopted)",
     );
-    ok(store.delete_disk(&vm, &fixture.host).await, "delete again");
+    expect_foreign(
+        store.delete_disk(&vm, host, &them).await,
+        "deleting another owner's disk",
+    );
+    assert_eq!(
+        ok(store.disk(&vm, host).await, "the foreign disk survives"),
+        Some(d)
+    );
+    expect_undone(
+        store.delete_disk(&vm, host, &me).await,
+        &Undone::Removed,
+        "delete",
+    );
+    assert_eq!(ok(store.disk(&vm, host).await, "disk after delete"), None);
+    expect_undone(
+        store.delete_disk(&vm, host, &me).await,
+        &Undone::Absent,
+        "delete again",
+    );
 }
 
 /// Checks a [`Hypervisor`] with a spec the tester built (its disk must exist for real
 /// hypervisors): create is idempotent for the same request, a clash with another request
-/// is `AlreadyExists` and leaves the domain alone, destroy is idempotent.
+/// is `AlreadyExists` and leaves the domain alone, another request's destroy leaves it
+/// alone (`Foreign`), destroy is idempotent.
 pub async fn hypervisor(hv: Arc<dyn Hypervisor>, spec: DomainSpec) {
     let p = Progress::discard();
     let d = ok(hv.create(&spec, &p).await, "create");
@@ -399,7 +477,23 @@ pub async fn hypervisor(hv: Arc<dyn Hypervisor>, spec: DomainSpec) {
         "a domain of that name belonging to another request",
     );
     assert!(ok(hv.domain(&spec.name, &spec.host).await, "domain").is_some());
-    ok(hv.destroy(&spec.name, &spec.host).await, "destroy");
+    expect_foreign(
+        hv.destroy(&spec.name, &spec.host, &clash.request_id).await,
+        "destroying another request's domain",
+    );
+    assert_eq!(
+        ok(
+            hv.domain(&spec.name, &spec.host).await,
+            "the foreign domain survives"
+        )
+        .and_then(|d| d.uuid),
+        d.uuid
+    );
+    expect_undone(
+        hv.destroy(&spec.name, &spec.host, &spec.request_id).await,
+        &Undone::Removed,
+        "destroy",
+    );
     assert!(
         ok(
             hv.domain(&spec.name, &spec.host).await,
@@ -407,18 +501,46 @@ pub async fn hypervisor(hv: Arc<dyn Hypervisor>, spec: DomainSpec) {
         )
         .is_none()
     );
-    ok(hv.destroy(&spec.name, &spec.host).await, "destroy again");
+    expect_undone(
+        hv.destroy(&spec.name, &spec.host, &spec.request_id).await,
+        &Undone::Absent,
+        "destroy again",
+    );
 }
 
 /// Checks a [`Bootstrapper`] against a target the tester prepared: bootstrap succeeds,
-/// unregister is idempotent, unregistering a VM never bootstrapped succeeds.
+/// another request's unregister leaves the registration alone (a bootstrapper that
+/// registers nothing says `Absent`), unregister is idempotent, unregistering a VM never
+/// bootstrapped is `Absent`.
 pub async fn bootstrapper(bs: Arc<dyn Bootstrapper>, target: BootstrapTarget) {
     let p = Progress::discard();
+    let me = target.request_id.clone();
     ok(bs.bootstrap(&target, &p).await, "bootstrap");
-    ok(bs.unregister(&target.vm).await, "unregister");
-    ok(bs.unregister(&target.vm).await, "unregister again");
-    ok(
-        bs.unregister(&unique_vm_name("never")).await,
+    let theirs = ok(
+        bs.unregister(&target.vm, &owner()).await,
+        "unregister by another",
+    );
+    assert!(
+        matches!(theirs, Undone::Foreign { .. } | Undone::Absent),
+        "another request's unregister leaves the registration alone: {theirs:?}"
+    );
+    let first = ok(bs.unregister(&target.vm, &me).await, "unregister");
+    assert!(
+        matches!(first, Undone::Removed | Undone::Absent),
+        "unregister: {first:?}"
+    );
+    assert!(
+        theirs == Undone::Absent || first == Undone::Removed,
+        "a registration another request could not remove is removed by its own"
+    );
+    expect_undone(
+        bs.unregister(&target.vm, &me).await,
+        &Undone::Absent,
+        "unregister again",
+    );
+    expect_undone(
+        bs.unregister(&unique_vm_name("never"), &me).await,
+        &Undone::Absent,
         "unregister unknown",
     );
 }
@@ -430,6 +552,7 @@ pub fn detached_target(owner: UserName) -> BootstrapTarget {
     BootstrapTarget {
         fqdn: format!("{vm}.test"),
         vm,
+        request_id: RequestId::random(),
         ip: IpAddr::from([192, 0, 2, 10]),
         owner: User {
             name: owner,
@@ -623,29 +746,59 @@ mod tests {
     #[tokio::test]
     #[should_panic(expected = "two vms never share an address")]
     async fn the_ip_suite_catches_a_duplicate_address() {
-        struct Broken;
+        /// Keeps owners right, but hands out one address to everyone.
+        #[derive(Default)]
+        struct Broken(std::sync::Mutex<std::collections::HashMap<VmName, RequestId>>);
+        impl Broken {
+            fn lease_of(vm: &VmName) -> Lease {
+                Lease {
+                    vm: vm.clone(),
+                    ip: [10, 0, 0, 5].into(),
+                    prefix_len: 24,
+                    gateway: None,
+                }
+            }
+            fn held(
+                &self,
+            ) -> std::sync::MutexGuard<'_, std::collections::HashMap<VmName, RequestId>>
+            {
+                self.0
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            }
+        }
         #[async_trait::async_trait]
         impl IpAllocator for Broken {
             fn backend(&self) -> &str {
                 "broken"
             }
-            async fn allocate(&self, vm: &VmName) -> crate::Result<Lease> {
-                Ok(Lease {
-                    vm: vm.clone(),
-                    ip: [10, 0, 0, 5].into(),
-                    prefix_len: 24,
-                    gateway: None,
+            async fn allocate(&self, vm: &VmName, owner: &RequestId) -> crate::Result<Lease> {
+                let mut held = self.held();
+                match held.get(vm) {
+                    Some(o) if o != owner => Err(crate::Error::already_exists("taken")),
+                    _ => {
+                        held.insert(vm.clone(), owner.clone());
+                        Ok(Self::lease_of(vm))
+                    }
+                }
+            }
+            async fn release(&self, vm: &VmName, owner: &RequestId) -> crate::Result<Undone> {
+                let mut held = self.held();
+                Ok(match held.get(vm) {
+                    None => Undone::Absent,
+                    Some(o) if o != owner => Undone::foreign(o.as_str()),
+                    Some(_) => {
+                        held.remove(vm);
+                        Undone::Removed
+                    }
                 })
             }
-            async fn release(&self, _vm: &VmName) -> crate::Result<()> {
-                Ok(())
-            }
             async fn lease(&self, vm: &VmName) -> crate::Result<Option<Lease>> {
-                Ok(Some(self.allocate(vm).await?))
+                Ok(self.held().contains_key(vm).then(|| Self::lease_of(vm)))
             }
         }
         ip_allocator(
-            Arc::new(Broken),
+            Arc::new(Broken::default()),
             IpAllocatorFixture {
                 capacity: None,
                 concurrency: 2,
@@ -673,7 +826,7 @@ mod tests {
                 }
                 self.0.publish(vm, ip).await
             }
-            async fn remove(&self, vm: &VmName, ip: IpAddr) -> crate::Result<()> {
+            async fn remove(&self, vm: &VmName, ip: IpAddr) -> crate::Result<Undone> {
                 self.0.remove(vm, ip).await
             }
             async fn resolve(&self, vm: &VmName) -> crate::Result<Vec<IpAddr>> {

@@ -20,8 +20,8 @@ use crate::traits::{
     Bootstrapper, DnsUpdater, Hypervisor, ImageStore, IpAllocator, Placement, UserDirectory,
 };
 use crate::types::{
-    BootstrapReport, BootstrapTarget, Disk, DnsRecord, Domain, DomainSpec, HostId, Lease, Step,
-    Template, TemplateName, User, UserName, VmName, VmSize,
+    BootstrapReport, BootstrapTarget, Disk, DnsRecord, Domain, DomainSpec, HostId, Lease,
+    RequestId, Step, Template, TemplateName, Undone, User, UserName, VmName, VmSize,
 };
 
 /// How the chosen call fails.
@@ -173,11 +173,11 @@ impl Placement for Faulty<dyn Placement> {
     fn backend(&self) -> &str {
         self.0.backend()
     }
-    async fn reserve(&self, vm: &VmName, size: &VmSize) -> Result<HostId> {
-        guarded_call!(self, false, self.0.reserve(vm, size))
+    async fn reserve(&self, vm: &VmName, size: &VmSize, owner: &RequestId) -> Result<HostId> {
+        guarded_call!(self, false, self.0.reserve(vm, size, owner))
     }
-    async fn release(&self, vm: &VmName) -> Result<()> {
-        guarded_call!(self, true, self.0.release(vm))
+    async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
+        guarded_call!(self, true, self.0.release(vm, owner))
     }
     async fn reservation(&self, vm: &VmName) -> Result<Option<HostId>> {
         self.0.reservation(vm).await
@@ -189,11 +189,11 @@ impl IpAllocator for Faulty<dyn IpAllocator> {
     fn backend(&self) -> &str {
         self.0.backend()
     }
-    async fn allocate(&self, vm: &VmName) -> Result<Lease> {
-        guarded_call!(self, false, self.0.allocate(vm))
+    async fn allocate(&self, vm: &VmName, owner: &RequestId) -> Result<Lease> {
+        guarded_call!(self, false, self.0.allocate(vm, owner))
     }
-    async fn release(&self, vm: &VmName) -> Result<()> {
-        guarded_call!(self, true, self.0.release(vm))
+    async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
+        guarded_call!(self, true, self.0.release(vm, owner))
     }
     async fn lease(&self, vm: &VmName) -> Result<Option<Lease>> {
         self.0.lease(vm).await
@@ -211,7 +211,7 @@ impl DnsUpdater for Faulty<dyn DnsUpdater> {
     async fn publish(&self, vm: &VmName, ip: IpAddr) -> Result<DnsRecord> {
         guarded_call!(self, false, self.0.publish(vm, ip))
     }
-    async fn remove(&self, vm: &VmName, ip: IpAddr) -> Result<()> {
+    async fn remove(&self, vm: &VmName, ip: IpAddr) -> Result<Undone> {
         guarded_call!(self, true, self.0.remove(vm, ip))
     }
     async fn resolve(&self, vm: &VmName) -> Result<Vec<IpAddr>> {
@@ -252,28 +252,29 @@ impl ImageStore for FaultyImages {
         host: &HostId,
         template: &Template,
         size_gib: u64,
+        owner: &RequestId,
         progress: &Progress,
     ) -> Result<Disk> {
         if !self.disk {
             return self
                 .inner
-                .create_disk(vm, host, template, size_gib, progress)
+                .create_disk(vm, host, template, size_gib, owner, progress)
                 .await;
         }
         let fire = self.t.before(false).await?;
         let r = self
             .inner
-            .create_disk(vm, host, template, size_gib, progress)
+            .create_disk(vm, host, template, size_gib, owner, progress)
             .await;
         self.t.after(fire);
         r
     }
-    async fn delete_disk(&self, vm: &VmName, host: &HostId) -> Result<()> {
+    async fn delete_disk(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<Undone> {
         if !self.disk {
-            return self.inner.delete_disk(vm, host).await;
+            return self.inner.delete_disk(vm, host, owner).await;
         }
         let fire = self.t.before(true).await?;
-        let r = self.inner.delete_disk(vm, host).await;
+        let r = self.inner.delete_disk(vm, host, owner).await;
         self.t.after(fire);
         r
     }
@@ -290,8 +291,8 @@ impl Hypervisor for Faulty<dyn Hypervisor> {
     async fn create(&self, spec: &DomainSpec, progress: &Progress) -> Result<Domain> {
         guarded_call!(self, false, self.0.create(spec, progress))
     }
-    async fn destroy(&self, vm: &VmName, host: &HostId) -> Result<()> {
-        guarded_call!(self, true, self.0.destroy(vm, host))
+    async fn destroy(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<Undone> {
+        guarded_call!(self, true, self.0.destroy(vm, host, owner))
     }
     async fn domain(&self, vm: &VmName, host: &HostId) -> Result<Option<Domain>> {
         self.0.domain(vm, host).await
@@ -310,7 +311,7 @@ impl Bootstrapper for Faulty<dyn Bootstrapper> {
     ) -> Result<BootstrapReport> {
         guarded_call!(self, false, self.0.bootstrap(target, progress))
     }
-    async fn unregister(&self, vm: &VmName) -> Result<()> {
-        guarded_call!(self, true, self.0.unregister(vm))
+    async fn unregister(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
+        guarded_call!(self, true, self.0.unregister(vm, owner))
     }
 }

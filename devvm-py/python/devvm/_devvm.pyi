@@ -89,7 +89,7 @@ class Event:
     @property
     def type(self) -> str:
         """``run_started``, ``step_started``, ``step_progress``, ``step_finished``,
-        ``step_failed``, ``step_undone``, ``undo_failed``, ``run_finished``, ``run_failed``."""
+        ``step_failed``, ``step_undone``, ``undo_failed``, ``left_alone``, ``run_finished``, ``run_failed``."""
     @property
     def request_id(self) -> str: ...
     @property

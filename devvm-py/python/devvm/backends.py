@@ -24,7 +24,7 @@ These classes are ``typing.Protocol`` s for type checkers; no need to inherit fr
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Protocol, TypedDict
+from typing import Any, Dict, List, Optional, Protocol, TypedDict, Union
 
 from ._devvm import Progress
 
@@ -79,16 +79,27 @@ class UserDirectory(Protocol):
         ...
 
 
+#: What an undo method (``release``, ``remove``, ``delete_disk``, ``destroy``,
+#: ``unregister``) returns: ``None`` or ``"removed"`` when it removed the run's resource,
+#: ``"absent"`` when there was nothing, ``"foreign"`` (or ``{"outcome": "foreign",
+#: "holder": "..."}``) when a resource of that name belongs to someone else and was left
+#: alone. An undo acts only on what it can prove is ``owner``'s.
+Undone = Union[None, str, Dict[str, str]]
+
+
 class Placement(Protocol):
     """Step ``placement`` (keyword ``placement=``)."""
 
-    def reserve(self, vm: str, size: SizeDict) -> str:
-        """Reserves room for ``vm`` and returns the host id. Again for the same ``vm``:
-        the same host, one slot. No room: raise ``devvm.Exhausted``."""
+    def reserve(self, vm: str, size: SizeDict, owner: str) -> str:
+        """Reserves room for ``vm`` for ``owner`` (the run's request id: keep it with the
+        slot) and returns the host id. Again for the same ``vm`` and ``owner``: the same
+        host, one slot. A slot of ``vm`` another owner holds: raise
+        ``devvm.AlreadyExists``. No room: raise ``devvm.Exhausted``."""
         ...
 
-    def release(self, vm: str) -> None:
-        """Releases the slot of ``vm``; succeeds if it holds none."""
+    def release(self, vm: str, owner: str) -> Undone:
+        """Releases the slot ``owner`` holds for ``vm``. See :data:`Undone`: a slot of
+        another owner is left alone (return ``"foreign"``)."""
         ...
 
     def reservation(self, vm: str) -> Optional[str]:
@@ -99,14 +110,17 @@ class Placement(Protocol):
 class IpAllocator(Protocol):
     """Step ``ip`` (keyword ``ip=``)."""
 
-    def allocate(self, vm: str) -> LeaseDict:
-        """Leases a free address to ``vm``: ``{"ip": "10.0.0.7", "prefix_len": 24,
-        "gateway": "10.0.0.1"}``. Again for the same ``vm``: the same lease. Never two VMs
-        on one address. Full: raise ``devvm.Exhausted``."""
+    def allocate(self, vm: str, owner: str) -> LeaseDict:
+        """Leases a free address to ``vm`` for ``owner`` (the run's request id: keep it
+        with the lease): ``{"ip": "10.0.0.7", "prefix_len": 24, "gateway": "10.0.0.1"}``.
+        Again for the same ``vm`` and ``owner``: the same lease. A lease of ``vm`` another
+        owner holds: raise ``devvm.AlreadyExists``. Never two VMs on one address. Full:
+        raise ``devvm.Exhausted``."""
         ...
 
-    def release(self, vm: str) -> None:
-        """Releases the lease of ``vm``; succeeds if it holds none."""
+    def release(self, vm: str, owner: str) -> Undone:
+        """Releases the lease ``owner`` holds for ``vm``. See :data:`Undone`: a lease of
+        another owner is left alone (return ``"foreign"``)."""
         ...
 
     def lease(self, vm: str) -> Optional[LeaseDict]:
@@ -127,9 +141,9 @@ class DnsUpdater(Protocol):
         pointing elsewhere: raise ``devvm.Conflict`` and change nothing."""
         ...
 
-    def remove(self, vm: str, ip: str) -> None:
-        """Removes both records; absent records, or records pointing elsewhere, are left
-        alone and that succeeds."""
+    def remove(self, vm: str, ip: str) -> Undone:
+        """Removes both records (only ones with exactly this data). Records pointing
+        elsewhere are someone else's: leave them and return ``"foreign"``."""
         ...
 
     def resolve(self, vm: str) -> List[str]:
@@ -156,13 +170,21 @@ class ImageStore(Protocol):
         ...
 
     def create_disk(
-        self, vm: str, host: str, template: Dict[str, Any], size_gib: int, progress: Progress
+        self,
+        vm: str,
+        host: str,
+        template: Dict[str, Any],
+        size_gib: int,
+        owner: str,
+        progress: Progress,
     ) -> Dict[str, Any]:
-        """Creates the disk of ``vm`` on ``host``; calling again returns the same disk."""
+        """Creates the disk of ``vm`` on ``host`` for ``owner`` (record it with the disk);
+        calling again for the same owner returns the same disk. A disk of that name that
+        ``owner`` did not make is never adopted: raise ``devvm.AlreadyExists``."""
         ...
 
-    def delete_disk(self, vm: str, host: str) -> None:
-        """Deletes the disk of ``vm``; succeeds if there is none."""
+    def delete_disk(self, vm: str, host: str, owner: str) -> Undone:
+        """Deletes the disk of ``vm`` if ``owner`` made it. See :data:`Undone`."""
         ...
 
     def disk(self, vm: str, host: str) -> Optional[Dict[str, Any]]:
@@ -184,8 +206,8 @@ class Hypervisor(Protocol):
         :class:`devvm.AlreadyExists`."""
         ...
 
-    def destroy(self, vm: str, host: str) -> None:
-        """Stops and removes the domain; succeeds if there is none."""
+    def destroy(self, vm: str, host: str, owner: str) -> Undone:
+        """Stops and removes the domain if its request id is ``owner``. See :data:`Undone`."""
         ...
 
     def domain(self, vm: str, host: str) -> Optional[Dict[str, Any]]:
@@ -198,16 +220,19 @@ class Bootstrapper(Protocol):
 
     def bootstrap(self, target: Dict[str, Any], progress: Progress) -> BootstrapReportDict:
         """Bootstraps the guest. ``target`` is the serde form of ``BootstrapTarget``
-        (``vm``, ``fqdn``, ``ip``, ``owner``, ``settings``, ``host_key``). Report output
+        (``vm``, ``request_id``, ``fqdn``, ``ip``, ``owner``, ``settings``, ``host_key``);
+        record ``request_id`` with whatever you register. Report output
         with ``progress.message(line)``. Must be safe to run again."""
         ...
 
-    def unregister(self, vm: str) -> None:
-        """Undoes what bootstrapping registered outside the guest; succeeds if nothing."""
+    def unregister(self, vm: str, owner: str) -> Undone:
+        """Undoes what bootstrapping ``owner``'s VM registered outside the guest. See
+        :data:`Undone`."""
         ...
 
 
 __all__ = [
+    "Undone",
     "Bootstrapper",
     "BootstrapReportDict",
     "DnsRecordDict",
