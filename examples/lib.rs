@@ -98,9 +98,10 @@ pub mod lab {
                 .unwrap_or(false)
         }
 
-        /// Files in the pool directory whose name starts with `name` followed by `.`.
+        /// Files in the pool directory whose name starts with `name` followed by `.`, and
+        /// devvm's hidden files of it (`.<name>.qcow2.owner`, partial copies).
         pub fn disk_files(&self, name: &str) -> Vec<PathBuf> {
-            let prefix = format!("{name}.");
+            let (prefix, hidden) = (format!("{name}."), format!(".{name}."));
             std::fs::read_dir(&self.pool_dir)
                 .map(|rd| {
                     rd.filter_map(|e| e.ok())
@@ -108,7 +109,7 @@ pub mod lab {
                         .filter(|p| {
                             p.file_name()
                                 .and_then(|n| n.to_str())
-                                .is_some_and(|n| n.starts_with(&prefix))
+                                .is_some_and(|n| n.starts_with(&prefix) || n.starts_with(&hidden))
                         })
                         .collect()
                 })

@@ -233,7 +233,11 @@ async fn chef_bootstrap_with_the_stand_in_chef_client_registers_the_node_and_dep
     let json: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         json,
-        serde_json::json!({"devvm": {"owner": "test"}, "run_list": ["role[dev]", "recipe[php::fpm]"]})
+        serde_json::json!({
+            "devvm": {"owner": "test", "request_id": vm.request_id.as_str()},
+            "run_list": ["role[dev]", "recipe[php::fpm]"]
+        }),
+        "the request's attributes, and the run's ownership record beside them"
     );
     let last = guest_output(&s, "cat /var/chef/devvm-last-run").await;
     assert!(
@@ -242,9 +246,22 @@ async fn chef_bootstrap_with_the_stand_in_chef_client_registers_the_node_and_dep
     );
     s.close().await;
 
-    // Registered on goiardi (asked with curl).
+    // Registered on goiardi (asked with curl), the node carrying the run's request id.
     assert_eq!(node_status(&lab, "nodes", name.as_str()), 200);
     assert_eq!(node_status(&lab, "clients", name.as_str()), 200);
+    let server = ChefServerClient::new(lab.var("chef_url"), None).unwrap_or_else(|e| panic!("{e}"));
+    let path = format!("/nodes/{name}");
+    let node = tokio::task::spawn_blocking(move || server.get_json(&path))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no node {name}"));
+    assert_eq!(
+        node.pointer("/normal/devvm/request_id")
+            .and_then(|v| v.as_str()),
+        Some(vm.request_id.as_str()),
+        "{node}"
+    );
     assert_no_secret(&all, &[lab.var("chef_validation_key"), lab.var("ssh_key")]);
 
     p.deprovision(&vm.name)

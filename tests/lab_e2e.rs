@@ -171,3 +171,80 @@ async fn a_failure_after_boot_destroys_the_running_guest() {
     let left = env.leftovers(name.as_str(), &fqdn, ip);
     assert!(left.is_empty(), "leaked: {left:?}");
 }
+
+/// A libvirt domain of the VM's name that devvm did not make (defined by hand, no devvm
+/// metadata): the real pipeline refuses the name with `AlreadyExists`, the rollback leaves
+/// that domain defined (asked of virsh) and reports it left alone, and nothing of the run
+/// is left in the pool, BIND or the lease database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_made_domain_of_the_name_is_refused_and_left_alone() {
+    let Some(lab) = Lab::get("a_hand_made_domain_of_the_name_is_refused_and_left_alone") else {
+        return;
+    };
+    let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let name = unique_vm_name("foreign");
+    let xml = dir.path().join("foreign.xml");
+    std::fs::write(
+        &xml,
+        format!(
+            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>\
+             <os><type arch='x86_64'>hvm</type></os></domain>"
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let virsh = |args: &[&str]| {
+        std::process::Command::new("virsh")
+            .args(["-q", "-c", lab.var("libvirt_uri")])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("virsh: {e}"))
+    };
+    let defined = virsh(&["define", xml.to_str().unwrap_or_default()]);
+    assert!(
+        defined.status.success(),
+        "{}",
+        String::from_utf8_lossy(&defined.stderr)
+    );
+    let uuid = || String::from_utf8_lossy(&virsh(&["domuuid", name.as_str()]).stdout).into_owned();
+    let before = uuid();
+
+    let p =
+        Provisioner::from_config(lab.write_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    let mut events = p.subscribe();
+    let e = p
+        .provision(ProvisionRequest::new(lab.member()).with_name(name.clone()))
+        .await
+        .expect_err("the name is taken by a hand-made domain");
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+    assert_eq!(e.step(), Some(Step::Domain), "{e}");
+    assert!(e.undo_failures().is_empty(), "{:?}", e.undo_failures());
+    assert!(
+        env.domain_exists(name.as_str()),
+        "the foreign domain is still defined"
+    );
+    assert_eq!(uuid(), before, "and it is the same domain");
+    assert!(
+        events.drain().iter().any(|ev| matches!(
+            &ev.kind,
+            EventKind::LeftAlone {
+                step: Step::Domain,
+                ..
+            }
+        )),
+        "the rollback reports the domain left alone"
+    );
+    let fqdn = format!("{name}.{}", lab.var("dns_zone"));
+    let left: Vec<String> = env
+        .leftovers(name.as_str(), &fqdn, None)
+        .into_iter()
+        .filter(|l| *l != format!("libvirt domain {name}"))
+        .collect();
+    assert!(left.is_empty(), "the run leaked: {left:?}");
+    let gone = virsh(&["undefine", name.as_str()]);
+    assert!(
+        gone.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
+}

@@ -366,12 +366,72 @@ async fn an_overlay_is_backed_by_the_template() {
     assert_eq!(info["virtual-size"], 3u64 << 30);
     assert_eq!(info["backing-filename"].as_str(), t.path.to_str());
     assert_eq!(info["backing-filename-format"], "qcow2");
-    assert_eq!(files_in(&s.disks), vec![format!("{vm}.qcow2")]);
-    s.store
-        .delete_disk(&vm, &host(), &own())
+    // The disk and its owner record (a dot file: a libvirt dir pool does not list it).
+    assert_eq!(
+        files_in(&s.disks),
+        vec![format!(".{vm}.qcow2.owner"), format!("{vm}.qcow2")]
+    );
+    // Another run can neither adopt nor delete it.
+    let other = devvm_core::RequestId::random();
+    let e = s
+        .store
+        .create_disk(&vm, &host(), &t, 3, &other, &Progress::discard())
         .await
-        .unwrap_or_else(|e| panic!("{e:?}"));
+        .expect_err("never adopted");
+    assert_eq!(e.kind(), devvm_core::ErrorKind::AlreadyExists, "{e}");
+    let theirs = s.store.delete_disk(&vm, &host(), &other).await;
+    assert!(
+        matches!(theirs, Ok(devvm_core::Undone::Foreign { .. })),
+        "{theirs:?}"
+    );
+    assert_eq!(
+        qemu_info(&d.path)["backing-filename"].as_str(),
+        t.path.to_str()
+    );
+    assert_eq!(
+        s.store
+            .delete_disk(&vm, &host(), &own())
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}")),
+        devvm_core::Undone::Removed
+    );
     assert!(files_in(&s.disks).is_empty());
+}
+
+/// A disk file of the VM's name that devvm did not make (copied in by hand, another
+/// tool's) is refused, never adopted, and survives the undo byte for byte.
+#[tokio::test]
+async fn a_hand_made_disk_of_the_name_is_refused_and_left_alone() {
+    let Some(lab) = Lab::get("a_hand_made_disk_of_the_name_is_refused_and_left_alone") else {
+        return;
+    };
+    let s = setup(&lab, "");
+    let t = prepare(&s.store, &template(&lab)).await;
+    let vm = vm("handmade");
+    let path = s.disks.join(format!("{vm}.qcow2"));
+    std::fs::write(&path, b"someone else's disk").unwrap_or_else(|e| panic!("{e}"));
+    let e = s
+        .store
+        .create_disk(&vm, &host(), &t, 3, &own(), &Progress::discard())
+        .await
+        .expect_err("a foreign file of that name");
+    assert_eq!(e.kind(), devvm_core::ErrorKind::AlreadyExists, "{e}");
+    let undone = s.store.delete_disk(&vm, &host(), &own()).await;
+    assert!(
+        matches!(undone, Ok(devvm_core::Undone::Foreign { .. })),
+        "{undone:?}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap_or_default(),
+        b"someone else's disk",
+        "untouched"
+    );
+    assert_eq!(
+        files_in(&s.disks),
+        vec![format!("{vm}.qcow2")],
+        "nothing of ours"
+    );
+    std::fs::remove_file(&path).unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[tokio::test]
