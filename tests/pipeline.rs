@@ -784,3 +784,170 @@ async fn a_foreign_resource_of_the_name_is_refused_and_left_alone() {
         }
     }
 }
+
+/// A hypervisor whose define runs on a blocking thread and goes ahead only when the test
+/// releases it: the test releases it after the step was given up, so the define lands
+/// after the rollback has begun, as a slow libvirt call would.
+struct LateDefine {
+    inner: Arc<devvm_core::memory::MemoryHypervisor>,
+    started: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    defined: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LateDefine {
+    fn release(&self) {
+        let (open, cv) = &*self.gate;
+        *open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        cv.notify_all();
+    }
+}
+
+#[async_trait]
+impl devvm_core::Hypervisor for LateDefine {
+    fn backend(&self) -> &str {
+        "late-define"
+    }
+    async fn create(
+        &self,
+        spec: &devvm_core::DomainSpec,
+        _progress: &devvm_core::Progress,
+    ) -> devvm_core::Result<devvm_core::Domain> {
+        let started = self
+            .started
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let (inner, spec, gate, defined) = (
+            self.inner.clone(),
+            spec.clone(),
+            self.gate.clone(),
+            self.defined.clone(),
+        );
+        let rt = tokio::runtime::Handle::current();
+        devvm_core::work::blocking(move || {
+            if let Some(s) = started {
+                let _ = s.send(());
+            }
+            let (open, cv) = &*gate;
+            let mut g = open
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            while !*g {
+                g = cv
+                    .wait(g)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            drop(g);
+            // Commits regardless of the step being abandoned (it does not ask
+            // `work::abandoned()`): the rollback must wait for it and undo it.
+            let d = rt.block_on(inner.create(&spec, &devvm_core::Progress::discard()));
+            defined.store(true, std::sync::atomic::Ordering::SeqCst);
+            d
+        })
+        .await
+    }
+    async fn destroy(
+        &self,
+        vm: &VmName,
+        host: &devvm_core::HostId,
+        owner: &RequestId,
+    ) -> devvm_core::Result<Undone> {
+        self.inner.destroy(vm, host, owner).await
+    }
+    async fn domain(
+        &self,
+        vm: &VmName,
+        host: &devvm_core::HostId,
+    ) -> devvm_core::Result<Option<devvm_core::Domain>> {
+        self.inner.domain(vm, host).await
+    }
+}
+
+/// A step cancelled, or timed out, while its blocking work is under way cannot orphan what
+/// that work makes: the rollback waits for it to end, then undoes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_work_that_ends_after_cancel_or_timeout_is_undone_too() {
+    for timeout in [false, true] {
+        let mem = reference_backends(None);
+        let (tx, started) = tokio::sync::oneshot::channel();
+        let late = Arc::new(LateDefine {
+            inner: mem.hypervisor.clone(),
+            started: std::sync::Mutex::new(Some(tx)),
+            gate: Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new())),
+            defined: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        });
+        let mut b = mem.backends();
+        b.hypervisor = late.clone();
+        let mut timeouts = Timeouts::default();
+        if timeout {
+            // The define is held back until the step has failed, so this limit is always
+            // reached; it only has to leave time for `create` to start (if it does not,
+            // the run times out before any blocking work, which is checked below too).
+            timeouts.set(Step::Domain, std::time::Duration::from_secs(5));
+        }
+        let f = fixture_with(mem, b, timeouts);
+        let mut sub = f.p.subscribe();
+        let cancel = CancelToken::new();
+        let run = tokio::spawn({
+            let (p, c) = (f.p.clone(), cancel.clone());
+            async move {
+                p.provision_with(ProvisionRequest::new(user("alice")), c)
+                    .await
+            }
+        });
+        let mut run = run;
+        tokio::select! {
+            s = started => s.unwrap_or_else(|e| panic!("{e}")),
+            r = &mut run => {
+                // Timed out before `create` even began: nothing ran late, nothing is held.
+                let e = r.unwrap_or_else(|e| panic!("{e}")).expect_err("timed out");
+                assert!(timeout && e.kind() == ErrorKind::Timeout, "{e}");
+                assert_eq!(held(&f), 0);
+                continue;
+            }
+        }
+        if !timeout {
+            cancel.cancel();
+        }
+        // The define may go on once the rollback has reached the domain step: either it
+        // says it waits for the step's blocking work (right), or it has already undone
+        // the step (wrong: the late define would then be orphaned). Read from the event
+        // stream, so the order is the pipeline's, not the clock's.
+        while let Some(e) = sub.recv().await {
+            match e.kind {
+                EventKind::StepProgress {
+                    step: Step::Domain,
+                    ref message,
+                    ..
+                } if message == devvm_core::WAITING_FOR_BLOCKING_WORK => break,
+                EventKind::StepUndone { step: Step::Domain } => break,
+                _ => {}
+            }
+        }
+        late.release();
+        let e = run
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .expect_err("given up");
+        let ctx = format!("timeout={timeout}: {e}");
+        let want = if timeout {
+            ErrorKind::Timeout
+        } else {
+            ErrorKind::Cancelled
+        };
+        assert_eq!(e.kind(), want, "{ctx}");
+        assert!(
+            late.defined.load(std::sync::atomic::Ordering::SeqCst),
+            "{ctx}: the late define happened before the run returned"
+        );
+        assert!(
+            e.undo_failures().is_empty(),
+            "{ctx}: {:?}",
+            e.undo_failures()
+        );
+        assert_eq!(held(&f), 0, "{ctx}: {:?}", f.mem.held());
+    }
+}

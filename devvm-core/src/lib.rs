@@ -38,11 +38,13 @@ mod types;
 
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
+pub mod work;
 
 pub use error::{Error, ErrorInfo, ErrorKind, Result, UndoFailure};
 pub use events::{Event, EventKind, Operation, Progress, Subscription};
 pub use provisioner::{
     Backends, CancelToken, Defaults, Provisioner, ProvisionerBuilder, RecoveryReport, Timeouts,
+    WAITING_FOR_BLOCKING_WORK,
 };
 pub use traits::{
     Bootstrapper, DnsUpdater, Hypervisor, ImageStore, IpAllocator, Placement, UserDirectory,

@@ -514,6 +514,7 @@ impl Provisioner {
             cancel,
             halt: AtomicBool::new(false),
             intents: Mutex::new(Vec::new()),
+            work: Mutex::new(Vec::new()),
         };
         run.execute().await
     }
@@ -856,6 +857,8 @@ struct Run {
     halt: AtomicBool,
     /// Steps whose intent was recorded, in the order they started.
     intents: Mutex<Vec<(Step, UndoKey)>>,
+    /// The blocking work of every started step, which a rollback waits for.
+    work: Mutex<Vec<(Step, crate::work::StepWork)>>,
 }
 
 impl Run {
@@ -894,8 +897,15 @@ impl Run {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push((step, key));
             self.events.emit(EventKind::StepStarted { step });
-            let fut = act(self.events.progress(step));
-            let value = guarded(fut, self.inner.timeouts.get(step), Some(&self.cancel)).await?;
+            let work = crate::work::StepWork::default();
+            self.work
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push((step, work.clone()));
+            let fut = work.clone().scope(act(self.events.progress(step)));
+            let value = guarded(fut, self.inner.timeouts.get(step), Some(&self.cancel))
+                .await
+                .inspect_err(|_| work.abandon())?;
             let json = serde_json::to_value(&value)
                 .map_err(|e| Error::backend("cannot encode step result").with_source(e))?;
             let (id, j2) = (self.req.request_id.clone(), json.clone());
@@ -948,7 +958,42 @@ impl Run {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
-        let failures = undo_steps(&self.inner, &self.req.request_id, &self.events, todo).await;
+        // Blocking work of an abandoned step may still be running (a define, a disk's final
+        // link): let it end first, so that the undo below also removes what it made.
+        let work = std::mem::take(
+            &mut *self
+                .work
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let mut unsettled = Vec::new();
+        for (step, w) in work {
+            w.abandon();
+            if w.busy() {
+                self.events
+                    .progress(step)
+                    .message(WAITING_FOR_BLOCKING_WORK);
+            }
+            let limit = self.inner.timeouts.get(step);
+            if !w.settle(limit).await {
+                let key = self.key();
+                unsettled.push(UndoFailure {
+                    step,
+                    resource: resource(step, &key),
+                    error: format!(
+                        "its blocking work was still running {}s after the step was given up; recover() undoes it later",
+                        limit.as_secs_f64()
+                    ),
+                    kind: ErrorKind::Timeout,
+                });
+            }
+        }
+        let mut failures = undo_steps(&self.inner, &self.req.request_id, &self.events, todo).await;
+        for f in unsettled {
+            self.events
+                .emit(EventKind::UndoFailed { failure: f.clone() });
+            failures.push(f);
+        }
         let state = if failures.is_empty() {
             RunState::Failed
         } else {
@@ -1120,6 +1165,10 @@ impl Run {
         })
     }
 }
+
+/// The progress message of a rollback that waits for a given-up step's blocking work.
+pub const WAITING_FOR_BLOCKING_WORK: &str =
+    "waiting for its blocking work to end before undoing it";
 
 /// Picks the error to report: the failure of the earliest step.
 fn first_error(mut others: Vec<StepError>) -> impl FnOnce(StepError) -> Error {

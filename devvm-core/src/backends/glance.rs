@@ -299,10 +299,11 @@ impl GlanceImageStore {
     }
 }
 
+/// Runs file work on the blocking pool, tracked by the pipeline step (see
+/// [`crate::work`]).
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
+    crate::work::blocking(f)
         .await
-        .map_err(|e| Error::backend("glance worker failed").with_source(e))?
         .map_err(|e| e.or_backend(BACKEND))
 }
 
@@ -1583,6 +1584,11 @@ impl Inner {
             File::open(&tmp_path)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| io_err("cannot sync", &tmp_path, e))?;
+            if crate::work::abandoned() {
+                return Err(crate::work::cancelled_before_commit(
+                    "linking the disk into place",
+                ));
+            }
             // Link, never replace. A file that appeared meanwhile is ours only if our
             // record still stands (a concurrent retry of this run); otherwise someone made
             // it by hand: it stays, and so does nothing of ours.

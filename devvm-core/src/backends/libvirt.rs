@@ -483,12 +483,12 @@ fn metadata_of(d: &VirtDomain) -> Metadata {
     .unwrap_or_default()
 }
 
+/// Runs a libvirt call on the blocking pool, tracked by the pipeline step (see
+/// [`crate::work`]).
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
-        Error::backend("libvirt task failed")
-            .with_backend(BACKEND)
-            .with_source(e)
-    })?
+    crate::work::blocking(f)
+        .await
+        .map_err(|e| e.or_backend(BACKEND))
 }
 
 /// Removes a seed image; an absent one is fine.
@@ -700,6 +700,9 @@ impl Hypervisor for LibvirtHypervisor {
                     existing
                 }
                 None => {
+                    if crate::work::abandoned() {
+                        return Err(crate::work::cancelled_before_commit("defining the domain"));
+                    }
                     let d = conn
                         .define_domain_xml(&xml)
                         .map_err(|e| virt_err("cannot define the domain", &s.host, e))?;
@@ -711,6 +714,9 @@ impl Hypervisor for LibvirtHypervisor {
                 .is_active()
                 .map_err(|e| virt_err("cannot read domain state", &s.host, e))?
             {
+                if crate::work::abandoned() {
+                    return Err(crate::work::cancelled_before_commit("starting the domain"));
+                }
                 dom.create()
                     .map_err(|e| virt_err("cannot start the domain", &s.host, e))?;
                 p.message(format!("started domain {}", s.name));
