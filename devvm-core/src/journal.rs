@@ -144,7 +144,11 @@ fn now() -> String {
         .unwrap_or_default()
 }
 
-const SCHEMA: &str = "
+/// The schema, one step per version (SQLite's `user_version`, migrated forward with
+/// `rusqlite_migration`); a step is never edited once released, only appended to.
+const SCHEMA: &[&str] = &[
+    // 1: runs and their steps.
+    "
 CREATE TABLE IF NOT EXISTS runs (
     request_id TEXT PRIMARY KEY,
     vm         TEXT NOT NULL,
@@ -168,19 +172,83 @@ CREATE TABLE IF NOT EXISTS steps (
     updated    TEXT NOT NULL,
     PRIMARY KEY (request_id, step)
 );
-";
+",
+    // 2: the version of the JSON a run's row holds (request, vm record, undo keys and
+    // outputs), and who each provisioner (owner) is, so that one whose lock file was
+    // deleted is not declared dead while it lives.
+    "
+ALTER TABLE runs ADD COLUMN json_version INTEGER NOT NULL DEFAULT 1;
+CREATE TABLE IF NOT EXISTS owners (
+    owner      TEXT PRIMARY KEY,
+    pid        INTEGER NOT NULL,
+    started    TEXT NOT NULL,
+    boot_id    TEXT NOT NULL,
+    registered TEXT NOT NULL
+);
+",
+];
 
-/// A handle on the journal database. Cheap to clone; calls block (use `spawn_blocking`).
+/// The version of the JSON this build writes into a run's row; a row with another
+/// version is reported as unreadable, never guessed at.
+const JSON_VERSION: i64 = 1;
+
+/// A handle on the journal database for one provisioner (`owner`). Cheap to clone;
+/// calls block (use `spawn_blocking`).
+///
+/// Every write about a run is fenced: it only happens while the run's row names this
+/// owner, so a process that was paused while `recover()` elsewhere claimed its run cannot
+/// write into it afterwards.
 #[derive(Debug, Clone)]
 pub(crate) struct Journal {
     conn: Arc<Mutex<Connection>>,
     owners_dir: PathBuf,
+    owner: Arc<str>,
+}
+
+/// Creates `dir` (and its parents) with mode 0700 if missing; an existing one is left as
+/// it is, with a warning when others can enter it.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    crate::sqlite::private_dir(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), "state directory is open to other users");
+    }
+    Ok(())
+}
+
+/// The fields of `/proc/<pid>/stat` after the command name.
+fn proc_stat(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// When process `pid` started (clock ticks since boot), if it runs.
+fn process_start(pid: u32) -> Option<String> {
+    // After ")": state is field 3, starttime field 22, so index 19 here.
+    proc_stat(pid).and_then(|f| f.get(19).cloned())
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The error of a fenced write: the run belongs to another owner now.
+fn fenced(request_id: &RequestId) -> Error {
+    Error::conflict(format!(
+        "run {request_id} was taken over by another provisioner (recover()); this one no longer writes to it"
+    ))
+    .with_backend("journal")
 }
 
 impl Journal {
-    /// Opens (creating if needed) the journal in `state_dir`.
-    pub(crate) fn open(state_dir: &Path) -> Result<Journal> {
-        std::fs::create_dir_all(state_dir).map_err(|e| {
+    /// Opens (creating if needed) the journal in `state_dir` for the provisioner
+    /// `owner`. The directory is created 0700, the database files 0600.
+    pub(crate) fn open(state_dir: &Path, owner: &str) -> Result<Journal> {
+        private_dir(state_dir).map_err(|e| {
             Error::invalid_input(format!(
                 "cannot create state directory {}",
                 state_dir.display()
@@ -188,17 +256,23 @@ impl Journal {
             .with_source(e)
         })?;
         let owners_dir = state_dir.join("owners");
-        std::fs::create_dir_all(&owners_dir).map_err(|e| {
+        private_dir(&owners_dir).map_err(|e| {
             journal_err(format!("cannot create {}", owners_dir.display())).with_source(e)
         })?;
-        let conn = crate::sqlite::open(&state_dir.join("journal.sqlite3"), "journal")?;
+        let path = state_dir.join("journal.sqlite3");
+        let mut conn = crate::sqlite::open(&path, "journal")?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(sql_err("cannot enable foreign keys"))?;
-        conn.execute_batch(SCHEMA)
-            .map_err(sql_err("cannot create the schema"))?;
+        crate::sqlite::migrate(
+            &mut conn,
+            SCHEMA,
+            format!("the journal {}", path.display()),
+            "journal",
+        )?;
         Ok(Journal {
             conn: Arc::new(Mutex::new(conn)),
             owners_dir,
+            owner: owner.into(),
         })
     }
 
@@ -210,25 +284,42 @@ impl Journal {
         f(&mut conn)
     }
 
-    /// Registers a live owner and returns the lock that proves it is alive.
-    pub(crate) fn register_owner(&self, owner: &str) -> Result<OwnerLock> {
+    /// Registers this journal's owner as live and returns the lock that proves it (a
+    /// 0600 file in the 0700 `owners/` directory), recording the process in the journal
+    /// too.
+    pub(crate) fn register_owner(&self) -> Result<OwnerLock> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let owner = &*self.owner;
         let path = self.owners_dir.join(format!("{owner}.lock"));
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| journal_err("cannot create owner lock").with_source(e))?;
         file.lock()
             .map_err(|e| journal_err("cannot lock owner lock").with_source(e))?;
+        let pid = std::process::id();
+        let started = process_start(pid).unwrap_or_default();
+        self.with(|conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO owners (owner, pid, started, boot_id, registered)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![owner, pid, started, boot_id(), now()],
+            )
+            .map_err(sql_err("register owner"))
+        })?;
         Ok(OwnerLock { path, file })
     }
 
-    /// Whether the process that registered `owner` is still alive.
+    /// Whether the process that registered `owner` is still alive: its lock file is
+    /// locked, or (if the file was deleted) the process it recorded still runs, with the
+    /// same start time, since the same boot.
     pub(crate) fn owner_alive(&self, owner: &str) -> bool {
         let path = self.owners_dir.join(format!("{owner}.lock"));
         match File::open(&path) {
-            Err(_) => false,
+            Err(_) => self.recorded_process_alive(owner),
             Ok(file) => match file.try_lock() {
                 Ok(()) => false,
                 Err(TryLockError::WouldBlock) => true,
@@ -240,9 +331,37 @@ impl Journal {
         }
     }
 
-    /// Removes the lock file of a dead owner (after its runs were claimed).
+    fn recorded_process_alive(&self, owner: &str) -> bool {
+        let recorded: Option<(u32, String, String)> = self
+            .with(|conn| {
+                conn.query_row(
+                    "SELECT pid, started, boot_id FROM owners WHERE owner = ?1",
+                    params![owner],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(sql_err("read owner"))
+            })
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read the owner record; assuming alive");
+                Some((std::process::id(), String::new(), boot_id()))
+            });
+        match recorded {
+            None => false,
+            Some((pid, started, boot)) => {
+                boot == boot_id()
+                    && process_start(pid).is_some_and(|s| started.is_empty() || s == started)
+            }
+        }
+    }
+
+    /// Removes the lock file and record of a dead owner (after its runs were claimed).
     pub(crate) fn forget_owner(&self, owner: &str) {
         let _ = std::fs::remove_file(self.owners_dir.join(format!("{owner}.lock")));
+        let _ = self.with(|conn| {
+            conn.execute("DELETE FROM owners WHERE owner = ?1", params![owner])
+                .map_err(sql_err("forget owner"))
+        });
     }
 
     /// Records the start of a provision, or says why it cannot start.
@@ -306,9 +425,9 @@ impl Journal {
             } else {
                 let t = now();
                 tx.execute(
-                    "INSERT INTO runs (request_id, vm, request, state, owner, created, updated)
-                     VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?5)",
-                    params![req.request_id.as_str(), req.name.as_str(), request_json, owner, t],
+                    "INSERT INTO runs (request_id, vm, request, state, owner, created, updated, json_version)
+                     VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?5, ?6)",
+                    params![req.request_id.as_str(), req.name.as_str(), request_json, owner, t, JSON_VERSION],
                 )
                 .map_err(|e| name_taken(e, &req.name))?;
             }
@@ -339,19 +458,24 @@ impl Journal {
         })
     }
 
-    /// Records that `step` is about to act.
+    /// Records that `step` is about to act (fenced: only while this owner holds the run).
     pub(crate) fn intent(&self, request_id: &RequestId, step: Step, key: &UndoKey) -> Result<()> {
         let key = serde_json::to_string(key).map_err(json_err("encode undo key"))?;
         self.with(|conn| {
-            conn.execute(
-                "INSERT INTO steps (request_id, step, state, undo_key, updated)
-                 VALUES (?1, ?2, 'intent', ?3, ?4)
-                 ON CONFLICT (request_id, step) DO UPDATE
-                 SET state = 'intent', undo_key = excluded.undo_key, output = NULL,
-                     error = NULL, updated = excluded.updated",
-                params![request_id.as_str(), step.as_str(), key, now()],
-            )
-            .map_err(sql_err("record intent"))?;
+            let n = conn
+                .execute(
+                    "INSERT INTO steps (request_id, step, state, undo_key, updated)
+                     SELECT ?1, ?2, 'intent', ?3, ?4
+                     WHERE EXISTS (SELECT 1 FROM runs WHERE request_id = ?1 AND owner = ?5)
+                     ON CONFLICT (request_id, step) DO UPDATE
+                     SET state = 'intent', undo_key = excluded.undo_key, output = NULL,
+                         error = NULL, updated = excluded.updated",
+                    params![request_id.as_str(), step.as_str(), key, now(), &*self.owner],
+                )
+                .map_err(sql_err("record intent"))?;
+            if n == 0 {
+                return Err(fenced(request_id));
+            }
             Ok(())
         })
     }
@@ -393,12 +517,25 @@ impl Journal {
             .transpose()
             .map_err(json_err("encode error"))?;
         self.with(|conn| {
-            conn.execute(
-                "UPDATE steps SET state = ?3, output = COALESCE(?4, output), error = ?5, updated = ?6
-                 WHERE request_id = ?1 AND step = ?2",
-                params![request_id.as_str(), step.as_str(), state.as_str(), output, error, now()],
-            )
-            .map_err(sql_err("record step"))?;
+            let n = conn
+                .execute(
+                    "UPDATE steps SET state = ?3, output = COALESCE(?4, output), error = ?5, updated = ?6
+                     WHERE request_id = ?1 AND step = ?2
+                       AND EXISTS (SELECT 1 FROM runs WHERE request_id = ?1 AND owner = ?7)",
+                    params![
+                        request_id.as_str(),
+                        step.as_str(),
+                        state.as_str(),
+                        output,
+                        error,
+                        now(),
+                        &*self.owner
+                    ],
+                )
+                .map_err(sql_err("record step"))?;
+            if n == 0 {
+                return Err(fenced(request_id));
+            }
             Ok(())
         })
     }
@@ -420,12 +557,16 @@ impl Journal {
             .transpose()
             .map_err(json_err("encode error"))?;
         self.with(|conn| {
-            conn.execute(
-                "UPDATE runs SET state = ?2, vm_record = COALESCE(?3, vm_record), error = ?4, updated = ?5
-                 WHERE request_id = ?1",
-                params![request_id.as_str(), state.as_str(), vm, error, now()],
-            )
-            .map_err(sql_err("record run"))?;
+            let n = conn
+                .execute(
+                    "UPDATE runs SET state = ?2, vm_record = COALESCE(?3, vm_record), error = ?4, updated = ?5
+                     WHERE request_id = ?1 AND owner = ?6",
+                    params![request_id.as_str(), state.as_str(), vm, error, now(), &*self.owner],
+                )
+                .map_err(sql_err("record run"))?;
+            if n == 0 {
+                return Err(fenced(request_id));
+            }
             Ok(())
         })
     }
@@ -464,10 +605,17 @@ impl Journal {
         })
     }
 
-    fn runs_where(&self, condition: &str, arg: Option<&str>) -> Result<Vec<RunRecord>> {
+    /// The runs matching `condition`; a row that cannot be decoded is returned as
+    /// [`Unreadable`] in its place, so one bad row never hides the others.
+    fn runs_where(
+        &self,
+        condition: &str,
+        arg: Option<&str>,
+    ) -> Result<Vec<std::result::Result<RunRecord, Unreadable>>> {
         self.with(|conn| {
             let sql = format!(
-                "SELECT request, state, owner, vm_record FROM runs WHERE {condition} ORDER BY created, request_id"
+                "SELECT request_id, vm, request, state, owner, vm_record, json_version
+                 FROM runs WHERE {condition} ORDER BY created, request_id"
             );
             let mut stmt = conn.prepare(&sql).map_err(sql_err("read runs"))?;
             let map = |r: &rusqlite::Row<'_>| {
@@ -475,7 +623,10 @@ impl Journal {
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, String>(2)?,
-                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, i64>(6)?,
                 ))
             };
             let rows: Vec<_> = match arg {
@@ -485,58 +636,115 @@ impl Journal {
             .map_err(sql_err("read runs"))?
             .collect::<std::result::Result<_, _>>()
             .map_err(sql_err("read run"))?;
-            rows.into_iter()
-                .map(|(request, state, owner, vm)| {
-                    Ok(RunRecord {
-                        request: serde_json::from_str(&request)
-                            .map_err(json_err("decode request"))?,
-                        state: RunState::parse(&state)?,
-                        owner,
-                        vm: vm
-                            .map(|v| serde_json::from_str(&v))
-                            .transpose()
-                            .map_err(json_err("decode vm"))?,
+            Ok(rows
+                .into_iter()
+                .map(|(id, vm, request, state, owner, vm_record, version)| {
+                    let decode = || -> Result<RunRecord> {
+                        if version != JSON_VERSION {
+                            return Err(journal_err(format!(
+                                "written in journal format {version}, this devvm reads {JSON_VERSION}"
+                            )));
+                        }
+                        Ok(RunRecord {
+                            request: serde_json::from_str(&request)
+                                .map_err(json_err("decode request"))?,
+                            state: RunState::parse(&state)?,
+                            owner,
+                            vm: vm_record
+                                .map(|v| serde_json::from_str(&v))
+                                .transpose()
+                                .map_err(json_err("decode vm"))?,
+                        })
+                    };
+                    decode().map_err(|e| Unreadable {
+                        request_id: id,
+                        vm,
+                        error: e.to_string(),
                     })
                 })
-                .collect()
+                .collect())
         })
     }
 
-    /// Runs that are not in a final state (running, rolling back, deprovisioning).
-    pub(crate) fn unfinished(&self) -> Result<Vec<RunRecord>> {
-        self.runs_where(
+    /// Runs that are not in a final state (running, rolling back, deprovisioning), and
+    /// the rows of such runs that cannot be read.
+    pub(crate) fn unfinished(&self) -> Result<(Vec<RunRecord>, Vec<Unreadable>)> {
+        Ok(split(self.runs_where(
             "state IN ('running', 'rolling_back', 'deprovisioning')",
             None,
+        )?))
+    }
+
+    /// The run that currently holds the VM name, if any. A row that cannot be read is an
+    /// error naming that run.
+    pub(crate) fn live_run_of(&self, vm: &VmName) -> Result<Option<RunRecord>> {
+        self.runs_where(
+            "vm = ?1 AND state IN ('running', 'rolling_back', 'active', 'deprovisioning')",
+            Some(vm.as_str()),
+        )?
+        .into_iter()
+        .next()
+        .map(|r| r.map_err(Unreadable::into_error))
+        .transpose()
+    }
+
+    /// The run of a request id, if any. A row that cannot be read is an error naming it.
+    pub(crate) fn run(&self, request_id: &RequestId) -> Result<Option<RunRecord>> {
+        self.runs_where("request_id = ?1", Some(request_id.as_str()))?
+            .into_iter()
+            .next()
+            .map(|r| r.map_err(Unreadable::into_error))
+            .transpose()
+    }
+
+    /// Every VM that exists, and the rows of VMs that cannot be read.
+    pub(crate) fn active_vms(&self) -> Result<(Vec<Vm>, Vec<Unreadable>)> {
+        let (runs, bad) = split(self.runs_where("state = 'active'", None)?);
+        Ok((runs.into_iter().filter_map(|r| r.vm).collect(), bad))
+    }
+}
+
+/// A journal row that cannot be decoded (corrupted, or written by another devvm version).
+/// It is reported and left as it is: never rolled back, never rewritten.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unreadable {
+    /// The run's request id, as stored.
+    pub request_id: String,
+    /// The VM name, as stored.
+    pub vm: String,
+    /// Why it cannot be read.
+    pub error: String,
+}
+
+impl Unreadable {
+    fn into_error(self) -> Error {
+        journal_err(format!(
+            "the journal row of run {} (vm {}) cannot be read: {}",
+            self.request_id, self.vm, self.error
+        ))
+    }
+}
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "run {} (vm {}): {}",
+            self.request_id, self.vm, self.error
         )
     }
+}
 
-    /// The run that currently holds the VM name, if any.
-    pub(crate) fn live_run_of(&self, vm: &VmName) -> Result<Option<RunRecord>> {
-        Ok(self
-            .runs_where(
-                "vm = ?1 AND state IN ('running', 'rolling_back', 'active', 'deprovisioning')",
-                Some(vm.as_str()),
-            )?
-            .into_iter()
-            .next())
+fn split<T, E>(rows: Vec<std::result::Result<T, E>>) -> (Vec<T>, Vec<E>) {
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    for r in rows {
+        match r {
+            Ok(t) => good.push(t),
+            Err(e) => bad.push(e),
+        }
     }
-
-    /// The run of a request id, if any.
-    pub(crate) fn run(&self, request_id: &RequestId) -> Result<Option<RunRecord>> {
-        Ok(self
-            .runs_where("request_id = ?1", Some(request_id.as_str()))?
-            .into_iter()
-            .next())
-    }
-
-    /// Every VM that exists.
-    pub(crate) fn active_vms(&self) -> Result<Vec<Vm>> {
-        Ok(self
-            .runs_where("state = 'active'", None)?
-            .into_iter()
-            .filter_map(|r| r.vm)
-            .collect())
-    }
+    (good, bad)
 }
 
 fn name_taken(e: rusqlite::Error, vm: &VmName) -> Error {
@@ -560,5 +768,114 @@ impl Drop for OwnerLock {
         // Remove the file while still holding the lock, then release it.
         let _ = std::fs::remove_file(&self.path);
         let _ = self.file.unlock();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+    use crate::types::{BootstrapSettings, TemplateName, UserName, VmSize};
+
+    fn request(vm: &str) -> ResolvedRequest {
+        ResolvedRequest {
+            request_id: RequestId::random(),
+            user: UserName::new("alice").unwrap_or_else(|e| panic!("{e}")),
+            name: VmName::new(vm).unwrap_or_else(|e| panic!("{e}")),
+            template: TemplateName::new("t").unwrap_or_else(|e| panic!("{e}")),
+            size: VmSize::default(),
+            bootstrap: BootstrapSettings::default(),
+        }
+    }
+
+    fn key(vm: &str) -> UndoKey {
+        UndoKey {
+            vm: VmName::new(vm).unwrap_or_else(|e| panic!("{e}")),
+            host: None,
+            ip: None,
+        }
+    }
+
+    /// Once another provisioner claimed a run, every write of the old owner is refused.
+    #[test]
+    fn a_claimed_run_refuses_the_old_owners_writes() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let a = Journal::open(dir.path(), "owner-a").unwrap_or_else(|e| panic!("{e}"));
+        let b = Journal::open(dir.path(), "owner-b").unwrap_or_else(|e| panic!("{e}"));
+        let req = request("fenced");
+        let id = req.request_id.clone();
+        assert!(matches!(a.begin(&req, "owner-a"), Ok(Begin::Started)));
+        a.intent(&id, Step::User, &key("fenced"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            b.claim(&id, "owner-a", "owner-b", RunState::RollingBack)
+                .unwrap_or_else(|e| panic!("{e}")),
+            "b takes the run over"
+        );
+        // a was only paused: each of its late writes is refused, none interleaves.
+        let late = [
+            a.done(&id, Step::User, &serde_json::json!({"late": true})),
+            a.intent(&id, Step::Placement, &key("fenced")),
+            a.undone(&id, Step::User, None),
+            a.set_run(&id, RunState::Active, None, None),
+        ];
+        for r in late {
+            let e = r.expect_err("fenced");
+            assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+        }
+        let steps = b.steps(&id).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(steps.len(), 1, "no step was added by the old owner");
+        assert_eq!(steps[0].state, StepState::Intent);
+        assert_eq!(
+            steps[0].output, None,
+            "no output was written by the old owner"
+        );
+        // The new owner writes as usual.
+        b.undone(&id, Step::User, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        b.set_run(&id, RunState::Failed, None, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// A lock file that was deleted does not make a live owner look dead; a recorded
+    /// process that is gone does.
+    #[test]
+    fn a_deleted_lock_file_does_not_kill_a_live_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let state = tmp.path().join("state");
+        let a = Journal::open(&state, "owner-a").unwrap_or_else(|e| panic!("{e}"));
+        let lock = a.register_owner().unwrap_or_else(|e| panic!("{e}"));
+        let b = Journal::open(&state, "owner-b").unwrap_or_else(|e| panic!("{e}"));
+        let mode = |p: &Path| {
+            std::fs::metadata(p)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode(&state), 0o700, "state directory");
+        assert_eq!(mode(&state.join("owners")), 0o700, "owners directory");
+        assert_eq!(mode(&lock.path), 0o600, "owner lock file");
+        assert_eq!(mode(&state.join("journal.sqlite3")), 0o600, "journal");
+        assert!(b.owner_alive("owner-a"), "locked: alive");
+        std::fs::remove_file(&lock.path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            b.owner_alive("owner-a"),
+            "its lock file is gone, but the process it recorded still runs"
+        );
+        // An owner whose recorded process is gone (a pid that cannot exist) is dead.
+        b.with(|c| {
+            c.execute(
+                "INSERT INTO owners (owner, pid, started, boot_id, registered)
+                 VALUES ('owner-gone', 2147483646, '1', ?1, 'then')",
+                params![boot_id()],
+            )
+            .map_err(sql_err("test"))
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!b.owner_alive("owner-gone"));
+        assert!(!b.owner_alive("owner-never-registered"));
+        drop(lock);
     }
 }

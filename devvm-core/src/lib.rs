@@ -42,6 +42,7 @@ pub mod work;
 
 pub use error::{Error, ErrorInfo, ErrorKind, Result, UndoFailure};
 pub use events::{Event, EventKind, Operation, Progress, Subscription};
+pub use journal::Unreadable;
 pub use provisioner::{
     Backends, CancelToken, Defaults, Provisioner, ProvisionerBuilder, RecoveryReport, Timeouts,
     WAITING_FOR_BLOCKING_WORK,

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::error::{Error, ErrorKind, Result, UndoFailure};
 use crate::events::{EventBus, EventKind, Operation, Progress, RunEvents, Subscription};
 use crate::journal::{
-    Begin, Journal, OwnerLock, RunRecord, RunState, StepRecord, StepState, UndoKey,
+    Begin, Journal, OwnerLock, RunRecord, RunState, StepRecord, StepState, UndoKey, Unreadable,
 };
 use crate::traits::{
     Bootstrapper, DnsUpdater, Hypervisor, ImageStore, IpAllocator, Placement, UserDirectory,
@@ -164,6 +164,8 @@ pub struct RecoveryReport {
     pub removed: Vec<VmName>,
     /// Resources that still could not be removed; a later `recover()` tries again.
     pub still_held: Vec<UndoFailure>,
+    /// Runs whose journal rows cannot be read: left exactly as they are.
+    pub unreadable: Vec<Unreadable>,
 }
 
 /// Builds a [`Provisioner`] from backends, by hand or from a config file.
@@ -287,9 +289,9 @@ impl ProvisionerBuilder {
             bootstrap: need(self.bootstrap, "bootstrapper")?,
         };
         let state_dir = need(self.state_dir, "state directory")?;
-        let journal = Journal::open(&state_dir)?;
         let owner = uuid::Uuid::new_v4().to_string();
-        let owner_lock = journal.register_owner(&owner)?;
+        let journal = Journal::open(&state_dir, &owner)?;
+        let owner_lock = journal.register_owner()?;
         Ok(Provisioner {
             inner: Arc::new(Inner {
                 backends,
@@ -615,9 +617,24 @@ impl Provisioner {
         }
     }
 
-    /// Every VM that exists, oldest first.
+    /// Every VM that exists, oldest first. A VM whose journal row cannot be read is left
+    /// out (and logged); [`unreadable`](Self::unreadable) names it.
     pub async fn list(&self) -> Result<Vec<Vm>> {
-        self.inner.journal(|j| j.active_vms()).await
+        let (vms, bad) = self.inner.journal(|j| j.active_vms()).await?;
+        for b in bad {
+            tracing::warn!(run = %b, "journal row cannot be read; left out of the list");
+        }
+        Ok(vms)
+    }
+
+    /// The journal rows of VMs and unfinished runs that cannot be read (corrupted, or
+    /// written by another devvm version). They are left exactly as they are: never rolled
+    /// back, never rewritten; every other run keeps working.
+    pub async fn unreadable(&self) -> Result<Vec<Unreadable>> {
+        let (_, mut bad) = self.inner.journal(|j| j.active_vms()).await?;
+        let (_, more) = self.inner.journal(|j| j.unfinished()).await?;
+        bad.extend(more);
+        Ok(bad)
     }
 
     /// The VM named `name`, if it exists.
@@ -636,8 +653,11 @@ impl Provisioner {
     ///
     /// Safe to call at any time and any number of times.
     pub async fn recover(&self) -> Result<RecoveryReport> {
-        let runs = self.inner.journal(|j| j.unfinished()).await?;
-        let mut report = RecoveryReport::default();
+        let (runs, unreadable) = self.inner.journal(|j| j.unfinished()).await?;
+        let mut report = RecoveryReport {
+            unreadable,
+            ..RecoveryReport::default()
+        };
         let mut dead_owners = HashSet::new();
         for run in runs {
             let id = run.request.request_id.clone();
@@ -650,13 +670,23 @@ impl Provisioner {
             if run.owner != self.inner.owner {
                 dead_owners.insert(run.owner.clone());
             }
-            self.recover_run(run, &mut report).await?;
+            let (rid, vm) = (id.to_string(), run.request.name.to_string());
+            if let Err(e) = self.recover_run(run, &mut report).await {
+                // One run that cannot be read (its steps) or finished does not stop the
+                // others; it stays as it is and is reported.
+                tracing::warn!(run = %rid, error = %e, "cannot recover run");
+                report.unreadable.push(Unreadable {
+                    request_id: rid,
+                    vm,
+                    error: e.to_string(),
+                });
+            }
         }
         for owner in dead_owners {
             let o = owner.clone();
             let left = self
                 .inner
-                .journal(move |j| Ok(j.unfinished()?.iter().any(|r| r.owner == o)))
+                .journal(move |j| Ok(j.unfinished()?.0.iter().any(|r| r.owner == o)))
                 .await?;
             if !left {
                 self.inner.journal.forget_owner(&owner);

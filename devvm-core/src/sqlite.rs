@@ -29,7 +29,8 @@ pub(crate) fn err(what: String, backend: &'static str) -> impl Fn(rusqlite::Erro
 }
 
 /// Opens `path` durably: WAL, `synchronous=FULL` (a crash never leaves half a
-/// transaction), and a 30 s wait for other writers. Several processes may share it.
+/// transaction), and a 30 s wait for other writers. Several processes may share it. The
+/// database and its WAL files are readable by their owner only (0600).
 pub(crate) fn open(path: &Path, backend: &'static str) -> Result<Connection, Error> {
     let e = err(format!("database {}", path.display()), backend);
     let conn = Connection::open(path).map_err(&e)?;
@@ -38,7 +39,25 @@ pub(crate) fn open(path: &Path, backend: &'static str) -> Result<Connection, Err
         .map_err(&e)?;
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(&e)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        owner_only(Path::new(&p)).map_err(|err| {
+            Error::backend(format!("cannot restrict {}", path.display()))
+                .with_backend(backend)
+                .with_source(err)
+        })?;
+    }
     Ok(conn)
+}
+
+/// Makes the file at `path` (if it exists) readable and writable by its owner only.
+pub(crate) fn owner_only(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 /// Brings the schema of `conn` forward to the newest of `steps` (one SQL batch per
@@ -74,4 +93,13 @@ pub(crate) fn migrate(
         .with_backend(backend)
         .with_source(e)
     })
+}
+
+/// Creates `dir` and its missing parents with mode 0700 (devvm's state is its own).
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }

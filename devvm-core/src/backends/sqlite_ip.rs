@@ -204,7 +204,7 @@ impl SqliteIpAllocator {
     pub fn open(path: impl Into<PathBuf>, plan: SubnetPlan) -> Result<Self> {
         let path = path.into();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
+            crate::sqlite::private_dir(dir).map_err(|e| {
                 Error::invalid_input(format!("cannot create {}", dir.display()))
                     .with_backend(BACKEND)
                     .with_source(e)
