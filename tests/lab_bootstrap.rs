@@ -10,6 +10,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -220,15 +221,45 @@ async fn chef_bootstrap_with_the_stand_in_chef_client_registers_the_node_and_dep
         rb.contains("validation_key '/etc/chef/validation.pem'"),
         "{rb}"
     );
-    let mode = guest_output(&s, "stat -c %a /etc/chef/validation.pem").await;
-    assert_eq!(mode.trim(), "600");
-    let pem = guest_output(&s, "cat /etc/chef/validation.pem").await;
-    let want = std::fs::read_to_string(lab.var("chef_validation_key")).unwrap_or_default();
-    assert_eq!(
-        pem.trim(),
-        want.trim(),
-        "validation.pem is the validation key"
+    // The validation key was there with mode 0600 (the stand-in refuses to run
+    // otherwise, and it registered), and left the guest once chef-client converged.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("removed /etc/chef/validation.pem (delete_validation)")),
+        "{lines:#?}"
     );
+    let gone = guest_output(
+        &s,
+        "test -e /etc/chef/validation.pem && echo present || echo gone",
+    )
+    .await;
+    assert_eq!(gone.trim(), "gone", "delete_validation");
+    // The first-boot seed (the guest's private host key) is detached and deleted: the
+    // guest sees only its root disk, libvirt lists only vda, the seed file is gone.
+    let disks = guest_output(&s, "ls /dev/vd*").await;
+    assert_eq!(
+        disks.split_whitespace().collect::<Vec<_>>(),
+        vec!["/dev/vda"],
+        "{disks}"
+    );
+    let listed = Command::new("virsh")
+        .args([
+            "-q",
+            "-c",
+            lab.var("libvirt_uri"),
+            "domblklist",
+            name.as_str(),
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("virsh: {e}"));
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert!(
+        listed.contains("vda") && !listed.contains("vdb") && !listed.contains("cidata"),
+        "{listed}"
+    );
+    let seed = Path::new(lab.var("dir")).join(format!("devvm-shared/seeds/{name}-cidata.img"));
+    assert!(!seed.exists(), "{} is deleted", seed.display());
     let json = guest_output(&s, "cat /etc/chef/first-boot.json").await;
     let json: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(

@@ -1172,11 +1172,16 @@ impl Run {
         .await
         .map_err(first_error(Vec::new()))?;
 
-        let bs = b.bootstrap.clone();
+        let (bs, hv) = (b.bootstrap.clone(), b.hypervisor.clone());
         target.owner = user;
+        let (seed_host, owner) = (host.clone(), req.request_id.clone());
         let report = self
             .step(Step::Bootstrap, self.key(), move |p| async move {
-                bs.bootstrap(&target, &p).await
+                let report = bs.bootstrap(&target, &p).await?;
+                // The guest has what it needed from its first-boot seed: the private host
+                // key (and any bootstrap secret) in it must not stay attached.
+                hv.discard_seed(&target.vm, &seed_host, &owner).await?;
+                Ok(report)
             })
             .await
             .map_err(first_error(Vec::new()))?;

@@ -190,6 +190,17 @@ pub trait Hypervisor: Send + Sync + 'static {
 
     /// The domain `vm` on `host`, if it is defined.
     async fn domain(&self, vm: &VmName, host: &HostId) -> Result<Option<Domain>>;
+
+    /// Called once the guest has consumed its first-boot seed (the bootstrap step
+    /// succeeded): the seed carried the guest's private host key and maybe bootstrap
+    /// secrets (a Chef validator), so it is detached from `owner`'s domain and deleted.
+    /// Doing it again, or for a domain without a seed, succeeds. A domain of another
+    /// request is [`ErrorKind::AlreadyExists`](crate::ErrorKind::AlreadyExists) and is left
+    /// alone. The default does nothing, for a hypervisor that keeps no seed.
+    async fn discard_seed(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<()> {
+        let _ = (vm, host, owner);
+        Ok(())
+    }
 }
 
 /// Runs configuration management on a freshly started guest.

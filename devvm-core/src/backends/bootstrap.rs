@@ -15,13 +15,15 @@
 //! |---|---|---|
 //! | `/etc/chef/validation.pem` | 0600 | the validation client's key (sent on stdin, never on a command line) |
 //! | `/etc/chef/client.rb` | 0644 | `chef_server_url`, `validation_client_name`, `validation_key`, `node_name`, `log_level`, `log_location` (Ruby literals, escaped) |
-//! | `/etc/chef/first-boot.json` | 0600 | `run_list`, `policy_name`/`policy_group` when set, and the request's attributes |
+//! | `/etc/chef/first-boot.json` | 0600 | `run_list`, `policy_name`/`policy_group` when set, the request's attributes, and `devvm.request_id` (the run's ownership record, saved on the node) |
 //!
-//! then `chef-client -j /etc/chef/first-boot.json [-E ENVIRONMENT]`. The node name (and
-//! the API client name a first run registers) is the **VM name**, so that
-//! [`unregister`](Bootstrapper::unregister), which only knows the VM name, deletes exactly
-//! what the run registered: `DELETE /nodes/NAME` and `DELETE /clients/NAME` on the Chef
-//! server (404 counts as done), signed with Chef's v1.3 protocol (RSA, SHA-256) when an
+//! then `chef-client -j /etc/chef/first-boot.json [-E ENVIRONMENT]`, and once it
+//! converged, `rm -f /etc/chef/validation.pem` (what the chef-client cookbook's
+//! `delete_validation` does: the node has its own client key now). The node name (and
+//! the API client name a first run registers) is the **VM name**;
+//! [`unregister`](Bootstrapper::unregister) reads the node and deletes it and its client
+//! only when its `devvm.request_id` attribute names the run: `DELETE /nodes/NAME` and
+//! `DELETE /clients/NAME` on the Chef server (404 counts as done), signed with Chef's v1.3 protocol (RSA, SHA-256) when an
 //! admin client and key are configured, unsigned otherwise (for servers without
 //! authentication such as the lab's goiardi).
 //!
@@ -617,7 +619,21 @@ impl Bootstrapper for ChefBootstrapper {
                 cmd.push_str(&format!(" -E {}", sh_quote(env)));
             }
             progress.message(format!("running {cmd}"));
-            run_step(&session, "chef-client", &cmd, None, progress, &redactor).await
+            run_step(&session, "chef-client", &cmd, None, progress, &redactor).await?;
+            // The node has its own client key now: the validator key leaves the guest
+            // (what the chef-client cookbook's delete_validation does).
+            let rm = format!("rm -f {}", sh_quote(VALIDATION_PEM));
+            run_step(
+                &session,
+                "delete_validation",
+                &rm,
+                None,
+                progress,
+                &redactor,
+            )
+            .await?;
+            progress.message(format!("removed {VALIDATION_PEM} (delete_validation)"));
+            Ok::<(), Error>(())
         }
         .await;
         session.close().await;

@@ -4,8 +4,10 @@
 //! The cloud-config entries come from the config (`cloud_config`, any cloud-config keys)
 //! and, when `chef` is configured, cloud-init's own `chef` module is filled in with the
 //! request's run list and environment — cloud-init then does what `knife bootstrap` does,
-//! from inside the guest. The seed is mode 0600 and removed with the domain, because the
-//! Chef validation key travels in it.
+//! from inside the guest. The seed is mode 0600 and, because the Chef validation key
+//! travels in it, detached from the domain and deleted as soon as the bootstrap step
+//! finished ([`Hypervisor::discard_seed`](crate::Hypervisor::discard_seed)): cloud-init
+//! reads and caches its datasource at boot, before the guest answers on SSH.
 //!
 //! `bootstrap` reports `bootstrapped: true` once the seed was delivered (the domain step
 //! only finishes after the guest booted with it); whether cloud-init's modules succeeded

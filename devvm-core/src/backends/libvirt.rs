@@ -185,6 +185,40 @@ fn path_str(p: &Path) -> Result<&str> {
         .ok_or_else(|| Error::invalid_input(format!("path {} is not UTF-8", p.display())))
 }
 
+/// The first-boot seed's `<disk>` element: a read-only raw virtio disk `vdb`.
+fn write_seed_disk<W: std::io::Write>(w: &mut Writer<W>, seed: &str) -> std::io::Result<()> {
+    w.create_element("disk")
+        .with_attribute(("type", "file"))
+        .with_attribute(("device", "disk"))
+        .write_inner_content(|w| {
+            w.create_element("driver")
+                .with_attribute(("name", "qemu"))
+                .with_attribute(("type", "raw"))
+                .write_empty()?;
+            w.create_element("source")
+                .with_attribute(("file", seed))
+                .write_empty()?;
+            w.create_element("target")
+                .with_attribute(("dev", SEED_TARGET))
+                .with_attribute(("bus", "virtio"))
+                .write_empty()?;
+            w.create_element("readonly").write_empty()?;
+            Ok(())
+        })?;
+    Ok(())
+}
+
+/// The guest device of the first-boot seed.
+const SEED_TARGET: &str = "vdb";
+
+/// The device XML that detaches the first-boot seed at `seed` (sans-I/O).
+pub fn seed_disk_xml(seed: &Path) -> Result<String> {
+    let mut w = Writer::new(Vec::new());
+    write_seed_disk(&mut w, path_str(seed)?).map_err(xml_err)?;
+    String::from_utf8(w.into_inner())
+        .map_err(|e| Error::backend("the seed disk XML is not UTF-8").with_source(e))
+}
+
 /// Writes the libvirt domain XML for `spec`. Every value is escaped by the XML writer.
 pub fn domain_xml(spec: &DomainSpec, settings: &DomainSettings) -> Result<String> {
     let mut w = Writer::new_with_indent(Vec::new(), b' ', 2);
@@ -265,6 +299,13 @@ pub fn domain_xml(spec: &DomainSpec, settings: &DomainSettings) -> Result<String
                 }
                 Ok(())
             })?;
+            // ACPI: the guest sees a hot-unplug request (the first-boot seed is detached
+            // once consumed) and a power button.
+            w.create_element("features").write_inner_content(|w| {
+                w.create_element("acpi").write_empty()?;
+                w.create_element("apic").write_empty()?;
+                Ok(())
+            })?;
             w.create_element("on_poweroff")
                 .write_text_content(BytesText::new("destroy"))?;
             w.create_element("on_crash")
@@ -288,24 +329,7 @@ pub fn domain_xml(spec: &DomainSpec, settings: &DomainSettings) -> Result<String
                         Ok(())
                     })?;
                 if let Some(seed) = &seed {
-                    w.create_element("disk")
-                        .with_attribute(("type", "file"))
-                        .with_attribute(("device", "disk"))
-                        .write_inner_content(|w| {
-                            w.create_element("driver")
-                                .with_attribute(("name", "qemu"))
-                                .with_attribute(("type", "raw"))
-                                .write_empty()?;
-                            w.create_element("source")
-                                .with_attribute(("file", *seed))
-                                .write_empty()?;
-                            w.create_element("target")
-                                .with_attribute(("dev", "vdb"))
-                                .with_attribute(("bus", "virtio"))
-                                .write_empty()?;
-                            w.create_element("readonly").write_empty()?;
-                            Ok(())
-                        })?;
+                    write_seed_disk(w, seed)?;
                 }
                 w.create_element("interface")
                     .with_attribute(("type", "bridge"))
@@ -773,6 +797,63 @@ impl Hypervisor for LibvirtHypervisor {
             _ => remove_seed(&seed)?,
         }
         Ok(outcome)
+    }
+
+    /// Detaches the seed disk from the running domain and its persistent definition
+    /// (ACPI hot-unplug; the domain XML enables ACPI), waits until the guest let it go,
+    /// then deletes the seed file.
+    async fn discard_seed(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<()> {
+        let seed = self.seed_image(vm);
+        let xml = seed_disk_xml(&seed)?;
+        let source = format!("file='{}'", quick_xml::escape::escape(path_str(&seed)?));
+        let (vm2, host2, owner2) = (vm.clone(), host.clone(), owner.clone());
+        let limit = Duration::from_secs(self.config.boot_timeout_secs.max(30));
+        blocking(move || {
+            let conn = connect(&host2)?;
+            let Some(dom) = lookup(&conn, &host2, &vm2)? else {
+                return Ok(());
+            };
+            if metadata_of(&dom).request_id.as_ref() != Some(&owner2) {
+                return Err(foreign_domain(&vm2, &host2));
+            }
+            let live = |d: &VirtDomain| -> Result<bool> {
+                Ok(d.xml_desc(0)
+                    .map_err(|e| virt_err("cannot read the domain", &host2, e))?
+                    .contains(&source))
+            };
+            let persistent = dom
+                .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+                .map_err(|e| virt_err("cannot read the domain", &host2, e))?
+                .contains(&source);
+            let running = dom.is_active().unwrap_or(false) && live(&dom)?;
+            let mut flags = 0;
+            if running {
+                flags |= virt::sys::VIR_DOMAIN_AFFECT_LIVE;
+            }
+            if persistent {
+                flags |= virt::sys::VIR_DOMAIN_AFFECT_CONFIG;
+            }
+            if flags == 0 {
+                return Ok(());
+            }
+            dom.detach_device_flags(&xml, flags)
+                .map_err(|e| virt_err("cannot detach the first-boot seed", &host2, e))?;
+            // The guest acknowledges the unplug asynchronously.
+            let deadline = std::time::Instant::now() + limit;
+            while running && live(&dom)? {
+                if std::time::Instant::now() >= deadline {
+                    return Err(Error::timeout(format!(
+                        "the guest did not release its first-boot seed within {}s",
+                        limit.as_secs()
+                    ))
+                    .with_backend(BACKEND));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(())
+        })
+        .await?;
+        remove_seed(&seed)
     }
 
     async fn domain(&self, vm: &VmName, host: &HostId) -> Result<Option<Domain>> {

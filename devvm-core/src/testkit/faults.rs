@@ -297,6 +297,9 @@ impl Hypervisor for Faulty<dyn Hypervisor> {
     async fn domain(&self, vm: &VmName, host: &HostId) -> Result<Option<Domain>> {
         self.0.domain(vm, host).await
     }
+    async fn discard_seed(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<()> {
+        self.0.discard_seed(vm, host, owner).await
+    }
 }
 
 #[async_trait]
