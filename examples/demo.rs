@@ -56,6 +56,7 @@ fn line(kind: &EventKind, t: f64) -> Option<String> {
         EventKind::UndoFailed { failure } => {
             format!("{:>9}  ✗ undo failed: {failure}", failure.step)
         }
+        EventKind::Warning { message } => format!("  warning  {message}"),
         EventKind::LeftAlone {
             step,
             resource,

@@ -128,6 +128,15 @@ impl Display {
             }
             return;
         }
+        if let EventKind::Warning { message } = &e.kind {
+            match &self.bars {
+                Some((multi, _)) => {
+                    let _ = multi.println(format!("warning: {message}"));
+                }
+                None => eprintln!("warning: {message}"),
+            }
+            return;
+        }
         let line = match &e.kind {
             EventKind::StepStarted { step } => (*step, "started".to_owned(), None),
             EventKind::StepProgress { step, message, .. } => (*step, message.clone(), None),

@@ -50,6 +50,7 @@ fn describe(kind: &EventKind) -> Option<String> {
         EventKind::StepFailed { step, error } => format!("[{step}] FAILED: {}", error.message),
         EventKind::StepUndone { step } => format!("[{step}] undone"),
         EventKind::UndoFailed { failure } => format!("[{}] UNDO FAILED: {failure}", failure.step),
+        EventKind::Warning { message } => format!("warning: {message}"),
         EventKind::LeftAlone {
             step,
             resource,

@@ -656,7 +656,7 @@ impl SecretSpec {
             SecretSpec::Inline(s) => Ok(SecretString::from(s.clone())),
             SecretSpec::File(p) => {
                 let path = base_dir.join(p);
-                let s = std::fs::read_to_string(&path).map_err(|e| {
+                let s = read_secret_file(&path).map_err(|e| {
                     Error::invalid_input(format!("cannot read secret file {}", path.display()))
                         .with_source(e)
                 })?;
@@ -669,6 +669,43 @@ impl SecretSpec {
             }),
         }
     }
+}
+
+/// Warnings about secret files that others may read, not yet handed to a provisioner.
+static SECRET_WARNINGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Reads a secret file (a TSIG key, a password, a private key). A file that its group or
+/// other users may read or write still works, but is warned about, as ssh does for keys:
+/// logged now, and a `warning` event at the start of every run of the provisioner built
+/// next (see [`take_secret_warnings`]).
+pub fn read_secret_file(path: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let text = std::fs::read_to_string(path)?;
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        let warning = format!(
+            "secret file {} is accessible to other users (mode {mode:o}); chmod 600 it",
+            path.display()
+        );
+        tracing::warn!("{warning}");
+        let mut all = SECRET_WARNINGS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !all.contains(&warning) {
+            all.push(warning);
+        }
+    }
+    Ok(text)
+}
+
+/// The warnings [`read_secret_file`] recorded since the last call (a provisioner takes
+/// them when it is built).
+pub fn take_secret_warnings() -> Vec<String> {
+    std::mem::take(
+        &mut *SECRET_WARNINGS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    )
 }
 
 #[cfg(test)]

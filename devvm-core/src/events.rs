@@ -105,6 +105,12 @@ pub enum EventKind {
         /// Who holds it, as far as the backend can tell.
         holder: String,
     },
+    /// Something the caller should fix, that did not stop the run (a secret file that
+    /// other users may read).
+    Warning {
+        /// What and how to fix it.
+        message: String,
+    },
     /// The run finished.
     RunFinished {
         /// The VM, for a provision; `None` for a deprovision or recovery. (Named apart

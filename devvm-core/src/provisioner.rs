@@ -289,6 +289,7 @@ impl ProvisionerBuilder {
             bootstrap: need(self.bootstrap, "bootstrapper")?,
         };
         let state_dir = need(self.state_dir, "state directory")?;
+        let warnings = crate::config::take_secret_warnings();
         let owner = uuid::Uuid::new_v4().to_string();
         let journal = Journal::open(&state_dir, &owner)?;
         let owner_lock = journal.register_owner()?;
@@ -303,6 +304,7 @@ impl ProvisionerBuilder {
                 _owner_lock: owner_lock,
                 running: Mutex::new(HashSet::new()),
                 state_dir,
+                warnings,
             }),
         })
     }
@@ -336,6 +338,22 @@ struct Inner {
     /// Runs this provisioner is executing right now.
     running: Mutex<HashSet<RequestId>>,
     state_dir: PathBuf,
+    /// Said (as `warning` events) at the start of every run.
+    warnings: Vec<String>,
+}
+
+impl Inner {
+    /// A new run's events: `run_started`, then the provisioner's warnings.
+    fn start_run(&self, id: &RequestId, vm: &VmName, operation: Operation) -> RunEvents {
+        let events = RunEvents::new(self.bus.clone(), id.clone(), vm.clone());
+        events.emit(EventKind::RunStarted { operation });
+        for message in &self.warnings {
+            events.emit(EventKind::Warning {
+                message: message.clone(),
+            });
+        }
+        events
+    }
 }
 
 impl Inner {
@@ -455,10 +473,7 @@ impl Provisioner {
         let Some(_guard) = RunningGuard::try_new(inner, &req.request_id) else {
             return Err(in_progress(&req.request_id));
         };
-        let events = RunEvents::new(inner.bus.clone(), req.request_id.clone(), req.name.clone());
-        events.emit(EventKind::RunStarted {
-            operation: Operation::Provision,
-        });
+        let events = inner.start_run(&req.request_id, &req.name, Operation::Provision);
         let mut recovered_once = false;
         loop {
             let (r, owner) = (req.clone(), inner.owner.clone());
@@ -560,10 +575,7 @@ impl Provisioner {
         {
             return Err(in_progress(&id));
         }
-        let events = RunEvents::new(inner.bus.clone(), id.clone(), name.clone());
-        events.emit(EventKind::RunStarted {
-            operation: Operation::Deprovision,
-        });
+        let events = inner.start_run(&id, name, Operation::Deprovision);
         let failures = self.undo_recorded(&id, &events).await?;
         self.finish_undo(
             &id,

@@ -275,6 +275,7 @@ fn deliver(cb: devvm_event_cb, user_data: *mut c_void, e: &Event) {
         EventKind::LeftAlone {
             resource, holder, ..
         } => Some(format!("left alone: {resource} (held by {holder})")),
+        EventKind::Warning { message } => Some(message.clone()),
         _ => None,
     };
     let (rid, vm, kind_c, json_c) = (

@@ -199,6 +199,9 @@ class Run {
         this.setStep(e.failure.step, 'undo_failed', e.failure.resource + ' still held', at);
         this.line(at, e.failure.step, '⚠', 'undo failed: ' + e.failure.resource + ' still held (' + e.failure.error + ')', 'undo_failed');
         break;
+      case 'warning':
+        this.line(at, '', '⚠', 'warning: ' + e.message, 'warning');
+        break;
       case 'left_alone':
         this.line(at, e.step, '↷', 'left alone: ' + e.resource + ' (held by ' + e.holder + ')', 'left_alone');
         break;

@@ -284,7 +284,7 @@ impl TsigKey {
     /// A missing, unreadable or malformed file is [`ErrorKind::InvalidInput`] naming the
     /// file, never quoting it.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let text = crate::config::read_secret_file(path).map_err(|e| {
             Error::invalid_input(format!(
                 "TSIG key file {}: cannot read it ({})",
                 path.display(),
