@@ -65,7 +65,7 @@ async fn the_seed_alone_configures_the_guest() {
             "ConnectTimeout=10",
         ])
         .arg(format!("root@{}", vm.ip))
-        .arg("hostname")
+        .arg("hostname; ls /dev/vd*")
         .output()
         .unwrap_or_else(|e| panic!("ssh: {e}"));
     assert!(
@@ -73,7 +73,15 @@ async fn the_seed_alone_configures_the_guest() {
         "login with the seed-only key: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), name.as_str());
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = stdout.split_whitespace();
+    assert_eq!(lines.next(), Some(name.as_str()));
+    // The seed (the guest's private host key) was consumed, then detached and deleted:
+    // the guest has only its root disk left, and the seed file is gone from the host.
+    assert_eq!(lines.collect::<Vec<_>>(), vec!["/dev/vda"], "{stdout}");
+    let seed =
+        std::path::Path::new(lab.var("dir")).join(format!("devvm-shared/seeds/{name}-cidata.img"));
+    assert!(!seed.exists(), "{} is deleted", seed.display());
 
     p.deprovision(&vm.name)
         .await

@@ -248,3 +248,92 @@ async fn a_hand_made_domain_of_the_name_is_refused_and_left_alone() {
         String::from_utf8_lossy(&gone.stderr)
     );
 }
+
+/// An IP lease or a DNS name of the VM's name that someone else holds (another owner's
+/// lease in the shared lease database; an A record another tool published in BIND): the
+/// real pipeline refuses the name (`AlreadyExists` / `Conflict`), the foreign lease and
+/// record are untouched (asked of the lease database and of dig), and nothing of the run
+/// is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_lease_or_dns_name_is_refused_and_left_alone() {
+    let Some(lab) = Lab::get("a_foreign_lease_or_dns_name_is_refused_and_left_alone") else {
+        return;
+    };
+    let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let p =
+        Provisioner::from_config(lab.write_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    let other = devvm_core::RequestId::random();
+    for dns in [false, true] {
+        let name = unique_vm_name(if dns { "fdns" } else { "flease" });
+        let fqdn = format!("{name}.{}", lab.var("dns_zone"));
+        let foreign_ip: IpAddr = [10, 99, 0, 250].into();
+        if dns {
+            p.backends()
+                .dns
+                .publish(&name, foreign_ip)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        } else {
+            p.backends()
+                .ip
+                .allocate(&name, &other)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let lease_before = env.lease(name.as_str());
+        let e = p
+            .provision(ProvisionRequest::new(lab.member()).with_name(name.clone()))
+            .await
+            .expect_err("the name is taken");
+        let ctx = format!("dns={dns}: {e}");
+        let (kind, step) = if dns {
+            (ErrorKind::Conflict, Step::Dns)
+        } else {
+            (ErrorKind::AlreadyExists, Step::Ip)
+        };
+        assert_eq!((e.kind(), e.step()), (kind, Some(step)), "{ctx}");
+        assert!(e.undo_failures().is_empty(), "{ctx}");
+        if dns {
+            assert_eq!(env.dns_a(&fqdn), vec![foreign_ip.to_string()], "{ctx}: dig");
+            assert_eq!(
+                env.lease(name.as_str()),
+                None,
+                "{ctx}: the run's lease released"
+            );
+            let left = env.leftovers(name.as_str(), &fqdn, None);
+            assert_eq!(
+                left,
+                vec![format!("dns A {fqdn} -> {foreign_ip}")],
+                "{ctx}: only the foreign record"
+            );
+            p.backends()
+                .dns
+                .remove(&name, foreign_ip)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        } else {
+            assert!(lease_before.is_some(), "{ctx}");
+            assert_eq!(
+                env.lease(name.as_str()),
+                lease_before,
+                "{ctx}: lease database"
+            );
+            assert!(env.dns_a(&fqdn).is_empty(), "{ctx}: no record published");
+            let left = env.leftovers(name.as_str(), &fqdn, None);
+            assert_eq!(left.len(), 1, "{ctx}: only the foreign lease: {left:?}");
+            assert_eq!(
+                p.backends()
+                    .ip
+                    .release(&name, &other)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}")),
+                devvm_core::Undone::Removed
+            );
+        }
+        assert!(
+            env.leftovers(name.as_str(), &fqdn, None).is_empty(),
+            "{ctx}"
+        );
+    }
+}

@@ -56,6 +56,38 @@ fn fixture() -> Fixture {
     fixture_with(mem, b, Timeouts::default())
 }
 
+/// A neighbouring VM that another tool holds in the same hosts, leases, zone and pool
+/// (another owner): no rollback may touch it. Returns how many resources it holds.
+async fn plant_neighbour(mem: &MemoryBackends) -> usize {
+    use devvm_core::{DnsUpdater, ImageStore, Progress};
+    let (vm, other) = (name("neighbour"), RequestId::random());
+    let host = mem
+        .placement
+        .reserve(&vm, &VmSize::default(), &other)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    mem.ip
+        .allocate(&vm, &other)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let p = Progress::discard();
+    let template =
+        devvm_core::TemplateName::new(devvm_tests::TEMPLATE).unwrap_or_else(|e| panic!("{e}"));
+    let t = mem
+        .images
+        .prepare(&template, &p)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    mem.images
+        .create_disk(&vm, &host, &t, 40, &other, &p)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    mem.dns
+        .insert_foreign(&mem.dns.fqdn(&vm), [10, 20, 0, 13].into())
+        .unwrap_or_else(|e| panic!("{e}"));
+    mem.held_total().unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn held(f: &Fixture) -> usize {
     f.mem.held_total().unwrap_or_else(|e| panic!("{e}"))
 }
@@ -355,6 +387,7 @@ async fn a_fault_at_any_step_leaves_nothing_behind() {
                 timeouts.set(step, Duration::from_millis(200));
             }
             let f = fixture_with(mem, backends, timeouts);
+            let foreign = plant_neighbour(&f.mem).await;
             let mut sub = f.p.subscribe();
             let e =
                 f.p.provision(ProvisionRequest::new(user("alice")))
@@ -369,7 +402,12 @@ async fn a_fault_at_any_step_leaves_nothing_behind() {
                 kind == ErrorKind::Unavailable || kind == ErrorKind::Timeout,
                 "{ctx}"
             );
-            assert_eq!(held(&f), 0, "{ctx}: {:?}", f.mem.held());
+            assert_eq!(
+                held(&f),
+                foreign,
+                "{ctx}: nothing but the neighbour's: {:?}",
+                f.mem.held()
+            );
             assert!(
                 f.p.list()
                     .await
