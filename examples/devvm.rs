@@ -293,6 +293,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         "rolled_back": r.rolled_back,
                         "removed": r.removed,
                         "still_held": r.still_held,
+                        "unreadable": r.unreadable,
                     })
                 );
             } else {
@@ -304,6 +305,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 );
                 for f in &r.still_held {
                     println!("still held: {f}");
+                }
+                for u in &r.unreadable {
+                    println!("unreadable journal row, left as it is: {u}");
                 }
             }
             if let Some(f) = r.still_held.first() {

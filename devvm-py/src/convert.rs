@@ -340,12 +340,18 @@ impl PyRecoveryReport {
     fn still_held<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         json_to_py(py, &to_value(&self.report.still_held))
     }
+    /// Runs whose journal rows cannot be read (dicts `{request_id, vm, error}`): left
+    /// exactly as they are.
+    #[getter]
+    fn unreadable<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        json_to_py(py, &to_value(&self.report.unreadable))
+    }
     /// Whether recovery found nothing to do.
     #[getter]
     fn is_empty(&self) -> bool {
         self.report == RecoveryReport::default()
     }
-    /// A dict with the four lists (VMs as their `to_dict()` form).
+    /// A dict with the five lists (VMs as their `to_dict()` form).
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let r = &self.report;
         let v = serde_json::json!({
@@ -353,17 +359,19 @@ impl PyRecoveryReport {
             "rolled_back": to_value(&r.rolled_back),
             "removed": to_value(&r.removed),
             "still_held": to_value(&r.still_held),
+            "unreadable": to_value(&r.unreadable),
         });
         json_to_py(py, &v)
     }
     fn __repr__(&self) -> String {
         let r = &self.report;
         format!(
-            "RecoveryReport(completed={}, rolled_back={}, removed={}, still_held={})",
+            "RecoveryReport(completed={}, rolled_back={}, removed={}, still_held={}, unreadable={})",
             r.completed.len(),
             r.rolled_back.len(),
             r.removed.len(),
-            r.still_held.len()
+            r.still_held.len(),
+            r.unreadable.len()
         )
     }
 }

@@ -89,7 +89,7 @@ class Event:
     @property
     def type(self) -> str:
         """``run_started``, ``step_started``, ``step_progress``, ``step_finished``,
-        ``step_failed``, ``step_undone``, ``undo_failed``, ``left_alone``, ``run_finished``, ``run_failed``."""
+        ``step_failed``, ``step_undone``, ``undo_failed``, ``left_alone``, ``warning``, ``run_finished``, ``run_failed``."""
     @property
     def request_id(self) -> str: ...
     @property
@@ -139,6 +139,10 @@ class RecoveryReport:
         """Names of VMs whose interrupted deprovision was finished."""
     @property
     def still_held(self) -> List[Dict[str, str]]: ...
+    @property
+    def unreadable(self) -> List[Dict[str, str]]:
+        """Runs whose journal rows cannot be read (``request_id``, ``vm``, ``error``): left
+        exactly as they are."""
     @property
     def is_empty(self) -> bool:
         """Whether there was nothing to recover."""
