@@ -56,7 +56,13 @@ def test_provision_and_deprovision_with_events(memory_config: Path) -> None:
         assert e.value.kind == "not_found"
         report = p.recover()
         assert isinstance(report, devvm.RecoveryReport) and report.is_empty
-        assert report.to_dict() == {"completed": [], "rolled_back": [], "removed": [], "still_held": []}
+        assert report.to_dict() == {
+            "completed": [],
+            "rolled_back": [],
+            "removed": [],
+            "still_held": [],
+            "unreadable": [],
+        }
     with pytest.raises(RuntimeError):
         p.list()
 
