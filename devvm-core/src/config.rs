@@ -336,6 +336,7 @@ impl Config {
                     }
                     b.users(Arc::new(users))
                 }
+                #[cfg(feature = "ldap")]
                 (Step::User, "ldap") => {
                     let o: crate::backends::ldap::LdapConfig = self.options(step)?;
                     b.users(Arc::new(crate::backends::ldap::LdapDirectory::from_config(
@@ -365,6 +366,7 @@ impl Config {
                     }
                     b.ip(Arc::new(ip))
                 }
+                #[cfg(feature = "sqlite")]
                 (Step::Ip, "sqlite") => {
                     let o: crate::backends::sqlite_ip::SqliteIpConfig = self.options(step)?;
                     b.ip(Arc::new(
@@ -375,6 +377,7 @@ impl Config {
                         )?,
                     ))
                 }
+                #[cfg(feature = "rfc2136")]
                 (Step::Dns, "rfc2136") => {
                     let o: crate::backends::rfc2136::Rfc2136Config = self.options(step)?;
                     b.dns(Arc::new(crate::backends::rfc2136::Rfc2136Dns::from_config(
@@ -382,6 +385,7 @@ impl Config {
                         self.base_dir(),
                     )?))
                 }
+                #[cfg(feature = "libvirt")]
                 (Step::Placement, "libvirt") => {
                     let o: crate::backends::placement::PlacementConfig = self.options(step)?;
                     b.placement(Arc::new(
@@ -408,6 +412,7 @@ impl Config {
                     }
                     b.images(Arc::new(images))
                 }
+                #[cfg(feature = "glance")]
                 (Step::Image, "glance") => {
                     let o: crate::backends::glance::GlanceConfig = self.options(step)?;
                     b.images(Arc::new(
@@ -425,6 +430,7 @@ impl Config {
                     }
                     b.hypervisor(Arc::new(hv))
                 }
+                #[cfg(feature = "libvirt")]
                 (Step::Domain, "libvirt") => {
                     let o: crate::backends::libvirt::LibvirtConfig = self.options(step)?;
                     b.hypervisor(Arc::new(
@@ -442,6 +448,7 @@ impl Config {
                     }
                     b.bootstrap(Arc::new(bs))
                 }
+                #[cfg(feature = "cloud-init")]
                 (Step::Bootstrap, "cloud-init") => {
                     let o: crate::backends::cloudinit::CloudInitConfig = self.options(step)?;
                     b.bootstrap(Arc::new(
@@ -451,6 +458,7 @@ impl Config {
                         )?,
                     ))
                 }
+                #[cfg(feature = "ssh")]
                 (Step::Bootstrap, "chef") => {
                     let o: crate::backends::bootstrap::ChefConfig = self.options(step)?;
                     b.bootstrap(Arc::new(
@@ -460,6 +468,7 @@ impl Config {
                         )?,
                     ))
                 }
+                #[cfg(feature = "ssh")]
                 (Step::Bootstrap, "shell") => {
                     let o: crate::backends::bootstrap::ShellConfig = self.options(step)?;
                     b.bootstrap(Arc::new(
@@ -473,7 +482,18 @@ impl Config {
                     let _: Empty = self.options(step)?;
                     b.bootstrap(Arc::new(NoopBootstrapper))
                 }
-                _ => return Err(unknown()),
+                (_, other) => {
+                    return Err(match feature_of(step, other) {
+                        Some(feature) => config_err(
+                            &self.path,
+                            format_args!(
+                                "[{}] backend {other:?} is not built into this devvm: it needs devvm-core's `{feature}` feature",
+                                section_name(step)
+                            ),
+                        ),
+                        None => unknown(),
+                    });
+                }
             };
             if name == "memory" {
                 tracing::warn!(step = %step, "using the in-memory reference backend (for tests only)");
@@ -591,6 +611,20 @@ struct MemoryDnsConfig {
 struct MemoryImagesConfig {
     templates: Vec<TemplateName>,
     state_file: Option<PathBuf>,
+}
+
+/// The cargo feature a real backend is built with, if `name` is one.
+fn feature_of(step: Step, name: &str) -> Option<&'static str> {
+    Some(match (step, name) {
+        (Step::User, "ldap") => "ldap",
+        (Step::Ip, "sqlite") => "sqlite",
+        (Step::Dns, "rfc2136") => "rfc2136",
+        (Step::Placement | Step::Domain, "libvirt") => "libvirt",
+        (Step::Image | Step::Disk, "glance") => "glance",
+        (Step::Bootstrap, "cloud-init") => "cloud-init",
+        (Step::Bootstrap, "chef" | "shell") => "ssh",
+        _ => return None,
+    })
 }
 
 /// A secret in the config: a plain string, `{ file = "path" }` or `{ env = "NAME" }`.
@@ -794,6 +828,18 @@ backend = "none"
         let err =
             parse(&BASE.replace("[hypervisor]\nbackend = \"memory\"\n", "")).expect_err("missing");
         assert!(err.to_string().contains("hypervisor"), "{err}");
+    }
+
+    /// Built without a backend's feature, a config naming it says which feature it needs.
+    #[cfg(not(feature = "ssh"))]
+    #[test]
+    fn a_backend_that_is_not_built_in_names_its_feature() {
+        let c = parse(&BASE.replace("backend = \"none\"", "backend = \"chef\"")).expect("parses");
+        let err = c.builder().expect_err("not built in");
+        assert!(
+            err.to_string().contains("needs devvm-core's `ssh` feature"),
+            "{err}"
+        );
     }
 
     #[test]

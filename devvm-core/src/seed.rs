@@ -46,7 +46,7 @@ impl fmt::Debug for HostKey {
 impl HostKey {
     /// A fresh ed25519 host key.
     pub fn generate() -> Result<HostKey> {
-        use russh::keys::{Algorithm, PrivateKey, ssh_key::LineEnding};
+        use ssh_key::{Algorithm, LineEnding, PrivateKey};
         let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
             .map_err(|e| Error::backend("cannot generate an ssh host key").with_source(e))?;
         let private = key

@@ -1,13 +1,25 @@
-//! Real backends of the step traits.
+//! Real backends of the step traits, each behind its cargo feature (all on by default):
+//! `ldap`, `rfc2136`, `glance`, `libvirt` (hypervisor and placement), `ssh` (chef and shell
+//! bootstrap), `cloud-init`, `sqlite` (leases). With `default-features = false` only the
+//! pipeline, the traits, the reference backends and the testkit are built.
 
+#[cfg(feature = "ssh")]
 pub mod bootstrap;
+#[cfg(feature = "cloud-init")]
 pub mod cloudinit;
+#[cfg(feature = "glance")]
 pub mod glance;
+#[cfg(feature = "ldap")]
 pub mod ldap;
+#[cfg(feature = "libvirt")]
 pub mod libvirt;
+#[cfg(feature = "libvirt")]
 pub mod placement;
+#[cfg(feature = "rfc2136")]
 pub mod rfc2136;
+#[cfg(feature = "sqlite")]
 pub mod sqlite_ip;
+#[cfg(feature = "ssh")]
 pub mod ssh;
 
 use async_trait::async_trait;
