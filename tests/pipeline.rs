@@ -989,3 +989,70 @@ async fn blocking_work_that_ends_after_cancel_or_timeout_is_undone_too() {
         assert_eq!(held(&f), 0, "{ctx}: {:?}", f.mem.held());
     }
 }
+
+/// A request that sets only some size fields gets the rest from the config's
+/// `[defaults]`, not from built-in values.
+#[tokio::test]
+async fn a_partial_size_takes_the_rest_from_the_defaults() {
+    let mem = reference_backends(None);
+    let b = mem.backends();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let defaults = VmSize {
+        vcpus: 1,
+        memory_mib: 512,
+        disk_gib: 7,
+    };
+    let p = Provisioner::builder()
+        .state_dir(dir.path().join("state"))
+        .backends(b)
+        .defaults(devvm_core::Defaults {
+            template: Some(
+                devvm_core::TemplateName::new(devvm_tests::TEMPLATE)
+                    .unwrap_or_else(|e| panic!("{e}")),
+            ),
+            size: defaults,
+            bootstrap: BootstrapSettings::default(),
+        })
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let resolved = |r: ProvisionRequest| p.resolve(&r).unwrap_or_else(|e| panic!("{e}")).size;
+    let req = || ProvisionRequest::new(user("alice"));
+    assert_eq!(resolved(req()), defaults);
+    assert_eq!(
+        resolved(req().with_vcpus(2)),
+        VmSize {
+            vcpus: 2,
+            ..defaults
+        }
+    );
+    assert_eq!(
+        resolved(req().with_memory_mib(1024).with_disk_gib(9)),
+        VmSize {
+            memory_mib: 1024,
+            disk_gib: 9,
+            ..defaults
+        }
+    );
+    // And the pipeline makes what was resolved: the disk has the configured size.
+    let mut sub = p.subscribe();
+    let vm = p
+        .provision(req().with_vcpus(2))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let disk = sub
+        .drain()
+        .into_iter()
+        .find_map(|e| match e.kind {
+            EventKind::StepFinished {
+                step: Step::Disk,
+                result,
+                ..
+            } => Some(result),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no disk step"));
+    assert_eq!(disk["size_gib"], 7, "{disk}");
+    p.deprovision(&vm.name)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}

@@ -433,7 +433,7 @@ impl Provisioner {
             .ok_or_else(|| {
                 Error::invalid_input("no template requested and no default template configured")
             })?;
-        let size = req.size.unwrap_or(d.size);
+        let size = req.size.or(d.size);
         size.validate()?;
         Ok(ResolvedRequest {
             request_id: req.request_id.clone(),

@@ -407,6 +407,34 @@ pub struct BootstrapSettings {
     pub attributes: serde_json::Map<String, serde_json::Value>,
 }
 
+/// The size a request asks for: any field left `None` comes from the config's
+/// `[defaults]` (not from built-in values), so `vcpus = 4` alone keeps the configured
+/// memory and disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SizeRequest {
+    /// vCPUs.
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// Disk in GiB.
+    #[serde(default)]
+    pub disk_gib: Option<u64>,
+}
+
+impl SizeRequest {
+    /// This request's size, with every unset field taken from `defaults`.
+    pub fn or(self, defaults: VmSize) -> VmSize {
+        VmSize {
+            vcpus: self.vcpus.unwrap_or(defaults.vcpus),
+            memory_mib: self.memory_mib.unwrap_or(defaults.memory_mib),
+            disk_gib: self.disk_gib.unwrap_or(defaults.disk_gib),
+        }
+    }
+}
+
 /// A request to provision one VM.
 ///
 /// Build it with [`ProvisionRequest::new`] and the `with_*` methods; the provisioner
@@ -421,8 +449,9 @@ pub struct ProvisionRequest {
     pub name: Option<VmName>,
     /// The template; the config's default when absent.
     pub template: Option<TemplateName>,
-    /// vCPUs, memory, disk; the config's defaults when absent.
-    pub size: Option<VmSize>,
+    /// vCPUs, memory, disk: each one unset comes from the config's `[defaults]`.
+    #[serde(default)]
+    pub size: SizeRequest,
     /// Bootstrap settings; the config's defaults when absent.
     pub bootstrap: Option<BootstrapSettings>,
 }
@@ -435,7 +464,7 @@ impl ProvisionRequest {
             user,
             name: None,
             template: None,
-            size: None,
+            size: SizeRequest::default(),
             bootstrap: None,
         }
     }
@@ -455,9 +484,28 @@ impl ProvisionRequest {
         self.template = Some(template);
         self
     }
-    /// Sets the size.
+    /// Sets the whole size.
     pub fn with_size(mut self, size: VmSize) -> Self {
-        self.size = Some(size);
+        self.size = SizeRequest {
+            vcpus: Some(size.vcpus),
+            memory_mib: Some(size.memory_mib),
+            disk_gib: Some(size.disk_gib),
+        };
+        self
+    }
+    /// Sets the vCPUs; memory and disk stay the config's unless set too.
+    pub fn with_vcpus(mut self, vcpus: u32) -> Self {
+        self.size.vcpus = Some(vcpus);
+        self
+    }
+    /// Sets the memory in MiB; the rest stays the config's unless set too.
+    pub fn with_memory_mib(mut self, memory_mib: u64) -> Self {
+        self.size.memory_mib = Some(memory_mib);
+        self
+    }
+    /// Sets the disk size in GiB; the rest stays the config's unless set too.
+    pub fn with_disk_gib(mut self, disk_gib: u64) -> Self {
+        self.size.disk_gib = Some(disk_gib);
         self
     }
     /// Sets the bootstrap settings.

@@ -129,11 +129,11 @@ typedef struct {
   const char *name;
   // The template, or NULL for the default.
   const char *template_name;
-  // vCPUs, or 0 for the default.
+  // vCPUs, or 0 for the config's `[defaults]`.
   uint32_t vcpus;
-  // Memory in MiB, or 0 for the default.
+  // Memory in MiB, or 0 for the config's `[defaults]`.
   uint64_t memory_mib;
-  // Disk in GiB, or 0 for the default.
+  // Disk in GiB, or 0 for the config's `[defaults]`.
   uint64_t disk_gib;
   // The idempotency key, or NULL for a fresh one.
   const char *request_id;

@@ -25,8 +25,8 @@ use std::sync::{Arc, Mutex};
 
 use devvm_core::{
     DnsRecord, DnsUpdater, Error, ErrorKind, Event, EventKind, IpAllocator, Lease,
-    ProvisionRequest, Provisioner, RequestId, TemplateName, Undone, UserName, Vm, VmName, VmSize,
-    async_trait,
+    ProvisionRequest, Provisioner, RequestId, SizeRequest, TemplateName, Undone, UserName, Vm,
+    VmName, async_trait,
 };
 
 /// Result of every call.
@@ -309,11 +309,11 @@ pub struct devvm_request {
     pub name: *const c_char,
     /// The template, or NULL for the default.
     pub template_name: *const c_char,
-    /// vCPUs, or 0 for the default.
+    /// vCPUs, or 0 for the config's `[defaults]`.
     pub vcpus: u32,
-    /// Memory in MiB, or 0 for the default.
+    /// Memory in MiB, or 0 for the config's `[defaults]`.
     pub memory_mib: u64,
-    /// Disk in GiB, or 0 for the default.
+    /// Disk in GiB, or 0 for the config's `[defaults]`.
     pub disk_gib: u64,
     /// The idempotency key, or NULL for a fresh one.
     pub request_id: *const c_char,
@@ -908,22 +908,12 @@ pub unsafe extern "C" fn devvm_provision(
                 Err(e) => return fail_with(&e),
             }
         }
-        if r.vcpus != 0 || r.memory_mib != 0 || r.disk_gib != 0 {
-            let d = VmSize::default();
-            request = request.with_size(VmSize {
-                vcpus: if r.vcpus == 0 { d.vcpus } else { r.vcpus },
-                memory_mib: if r.memory_mib == 0 {
-                    d.memory_mib
-                } else {
-                    r.memory_mib
-                },
-                disk_gib: if r.disk_gib == 0 {
-                    d.disk_gib
-                } else {
-                    r.disk_gib
-                },
-            });
-        }
+        // 0 means "the config's default", field by field.
+        request.size = SizeRequest {
+            vcpus: (r.vcpus != 0).then_some(r.vcpus),
+            memory_mib: (r.memory_mib != 0).then_some(r.memory_mib),
+            disk_gib: (r.disk_gib != 0).then_some(r.disk_gib),
+        };
         let id = request.request_id.clone();
         let inner = p.inner.clone();
         match run_with_events(

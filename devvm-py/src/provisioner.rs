@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use devvm_core::config::Config;
 use devvm_core::{
     CancelToken, Event, ProvisionRequest, Provisioner, RequestId, Step, Subscription, TemplateName,
-    UserName, VmName, VmSize,
+    UserName, VmName,
 };
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
@@ -287,12 +287,13 @@ impl PyProvisioner {
 
     /// Provisions a VM for `user` and returns it (a `devvm.Vm`).
     ///
-    /// Unset fields come from the config's `[defaults]`; `memory_mb` is MiB and `disk_gb`
-    /// GiB. `on_event(event)` is called on this thread for every event of the run, in
+    /// Unset fields come from the config's `[defaults]`, each size field on its own
+    /// (`vcpus=4` alone keeps the configured memory and disk). `memory_mb` and `disk_gb`
+    /// are the old names of `memory_mib` and `disk_gib`. `on_event(event)` is called on this thread for every event of the run, in
     /// order, before this returns; if it raises, the run is cancelled and rolled back and
     /// the exception propagates. `request_id` is the idempotency key (random if absent):
     /// provisioning the same id again returns the same VM.
-    #[pyo3(signature = (user, name=None, template=None, vcpus=None, memory_mb=None, disk_gb=None, on_event=None, request_id=None))]
+    #[pyo3(signature = (user, name=None, template=None, vcpus=None, memory_mib=None, disk_gib=None, on_event=None, request_id=None, memory_mb=None, disk_gb=None))]
     #[allow(clippy::too_many_arguments)]
     fn provision(
         &self,
@@ -301,11 +302,21 @@ impl PyProvisioner {
         name: Option<&str>,
         template: Option<&str>,
         vcpus: Option<u32>,
-        memory_mb: Option<u64>,
-        disk_gb: Option<u64>,
+        memory_mib: Option<u64>,
+        disk_gib: Option<u64>,
         on_event: Option<Bound<'_, PyAny>>,
         request_id: Option<&str>,
+        memory_mb: Option<u64>,
+        disk_gb: Option<u64>,
     ) -> PyResult<PyVm> {
+        let either = |new: Option<u64>, old: Option<u64>, name: &str| match (new, old) {
+            (Some(_), Some(_)) => Err(PyTypeError::new_err(format!(
+                "give {name} once (the old name is an alias)"
+            ))),
+            (n, o) => Ok(n.or(o)),
+        };
+        let memory_mib = either(memory_mib, memory_mb, "memory_mib")?;
+        let disk_gib = either(disk_gib, disk_gb, "disk_gib")?;
         let p = self.get()?;
         let mut req = ProvisionRequest::new(parse::<UserName>(py, user)?);
         if let Some(id) = request_id {
@@ -317,14 +328,11 @@ impl PyProvisioner {
         if let Some(t) = template {
             req = req.with_template(parse::<TemplateName>(py, t)?);
         }
-        if vcpus.is_some() || memory_mb.is_some() || disk_gb.is_some() {
-            let d = core(py, p.resolve(&req))?.size;
-            req = req.with_size(VmSize {
-                vcpus: vcpus.unwrap_or(d.vcpus),
-                memory_mib: memory_mb.unwrap_or(d.memory_mib),
-                disk_gib: disk_gb.unwrap_or(d.disk_gib),
-            });
-        }
+        req.size = devvm_core::SizeRequest {
+            vcpus,
+            memory_mib,
+            disk_gib,
+        };
         if let Some(cb) = &on_event
             && !cb.is_callable()
         {

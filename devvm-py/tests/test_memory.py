@@ -69,11 +69,33 @@ def test_provision_and_deprovision_with_events(memory_config: Path) -> None:
 
 def test_sizes_and_defaults(memory_config: Path) -> None:
     p = devvm.Provisioner.from_config(memory_config)
-    vm = p.provision("bob", vcpus=1, memory_mb=1024)
+    vm = p.provision("bob", vcpus=1, memory_mib=1024)
     assert vm.owner == "bob" and vm.name.startswith("bob-")
     p.deprovision(vm.name)
     with pytest.raises(devvm.InvalidInput):
         p.provision("bob", vcpus=0)
+    with pytest.raises(TypeError):
+        p.provision("bob", memory_mib=1024, memory_mb=1024)
+
+
+def disk_gib_of_run(p: devvm.Provisioner, **kw) -> int:
+    """The disk size the run's disk step made (from its step_finished event)."""
+    seen: list = []
+    vm = p.provision("alice", on_event=seen.append, **kw)
+    p.deprovision(vm.name)
+    (disk,) = [e.to_dict() for e in seen if e.type == "step_finished" and e.step == "disk"]
+    return disk["result"]["size_gib"]
+
+
+def test_a_partial_size_takes_the_rest_from_the_config_defaults(tmp_path: Path) -> None:
+    config = write_memory_config(tmp_path)
+    text = config.read_text().replace("[defaults]\n", "[defaults]\nvcpus = 1\nmemory_mib = 512\ndisk_gib = 7\n")
+    config.write_text(text)
+    p = devvm.Provisioner.from_config(config)
+    assert disk_gib_of_run(p, vcpus=2) == 7, "the config's disk, not the built-in 40"
+    assert disk_gib_of_run(p, memory_mib=1024) == 7
+    assert disk_gib_of_run(p, disk_gib=9) == 9
+    assert disk_gib_of_run(p, disk_gb=11) == 11, "the old keyword still works"
 
 
 def test_error_classes_carry_kind_step_retryable(memory_config: Path) -> None:

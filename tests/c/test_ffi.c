@@ -167,7 +167,7 @@ static int records(struct zone *z) {
 }
 
 /* ---- progress callback ---- */
-struct seen { int events, finished, failed_runs, left_alone; char last_kind[32]; };
+struct seen { int events, finished, failed_runs, left_alone; char last_kind[32]; char disk[512]; };
 static void on_event(const devvm_event *e, void *ud) {
     struct seen *s = ud;
     s->events++;
@@ -175,11 +175,13 @@ static void on_event(const devvm_event *e, void *ud) {
     if (strcmp(e->kind, "step_finished") == 0) s->finished++;
     if (strcmp(e->kind, "run_failed") == 0) s->failed_runs++;
     if (strcmp(e->kind, "left_alone") == 0) s->left_alone++;
+    if (strcmp(e->kind, "step_finished") == 0 && e->step && strcmp(e->step, "disk") == 0)
+        snprintf(s->disk, sizeof s->disk, "%s", e->json);
 }
 
 static const char *CONFIG =
     "state_dir = \"state\"\n"
-    "[defaults]\ntemplate = \"debian-12\"\n"
+    "[defaults]\ntemplate = \"debian-12\"\nvcpus = 1\nmemory_mib = 512\ndisk_gib = 7\n"
     "[users]\nbackend = \"memory\"\n"
     "accounts = [{ name = \"alice\" }, { name = \"mallory\", may_own_vms = false }]\n"
     "[placement]\nbackend = \"memory\"\n"
@@ -274,6 +276,16 @@ int main(void) {
     CHECK(strcmp(seen.last_kind, "run_finished") == 0, "ends with run_finished, saw %s", seen.last_kind);
     CHECK(held(&pool) == 1, "one lease held");
     CHECK(records(&zone) == 1, "one record in the C zone");
+
+    /* A partial size: what is left at 0 comes from the config's [defaults] (disk 7 GiB),
+     * not from built-in values. */
+    struct seen seen_p = {0};
+    devvm_vm *vp = NULL;
+    devvm_request partial = { .user = "alice", .name = "c-vm-p", .vcpus = 2 };
+    CHECK(devvm_provision(p, &partial, on_event, &seen_p, &vp) == DEVVM_OK, "partial size");
+    CHECK(strstr(seen_p.disk, "\"size_gib\":7") != NULL, "the config's disk size: %s", seen_p.disk);
+    CHECK(devvm_deprovision(p, "c-vm-p", NULL, NULL) == DEVVM_OK, "deprovision partial");
+    devvm_vm_free(vp);
 
     /* Same name again: refused, and the failed run is rolled back. */
     devvm_vm *dup = NULL;

@@ -186,13 +186,17 @@ class Provisioner:
         name: Optional[str] = None,
         template: Optional[str] = None,
         vcpus: Optional[int] = None,
-        memory_mb: Optional[int] = None,
-        disk_gb: Optional[int] = None,
+        memory_mib: Optional[int] = None,
+        disk_gib: Optional[int] = None,
         on_event: Optional[Callable[[Event], object]] = None,
         request_id: Optional[str] = None,
+        memory_mb: Optional[int] = None,
+        disk_gb: Optional[int] = None,
     ) -> Vm:
-        """Provisions a VM for ``user``. ``memory_mb`` is MiB, ``disk_gb`` GiB.
-        KeyboardInterrupt cancels and rolls back the run, then propagates."""
+        """Provisions a VM for ``user``. Each size field left out comes from the
+        config's ``[defaults]``. ``memory_mb``/``disk_gb`` are the old names of
+        ``memory_mib``/``disk_gib``. KeyboardInterrupt cancels and rolls back the run,
+        then propagates."""
     def deprovision(self, name: str) -> None: ...
     def list(self) -> List[Vm]: ...
     def get_vm(self, name: str) -> Optional[Vm]: ...
