@@ -407,7 +407,12 @@ fn network_config_reads_back() {
         prefix_len: 24,
         gateway: Some([10, 99, 0, 1].into()),
     };
-    let got = parse(&network_config(&lease, &[[10, 99, 0, 1].into()]));
+    let got = parse(&network_config(
+        lease.ip,
+        lease.prefix_len,
+        lease.gateway,
+        &[[10, 99, 0, 1].into()],
+    ));
     assert_same(
         "network-config",
         &got,

@@ -31,24 +31,16 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
-use secrecy::SecretString;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::backends::NoopBootstrapper;
 use crate::error::{Error, Result};
-use crate::memory::{
-    HostCapacity, MemoryBootstrapper, MemoryDns, MemoryHypervisor, MemoryImages, MemoryIpAllocator,
-    MemoryPlacement, MemoryUsers,
-};
 use crate::provisioner::{Defaults, ProvisionerBuilder, Timeouts};
-use crate::types::{BootstrapSettings, Step, TemplateName, User, UserName, VmSize};
+use crate::registry::{BackendContext, Registry};
+use crate::types::{BootstrapSettings, Step, TemplateName, VmSize};
 
 /// A parsed config file.
 #[derive(Debug, Clone)]
@@ -283,12 +275,19 @@ impl Config {
             })
     }
 
-    /// A builder with every built-in backend the config names already set.
+    /// A builder with every built-in backend the config names already set (see
+    /// [`Registry::builtin`]).
     ///
     /// A step whose backend is `"custom"` is left unset: the program supplies it through
     /// the builder (its options are in [`Config::section`]). Any other unknown backend
     /// name is an error.
     pub fn builder(&self) -> Result<ProvisionerBuilder> {
+        self.builder_with(&Registry::builtin())
+    }
+
+    /// [`builder`](Self::builder) with the backends of `registry` (the built-in ones plus
+    /// the program's own, selected by the names they were registered under).
+    pub fn builder_with(&self, registry: &Registry) -> Result<ProvisionerBuilder> {
         let mut b = ProvisionerBuilder::new()
             .state_dir(&self.state_dir)
             .defaults(self.defaults.clone())
@@ -309,189 +308,37 @@ impl Config {
             if name == "custom" {
                 continue;
             }
-            let unknown = || {
-                config_err(
-                    &self.path,
-                    format_args!(
-                        "[{}] unknown backend {name:?}; known: {}",
-                        section_name(step),
-                        known_backends(step).join(", ")
-                    ),
-                )
+            let ctx = BackendContext {
+                step,
+                backend: name,
+                options: &section.options,
+                config_path: &self.path,
+                base_dir: self.base_dir(),
+                state_dir: &self.state_dir,
             };
-            b = match (step, name) {
-                (Step::User, "memory") => {
-                    let o: MemoryUsersConfig = self.options(step)?;
-                    let mut users = MemoryUsers::new();
-                    for a in o.accounts {
-                        users = users.with_user(
-                            User {
-                                name: a.name,
-                                display_name: a.display_name,
-                                mail: a.mail,
-                                ssh_keys: a.ssh_keys,
-                            },
-                            a.may_own_vms,
-                        );
-                    }
-                    b.users(Arc::new(users))
-                }
-                #[cfg(feature = "ldap")]
-                (Step::User, "ldap") => {
-                    let o: crate::backends::ldap::LdapConfig = self.options(step)?;
-                    b.users(Arc::new(crate::backends::ldap::LdapDirectory::from_config(
-                        &o,
-                        self.base_dir(),
-                    )?))
-                }
-                (Step::Placement, "memory") => {
-                    let o: MemoryPlacementConfig = self.options(step)?;
-                    let p = match o.state_file {
-                        Some(f) => MemoryPlacement::with_state_file(o.hosts, self.resolve_path(f)),
-                        None => MemoryPlacement::new(o.hosts),
-                    };
-                    b.placement(Arc::new(p))
-                }
-                (Step::Ip, "memory") => {
-                    let o: MemoryIpConfig = self.options(step)?;
-                    let mut ip = MemoryIpAllocator::new(o.subnet, o.gateway);
-                    for r in &o.reserved {
-                        let (a, z) = parse_range(r).map_err(|m| {
-                            config_err(&self.path, format_args!("[ip] reserved {r:?}: {m}"))
-                        })?;
-                        ip = ip.with_reserved(a, z);
-                    }
-                    if let Some(f) = o.state_file {
-                        ip = ip.with_state_file(self.resolve_path(f));
-                    }
-                    b.ip(Arc::new(ip))
-                }
-                #[cfg(feature = "sqlite")]
-                (Step::Ip, "sqlite") => {
-                    let o: crate::backends::sqlite_ip::SqliteIpConfig = self.options(step)?;
-                    b.ip(Arc::new(
-                        crate::backends::sqlite_ip::SqliteIpAllocator::from_config(
-                            &o,
-                            self.base_dir(),
-                            &self.state_dir,
-                        )?,
-                    ))
-                }
-                #[cfg(feature = "rfc2136")]
-                (Step::Dns, "rfc2136") => {
-                    let o: crate::backends::rfc2136::Rfc2136Config = self.options(step)?;
-                    b.dns(Arc::new(crate::backends::rfc2136::Rfc2136Dns::from_config(
-                        &o,
-                        self.base_dir(),
-                    )?))
-                }
-                #[cfg(feature = "libvirt")]
-                (Step::Placement, "libvirt") => {
-                    let o: crate::backends::placement::PlacementConfig = self.options(step)?;
-                    b.placement(Arc::new(
-                        crate::backends::placement::LibvirtPlacement::from_config(
-                            &o,
-                            self.base_dir(),
-                            &self.state_dir,
-                        )?,
-                    ))
-                }
-                (Step::Dns, "memory") => {
-                    let o: MemoryDnsConfig = self.options(step)?;
-                    let mut dns = MemoryDns::new(o.zone);
-                    if let Some(f) = o.state_file {
-                        dns = dns.with_state_file(self.resolve_path(f));
-                    }
-                    b.dns(Arc::new(dns))
-                }
-                (Step::Image, "memory") => {
-                    let o: MemoryImagesConfig = self.options(step)?;
-                    let mut images = MemoryImages::new(o.templates);
-                    if let Some(f) = o.state_file {
-                        images = images.with_state_file(self.resolve_path(f));
-                    }
-                    b.images(Arc::new(images))
-                }
-                #[cfg(feature = "glance")]
-                (Step::Image, "glance") => {
-                    let o: crate::backends::glance::GlanceConfig = self.options(step)?;
-                    b.images(Arc::new(
-                        crate::backends::glance::GlanceImageStore::from_config(
-                            &o,
-                            self.base_dir(),
-                        )?,
-                    ))
-                }
-                (Step::Domain, "memory") => {
-                    let o: StateFileOnly = self.options(step)?;
-                    let mut hv = MemoryHypervisor::new();
-                    if let Some(f) = o.state_file {
-                        hv = hv.with_state_file(self.resolve_path(f));
-                    }
-                    b.hypervisor(Arc::new(hv))
-                }
-                #[cfg(feature = "libvirt")]
-                (Step::Domain, "libvirt") => {
-                    let o: crate::backends::libvirt::LibvirtConfig = self.options(step)?;
-                    b.hypervisor(Arc::new(
-                        crate::backends::libvirt::LibvirtHypervisor::from_config(
-                            &o,
-                            self.base_dir(),
-                        )?,
-                    ))
-                }
-                (Step::Bootstrap, "memory") => {
-                    let o: StateFileOnly = self.options(step)?;
-                    let mut bs = MemoryBootstrapper::new();
-                    if let Some(f) = o.state_file {
-                        bs = bs.with_state_file(self.resolve_path(f));
-                    }
-                    b.bootstrap(Arc::new(bs))
-                }
-                #[cfg(feature = "cloud-init")]
-                (Step::Bootstrap, "cloud-init") => {
-                    let o: crate::backends::cloudinit::CloudInitConfig = self.options(step)?;
-                    b.bootstrap(Arc::new(
-                        crate::backends::cloudinit::CloudInitBootstrapper::from_config(
-                            &o,
-                            self.base_dir(),
-                        )?,
-                    ))
-                }
-                #[cfg(feature = "ssh")]
-                (Step::Bootstrap, "chef") => {
-                    let o: crate::backends::bootstrap::ChefConfig = self.options(step)?;
-                    b.bootstrap(Arc::new(
-                        crate::backends::bootstrap::ChefBootstrapper::from_config(
-                            &o,
-                            self.base_dir(),
-                        )?,
-                    ))
-                }
-                #[cfg(feature = "ssh")]
-                (Step::Bootstrap, "shell") => {
-                    let o: crate::backends::bootstrap::ShellConfig = self.options(step)?;
-                    b.bootstrap(Arc::new(
-                        crate::backends::bootstrap::ShellBootstrapper::from_config(
-                            &o,
-                            self.base_dir(),
-                        )?,
-                    ))
-                }
-                (Step::Bootstrap, "none") => {
-                    let _: Empty = self.options(step)?;
-                    b.bootstrap(Arc::new(NoopBootstrapper))
-                }
-                (_, other) => {
-                    return Err(match feature_of(step, other) {
+            b = match registry.build(&ctx, b)? {
+                Some(b) => b,
+                None => {
+                    return Err(match feature_of(step, name) {
                         Some(feature) => config_err(
                             &self.path,
                             format_args!(
-                                "[{}] backend {other:?} is not built into this devvm: it needs devvm-core's `{feature}` feature",
+                                "[{}] backend {name:?} is not built into this devvm: it needs devvm-core's `{feature}` feature",
                                 section_name(step)
                             ),
                         ),
-                        None => unknown(),
+                        None => {
+                            let mut known = registry.names(step);
+                            known.push("custom".into());
+                            config_err(
+                                &self.path,
+                                format_args!(
+                                    "[{}] unknown backend {name:?}; known: {}",
+                                    section_name(step),
+                                    known.join(", ")
+                                ),
+                            )
+                        }
                     });
                 }
             };
@@ -503,114 +350,14 @@ impl Config {
     }
 }
 
-/// The config section that configures `step`.
-pub fn section_name(step: Step) -> &'static str {
-    match step {
-        Step::User => "users",
-        Step::Placement => "placement",
-        Step::Ip => "ip",
-        Step::Dns => "dns",
-        Step::Image | Step::Disk => "images",
-        Step::Domain => "hypervisor",
-        Step::Bootstrap => "bootstrap",
+pub use crate::registry::section_name;
+
+impl crate::Provisioner {
+    /// Reads the TOML config at `path` and builds the provisioner it describes, with the
+    /// built-in backends ([`Config::builder`]).
+    pub fn from_config(path: impl AsRef<Path>) -> Result<crate::Provisioner> {
+        Config::load(path.as_ref())?.builder()?.build()
     }
-}
-
-fn known_backends(step: Step) -> Vec<&'static str> {
-    match step {
-        Step::Bootstrap => vec!["chef", "shell", "cloud-init", "none", "memory", "custom"],
-        Step::Ip => vec!["sqlite", "memory", "custom"],
-        Step::User => vec!["ldap", "memory", "custom"],
-        Step::Domain => vec!["libvirt", "memory", "custom"],
-        Step::Placement => vec!["libvirt", "memory", "custom"],
-        Step::Dns => vec!["rfc2136", "memory", "custom"],
-        Step::Image | Step::Disk => vec!["glance", "memory", "custom"],
-    }
-}
-
-fn parse_range(s: &str) -> std::result::Result<(Ipv4Addr, Ipv4Addr), String> {
-    let parse = |a: &str| {
-        a.trim()
-            .parse::<Ipv4Addr>()
-            .map_err(|_| format!("{a:?} is not an IPv4 address"))
-    };
-    match s.split_once('-') {
-        Some((a, z)) => {
-            let (a, z) = (parse(a)?, parse(z)?);
-            if a > z {
-                return Err("the range ends before it starts".into());
-            }
-            Ok((a, z))
-        }
-        None => {
-            let a = parse(s)?;
-            Ok((a, a))
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Empty {}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StateFileOnly {
-    state_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MemoryAccount {
-    name: UserName,
-    display_name: Option<String>,
-    mail: Option<String>,
-    #[serde(default)]
-    ssh_keys: Vec<String>,
-    #[serde(default = "yes")]
-    may_own_vms: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MemoryUsersConfig {
-    #[serde(default)]
-    accounts: Vec<MemoryAccount>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MemoryPlacementConfig {
-    hosts: Vec<HostCapacity>,
-    state_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MemoryIpConfig {
-    subnet: Ipv4Net,
-    gateway: Option<Ipv4Addr>,
-    #[serde(default)]
-    reserved: Vec<String>,
-    state_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MemoryDnsConfig {
-    zone: String,
-    state_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MemoryImagesConfig {
-    templates: Vec<TemplateName>,
-    state_file: Option<PathBuf>,
 }
 
 /// The cargo feature a real backend is built with, if `name` is one.
@@ -627,120 +374,7 @@ fn feature_of(step: Step, name: &str) -> Option<&'static str> {
     })
 }
 
-/// A secret in the config: a plain string, `{ file = "path" }` or `{ env = "NAME" }`.
-///
-/// Its `Debug` shows where the secret comes from, never its value.
-#[derive(Clone, PartialEq, Eq)]
-pub enum SecretSpec {
-    /// Written inline (discouraged).
-    Inline(String),
-    /// Read from a file (trailing newlines are stripped).
-    File(PathBuf),
-    /// Read from an environment variable.
-    Env(String),
-}
-
-impl fmt::Debug for SecretSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SecretSpec::Inline(_) => f.write_str("SecretSpec::Inline([redacted])"),
-            SecretSpec::File(p) => write!(f, "SecretSpec::File({})", p.display()),
-            SecretSpec::Env(v) => write!(f, "SecretSpec::Env({v})"),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for SecretSpec {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        use serde::de::Error as _;
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Table {
-            file: Option<PathBuf>,
-            env: Option<String>,
-        }
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Inline(String),
-            Table(Table),
-        }
-        const EXPECTED: &str =
-            "a secret must be a string, { file = \"path\" } or { env = \"VARIABLE\" }";
-        match Raw::deserialize(d).map_err(|_| D::Error::custom(EXPECTED))? {
-            Raw::Inline(s) => Ok(SecretSpec::Inline(s)),
-            Raw::Table(Table {
-                file: Some(f),
-                env: None,
-            }) => Ok(SecretSpec::File(f)),
-            Raw::Table(Table {
-                file: None,
-                env: Some(v),
-            }) => Ok(SecretSpec::Env(v)),
-            Raw::Table(_) => Err(D::Error::custom(EXPECTED)),
-        }
-    }
-}
-
-impl SecretSpec {
-    /// Reads the secret; a relative file path is resolved against `base_dir`. A missing
-    /// file or variable is an error that names the file or variable, never the value.
-    pub fn resolve(&self, base_dir: &Path) -> Result<SecretString> {
-        match self {
-            SecretSpec::Inline(s) => Ok(SecretString::from(s.clone())),
-            SecretSpec::File(p) => {
-                let path = base_dir.join(p);
-                let s = read_secret_file(&path).map_err(|e| {
-                    Error::invalid_input(format!("cannot read secret file {}", path.display()))
-                        .with_source(e)
-                })?;
-                Ok(SecretString::from(
-                    s.trim_end_matches(['\n', '\r']).to_owned(),
-                ))
-            }
-            SecretSpec::Env(v) => std::env::var(v).map(SecretString::from).map_err(|_| {
-                Error::invalid_input(format!("secret environment variable {v} is not set"))
-            }),
-        }
-    }
-}
-
-/// Warnings about secret files that others may read, not yet handed to a provisioner.
-static SECRET_WARNINGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-
-/// Reads a secret file (a TSIG key, a password, a private key). A file that its group or
-/// other users may read or write still works, but is warned about, as ssh does for keys:
-/// logged now, and a `warning` event at the start of every run of the provisioner built
-/// next (see [`take_secret_warnings`]).
-pub fn read_secret_file(path: &Path) -> std::io::Result<String> {
-    use std::os::unix::fs::PermissionsExt;
-    let text = std::fs::read_to_string(path)?;
-    let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        let warning = format!(
-            "secret file {} is accessible to other users (mode {mode:o}); chmod 600 it",
-            path.display()
-        );
-        tracing::warn!("{warning}");
-        let mut all = SECRET_WARNINGS
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !all.contains(&warning) {
-            all.push(warning);
-        }
-    }
-    Ok(text)
-}
-
-/// The warnings [`read_secret_file`] recorded since the last call (a provisioner takes
-/// them when it is built).
-pub fn take_secret_warnings() -> Vec<String> {
-    std::mem::take(
-        &mut *SECRET_WARNINGS
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    )
-}
+pub use crate::secret::{SecretSpec, read_secret_file, take_secret_warnings};
 
 #[cfg(test)]
 mod tests {
@@ -840,6 +474,41 @@ backend = "none"
             err.to_string().contains("needs devvm-core's `ssh` feature"),
             "{err}"
         );
+    }
+
+    /// A backend an embedder registered under a name of their own is selected by that name.
+    #[test]
+    fn a_registered_backend_is_selected_by_its_name() {
+        use crate::registry::Registry;
+        let text = BASE.replace(
+            "[dns]\nbackend = \"memory\"\nzone = \"lab.example\"",
+            "[dns]\nbackend = \"mydns\"\nzone = \"mine.example\"",
+        );
+        let c = parse(&text).expect("parses");
+        let err = c.builder().expect_err("not registered");
+        assert!(
+            err.to_string().contains("unknown backend \"mydns\""),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("memory"),
+            "lists the known ones: {err}"
+        );
+        let mut registry = Registry::builtin();
+        registry.register_dns("mydns", |ctx| {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Mine {
+                zone: String,
+            }
+            let o: Mine = ctx.options()?;
+            Ok(std::sync::Arc::new(crate::memory::MemoryDns::new(o.zone)))
+        });
+        let b = c.builder_with(&registry).expect("builds");
+        let dns = b.current_backends().expect("every backend set").dns;
+        let vm = crate::VmName::new("web-1").expect("name");
+        assert_eq!(dns.fqdn(&vm), "web-1.mine.example");
+        assert!(registry.names(Step::Dns).contains(&"mydns".to_owned()));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::Step;
+use crate::step::Step;
 
 /// What went wrong, in terms a caller can act on.
 ///

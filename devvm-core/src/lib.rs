@@ -25,14 +25,19 @@
 //! ```
 
 pub mod backends;
+mod builtin;
 pub mod config;
 mod error;
 mod events;
 mod journal;
 pub mod memory;
+mod memory_config;
 mod provisioner;
+pub mod registry;
+pub mod secret;
 pub mod seed;
 mod sqlite;
+mod step;
 mod traits;
 mod types;
 

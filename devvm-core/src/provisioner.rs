@@ -289,7 +289,7 @@ impl ProvisionerBuilder {
             bootstrap: need(self.bootstrap, "bootstrapper")?,
         };
         let state_dir = need(self.state_dir, "state directory")?;
-        let warnings = crate::config::take_secret_warnings();
+        let warnings = crate::secret::take_secret_warnings();
         let owner = uuid::Uuid::new_v4().to_string();
         let journal = Journal::open(&state_dir, &owner)?;
         let owner_lock = journal.register_owner()?;
@@ -399,13 +399,6 @@ impl Provisioner {
     /// A builder to assemble a provisioner from backends.
     pub fn builder() -> ProvisionerBuilder {
         ProvisionerBuilder::new()
-    }
-
-    /// Reads the TOML config at `path` and builds the provisioner it describes.
-    pub fn from_config(path: impl AsRef<Path>) -> Result<Provisioner> {
-        crate::config::Config::load(path.as_ref())?
-            .builder()?
-            .build()
     }
 
     /// The backends in use.

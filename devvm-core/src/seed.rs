@@ -23,7 +23,6 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::types::Lease;
 
 /// An SSH host key generated for one guest.
 #[derive(Clone)]
@@ -291,14 +290,20 @@ impl GuestSeed {
     }
 }
 
-/// The `network-config` file (version 2) for a guest with `lease`.
-pub fn network_config(lease: &Lease, nameservers: &[IpAddr]) -> String {
+/// The `network-config` file (version 2) for a guest at `ip/prefix_len` (a lease's
+/// fields), with its gateway and name servers.
+pub fn network_config(
+    ip: IpAddr,
+    prefix_len: u8,
+    gateway: Option<IpAddr>,
+    nameservers: &[IpAddr],
+) -> String {
     let mut eth0 = serde_json::Map::new();
     eth0.insert(
         "addresses".into(),
-        Value::Array(vec![format!("{}/{}", lease.ip, lease.prefix_len).into()]),
+        Value::Array(vec![format!("{ip}/{prefix_len}").into()]),
     );
-    if let Some(gw) = lease.gateway {
+    if let Some(gw) = gateway {
         let key = if gw.is_ipv4() { "gateway4" } else { "gateway6" };
         eth0.insert(key.into(), gw.to_string().into());
     }
@@ -552,13 +557,18 @@ mod tests {
 
     #[test]
     fn network_config_is_version_2() {
-        let lease = Lease {
+        let lease = crate::types::Lease {
             vm: VmName::new("web-1").unwrap_or_else(|e| panic!("{e}")),
             ip: [10, 99, 0, 7].into(),
             prefix_len: 24,
             gateway: Some([10, 99, 0, 1].into()),
         };
-        let n = network_config(&lease, &[[10, 99, 0, 1].into()]);
+        let n = network_config(
+            lease.ip,
+            lease.prefix_len,
+            lease.gateway,
+            &[[10, 99, 0, 1].into()],
+        );
         assert_eq!(
             n,
             "\"ethernets\":\n  \"eth0\":\n    \"addresses\":\n      - \"10.99.0.7/24\"\n    \"gateway4\": \"10.99.0.1\"\n    \"nameservers\":\n      \"addresses\":\n        - \"10.99.0.1\"\n\"version\": 2\n"

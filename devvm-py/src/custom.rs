@@ -397,7 +397,12 @@ fn spec_json(spec: &DomainSpec) -> Value {
         serde_json::json!({
             "meta_data": seed.meta_data(),
             "user_data": secrecy::ExposeSecret::expose_secret(&seed.user_data()),
-            "network_config": devvm_core::seed::network_config(&spec.lease, &[]),
+            "network_config": devvm_core::seed::network_config(
+                spec.lease.ip,
+                spec.lease.prefix_len,
+                spec.lease.gateway,
+                &[],
+            ),
             "host_key": seed.host_key.as_ref().map(|k| k.public.clone()),
         })
     });

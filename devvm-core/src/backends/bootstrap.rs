@@ -45,9 +45,9 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::Digest as _;
 
-use crate::config::SecretSpec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::Progress;
+use crate::secret::SecretSpec;
 use crate::seed::GuestSetup;
 use crate::traits::Bootstrapper;
 use crate::types::{BootstrapReport, BootstrapTarget, RequestId, Undone, VmName};
@@ -1119,6 +1119,24 @@ impl Bootstrapper for ShellBootstrapper {
     async fn unregister(&self, _vm: &VmName, _owner: &RequestId) -> Result<Undone> {
         Ok(Undone::Absent)
     }
+}
+
+/// Registers the `chef` and `shell` bootstrappers in the `[bootstrap]` section.
+pub(crate) fn register(r: &mut crate::registry::Registry) {
+    r.register_bootstrap("chef", |ctx| {
+        let o: ChefConfig = ctx.options()?;
+        Ok(std::sync::Arc::new(ChefBootstrapper::from_config(
+            &o,
+            ctx.base_dir,
+        )?))
+    });
+    r.register_bootstrap("shell", |ctx| {
+        let o: ShellConfig = ctx.options()?;
+        Ok(std::sync::Arc::new(ShellBootstrapper::from_config(
+            &o,
+            ctx.base_dir,
+        )?))
+    });
 }
 
 #[cfg(test)]

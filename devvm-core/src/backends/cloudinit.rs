@@ -20,9 +20,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::config::SecretSpec;
 use crate::error::{Error, Result};
 use crate::events::Progress;
+use crate::secret::SecretSpec;
 use crate::seed::GuestSetup;
 use crate::traits::Bootstrapper;
 use crate::types::{BootstrapReport, BootstrapTarget, RequestId, Undone, VmName};
@@ -182,6 +182,17 @@ impl Bootstrapper for CloudInitBootstrapper {
     async fn unregister(&self, _vm: &VmName, _owner: &RequestId) -> Result<Undone> {
         Ok(Undone::Absent)
     }
+}
+
+/// Registers this backend as `cloud-init` in the `[bootstrap]` section.
+pub(crate) fn register(r: &mut crate::registry::Registry) {
+    r.register_bootstrap("cloud-init", |ctx| {
+        let o: CloudInitConfig = ctx.options()?;
+        Ok(std::sync::Arc::new(CloudInitBootstrapper::from_config(
+            &o,
+            ctx.base_dir,
+        )?))
+    });
 }
 
 #[cfg(test)]

@@ -65,9 +65,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use crate::config::SecretSpec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::Progress;
+use crate::secret::SecretSpec;
 use crate::traits::ImageStore;
 use crate::types::{
     BootSpec, Disk, DiskFormat, HostId, RequestId, Template, TemplateName, Undone, VmName,
@@ -1693,6 +1693,17 @@ impl ImageStore for GlanceImageStore {
             .map(Some)
             .map_err(|e| e.or_backend(BACKEND))
     }
+}
+
+/// Registers this backend as `glance` in the `[images]` section.
+pub(crate) fn register(r: &mut crate::registry::Registry) {
+    r.register_images("glance", |ctx| {
+        let o: GlanceConfig = ctx.options()?;
+        Ok(std::sync::Arc::new(GlanceImageStore::from_config(
+            &o,
+            ctx.base_dir,
+        )?))
+    });
 }
 
 #[cfg(test)]

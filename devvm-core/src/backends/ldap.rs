@@ -23,8 +23,8 @@ use rustls::pki_types::pem::PemObject;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::config::SecretSpec;
 use crate::error::{Error, ErrorKind, Result};
+use crate::secret::SecretSpec;
 use crate::traits::UserDirectory;
 use crate::types::{User, UserName};
 
@@ -431,6 +431,17 @@ impl UserDirectory for LdapDirectory {
             ),
         }
     }
+}
+
+/// Registers this backend as `ldap` in the `[users]` section.
+pub(crate) fn register(r: &mut crate::registry::Registry) {
+    r.register_users("ldap", |ctx| {
+        let o: LdapConfig = ctx.options()?;
+        Ok(std::sync::Arc::new(LdapDirectory::from_config(
+            &o,
+            ctx.base_dir,
+        )?))
+    });
 }
 
 #[cfg(test)]

@@ -697,7 +697,13 @@ impl Hypervisor for LibvirtHypervisor {
         if let Some(seed) = &spec.seed {
             let user_data = seed.user_data();
             let meta = seed.meta_data();
-            let net = crate::seed::network_config(&spec.lease, &self.config.dns_servers);
+            let l = &spec.lease;
+            let net = crate::seed::network_config(
+                l.ip,
+                l.prefix_len,
+                l.gateway,
+                &self.config.dns_servers,
+            );
             let path = self.seed_image(&spec.name);
             let files: [(&str, &[u8]); 3] = [
                 ("meta-data", meta.as_bytes()),
@@ -868,6 +874,17 @@ impl Hypervisor for LibvirtHypervisor {
         })
         .await
     }
+}
+
+/// Registers this backend as `libvirt` in the `[hypervisor]` section.
+pub(crate) fn register(r: &mut crate::registry::Registry) {
+    r.register_hypervisor("libvirt", |ctx| {
+        let o: LibvirtConfig = ctx.options()?;
+        Ok(std::sync::Arc::new(LibvirtHypervisor::from_config(
+            &o,
+            ctx.base_dir,
+        )?))
+    });
 }
 
 #[cfg(test)]

@@ -24,6 +24,28 @@ pub mod ssh;
 
 use async_trait::async_trait;
 
+/// Registers every real backend this build has (by cargo feature).
+pub(crate) fn register(r: &mut crate::registry::Registry) {
+    let _ = &r;
+    #[cfg(feature = "ldap")]
+    ldap::register(r);
+    #[cfg(feature = "sqlite")]
+    sqlite_ip::register(r);
+    #[cfg(feature = "rfc2136")]
+    rfc2136::register(r);
+    #[cfg(feature = "libvirt")]
+    {
+        placement::register(r);
+        libvirt::register(r);
+    }
+    #[cfg(feature = "glance")]
+    glance::register(r);
+    #[cfg(feature = "cloud-init")]
+    cloudinit::register(r);
+    #[cfg(feature = "ssh")]
+    bootstrap::register(r);
+}
+
 use crate::error::Result;
 use crate::events::Progress;
 use crate::traits::Bootstrapper;

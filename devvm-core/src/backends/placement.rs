@@ -460,6 +460,18 @@ impl Placement for LibvirtPlacement {
     }
 }
 
+/// Registers this backend as `libvirt` in the `[placement]` section.
+pub(crate) fn register(r: &mut crate::registry::Registry) {
+    r.register_placement("libvirt", |ctx| {
+        let o: PlacementConfig = ctx.options()?;
+        Ok(std::sync::Arc::new(LibvirtPlacement::from_config(
+            &o,
+            ctx.base_dir,
+            ctx.state_dir,
+        )?))
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -284,7 +284,7 @@ impl TsigKey {
     /// A missing, unreadable or malformed file is [`ErrorKind::InvalidInput`] naming the
     /// file, never quoting it.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = crate::config::read_secret_file(path).map_err(|e| {
+        let text = crate::secret::read_secret_file(path).map_err(|e| {
             Error::invalid_input(format!(
                 "TSIG key file {}: cannot read it ({})",
                 path.display(),
@@ -1217,6 +1217,17 @@ impl DnsUpdater for Rfc2136Dns {
             .map(without_dot)
             .collect())
     }
+}
+
+/// Registers this backend as `rfc2136` in the `[dns]` section.
+pub(crate) fn register(r: &mut crate::registry::Registry) {
+    r.register_dns("rfc2136", |ctx| {
+        let o: Rfc2136Config = ctx.options()?;
+        Ok(std::sync::Arc::new(Rfc2136Dns::from_config(
+            &o,
+            ctx.base_dir,
+        )?))
+    });
 }
 
 #[cfg(test)]

@@ -555,6 +555,18 @@ impl IpAllocator for SqliteIpAllocator {
     }
 }
 
+/// Registers this backend as `sqlite` in the `[ip]` section.
+pub(crate) fn register(r: &mut crate::registry::Registry) {
+    r.register_ip("sqlite", |ctx| {
+        let o: SqliteIpConfig = ctx.options()?;
+        Ok(std::sync::Arc::new(SqliteIpAllocator::from_config(
+            &o,
+            ctx.base_dir,
+            ctx.state_dir,
+        )?))
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -62,7 +62,7 @@ pub fn fingerprint(key: &PublicKey) -> String {
 /// Loads an unencrypted OpenSSH (or PEM) private key file. Errors name the file, never
 /// its content.
 pub fn load_private_key(path: &Path) -> Result<PrivateKey> {
-    let text = crate::config::read_secret_file(path).map_err(|e| {
+    let text = crate::secret::read_secret_file(path).map_err(|e| {
         Error::invalid_input(format!("cannot read ssh key {}", path.display())).with_source(e)
     })?;
     russh::keys::decode_secret_key(&text, None).map_err(|_| {
