@@ -211,31 +211,22 @@ async fn run(cli: Cli) -> Result<(), Error> {
             if let Some(t) = template {
                 req = req.with_template(TemplateName::new(&t)?);
             }
-            let id = req.request_id.clone();
-            let mut events = p.subscribe();
             let cancel = CancelToken::new();
-            let run = tokio::spawn({
-                let (p, cancel) = (p.clone(), cancel.clone());
-                async move { p.provision_with(req, cancel).await }
-            });
-            tokio::pin!(run);
-            let result = loop {
+            let mut run = p.start_provision(req, cancel.clone());
+            loop {
                 tokio::select! {
-                    Some(e) = events.recv() => if e.request_id == id { display.show(&e) },
-                    r = &mut run => break r.map_err(|e| Error::backend("provision task failed").with_source(e))?,
+                    e = run.next_event() => match e {
+                        Some(e) => display.show(&e),
+                        None => break,
+                    },
                     _ = tokio::signal::ctrl_c() => {
                         eprintln!("cancelling: rolling back what was done ...");
                         cancel.cancel();
                     }
                 }
-            };
-            while let Some(e) = events.try_recv() {
-                if e.request_id == id {
-                    display.show(&e);
-                }
             }
             display.clear();
-            let vm = result?;
+            let vm = run.finish().await?;
             if cli.json {
                 println!("{}", serde_json::json!({ "vm": vm }));
             } else {
@@ -244,25 +235,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Deprovision { name } => {
             let name = VmName::new(&name)?;
-            let mut events = p.subscribe();
-            let run = tokio::spawn({
-                let (p, n) = (p.clone(), name.clone());
-                async move { p.deprovision(&n).await }
-            });
-            tokio::pin!(run);
-            let result = loop {
-                tokio::select! {
-                    Some(e) = events.recv() => if e.vm == name { display.show(&e) },
-                    r = &mut run => break r.map_err(|e| Error::backend("deprovision task failed").with_source(e))?,
-                }
-            };
-            while let Some(e) = events.try_recv() {
-                if e.vm == name {
-                    display.show(&e);
-                }
+            let mut run = p.start_deprovision(name.clone());
+            while let Some(e) = run.next_event().await {
+                display.show(&e);
             }
             display.clear();
-            result?;
+            run.finish().await?;
             if cli.json {
                 println!("{}", serde_json::json!({ "removed": name }));
             } else {

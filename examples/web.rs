@@ -40,8 +40,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use devvm_core::{
-    CancelToken, Error, Event, Operation, ProvisionRequest, Provisioner, Subscription, UserName,
-    Vm, VmName,
+    CancelToken, Error, Event, Operation, ProvisionRequest, Provisioner, RunHandle, UserName, Vm,
+    VmName,
 };
 use serde::{Deserialize, Serialize};
 
@@ -195,20 +195,9 @@ async fn provision(socket: &mut WebSocket, app: &App, user: &str) -> devvm_core:
     if !send(socket, &accepted).await {
         return Ok(());
     }
-    // Subscribed before the run starts, so that no event of it is missed.
-    let events = app.provisioner.subscribe();
     let cancel = CancelToken::new();
-    let (p, token) = (app.provisioner.clone(), cancel.clone());
-    let run = tokio::spawn(async move { p.provision_with(request, token).await.map(Some) });
-    stream(
-        socket,
-        events,
-        |e| e.request_id == id,
-        run,
-        Some(cancel),
-        Operation::Provision,
-    )
-    .await
+    let run = app.provisioner.start_provision(request, cancel.clone());
+    stream(socket, run, Some, Some(cancel), Operation::Provision).await
 }
 
 async fn deprovision(socket: &mut WebSocket, app: &App, vm: &str) -> devvm_core::Result<()> {
@@ -222,49 +211,29 @@ async fn deprovision(socket: &mut WebSocket, app: &App, vm: &str) -> devvm_core:
     if !send(socket, &accepted).await {
         return Ok(());
     }
-    let events = app.provisioner.subscribe();
-    let (p, n) = (app.provisioner.clone(), name.clone());
-    let run = tokio::spawn(async move { p.deprovision(&n).await.map(|()| None) });
-    stream(
-        socket,
-        events,
-        |e| e.vm == name,
-        run,
-        None,
-        Operation::Deprovision,
-    )
-    .await
+    let run = app.provisioner.start_deprovision(name);
+    stream(socket, run, |()| None, None, Operation::Deprovision).await
 }
 
 /// Forwards this run's events to the socket until the run ends, then its outcome. The
 /// run is its own task: a browser that goes away stops the forwarding, not the run.
-async fn stream(
+async fn stream<T: Send + 'static>(
     socket: &mut WebSocket,
-    mut events: Subscription,
-    ours: impl Fn(&Event) -> bool,
-    mut run: tokio::task::JoinHandle<devvm_core::Result<Option<Vm>>>,
+    mut run: RunHandle<T>,
+    vm_of: impl FnOnce(T) -> Option<Vm>,
     cancel: Option<CancelToken>,
     operation: Operation,
 ) -> devvm_core::Result<()> {
     loop {
         tokio::select! {
-            outcome = &mut run => {
-                // Every event of the run was published before its future returned.
-                while let Some(e) = events.try_recv() {
-                    if ours(&e) && !send(socket, &Reply::Event { event: &e }).await {
+            e = run.next_event() => match e {
+                Some(e) => {
+                    if !send(socket, &Reply::Event { event: &e }).await {
                         return Ok(());
                     }
                 }
-                let vm = outcome
-                    .map_err(|e| Error::backend("the run's task failed").with_source(e))??;
-                let _ = send(socket, &Reply::Done { operation, vm: vm.as_ref() }).await;
-                return Ok(());
-            }
-            Some(e) = events.recv() => {
-                if ours(&e) && !send(socket, &Reply::Event { event: &e }).await {
-                    return Ok(());
-                }
-            }
+                None => break,
+            },
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Text(t))) => {
                     match (serde_json::from_str::<Command>(t.as_str()), &cancel) {
@@ -280,6 +249,16 @@ async fn stream(
             },
         }
     }
+    let vm = vm_of(run.finish().await?);
+    let _ = send(
+        socket,
+        &Reply::Done {
+            operation,
+            vm: vm.as_ref(),
+        },
+    )
+    .await;
+    Ok(())
 }
 
 async fn ws(ws: WebSocketUpgrade, State(app): State<App>) -> Response {

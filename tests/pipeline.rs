@@ -1056,3 +1056,58 @@ async fn a_partial_size_takes_the_rest_from_the_defaults() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// A run started in the background yields its own events, in order, ending with its
+/// terminal event, and none of a run going on beside it; then its result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_handle_streams_only_its_own_run() {
+    let f = fixture();
+    let a = ProvisionRequest::new(user("alice")).with_name(name("run-a"));
+    let b = ProvisionRequest::new(user("bob")).with_name(name("run-b"));
+    let (ida, idb) = (a.request_id.clone(), b.request_id.clone());
+    let mut ra = f.p.start_provision(a, CancelToken::new());
+    let mut rb = f.p.start_provision(b, CancelToken::new());
+    let (mut ea, mut eb) = (Vec::new(), Vec::new());
+    while let Some(e) = ra.next_event().await {
+        ea.push(e);
+    }
+    while let Some(e) = rb.next_event().await {
+        eb.push(e);
+    }
+    for (events, id) in [(&ea, &ida), (&eb, &idb)] {
+        assert!(
+            events.iter().all(|e| e.request_id == *id),
+            "only its own run"
+        );
+        let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(
+            seqs,
+            (0..events.len() as u64).collect::<Vec<_>>(),
+            "all, in order"
+        );
+        assert!(
+            matches!(
+                events.last().map(|e| &e.kind),
+                Some(EventKind::RunFinished { .. })
+            ),
+            "ends with its terminal event"
+        );
+    }
+    let vm = ra.finish().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(vm.name.as_str(), "run-a");
+    rb.finish().await.unwrap_or_else(|e| panic!("{e}"));
+    let mut rd = f.p.start_deprovision(name("run-a"));
+    let mut kinds = Vec::new();
+    while let Some(e) = rd.next_event().await {
+        assert_eq!(e.vm.as_str(), "run-a");
+        kinds.push(e.kind);
+    }
+    assert!(matches!(kinds.last(), Some(EventKind::RunFinished { .. })));
+    rd.finish().await.unwrap_or_else(|e| panic!("{e}"));
+    let e =
+        f.p.start_deprovision(name("no-such-vm"))
+            .finish()
+            .await
+            .expect_err("unknown");
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+}

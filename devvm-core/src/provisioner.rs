@@ -153,6 +153,74 @@ impl CancelToken {
     }
 }
 
+/// Which events a [`RunHandle`] passes on.
+#[derive(Debug, Clone)]
+enum RunFilter {
+    Request(RequestId),
+    Vm(VmName),
+}
+
+impl RunFilter {
+    fn matches(&self, e: &crate::events::Event) -> bool {
+        match self {
+            RunFilter::Request(id) => e.request_id == *id,
+            RunFilter::Vm(vm) => e.vm == *vm,
+        }
+    }
+}
+
+/// A run going on in the background ([`Provisioner::start_provision`],
+/// [`Provisioner::start_deprovision`]): its events, in order, then its result.
+///
+/// The run goes on to its end (or rollback) even if the handle is dropped.
+#[derive(Debug)]
+pub struct RunHandle<T> {
+    events: Subscription,
+    only: RunFilter,
+    task: Option<tokio::task::JoinHandle<Result<T>>>,
+    result: Option<Result<T>>,
+}
+
+impl<T: Send + 'static> RunHandle<T> {
+    /// The run's next event; `None` once the run has ended and every one of its events
+    /// was delivered. Cancel-safe: it can be raced in `tokio::select!`.
+    pub async fn next_event(&mut self) -> Option<crate::events::Event> {
+        loop {
+            let Some(task) = self.task.as_mut() else {
+                // Every event of the run was published before its task ended.
+                while let Some(e) = self.events.try_recv() {
+                    if self.only.matches(&e) {
+                        return Some(e);
+                    }
+                }
+                return None;
+            };
+            tokio::select! {
+                biased;
+                Some(e) = self.events.recv() => {
+                    if self.only.matches(&e) {
+                        return Some(e);
+                    }
+                }
+                joined = task => {
+                    self.result = Some(joined.unwrap_or_else(|e| {
+                        Err(Error::backend("the run's task failed").with_source(e))
+                    }));
+                    self.task = None;
+                }
+            }
+        }
+    }
+
+    /// Waits for the run to end and returns its result; events not yet taken are dropped.
+    pub async fn finish(mut self) -> Result<T> {
+        while self.next_event().await.is_some() {}
+        self.result
+            .take()
+            .unwrap_or_else(|| Err(Error::backend("the run ended without a result")))
+    }
+}
+
 /// What [`Provisioner::recover`] did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RecoveryReport {
@@ -535,6 +603,37 @@ impl Provisioner {
             id.is_some_and(|id| !self.inner.running().contains(id))
         } else {
             !self.inner.journal.owner_alive(owner)
+        }
+    }
+
+    /// Starts [`provision_with`](Self::provision_with) in the background and returns a
+    /// handle that yields this run's events (and no other run's) and then its result: what
+    /// a CLI, a binding or a web page needs to show one run live.
+    pub fn start_provision(&self, req: ProvisionRequest, cancel: CancelToken) -> RunHandle<Vm> {
+        let events = self.subscribe();
+        let id = req.request_id.clone();
+        let this = self.clone();
+        RunHandle {
+            events,
+            only: RunFilter::Request(id),
+            task: Some(tokio::spawn(async move {
+                this.provision_with(req, cancel).await
+            })),
+            result: None,
+        }
+    }
+
+    /// Starts [`deprovision`](Self::deprovision) of `name` in the background; the handle
+    /// yields the events of runs about that VM, then the result.
+    pub fn start_deprovision(&self, name: VmName) -> RunHandle<()> {
+        let events = self.subscribe();
+        let this = self.clone();
+        let vm = name.clone();
+        RunHandle {
+            events,
+            only: RunFilter::Vm(name),
+            task: Some(tokio::spawn(async move { this.deprovision(&vm).await })),
+            result: None,
         }
     }
 

@@ -825,37 +825,20 @@ pub unsafe extern "C" fn devvm_provisioner_free(p: *mut devvm_provisioner) {
     });
 }
 
-/// Runs `fut` on `p`'s threads while delivering the events that `matches` selects to
-/// `cb` on the calling thread, in order, until the run is over.
+/// Starts a run (with the provisioner's runtime entered) and delivers its events to
+/// `cb` on this thread, then returns its result.
 fn run_with_events<T: Send + 'static>(
     p: &devvm_provisioner,
     cb: devvm_event_cb,
     user_data: *mut c_void,
-    fut: impl std::future::Future<Output = devvm_core::Result<T>> + Send + 'static,
-    matches: impl Fn(&Event) -> bool,
+    start: impl FnOnce(&Provisioner) -> devvm_core::RunHandle<T>,
 ) -> devvm_core::Result<T> {
-    let mut sub = p.inner.subscribe();
     p.rt.block_on(async move {
-        let mut handle = tokio::spawn(fut);
-        loop {
-            tokio::select! {
-                biased;
-                Some(e) = sub.recv() => {
-                    if matches(&e) {
-                        deliver(cb, user_data, &e);
-                    }
-                }
-                joined = &mut handle => {
-                    // Every event of the run was published before it returned.
-                    while let Some(e) = sub.try_recv() {
-                        if matches(&e) {
-                            deliver(cb, user_data, &e);
-                        }
-                    }
-                    return joined.map_err(|e| Error::backend("run failed").with_source(e))?;
-                }
-            }
+        let mut run = start(&p.inner);
+        while let Some(e) = run.next_event().await {
+            deliver(cb, user_data, &e);
         }
+        run.finish().await
     })
 }
 
@@ -914,15 +897,9 @@ pub unsafe extern "C" fn devvm_provision(
             memory_mib: (r.memory_mib != 0).then_some(r.memory_mib),
             disk_gib: (r.disk_gib != 0).then_some(r.disk_gib),
         };
-        let id = request.request_id.clone();
-        let inner = p.inner.clone();
-        match run_with_events(
-            p,
-            cb,
-            user_data,
-            async move { inner.provision(request).await },
-            move |e| e.request_id == id,
-        ) {
+        match run_with_events(p, cb, user_data, move |prov| {
+            prov.start_provision(request, devvm_core::CancelToken::new())
+        }) {
             Ok(vm) => {
                 // SAFETY: checked non-NULL above.
                 unsafe { *out = Box::into_raw(Box::new(devvm_vm::from(&vm))) };
@@ -954,14 +931,7 @@ pub unsafe extern "C" fn devvm_deprovision(
             Ok(n) => n,
             Err(e) => return fail_with(&e),
         };
-        let (inner, n2) = (p.inner.clone(), name.clone());
-        match run_with_events(
-            p,
-            cb,
-            user_data,
-            async move { inner.deprovision(&n2).await },
-            move |e| e.vm == name,
-        ) {
+        match run_with_events(p, cb, user_data, move |prov| prov.start_deprovision(name)) {
             Ok(()) => DEVVM_OK,
             Err(e) => fail_with(&e),
         }

@@ -40,56 +40,38 @@ enum Wake<T> {
     Event(Event),
 }
 
-async fn next_event(sub: &mut Option<Subscription>) -> Option<Event> {
-    match sub {
-        Some(s) => s.recv().await,
-        None => std::future::pending().await,
-    }
+/// What a waiting call runs: plain work, or a run whose events are delivered.
+enum Work<T> {
+    Future(std::pin::Pin<Box<dyn Future<Output = devvm_core::Result<T>> + Send>>),
+    Run(Box<dyn FnOnce() -> devvm_core::RunHandle<T> + Send>),
 }
 
 /// What a waiting call does while its task runs.
 struct Watch<'py> {
     /// The run to cancel on Ctrl-C or when the callback raises.
     cancel: Option<CancelToken>,
-    /// Events of the run `request_id`, for `on_event`.
-    events: Option<(Subscription, RequestId, Bound<'py, PyAny>)>,
+    /// Gets the run's events (`on_event`).
+    callback: Option<Bound<'py, PyAny>>,
 }
 
-/// Runs `fut` on the runtime and forwards its events and its result to a std channel.
+/// Runs `work` on the runtime and forwards its events and its result to a std channel.
 ///
 /// The Python thread waits on that channel (with a timeout, to run signal handlers), never
 /// on a tokio timer: once the runtime shuts down the channel just disconnects.
-fn forward<T: Send + 'static>(
-    rt: &Handle,
-    fut: impl Future<Output = devvm_core::Result<T>> + Send + 'static,
-    mut sub: Option<Subscription>,
-    filter: Option<RequestId>,
-) -> std::sync::mpsc::Receiver<Wake<T>> {
+fn forward<T: Send + 'static>(rt: &Handle, work: Work<T>) -> std::sync::mpsc::Receiver<Wake<T>> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let wanted = move |e: &Event| filter.as_ref().is_some_and(|id| e.request_id == *id);
     rt.spawn(async move {
-        // The work runs in its own task: it goes on to the end even if nobody waits.
-        let mut task = tokio::spawn(fut);
-        loop {
-            tokio::select! {
-                biased;
-                r = &mut task => {
-                    // Every event of the run was published before it returned.
-                    if let Some(s) = sub.as_mut() {
-                        while let Some(e) = s.try_recv() {
-                            if wanted(&e) {
-                                let _ = tx.send(Wake::Event(e));
-                            }
-                        }
-                    }
-                    let _ = tx.send(Wake::Done(r));
-                    break;
+        match work {
+            // The work runs in its own task: it goes on to the end even if nobody waits.
+            Work::Future(fut) => {
+                let _ = tx.send(Wake::Done(tokio::spawn(fut).await));
+            }
+            Work::Run(start) => {
+                let mut run = start();
+                while let Some(e) = run.next_event().await {
+                    let _ = tx.send(Wake::Event(e));
                 }
-                Some(e) = next_event(&mut sub) => {
-                    if wanted(&e) {
-                        let _ = tx.send(Wake::Event(e));
-                    }
-                }
+                let _ = tx.send(Wake::Done(Ok(run.finish().await)));
             }
         }
     });
@@ -100,19 +82,14 @@ fn forward<T: Send + 'static>(
 /// events to the callback on this thread. A pending signal (KeyboardInterrupt) or an
 /// exception from the callback cancels the run (when it can be cancelled), waits for its
 /// rollback to finish, then raises that exception.
-fn wait<T: Send + 'static>(
-    py: Python<'_>,
-    fut: impl Future<Output = devvm_core::Result<T>> + Send + 'static,
-    watch: Watch<'_>,
-) -> PyResult<T> {
+fn wait<T: Send + 'static>(py: Python<'_>, work: Work<T>, watch: Watch<'_>) -> PyResult<T> {
     use std::sync::mpsc::RecvTimeoutError;
     let rt = runtime()?;
-    let Watch { cancel, events } = watch;
-    let (sub, id, cb) = match events {
-        Some((sub, id, cb)) => (Some(sub), Some(id), Some(cb)),
-        None => (None, None, None),
-    };
-    let mut rx = forward(&rt, fut, sub, id);
+    let Watch {
+        cancel,
+        callback: cb,
+    } = watch;
+    let mut rx = forward(&rt, work);
     let mut pending: Option<PyErr> = None;
     // The callback keeps getting the events of the rollback after Ctrl-C, but no more
     // once it raised itself.
@@ -171,10 +148,10 @@ where
 {
     wait(
         py,
-        fut,
+        Work::Future(Box::pin(fut)),
         Watch {
             cancel: None,
-            events: None,
+            callback: None,
         },
     )
 }
@@ -338,15 +315,14 @@ impl PyProvisioner {
         {
             return Err(PyTypeError::new_err("on_event must be callable"));
         }
-        let events = on_event.map(|cb| (p.subscribe(), req.request_id.clone(), cb));
         let cancel = CancelToken::new();
         let token = cancel.clone();
         let vm = wait(
             py,
-            async move { p.provision_with(req, token).await },
+            Work::Run(Box::new(move || p.start_provision(req, token))),
             Watch {
                 cancel: Some(cancel),
-                events,
+                callback: on_event,
             },
         )?;
         Ok(PyVm { vm })
