@@ -123,7 +123,7 @@ async fn a_fault_at_any_real_step_leaves_nothing_behind() {
     for step in Step::ALL {
         let p = with_fault(
             &config,
-            FaultPlan::new(step, Fault::Error(ErrorKind::Unavailable)),
+            FaultPlan::new(step, Fault::Error(ErrorKind::Unavailable)).persistent(),
         )
         .state_dir(dir.path().join(format!("state-{step}")))
         .build()

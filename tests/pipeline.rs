@@ -10,7 +10,8 @@ use devvm_core::memory::MemoryBackends;
 use devvm_core::testkit::faults::{self, Fault, FaultPlan};
 use devvm_core::{
     BootstrapSettings, CancelToken, ErrorKind, EventKind, IpAllocator, Lease, Placement,
-    ProvisionRequest, Provisioner, RequestId, Step, Timeouts, Undone, VmName, VmSize, async_trait,
+    ProvisionRequest, Provisioner, RequestId, Retries, Step, Timeouts, Undone, VmName, VmSize,
+    async_trait,
 };
 use devvm_tests::{reference_backends, user};
 
@@ -29,6 +30,15 @@ fn fixture_with(
     backends: devvm_core::Backends,
     timeouts: Timeouts,
 ) -> Fixture {
+    fixture_retrying(mem, backends, timeouts, Retries::default())
+}
+
+fn fixture_retrying(
+    mem: MemoryBackends,
+    backends: devvm_core::Backends,
+    timeouts: Timeouts,
+    retries: Retries,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let p = Provisioner::builder()
         .state_dir(dir.path().join("state"))
@@ -45,6 +55,7 @@ fn fixture_with(
             },
         })
         .timeouts(timeouts)
+        .retries(retries)
         .build()
         .unwrap_or_else(|e| panic!("build: {e}"));
     Fixture { _dir: dir, mem, p }
@@ -386,7 +397,8 @@ async fn a_fault_at_any_step_leaves_nothing_behind() {
             if fault == Fault::Hang {
                 timeouts.set(step, Duration::from_millis(200));
             }
-            let f = fixture_with(mem, backends, timeouts);
+            // One fault, no retry: the run fails at that step (retries are tested apart).
+            let f = fixture_retrying(mem, backends, timeouts, Retries::none());
             let foreign = plant_neighbour(&f.mem).await;
             let mut sub = f.p.subscribe();
             let e =
@@ -1110,4 +1122,48 @@ async fn a_run_handle_streams_only_its_own_run() {
             .await
             .expect_err("unknown");
     assert_eq!(e.kind(), ErrorKind::NotFound);
+}
+
+/// A transient failure (a service briefly down) is retried with backoff, each retry a
+/// progress event, and the run succeeds; a service that stays down fails the run once the
+/// attempts are used up.
+#[tokio::test]
+async fn transient_failures_are_retried_with_backoff() {
+    let retries = {
+        let mut r = Retries::default();
+        r.initial = Duration::from_millis(1);
+        r.max = Duration::from_millis(5);
+        r
+    };
+    for step in [Step::User, Step::Ip, Step::Dns, Step::Disk, Step::Domain] {
+        for persistent in [false, true] {
+            let mem = reference_backends(None);
+            let mut plan = FaultPlan::new(step, Fault::Error(ErrorKind::Unavailable));
+            if persistent {
+                plan = plan.persistent();
+            }
+            let b = faults::inject(mem.backends(), plan);
+            let f = fixture_retrying(mem, b, Timeouts::default(), retries.clone());
+            let mut sub = f.p.subscribe();
+            let r = f.p.provision(ProvisionRequest::new(user("alice"))).await;
+            let retried = sub
+                .drain()
+                .into_iter()
+                .filter(|e| {
+                    matches!(&e.kind, EventKind::StepProgress { step: s, message, .. }
+                        if *s == step && message.starts_with("retrying"))
+                })
+                .count();
+            let ctx = format!("{step}, persistent={persistent}");
+            if persistent {
+                let e = r.expect_err("stays down");
+                assert_eq!(e.kind(), ErrorKind::Unavailable, "{ctx}");
+                assert_eq!(retried, 2, "{ctx}: 3 attempts, 2 retries");
+                assert_eq!(held(&f), 0, "{ctx}");
+            } else {
+                r.unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                assert_eq!(retried, 1, "{ctx}: one retry");
+            }
+        }
+    }
 }

@@ -13,6 +13,11 @@
 //! [timeouts]                             # seconds, per step
 //! bootstrap = 900
 //!
+//! [retries]                              # transient failures (a service down): tries per call
+//! attempts = 3                           # every step (1: no retry); or per step: dns = 5
+//! initial_ms = 200                       # backoff from 200 ms, doubling with jitter,
+//! max_ms = 3000                          # up to 3 s between tries
+//!
 //! [users]
 //! backend = "memory"                     # one section per step, each with `backend`
 //! accounts = [{ name = "alice", ssh_keys = ["ssh-ed25519 AAAA..."] }]
@@ -38,7 +43,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
-use crate::provisioner::{Defaults, ProvisionerBuilder, Timeouts};
+use crate::provisioner::{Defaults, ProvisionerBuilder, Retries, Timeouts};
 use crate::registry::{BackendContext, Registry};
 use crate::types::{BootstrapSettings, Step, TemplateName, VmSize};
 
@@ -53,6 +58,8 @@ pub struct Config {
     pub defaults: Defaults,
     /// Step time limits.
     pub timeouts: Timeouts,
+    /// Retries of transient failures.
+    pub retries: Retries,
     sections: BTreeMap<Step, BackendSection>,
 }
 
@@ -84,6 +91,8 @@ struct RawConfig {
     defaults: RawDefaults,
     #[serde(default)]
     timeouts: RawTimeouts,
+    #[serde(default)]
+    retries: RawRetries,
     users: toml::Table,
     placement: toml::Table,
     ip: toml::Table,
@@ -116,6 +125,23 @@ struct RawTimeouts {
     disk: Option<u64>,
     domain: Option<u64>,
     bootstrap: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetries {
+    /// Tries per call for every step (1: no retry).
+    attempts: Option<u32>,
+    initial_ms: Option<u64>,
+    max_ms: Option<u64>,
+    user: Option<u32>,
+    placement: Option<u32>,
+    ip: Option<u32>,
+    dns: Option<u32>,
+    image: Option<u32>,
+    disk: Option<u32>,
+    domain: Option<u32>,
+    bootstrap: Option<u32>,
 }
 
 fn config_err(path: &Path, message: impl fmt::Display) -> Error {
@@ -193,6 +219,34 @@ impl Config {
                 timeouts.set(step, Duration::from_secs(secs));
             }
         }
+        let mut retries = Retries::default();
+        let r = raw.retries;
+        if let Some(ms) = r.initial_ms {
+            retries.initial = Duration::from_millis(ms);
+        }
+        if let Some(ms) = r.max_ms {
+            retries.max = Duration::from_millis(ms);
+        }
+        for (step, n) in [
+            (Step::User, r.user),
+            (Step::Placement, r.placement),
+            (Step::Ip, r.ip),
+            (Step::Dns, r.dns),
+            (Step::Image, r.image),
+            (Step::Disk, r.disk),
+            (Step::Domain, r.domain),
+            (Step::Bootstrap, r.bootstrap),
+        ] {
+            if let Some(n) = n.or(r.attempts) {
+                if n == 0 {
+                    return Err(config_err(
+                        path,
+                        format_args!("[retries] attempts count the first try: at least 1"),
+                    ));
+                }
+                retries.set_attempts(step, n);
+            }
+        }
         let mut sections = BTreeMap::new();
         for (step, mut table) in [
             (Step::User, raw.users),
@@ -232,6 +286,7 @@ impl Config {
             state_dir: base.join(raw.state_dir),
             defaults,
             timeouts,
+            retries,
             sections,
         })
     }
@@ -291,7 +346,8 @@ impl Config {
         let mut b = ProvisionerBuilder::new()
             .state_dir(&self.state_dir)
             .defaults(self.defaults.clone())
-            .timeouts(self.timeouts.clone());
+            .timeouts(self.timeouts.clone())
+            .retries(self.retries.clone());
         for step in [
             Step::User,
             Step::Placement,
@@ -474,6 +530,26 @@ backend = "none"
             err.to_string().contains("needs devvm-core's `ssh` feature"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn retries_are_configured_per_step_and_zero_is_refused() {
+        let c = parse(&BASE.replace(
+            "state_dir = \"state\"\n",
+            "state_dir = \"state\"\n[retries]\nattempts = 2\ndns = 5\ninitial_ms = 50\nmax_ms = 400\n",
+        ))
+        .expect("parses");
+        assert_eq!(c.retries.attempts(Step::User), 2);
+        assert_eq!(c.retries.attempts(Step::Dns), 5);
+        assert_eq!(c.retries.initial, Duration::from_millis(50));
+        assert_eq!(c.retries.max, Duration::from_millis(400));
+        let err = parse(&BASE.replace(
+            "state_dir = \"state\"\n",
+            "state_dir = \"state\"\n[retries]\nattempts = 0\n",
+        ))
+        .expect_err("zero attempts");
+        assert!(err.to_string().contains("at least 1"), "{err}");
+        assert_eq!(parse(BASE).expect("parses").retries, Retries::default());
     }
 
     /// A backend an embedder registered under a name of their own is selected by that name.

@@ -49,8 +49,8 @@ pub use error::{Error, ErrorInfo, ErrorKind, Result, UndoFailure};
 pub use events::{Event, EventKind, Operation, Progress, Subscription};
 pub use journal::Unreadable;
 pub use provisioner::{
-    Backends, CancelToken, Defaults, Provisioner, ProvisionerBuilder, RecoveryReport, RunHandle,
-    Timeouts, WAITING_FOR_BLOCKING_WORK,
+    Backends, CancelToken, Defaults, Provisioner, ProvisionerBuilder, RecoveryReport, Retries,
+    RunHandle, Timeouts, WAITING_FOR_BLOCKING_WORK,
 };
 pub use traits::{
     Bootstrapper, DnsUpdater, Hypervisor, ImageStore, IpAllocator, Placement, UserDirectory,

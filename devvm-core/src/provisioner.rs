@@ -116,6 +116,83 @@ impl Timeouts {
     }
 }
 
+/// How often a step's call is tried again after a transient failure
+/// ([`Error::is_retryable`]: a service down or slow), with exponential backoff and jitter.
+/// Retrying is safe because acting is idempotent per VM; the step's time limit bounds the
+/// whole, and each retry is a progress event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retries {
+    attempts: [u32; 8],
+    /// The first pause.
+    pub initial: Duration,
+    /// The longest pause.
+    pub max: Duration,
+}
+
+impl Default for Retries {
+    /// Three attempts per step, pauses from 200 ms up to 3 s.
+    fn default() -> Self {
+        Retries {
+            attempts: [3; 8],
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(3),
+        }
+    }
+}
+
+impl Retries {
+    /// No retries at all: every call is tried once.
+    pub fn none() -> Self {
+        Retries {
+            attempts: [1; 8],
+            ..Retries::default()
+        }
+    }
+    /// How many times `step`'s call is tried in all (at least 1).
+    pub fn attempts(&self, step: Step) -> u32 {
+        self.attempts[step as usize]
+    }
+    /// Sets how many times `step`'s call is tried in all (0 counts as 1).
+    pub fn set_attempts(&mut self, step: Step, attempts: u32) {
+        self.attempts[step as usize] = attempts.max(1);
+    }
+}
+
+/// Runs `call` until it succeeds, fails for good, or `step`'s attempts are used up,
+/// pausing with exponential backoff and jitter between tries; each retry is reported on
+/// `progress`.
+async fn with_retries<T, F, Fut>(
+    retries: &Retries,
+    step: Step,
+    progress: &Progress,
+    mut call: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    use backon::{ExponentialBuilder, Retryable};
+    let attempts = retries.attempts(step);
+    if attempts <= 1 {
+        return call().await;
+    }
+    let policy = ExponentialBuilder::default()
+        .with_min_delay(retries.initial)
+        .with_max_delay(retries.max)
+        .with_max_times(attempts as usize - 1)
+        .with_jitter();
+    call.retry(policy)
+        .sleep(tokio::time::sleep)
+        .when(Error::is_retryable)
+        .notify(|e: &Error, pause: Duration| {
+            progress.message(format!(
+                "retrying in {:.1}s after a transient failure: {e}",
+                pause.as_secs_f64()
+            ));
+        })
+        .await
+}
+
 /// Cancels a run from another task or thread. Cheap to clone.
 ///
 /// A cancelled run stops at once (the step under way is abandoned), rolls back what it
@@ -249,6 +326,7 @@ pub struct ProvisionerBuilder {
     bootstrap: Option<Arc<dyn Bootstrapper>>,
     defaults: Defaults,
     timeouts: Timeouts,
+    retries: Retries,
 }
 
 impl std::fmt::Debug for ProvisionerBuilder {
@@ -257,6 +335,7 @@ impl std::fmt::Debug for ProvisionerBuilder {
             .field("state_dir", &self.state_dir)
             .field("defaults", &self.defaults)
             .field("timeouts", &self.timeouts)
+            .field("retries", &self.retries)
             .finish_non_exhaustive()
     }
 }
@@ -322,6 +401,11 @@ impl ProvisionerBuilder {
         self.defaults = defaults;
         self
     }
+    /// How often transient failures are retried.
+    pub fn retries(mut self, retries: Retries) -> Self {
+        self.retries = retries;
+        self
+    }
     /// Step time limits.
     pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
         self.timeouts = timeouts;
@@ -368,6 +452,7 @@ impl ProvisionerBuilder {
                 bus: EventBus::default(),
                 defaults: self.defaults,
                 timeouts: self.timeouts,
+                retries: self.retries,
                 owner,
                 _owner_lock: owner_lock,
                 running: Mutex::new(HashSet::new()),
@@ -401,6 +486,7 @@ struct Inner {
     bus: EventBus,
     defaults: Defaults,
     timeouts: Timeouts,
+    retries: Retries,
     owner: String,
     _owner_lock: OwnerLock,
     /// Runs this provisioner is executing right now.
@@ -1154,11 +1240,12 @@ impl Run {
         let b = self.inner.backends.clone();
         let req = &self.req;
 
+        let retries = &self.inner.retries;
         let users = b.users.clone();
-        let name = req.user.clone();
+        let (name, r) = (req.user.clone(), retries.clone());
         let user = self
-            .step(Step::User, self.key(), move |_| async move {
-                users.find_user(&name).await
+            .step(Step::User, self.key(), move |p| async move {
+                with_retries(&r, Step::User, &p, || users.find_user(&name)).await
             })
             .await
             .map_err(first_error(Vec::new()))?;
@@ -1167,13 +1254,17 @@ impl Run {
         let storage = async {
             let placement = b.placement.clone();
             let (vm, size, owner) = (req.name.clone(), req.size, req.request_id.clone());
-            let host = self.step(Step::Placement, self.key(), move |_| async move {
-                placement.reserve(&vm, &size, &owner).await
+            let r = retries.clone();
+            let host = self.step(Step::Placement, self.key(), move |p| async move {
+                with_retries(&r, Step::Placement, &p, || {
+                    placement.reserve(&vm, &size, &owner)
+                })
+                .await
             });
             let images = b.images.clone();
-            let tname = req.template.clone();
+            let (tname, r) = (req.template.clone(), retries.clone());
             let template = self.step(Step::Image, self.key(), move |p| async move {
-                images.prepare(&tname, &p).await
+                with_retries(&r, Step::Image, &p, || images.prepare(&tname, &p)).await
             });
             let (host, template) = tokio::join!(host, template);
             let (host, template) = (host?, template?);
@@ -1189,30 +1280,34 @@ impl Run {
                 host: Some(host.clone()),
                 ..self.key()
             };
+            let r = retries.clone();
             let disk = self
                 .step(Step::Disk, key, move |p| async move {
-                    images.create_disk(&vm, &h, &t, gib, &owner, &p).await
+                    with_retries(&r, Step::Disk, &p, || {
+                        images.create_disk(&vm, &h, &t, gib, &owner, &p)
+                    })
+                    .await
                 })
                 .await?;
             Ok::<_, StepError>((host, template, disk))
         };
         let network = async {
             let ip = b.ip.clone();
-            let (vm, owner) = (req.name.clone(), req.request_id.clone());
+            let (vm, owner, r) = (req.name.clone(), req.request_id.clone(), retries.clone());
             let lease = self
-                .step(Step::Ip, self.key(), move |_| async move {
-                    ip.allocate(&vm, &owner).await
+                .step(Step::Ip, self.key(), move |p| async move {
+                    with_retries(&r, Step::Ip, &p, || ip.allocate(&vm, &owner)).await
                 })
                 .await?;
             let dns = b.dns.clone();
-            let (vm, addr) = (req.name.clone(), lease.ip);
+            let (vm, addr, r) = (req.name.clone(), lease.ip, retries.clone());
             let key = UndoKey {
                 ip: Some(lease.ip),
                 ..self.key()
             };
             let record = self
-                .step(Step::Dns, key, move |_| async move {
-                    dns.publish(&vm, addr).await
+                .step(Step::Dns, key, move |p| async move {
+                    with_retries(&r, Step::Dns, &p, || dns.publish(&vm, addr)).await
                 })
                 .await?;
             Ok::<_, StepError>((lease, record))
@@ -1256,7 +1351,7 @@ impl Run {
             host: Some(host.clone()),
             ..self.key()
         };
-        let (bs, setup_target) = (b.bootstrap.clone(), target.clone());
+        let (bs, setup_target, r) = (b.bootstrap.clone(), target.clone(), retries.clone());
         self.step(Step::Domain, key, move |p| async move {
             // What the bootstrapper needs the guest to get at first boot.
             let setup = bs.guest_setup(&setup_target).await?;
@@ -1271,17 +1366,18 @@ impl Run {
                 cloud_config: setup.cloud_config,
             });
             spec.ssh_keys = keys;
-            hv.create(&spec, &p).await
+            with_retries(&r, Step::Domain, &p, || hv.create(&spec, &p)).await
         })
         .await
         .map_err(first_error(Vec::new()))?;
 
         let (bs, hv) = (b.bootstrap.clone(), b.hypervisor.clone());
         target.owner = user;
-        let (seed_host, owner) = (host.clone(), req.request_id.clone());
+        let (seed_host, owner, r) = (host.clone(), req.request_id.clone(), retries.clone());
         let report = self
             .step(Step::Bootstrap, self.key(), move |p| async move {
-                let report = bs.bootstrap(&target, &p).await?;
+                let report =
+                    with_retries(&r, Step::Bootstrap, &p, || bs.bootstrap(&target, &p)).await?;
                 // The guest has what it needed from its first-boot seed: the private host
                 // key (and any bootstrap secret) in it must not stay attached.
                 hv.discard_seed(&target.vm, &seed_host, &owner).await?;

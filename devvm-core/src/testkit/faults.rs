@@ -48,6 +48,9 @@ pub struct FaultPlan {
     pub on_undo: bool,
     /// How many matching calls pass before the faulty one (0: the first call fails).
     pub after: usize,
+    /// Every matching call from then on fails, not just one (so that retries cannot get
+    /// past it).
+    pub persistent: bool,
     /// How it fails.
     pub fault: Fault,
 }
@@ -59,8 +62,14 @@ impl FaultPlan {
             step,
             on_undo: false,
             after: 0,
+            persistent: false,
             fault,
         }
+    }
+    /// Every matching call fails from then on (a service that stays down).
+    pub fn persistent(mut self) -> Self {
+        self.persistent = true;
+        self
     }
     /// The first undo of `step` fails with `fault` instead.
     pub fn on_undo(mut self) -> Self {
@@ -87,7 +96,7 @@ impl Trigger {
             return Ok(false);
         }
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
-        if n != self.plan.after {
+        if n < self.plan.after || (n > self.plan.after && !self.plan.persistent) {
             return Ok(false);
         }
         match self.plan.fault {
