@@ -137,6 +137,9 @@ impl DomainLister for LibvirtLister {
     }
 }
 
+/// How long placement waits for one host's list of domains.
+const HOST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error {
     crate::sqlite::err(format!("placement database {}", path.display()), BACKEND)
 }
@@ -208,11 +211,28 @@ impl LibvirtPlacement {
         let mut used = BTreeMap::new();
         let mut reachable = BTreeSet::new();
         let mut domains: BTreeMap<HostId, Vec<DomainInfo>> = BTreeMap::new();
+        // Every host at once, each with its own time limit: one hung host costs at most
+        // HOST_TIMEOUT and is skipped, it does not stall the others.
+        let mut asks = tokio::task::JoinSet::new();
         for (host, _) in self.hosts.iter() {
-            match self.reader.list(host).await {
+            let (reader, host) = (self.reader.clone(), host.clone());
+            asks.spawn(async move {
+                let r = match tokio::time::timeout(HOST_TIMEOUT, reader.list(&host)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Error::timeout(format!(
+                        "did not answer within {}s",
+                        HOST_TIMEOUT.as_secs()
+                    ))),
+                };
+                (host, r)
+            });
+        }
+        while let Some(joined) = asks.join_next().await {
+            let Ok((host, r)) = joined else { continue };
+            match r {
                 Ok(d) => {
                     reachable.insert(host.clone());
-                    domains.insert(host.clone(), d);
+                    domains.insert(host, d);
                 }
                 Err(e) => tracing::warn!(%host, error = %e, "placement: host unreadable; skipped"),
             }
@@ -492,6 +512,47 @@ mod tests {
 
     fn host(s: &str) -> HostId {
         HostId::new(s).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A host that never answers.
+    struct Hung(Fixed);
+
+    #[async_trait]
+    impl DomainLister for Hung {
+        async fn list(&self, h: &HostId) -> Result<Vec<DomainInfo>> {
+            if *h == host("hung") {
+                std::future::pending::<()>().await;
+            }
+            self.0.list(h).await
+        }
+    }
+
+    /// A host that hangs is skipped after its time limit (virtual time: no waiting), and
+    /// placement goes on with the hosts that answer.
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_host_is_skipped_after_its_time_limit() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let size = VmSize::default();
+        let p = LibvirtPlacement::open(
+            vec![
+                (host("hung"), Capacity::slots(5, size)),
+                (host("a"), Capacity::slots(1, size)),
+            ],
+            Arc::new(Hung(Fixed(BTreeMap::from([(host("a"), vec![])])))),
+            dir.path().join("p.sqlite3"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let vm = VmName::new("n1").unwrap_or_else(|e| panic!("{e}"));
+        let started = tokio::time::Instant::now();
+        let got = p
+            .reserve(&vm, &size, &RequestId::random())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(got, host("a"), "the host that answered");
+        assert!(
+            started.elapsed() >= HOST_TIMEOUT,
+            "it waited for the hung host's limit (virtual time)"
+        );
     }
 
     fn domain(name: &str) -> DomainInfo {
