@@ -27,50 +27,12 @@ TEMPLATE = "debian-12"
 
 
 def memory_toml(state: Path, custom: tuple[str, ...] = ()) -> str:
-    """The reference-backend config; each section named in ``custom`` is
-    ``backend = "custom"`` instead."""
-    sections = {
-        "users": f"""backend = "memory"
-accounts = [
-  {{ name = "alice", display_name = "alice (test)", mail = "alice@{ZONE}", ssh_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITEST alice"] }},
-  {{ name = "bob", ssh_keys = [] }},
-  {{ name = "mallory", may_own_vms = false }},
-]""",
-        "placement": """backend = "memory"
-state_file = "placement.json"
-hosts = [
-  { id = "host-a", vcpus = 4, memory_mib = 10240, disk_gib = 80 },
-  { id = "host-b", vcpus = 2, memory_mib = 5120, disk_gib = 40 },
-]""",
-        "ip": """backend = "memory"
-subnet = "10.20.0.0/28"
-gateway = "10.20.0.1"
-state_file = "ip.json\"""",
-        "dns": f"""backend = "memory"
-zone = "{ZONE}"
-state_file = "dns.json\"""",
-        "images": f"""backend = "memory"
-templates = ["{TEMPLATE}"]
-state_file = "disks.json\"""",
-        "hypervisor": """backend = "memory"
-state_file = "domains.json\"""",
-        "bootstrap": """backend = "memory"
-state_file = "bootstrap.json\"""",
-    }
-    out = [
-        "# Reference backends with state files: for tests only.",
-        'state_dir = "state"',
-        "",
-        "[defaults]",
-        f'template = "{TEMPLATE}"',
-        'run_list = ["recipe[base]"]',
-        "",
-        "[timeouts]",
-        "domain = 30",
-    ]
-    for name, body in sections.items():
-        out += ["", f"[{name}]", 'backend = "custom"' if name in custom else body]
-    return "\n".join(out) + "\n"
+    """The reference-backend config (``tests/reference.toml``, shared with the Rust
+    tests); each section named in ``custom`` is ``backend = "custom"`` instead."""
+    toml = (REPO / "tests" / "reference.toml").read_text()
+    for name in custom:
+        toml = replace_section(toml, name, 'backend = "custom"')
+    return toml
 
 
 def write_memory_config(dir: Path, custom: tuple[str, ...] = ()) -> Path:

@@ -82,63 +82,15 @@ fn account(name: &str) -> User {
     }
 }
 
+/// The reference-backend config every test suite shares (Rust here, Python's
+/// `conftest.py` reads the same file): `tests/reference.toml`.
+pub const REFERENCE_CONFIG: &str = include_str!("../reference.toml");
+
 /// Writes a config selecting the same reference backends as
 /// `reference_backends(Some(dir))`, and returns its path.
 pub fn write_config(dir: &Path) -> PathBuf {
-    let text = format!(
-        r#"# Reference backends with state files: for tests only.
-state_dir = "state"
-
-[defaults]
-template = "{TEMPLATE}"
-run_list = ["recipe[base]"]
-
-[timeouts]
-domain = 30
-
-[users]
-backend = "memory"
-accounts = [
-  {{ name = "alice", display_name = "alice (test)", mail = "alice@{ZONE}", ssh_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITEST alice"] }},
-  {{ name = "bob", display_name = "bob (test)", mail = "bob@{ZONE}", ssh_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITEST bob"] }},
-  {{ name = "mallory", may_own_vms = false }},
-]
-
-[placement]
-backend = "memory"
-state_file = "placement.json"
-hosts = [
-  {{ id = "host-a", vcpus = 4, memory_mib = 10240, disk_gib = 80 }},
-  {{ id = "host-b", vcpus = 2, memory_mib = 5120, disk_gib = 40 }},
-]
-
-[ip]
-backend = "memory"
-subnet = "10.20.0.0/28"
-gateway = "10.20.0.1"
-state_file = "ip.json"
-
-[dns]
-backend = "memory"
-zone = "{ZONE}"
-state_file = "dns.json"
-
-[images]
-backend = "memory"
-templates = ["{TEMPLATE}"]
-state_file = "disks.json"
-
-[hypervisor]
-backend = "memory"
-state_file = "domains.json"
-
-[bootstrap]
-backend = "memory"
-state_file = "bootstrap.json"
-"#
-    );
     let path = dir.join("devvm.toml");
-    std::fs::write(&path, text).unwrap_or_else(|e| panic!("write config: {e}"));
+    std::fs::write(&path, REFERENCE_CONFIG).unwrap_or_else(|e| panic!("write config: {e}"));
     path
 }
 
