@@ -40,6 +40,57 @@ enum Wake<T> {
     Event(Event),
 }
 
+/// A step backend written in Python, given to `Provisioner.from_config`.
+enum Custom {
+    Users(Arc<PyUsers>),
+    Placement(Arc<PyPlacement>),
+    Ip(Arc<PyIpAllocator>),
+    Dns(Arc<PyDns>),
+    Images(Arc<PyImages>),
+    Hypervisor(Arc<PyHypervisor>),
+    Bootstrap(Arc<PyBootstrapper>),
+}
+
+impl Custom {
+    fn step(&self) -> Step {
+        match self {
+            Custom::Users(_) => Step::User,
+            Custom::Placement(_) => Step::Placement,
+            Custom::Ip(_) => Step::Ip,
+            Custom::Dns(_) => Step::Dns,
+            Custom::Images(_) => Step::Image,
+            Custom::Hypervisor(_) => Step::Domain,
+            Custom::Bootstrap(_) => Step::Bootstrap,
+        }
+    }
+
+    /// Registers the backend under `name` for its step.
+    fn register(self, r: &mut devvm_core::registry::Registry, name: String) {
+        match self {
+            Custom::Users(b) => r.register_users(name, move |_| Ok(b.clone())),
+            Custom::Placement(b) => r.register_placement(name, move |_| Ok(b.clone())),
+            Custom::Ip(b) => r.register_ip(name, move |_| Ok(b.clone())),
+            Custom::Dns(b) => r.register_dns(name, move |_| Ok(b.clone())),
+            Custom::Images(b) => r.register_images(name, move |_| Ok(b.clone())),
+            Custom::Hypervisor(b) => r.register_hypervisor(name, move |_| Ok(b.clone())),
+            Custom::Bootstrap(b) => r.register_bootstrap(name, move |_| Ok(b.clone())),
+        };
+    }
+
+    /// Sets the backend on the builder directly (a `backend = "custom"` section).
+    fn apply(self, b: devvm_core::ProvisionerBuilder) -> devvm_core::ProvisionerBuilder {
+        match self {
+            Custom::Users(x) => b.users(x),
+            Custom::Placement(x) => b.placement(x),
+            Custom::Ip(x) => b.ip(x),
+            Custom::Dns(x) => b.dns(x),
+            Custom::Images(x) => b.images(x),
+            Custom::Hypervisor(x) => b.hypervisor(x),
+            Custom::Bootstrap(x) => b.bootstrap(x),
+        }
+    }
+}
+
 /// What a waiting call runs: plain work, or a run whose events are delivered.
 enum Work<T> {
     Future(std::pin::Pin<Box<dyn Future<Output = devvm_core::Result<T>> + Send>>),
@@ -203,43 +254,18 @@ impl PyProvisioner {
         path: PathBuf,
         custom_backends: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
-        let mut custom: Vec<
-            Box<
-                dyn FnOnce(devvm_core::ProvisionerBuilder) -> devvm_core::ProvisionerBuilder + Send,
-            >,
-        > = Vec::new();
+        let mut custom: Vec<Custom> = Vec::new();
         if let Some(kw) = custom_backends {
             for (k, v) in kw.iter() {
                 let key: String = k.extract()?;
                 custom.push(match key.as_str() {
-                    "users" => {
-                        let b = Arc::new(PyUsers::new(&v)?);
-                        Box::new(move |bld| bld.users(b))
-                    }
-                    "placement" => {
-                        let b = Arc::new(PyPlacement::new(&v)?);
-                        Box::new(move |bld| bld.placement(b))
-                    }
-                    "ip" => {
-                        let b = Arc::new(PyIpAllocator::new(&v)?);
-                        Box::new(move |bld| bld.ip(b))
-                    }
-                    "dns" => {
-                        let b = Arc::new(PyDns::new(&v)?);
-                        Box::new(move |bld| bld.dns(b))
-                    }
-                    "images" => {
-                        let b = Arc::new(PyImages::new(&v)?);
-                        Box::new(move |bld| bld.images(b))
-                    }
-                    "hypervisor" => {
-                        let b = Arc::new(PyHypervisor::new(&v)?);
-                        Box::new(move |bld| bld.hypervisor(b))
-                    }
-                    "bootstrap" => {
-                        let b = Arc::new(PyBootstrapper::new(&v)?);
-                        Box::new(move |bld| bld.bootstrap(b))
-                    }
+                    "users" => Custom::Users(Arc::new(PyUsers::new(&v)?)),
+                    "placement" => Custom::Placement(Arc::new(PyPlacement::new(&v)?)),
+                    "ip" => Custom::Ip(Arc::new(PyIpAllocator::new(&v)?)),
+                    "dns" => Custom::Dns(Arc::new(PyDns::new(&v)?)),
+                    "images" => Custom::Images(Arc::new(PyImages::new(&v)?)),
+                    "hypervisor" => Custom::Hypervisor(Arc::new(PyHypervisor::new(&v)?)),
+                    "bootstrap" => Custom::Bootstrap(Arc::new(PyBootstrapper::new(&v)?)),
                     other => {
                         return Err(PyTypeError::new_err(format!(
                             "unknown custom backend {other:?}; known: users, placement, ip, dns, images, hypervisor, bootstrap"
@@ -251,9 +277,21 @@ impl PyProvisioner {
         let rt = runtime()?;
         let built = py.detach(move || {
             let _enter = rt.enter();
-            let mut builder = Config::load(&path)?.builder()?;
-            for f in custom {
-                builder = f(builder);
+            let config = Config::load(&path)?;
+            // A Python backend serves its section under the name the section gives it
+            // (`backend = "my-dns"`), through the same registry as every built-in backend;
+            // a section that says `backend = "custom"` gets it directly.
+            let mut registry = devvm_core::registry::Registry::builtin();
+            let mut direct = Vec::new();
+            for c in custom {
+                match config.section(c.step()).map(|s| s.backend.clone()) {
+                    Some(name) if name != "custom" => c.register(&mut registry, name),
+                    _ => direct.push(c),
+                }
+            }
+            let mut builder = config.builder_with(&registry)?;
+            for c in direct {
+                builder = c.apply(builder);
             }
             builder.build()
         });

@@ -235,6 +235,23 @@ def test_python_backends_in_the_pipeline(tmp_path: Path) -> None:
     assert p.list() == []
 
 
+def test_a_python_backend_is_selected_by_the_name_its_section_gives(tmp_path: Path) -> None:
+    """Python backends go through the same registry as the built-in ones: a section may
+    name them (``backend = "in-house-dns"``) rather than say ``custom``."""
+    from conftest import replace_section
+
+    cfg = write_memory_config(tmp_path)
+    cfg.write_text(replace_section(cfg.read_text(), "dns", 'backend = "in-house-dns"'))
+    with pytest.raises(devvm.InvalidInput, match="unknown backend"):
+        devvm.Provisioner.from_config(cfg)
+    dns = PyDns("named.example")
+    p = devvm.Provisioner.from_config(cfg, dns=dns)
+    vm = p.provision("alice", name="named")
+    assert vm.fqdn == "named.named.example"
+    p.deprovision("named")
+    assert dns.records() == {"forward": {}, "ptr": {}}
+
+
 def test_python_image_store_and_hypervisor_in_the_pipeline(tmp_path: Path) -> None:
     cfg = write_memory_config(tmp_path, custom=("images", "hypervisor"))
     images = PyImages(["debian-12"])
