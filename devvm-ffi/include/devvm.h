@@ -115,9 +115,10 @@ typedef struct {
 
 // Optional custom backends for [`devvm_provisioner_new`]; NULL members use the config.
 typedef struct {
-  // Replaces the `[ip]` backend (the config may say `backend = "custom"`).
+  // Serves the `[ip]` section: under the backend name the section gives (through the
+  // backend registry), or directly when it says `backend = "custom"`.
   const devvm_ip_allocator *ip;
-  // Replaces the `[dns]` backend.
+  // Serves the `[dns]` section, as `ip` does `[ip]`.
   const devvm_dns_updater *dns;
 } devvm_backends;
 

@@ -25,8 +25,8 @@ use std::sync::{Arc, Mutex};
 
 use devvm_core::{
     DnsRecord, DnsUpdater, Error, ErrorKind, Event, EventKind, IpAllocator, Lease,
-    ProvisionRequest, Provisioner, RequestId, SizeRequest, TemplateName, Undone, UserName, Vm,
-    VmName, async_trait,
+    ProvisionRequest, Provisioner, RequestId, SizeRequest, Step, TemplateName, Undone, UserName,
+    Vm, VmName, async_trait,
 };
 
 /// Result of every call.
@@ -427,9 +427,10 @@ pub struct devvm_dns_updater {
 /// Optional custom backends for [`devvm_provisioner_new`]; NULL members use the config.
 #[repr(C)]
 pub struct devvm_backends {
-    /// Replaces the `[ip]` backend (the config may say `backend = "custom"`).
+    /// Serves the `[ip]` section: under the backend name the section gives (through the
+    /// backend registry), or directly when it says `backend = "custom"`.
     pub ip: *const devvm_ip_allocator,
-    /// Replaces the `[dns]` backend.
+    /// Serves the `[dns]` section, as `ip` does `[ip]`.
     pub dns: *const devvm_dns_updater,
 }
 
@@ -749,10 +750,9 @@ pub unsafe extern "C" fn devvm_provisioner_new(
             Ok(c) => c,
             Err(e) => return fail_with(&e),
         };
-        let mut builder = match config.builder() {
-            Ok(b) => b,
-            Err(e) => return fail_with(&e),
-        };
+        // The C backends, checked first.
+        let mut ip: Option<Arc<dyn IpAllocator>> = None;
+        let mut dns: Option<Arc<dyn DnsUpdater>> = None;
         if !backends.is_null() {
             // SAFETY: non-NULL and valid per the contract.
             let b = unsafe { &*backends };
@@ -762,7 +762,7 @@ pub unsafe extern "C" fn devvm_provisioner_new(
                 if t.allocate.is_none() || t.release.is_none() || t.lease.is_none() {
                     return fail(DEVVM_ERR_NULL_ARGUMENT, "an ip allocator function is NULL");
                 }
-                builder = builder.ip(Arc::new(CBackend::new(t)));
+                ip = Some(Arc::new(CBackend::new(t)));
             }
             if !b.dns.is_null() {
                 // SAFETY: as above.
@@ -776,11 +776,48 @@ pub unsafe extern "C" fn devvm_provisioner_new(
                 }
                 // SAFETY: forwarded from the caller.
                 let zone = try_status!(unsafe { req_str(t.zone, "dns zone") }).to_owned();
-                builder = builder.dns(Arc::new(CDns {
+                dns = Some(Arc::new(CDns {
                     zone,
                     table: CBackend::new(t),
                 }));
             }
+        }
+        // A C backend serves its section under the name the section gives it, through the
+        // same registry as the built-in backends; a `backend = "custom"` section gets it
+        // directly.
+        let named = |step: Step| {
+            config
+                .section(step)
+                .map(|s| s.backend.clone())
+                .filter(|n| n != "custom")
+        };
+        let mut registry = devvm_core::registry::Registry::builtin();
+        let (mut ip_direct, mut dns_direct) = (None, None);
+        if let Some(b) = ip {
+            match named(Step::Ip) {
+                Some(name) => {
+                    registry.register_ip(name, move |_| Ok(b.clone()));
+                }
+                None => ip_direct = Some(b),
+            }
+        }
+        if let Some(b) = dns {
+            match named(Step::Dns) {
+                Some(name) => {
+                    registry.register_dns(name, move |_| Ok(b.clone()));
+                }
+                None => dns_direct = Some(b),
+            }
+        }
+        let mut builder = match config.builder_with(&registry) {
+            Ok(b) => b,
+            Err(e) => return fail_with(&e),
+        };
+        if let Some(b) = ip_direct {
+            builder = builder.ip(b);
+        }
+        if let Some(b) = dns_direct {
+            builder = builder.dns(b);
         }
         let rt = match tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

@@ -352,6 +352,37 @@ int main(void) {
     devvm_vm_free(v2);
     devvm_vm_free(v3);
     devvm_provisioner_free(p);
+
+    /* The C backends go through the backend registry: a section may name them. */
+    char *named_text = NULL;
+    if (asprintf(&named_text, "%s", CONFIG) < 0) abort();
+    char *at = strstr(named_text, "[dns]\nbackend = \"custom\"");
+    CHECK(at != NULL, "the config has a custom dns section");
+    char *named_cfg = NULL;
+    if (at) {
+        *at = '\0';
+        char *text = NULL;
+        if (asprintf(&text, "%s[dns]\nbackend = \"in-house-dns\"%s", named_text,
+                     at + strlen("[dns]\nbackend = \"custom\"")) < 0) abort();
+        named_cfg = write_file(dir, "named.toml", text);
+        free(text);
+    }
+    devvm_provisioner *pn = NULL;
+    CHECK(devvm_provisioner_new(named_cfg, NULL, &pn) == DEVVM_ERR_INVALID_INPUT && pn == NULL,
+          "without the C backend the name is unknown");
+    CHECK(strstr(devvm_last_error_message(), "in-house-dns") != NULL, "named: %s", devvm_last_error_message());
+    CHECK(devvm_provisioner_new(named_cfg, &backends, &pn) == DEVVM_OK && pn != NULL, "named C backend");
+    if (pn) {
+        devvm_vm *vn = NULL;
+        devvm_request rn = { .user = "alice", .name = "c-vm-n" };
+        CHECK(devvm_provision(pn, &rn, NULL, NULL, &vn) == DEVVM_OK && vn != NULL, "provision with the named backend");
+        if (vn) CHECK(strcmp(devvm_vm_fqdn(vn), "c-vm-n.c.example") == 0, "the C zone: %s", devvm_vm_fqdn(vn));
+        CHECK(devvm_deprovision(pn, "c-vm-n", NULL, NULL) == DEVVM_OK, "deprovision named");
+        devvm_vm_free(vn);
+        devvm_provisioner_free(pn);
+    }
+    free(named_text);
+    free(named_cfg);
     free(config);
     free(bad_config);
     char *cmd;
