@@ -468,7 +468,8 @@ async fn a_failed_undo_is_named_and_recovered() {
         b,
         FaultPlan::new(Step::Ip, Fault::Error(ErrorKind::Unavailable)).on_undo(),
     );
-    let f = fixture_with(mem, b, Timeouts::default());
+    // No retry: the one failing undo stays failed (a retried one is tested apart).
+    let f = fixture_retrying(mem, b, Timeouts::default(), Retries::none());
     let e =
         f.p.provision(ProvisionRequest::new(user("alice")).with_name(name("leaky")))
             .await
@@ -1166,4 +1167,39 @@ async fn transient_failures_are_retried_with_backoff() {
             }
         }
     }
+}
+
+/// An undo that fails once with a transient error is retried, so the rollback is
+/// complete and nothing is left for recover().
+#[tokio::test]
+async fn a_transient_undo_failure_is_retried() {
+    let mem = reference_backends(None);
+    let b = faults::inject(
+        mem.backends(),
+        FaultPlan::new(Step::Domain, Fault::Error(ErrorKind::Backend)),
+    );
+    let b = faults::inject(
+        b,
+        FaultPlan::new(Step::Ip, Fault::Error(ErrorKind::Unavailable)).on_undo(),
+    );
+    let mut retries = Retries::default();
+    retries.initial = Duration::from_millis(1);
+    retries.max = Duration::from_millis(5);
+    let f = fixture_retrying(mem, b, Timeouts::default(), retries);
+    let mut sub = f.p.subscribe();
+    let e =
+        f.p.provision(ProvisionRequest::new(user("alice")))
+            .await
+            .expect_err("domain fails");
+    assert_eq!(e.kind(), ErrorKind::Backend, "{e}");
+    assert!(
+        e.undo_failures().is_empty(),
+        "the retried undo succeeded: {e}"
+    );
+    assert_eq!(held(&f), 0);
+    assert!(
+        sub.drain().iter().any(|ev| matches!(&ev.kind,
+            EventKind::StepProgress { step: Step::Ip, message, .. } if message.starts_with("retrying"))),
+        "the retry is reported"
+    );
 }

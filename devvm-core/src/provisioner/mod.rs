@@ -45,7 +45,7 @@ pub use run::WAITING_FOR_BLOCKING_WORK;
 pub use settings::{Defaults, Retries, Timeouts};
 
 use handle::RunFilter;
-use run::{Run, guarded};
+use run::{Run, guarded, with_retries};
 use undo::{resource, undo_steps};
 
 /// The backend of every step.

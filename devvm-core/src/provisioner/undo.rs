@@ -1,5 +1,5 @@
 //! Undoing steps (rollback, deprovision, recovery), each checked for ownership by its
-//! backend and bounded by the step's time limit.
+//! backend, bounded by the step's time limit, and retried after a transient failure.
 
 use super::*;
 
@@ -94,9 +94,15 @@ pub(super) async fn undo_steps(
     todo.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
     let mut failures = Vec::new();
     for (step, key) in todo {
-        let outcome = undo_one(&inner.backends, step, &key, id, inner.timeouts.get(step))
-            .await
-            .map_err(|e| e.or_step(step).or_backend(inner.backends.name_of(step)));
+        // A transient failure of an undo is retried like an act's: what is not undone
+        // now stays held until recover() runs.
+        let limit = inner.timeouts.get(step);
+        let progress = events.progress(step);
+        let outcome = with_retries(&inner.retries, step, &progress, || {
+            undo_one(&inner.backends, step, &key, id, limit)
+        })
+        .await
+        .map_err(|e| e.or_step(step).or_backend(inner.backends.name_of(step)));
         if let Ok(Undone::Foreign { holder }) = &outcome {
             let resource = resource(step, &key);
             tracing::warn!(%step, %resource, %holder, "left alone: not this run's");
