@@ -116,6 +116,24 @@ pub mod lab {
                 .unwrap_or_default()
         }
 
+        /// The first-boot seed images of `vm` (`<vm>-<request id>-cidata.img`) in the lab's
+        /// seed directory.
+        pub fn seed_files(&self, vm: &str) -> Vec<PathBuf> {
+            let prefix = format!("{vm}-");
+            std::fs::read_dir(self.dir.join("devvm-shared/seeds"))
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .map(|e| e.path())
+                        .filter(|p| {
+                            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                                n.starts_with(&prefix) && n.ends_with("-cidata.img")
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        }
+
         /// The address leased to `vm` in the lease database, read with plain SQL.
         pub fn lease(&self, vm: &str) -> Option<IpAddr> {
             lease_in(&self.lease_db(), vm)
@@ -145,8 +163,7 @@ pub mod lab {
             for f in self.disk_files(vm) {
                 left.push(format!("disk {}", f.display()));
             }
-            let seed = self.dir.join(format!("devvm-shared/seeds/{vm}-cidata.img"));
-            if seed.exists() {
+            for seed in self.seed_files(vm) {
                 left.push(format!("seed {}", seed.display()));
             }
             for a in self.dns_a(fqdn) {

@@ -258,8 +258,8 @@ async fn chef_bootstrap_with_the_stand_in_chef_client_registers_the_node_and_dep
         listed.contains("vda") && !listed.contains("vdb") && !listed.contains("cidata"),
         "{listed}"
     );
-    let seed = Path::new(lab.var("dir")).join(format!("devvm-shared/seeds/{name}-cidata.img"));
-    assert!(!seed.exists(), "{} is deleted", seed.display());
+    let seeds = env.seed_files(name.as_str());
+    assert!(seeds.is_empty(), "{seeds:?} deleted");
     let json = guest_output(&s, "cat /etc/chef/first-boot.json").await;
     let json: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(

@@ -79,9 +79,8 @@ async fn the_seed_alone_configures_the_guest() {
     // The seed (the guest's private host key) was consumed, then detached and deleted:
     // the guest has only its root disk left, and the seed file is gone from the host.
     assert_eq!(lines.collect::<Vec<_>>(), vec!["/dev/vda"], "{stdout}");
-    let seed =
-        std::path::Path::new(lab.var("dir")).join(format!("devvm-shared/seeds/{name}-cidata.img"));
-    assert!(!seed.exists(), "{} is deleted", seed.display());
+    let seeds = env.seed_files(name.as_str());
+    assert!(seeds.is_empty(), "{seeds:?} deleted");
 
     p.deprovision(&vm.name)
         .await

@@ -212,3 +212,37 @@ async fn an_unreachable_libvirt_is_unavailable() {
     assert_eq!(e.kind(), devvm_core::ErrorKind::Unavailable, "{e}");
     assert!(e.is_retryable() || e.kind() == devvm_core::ErrorKind::Unavailable);
 }
+
+/// Seeds are named by their run: undoing a run that never defined its domain removes
+/// that run's seed (a create that failed after writing it) and never another run's seed of
+/// the same VM name.
+#[tokio::test]
+async fn another_runs_seed_of_the_same_name_survives_an_undo() {
+    use devvm_core::Hypervisor;
+    let Some(lab) = Lab::get("another_runs_seed_of_the_same_name_survives_an_undo") else {
+        return;
+    };
+    let g = guest(&lab, 233);
+    let (vm, host, me, other) = (
+        &g.spec.name,
+        &g.spec.host,
+        &g.spec.request_id,
+        RequestId::random(),
+    );
+    let (mine, theirs) = (g.hv.seed_image(vm, me), g.hv.seed_image(vm, &other));
+    assert_ne!(mine, theirs);
+    for seed in [&mine, &theirs] {
+        std::fs::write(seed, b"a seed").unwrap_or_else(|e| panic!("{e}"));
+    }
+    let undone =
+        g.hv.destroy(vm, host, me)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(undone, devvm_core::Undone::Absent, "no domain was defined");
+    assert!(!mine.exists(), "this run's seed is removed");
+    assert_eq!(
+        std::fs::read(&theirs).unwrap_or_default(),
+        b"a seed",
+        "the other run's seed is untouched"
+    );
+}

@@ -71,8 +71,8 @@ pub struct LibvirtConfig {
     /// The guest's SSH port (default 22).
     #[serde(default = "default_ssh_port")]
     pub ssh_port: u16,
-    /// Where each guest's first-boot seed image (`<vm>-cidata.img`, mode 0600) is kept
-    /// while the domain exists; default: `console_dir`.
+    /// Where each guest's first-boot seed image (`<vm>-<request id>-cidata.img`, mode
+    /// 0600) is kept until the guest consumed it; default: `console_dir`.
     #[serde(default)]
     pub seed_dir: Option<PathBuf>,
     /// Files of extra `authorized_keys` lines for every guest (for example the
@@ -577,24 +577,25 @@ impl LibvirtHypervisor {
         Ok(LibvirtHypervisor { config, extra_keys })
     }
 
-    fn settings(&self, vm: &VmName, with_seed: bool) -> DomainSettings {
+    fn settings(&self, vm: &VmName, seed_of: Option<&RequestId>) -> DomainSettings {
         DomainSettings {
             accel: self.config.accel,
             bridge: self.config.bridge.clone(),
             console_log: self.console_log(vm),
             dns_servers: self.config.dns_servers.clone(),
             extra_keys: self.extra_keys.clone(),
-            seed_image: with_seed.then(|| self.seed_image(vm)),
+            seed_image: seed_of.map(|owner| self.seed_image(vm, owner)),
         }
     }
 
-    /// The first-boot seed image of `vm`.
-    pub fn seed_image(&self, vm: &VmName) -> PathBuf {
+    /// The first-boot seed image of `vm` made by the run `owner`. The request id is in
+    /// the name, so no path ever names another run's seed of the same VM name.
+    pub fn seed_image(&self, vm: &VmName, owner: &RequestId) -> PathBuf {
         self.config
             .seed_dir
             .as_ref()
             .unwrap_or(&self.config.console_dir)
-            .join(format!("{vm}-cidata.img"))
+            .join(format!("{vm}-{owner}-cidata.img"))
     }
 
     /// The serial console log of `vm`.
@@ -666,7 +667,8 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     async fn create(&self, spec: &DomainSpec, progress: &Progress) -> Result<Domain> {
-        let xml = domain_xml(spec, &self.settings(&spec.name, spec.seed.is_some()))?;
+        let seed_of = spec.seed.as_ref().map(|_| &spec.request_id);
+        let xml = domain_xml(spec, &self.settings(&spec.name, seed_of))?;
         for dir in [
             Some(&self.config.console_dir),
             self.config.seed_dir.as_ref(),
@@ -704,7 +706,7 @@ impl Hypervisor for LibvirtHypervisor {
                 l.gateway,
                 &self.config.dns_servers,
             );
-            let path = self.seed_image(&spec.name);
+            let path = self.seed_image(&spec.name, &spec.request_id);
             let files: [(&str, &[u8]); 3] = [
                 ("meta-data", meta.as_bytes()),
                 (
@@ -766,7 +768,7 @@ impl Hypervisor for LibvirtHypervisor {
     /// request; then removes its seed disk. A domain without devvm's metadata, or of
     /// another request, is left alone with its seed.
     async fn destroy(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<Undone> {
-        let seed = self.seed_image(vm);
+        let seed = self.seed_image(vm, owner);
         let (vm, host, owner) = (vm.clone(), host.clone(), owner.clone());
         let outcome = blocking(move || {
             let conn = connect(&host)?;
@@ -799,7 +801,8 @@ impl Hypervisor for LibvirtHypervisor {
         .await?;
         match outcome {
             Undone::Foreign { .. } => {}
-            // Absent: a create that failed after writing the seed but before defining.
+            // Absent: a create that failed after writing the seed but before defining. The
+            // path names this run's request, so it is this run's seed or nothing.
             _ => remove_seed(&seed)?,
         }
         Ok(outcome)
@@ -809,7 +812,7 @@ impl Hypervisor for LibvirtHypervisor {
     /// (ACPI hot-unplug; the domain XML enables ACPI), waits until the guest let it go,
     /// then deletes the seed file.
     async fn discard_seed(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<()> {
-        let seed = self.seed_image(vm);
+        let seed = self.seed_image(vm, owner);
         let xml = seed_disk_xml(&seed)?;
         let source = format!("file='{}'", quick_xml::escape::escape(path_str(&seed)?));
         let (vm2, host2, owner2) = (vm.clone(), host.clone(), owner.clone());
