@@ -34,43 +34,6 @@ fn held(dir: &Path) -> usize {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Resources of a neighbouring VM that another tool holds in the same hosts, pool, lease
-/// and DNS data (another owner): recovery must never touch them. Returns how many.
-async fn plant_foreign(dir: &Path) -> usize {
-    use devvm_core::{DnsUpdater, ImageStore, IpAllocator, Placement, Progress, RequestId};
-    let mem = reference_backends(Some(dir));
-    let (vm, other) = (
-        VmName::new("neighbour").unwrap_or_else(|e| panic!("{e}")),
-        RequestId::new("another-tool").unwrap_or_else(|e| panic!("{e}")),
-    );
-    let host = mem
-        .placement
-        .reserve(&vm, &devvm_core::VmSize::default(), &other)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    mem.ip
-        .allocate(&vm, &other)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let p = Progress::discard();
-    let t = mem
-        .images
-        .prepare(
-            &devvm_core::TemplateName::new(devvm_tests::TEMPLATE).unwrap_or_else(|e| panic!("{e}")),
-            &p,
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    mem.images
-        .create_disk(&vm, &host, &t, 40, &other, &p)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    mem.dns
-        .insert_foreign(&mem.dns.fqdn(&vm), [10, 20, 0, 14].into())
-        .unwrap_or_else(|e| panic!("{e}"));
-    mem.held_total().unwrap_or_else(|e| panic!("{e}"))
-}
-
 async fn recover_and_check(dir: &Path, config: &Path, ctx: &str, foreign: usize) {
     let p = Provisioner::from_config(config).unwrap_or_else(|e| panic!("{ctx}: {e}"));
     let report = p
@@ -114,7 +77,7 @@ async fn killed_at_every_step_boundary_then_recovered_leaks_nothing() {
         for when in ["before", "after"] {
             let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
             let config = write_config(dir.path());
-            let foreign = plant_foreign(dir.path()).await;
+            let foreign = devvm_tests::plant_neighbour(&reference_backends(Some(dir.path()))).await;
             run_child(&config, "provision", step, when);
             let ctx = format!("provision killed {when} {step}");
             recover_and_check(dir.path(), &config, &ctx, foreign).await;

@@ -67,38 +67,6 @@ fn fixture() -> Fixture {
     fixture_with(mem, b, Timeouts::default())
 }
 
-/// A neighbouring VM that another tool holds in the same hosts, leases, zone and pool
-/// (another owner): no rollback may touch it. Returns how many resources it holds.
-async fn plant_neighbour(mem: &MemoryBackends) -> usize {
-    use devvm_core::{DnsUpdater, ImageStore, Progress};
-    let (vm, other) = (name("neighbour"), RequestId::random());
-    let host = mem
-        .placement
-        .reserve(&vm, &VmSize::default(), &other)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    mem.ip
-        .allocate(&vm, &other)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let p = Progress::discard();
-    let template =
-        devvm_core::TemplateName::new(devvm_tests::TEMPLATE).unwrap_or_else(|e| panic!("{e}"));
-    let t = mem
-        .images
-        .prepare(&template, &p)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    mem.images
-        .create_disk(&vm, &host, &t, 40, &other, &p)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    mem.dns
-        .insert_foreign(&mem.dns.fqdn(&vm), [10, 20, 0, 13].into())
-        .unwrap_or_else(|e| panic!("{e}"));
-    mem.held_total().unwrap_or_else(|e| panic!("{e}"))
-}
-
 fn held(f: &Fixture) -> usize {
     f.mem.held_total().unwrap_or_else(|e| panic!("{e}"))
 }
@@ -399,7 +367,7 @@ async fn a_fault_at_any_step_leaves_nothing_behind() {
             }
             // One fault, no retry: the run fails at that step (retries are tested apart).
             let f = fixture_retrying(mem, backends, timeouts, Retries::none());
-            let foreign = plant_neighbour(&f.mem).await;
+            let foreign = devvm_tests::plant_neighbour(&f.mem).await;
             let mut sub = f.p.subscribe();
             let e =
                 f.p.provision(ProvisionRequest::new(user("alice")))

@@ -348,15 +348,7 @@ impl Config {
             .defaults(self.defaults.clone())
             .timeouts(self.timeouts.clone())
             .retries(self.retries.clone());
-        for step in [
-            Step::User,
-            Step::Placement,
-            Step::Ip,
-            Step::Dns,
-            Step::Image,
-            Step::Domain,
-            Step::Bootstrap,
-        ] {
+        for step in crate::registry::SECTION_STEPS {
             let section = self
                 .section(step)
                 .ok_or_else(|| config_err(&self.path, format_args!("no section for {step}")))?;

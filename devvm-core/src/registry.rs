@@ -92,7 +92,7 @@ pub struct Registry {
 impl fmt::Debug for Registry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Registry");
-        for step in STEPS {
+        for step in SECTION_STEPS {
             d.field(section_name(step), &self.names(step));
         }
         d.finish()
@@ -100,7 +100,7 @@ impl fmt::Debug for Registry {
 }
 
 /// The steps that have a config section (image and disk share `[images]`).
-const STEPS: [Step; 7] = [
+pub(crate) const SECTION_STEPS: [Step; 7] = [
     Step::User,
     Step::Placement,
     Step::Ip,

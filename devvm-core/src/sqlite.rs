@@ -103,3 +103,44 @@ pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
         .mode(0o700)
         .create(dir)
 }
+
+/// Deletes the row of `table` (a constant, never input) for `vm` if its `owner` column
+/// names `owner`, in one transaction. A row of another owner is left and reported as
+/// [`Undone::Foreign`](crate::types::Undone::Foreign); a row without an owner (from before owners were recorded) is
+/// foreign too, its holder described by `unowned`.
+#[cfg(any(feature = "sqlite", feature = "libvirt"))]
+pub(crate) fn release_owned(
+    conn: &mut Connection,
+    table: &'static str,
+    vm: &str,
+    owner: &str,
+    unowned: &str,
+    err: &impl Fn(rusqlite::Error) -> Error,
+) -> Result<crate::types::Undone, Error> {
+    use rusqlite::{OptionalExtension, TransactionBehavior, params};
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(err)?;
+    let n = tx
+        .execute(
+            &format!("DELETE FROM {table} WHERE vm = ?1 AND owner = ?2"),
+            params![vm, owner],
+        )
+        .map_err(err)?;
+    let left: Option<Option<String>> = tx
+        .query_row(
+            &format!("SELECT owner FROM {table} WHERE vm = ?1"),
+            params![vm],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(err)?;
+    tx.commit().map_err(err)?;
+    Ok(match (n, left) {
+        (0, Some(holder)) => {
+            crate::types::Undone::foreign(holder.unwrap_or_else(|| unowned.to_owned()))
+        }
+        (0, None) => crate::types::Undone::Absent,
+        _ => crate::types::Undone::Removed,
+    })
+}

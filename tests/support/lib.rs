@@ -194,3 +194,37 @@ pub fn with_fault(
         .unwrap_or_else(|| panic!("the config leaves a backend unset"));
     builder.backends(devvm_core::testkit::faults::inject(clean, plan))
 }
+
+/// Plants a neighbouring VM (`neighbour`) that another tool holds in the same hosts,
+/// leases, zone and pool as `mem` (owner `another-tool`): a slot, a lease, a disk and an A
+/// and PTR record. No rollback, deprovision or recovery may touch it. Returns how many
+/// resources `mem` then holds.
+pub async fn plant_neighbour(mem: &MemoryBackends) -> usize {
+    use devvm_core::{DnsUpdater, ImageStore, IpAllocator, Placement, Progress, RequestId, VmName};
+    let vm = VmName::new("neighbour").unwrap_or_else(|e| panic!("{e}"));
+    let other = RequestId::new("another-tool").unwrap_or_else(|e| panic!("{e}"));
+    let host = mem
+        .placement
+        .reserve(&vm, &VmSize::default(), &other)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    mem.ip
+        .allocate(&vm, &other)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let p = Progress::discard();
+    let template = TemplateName::new(TEMPLATE).unwrap_or_else(|e| panic!("{e}"));
+    let t = mem
+        .images
+        .prepare(&template, &p)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    mem.images
+        .create_disk(&vm, &host, &t, 40, &other, &p)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    mem.dns
+        .insert_foreign(&mem.dns.fqdn(&vm), [10, 20, 0, 13].into())
+        .unwrap_or_else(|e| panic!("{e}"));
+    mem.held_total().unwrap_or_else(|e| panic!("{e}"))
+}

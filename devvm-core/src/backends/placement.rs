@@ -155,9 +155,12 @@ const SCHEMA: &[&str] = &[
     "ALTER TABLE reservations ADD COLUMN owner TEXT;",
 ];
 
+/// Who holds a slot without an owner, for messages.
+const UNOWNED: &str = "no request (reserved before owners were recorded)";
+
 /// Who holds a slot, for messages.
 fn holder_of(owner: Option<String>) -> String {
-    owner.unwrap_or_else(|| "no request (reserved before owners were recorded)".into())
+    owner.unwrap_or_else(|| UNOWNED.into())
 }
 
 impl LibvirtPlacement {
@@ -435,30 +438,14 @@ impl Placement for LibvirtPlacement {
     async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
         let (vm, owner) = (vm.clone(), owner.clone());
         self.blocking(move |conn, path| {
-            let err = db_err(path);
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(&err)?;
-            let n = tx
-                .execute(
-                    "DELETE FROM reservations WHERE vm = ?1 AND owner = ?2",
-                    params![vm.as_str(), owner.as_str()],
-                )
-                .map_err(&err)?;
-            let left: Option<Option<String>> = tx
-                .query_row(
-                    "SELECT owner FROM reservations WHERE vm = ?1",
-                    params![vm.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(&err)?;
-            tx.commit().map_err(&err)?;
-            Ok(match (n, left) {
-                (0, Some(holder)) => Undone::foreign(holder_of(holder)),
-                (0, None) => Undone::Absent,
-                _ => Undone::Removed,
-            })
+            crate::sqlite::release_owned(
+                conn,
+                "reservations",
+                vm.as_str(),
+                owner.as_str(),
+                UNOWNED,
+                &db_err(path),
+            )
         })
         .await
     }

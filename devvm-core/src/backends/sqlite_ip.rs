@@ -400,8 +400,11 @@ impl SqliteIpAllocator {
 
 /// Who holds a lease, for messages: its request id, or what a lease without one is.
 fn holder_of(owner: Option<String>) -> String {
-    owner.unwrap_or_else(|| "no request (imported, or leased before owners were recorded)".into())
+    owner.unwrap_or_else(|| UNOWNED.into())
 }
+
+/// Who holds a lease without an owner, for messages.
+const UNOWNED: &str = "no request (imported, or leased before owners were recorded)";
 
 /// The first free address in `from..=hi`, jumping over runs of taken ones.
 fn first_free(tx: &rusqlite::Transaction<'_>, from: u32, hi: u32) -> rusqlite::Result<Option<u32>> {
@@ -510,30 +513,14 @@ impl IpAllocator for SqliteIpAllocator {
     async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
         let (name, owner) = (vm.clone(), owner.clone());
         self.blocking(move |conn, _, path| {
-            let err = db_err(path);
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(&err)?;
-            let n = tx
-                .execute(
-                    "DELETE FROM addresses WHERE vm = ?1 AND owner = ?2",
-                    params![name.as_str(), owner.as_str()],
-                )
-                .map_err(&err)?;
-            let left: Option<Option<String>> = tx
-                .query_row(
-                    "SELECT owner FROM addresses WHERE vm = ?1",
-                    params![name.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(&err)?;
-            tx.commit().map_err(&err)?;
-            Ok(match (n, left) {
-                (0, Some(holder)) => Undone::foreign(holder_of(holder)),
-                (0, None) => Undone::Absent,
-                _ => Undone::Removed,
-            })
+            crate::sqlite::release_owned(
+                conn,
+                "addresses",
+                name.as_str(),
+                owner.as_str(),
+                UNOWNED,
+                &db_err(path),
+            )
         })
         .await
     }

@@ -45,6 +45,7 @@ pub use run::WAITING_FOR_BLOCKING_WORK;
 pub use settings::{Defaults, Retries, Timeouts};
 
 use handle::RunFilter;
+use recovery::finished_vm;
 use run::{Run, guarded, with_retries};
 use undo::{resource, undo_steps};
 

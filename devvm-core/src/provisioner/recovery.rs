@@ -154,7 +154,19 @@ pub(super) fn vm_from_steps(req: &ResolvedRequest, steps: &[StepRecord]) -> Opti
     let record: DnsRecord = output(steps, Step::Dns)?;
     let disk: Disk = output(steps, Step::Disk)?;
     let report: BootstrapReport = output(steps, Step::Bootstrap)?;
-    Some(Vm {
+    Some(finished_vm(req, host, &lease, record, disk, &report))
+}
+
+/// The VM a run made, from what its steps produced.
+pub(super) fn finished_vm(
+    req: &ResolvedRequest,
+    host: HostId,
+    lease: &Lease,
+    record: DnsRecord,
+    disk: Disk,
+    report: &BootstrapReport,
+) -> Vm {
+    Vm {
         name: req.name.clone(),
         fqdn: record.fqdn,
         ip: lease.ip,
@@ -165,7 +177,7 @@ pub(super) fn vm_from_steps(req: &ResolvedRequest, steps: &[StepRecord]) -> Opti
         created: OffsetDateTime::now_utc(),
         request_id: req.request_id.clone(),
         bootstrapped: report.bootstrapped,
-    })
+    }
 }
 
 /// What recovery does with an unfinished run: decided from the journal alone.

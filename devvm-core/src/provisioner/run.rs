@@ -394,18 +394,7 @@ impl Run {
             .await
             .map_err(first_error(Vec::new()))?;
 
-        Ok(Vm {
-            name: req.name.clone(),
-            fqdn: record.fqdn,
-            ip: lease.ip,
-            host,
-            disk: disk.path,
-            owner: req.user.clone(),
-            template: req.template.clone(),
-            created: OffsetDateTime::now_utc(),
-            request_id: req.request_id.clone(),
-            bootstrapped: report.bootstrapped,
-        })
+        Ok(finished_vm(req, host, &lease, record, disk, &report))
     }
 }
 
