@@ -105,6 +105,7 @@ pub struct Error {
     backend: Option<String>,
     undo_failures: Vec<UndoFailure>,
     source: Option<Source>,
+    detail: Option<Source>,
 }
 
 impl Error {
@@ -118,7 +119,27 @@ impl Error {
             backend: None,
             undo_failures: Vec::new(),
             source: None,
+            detail: None,
         }
+    }
+
+    /// An error made from a backend's own error type `detail`: the message is its
+    /// `Display`, [`Error::detail`] gives it back (so a caller can match its variants), and
+    /// [`std::error::Error::source`] continues with `detail`'s own source, not with
+    /// `detail` itself (whose text is already the message).
+    pub fn from_detail(
+        kind: ErrorKind,
+        detail: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        let mut e = Self::new(kind, detail.to_string());
+        e.detail = Some(Box::new(detail));
+        e
+    }
+
+    /// The backend's own error this error was made from with [`Error::from_detail`], if it
+    /// is a `T`.
+    pub fn detail<T: std::error::Error + 'static>(&self) -> Option<&T> {
+        self.detail.as_deref().and_then(|d| d.downcast_ref::<T>())
     }
 
     /// Shorthand for [`ErrorKind::NotFound`].
@@ -292,9 +313,36 @@ impl fmt::Debug for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_deref()
-            .map(|s| s as &(dyn std::error::Error + 'static))
+        if let Some(s) = &self.source {
+            return Some(s.as_ref() as &(dyn std::error::Error + 'static));
+        }
+        self.detail.as_deref().and_then(|d| d.source())
+    }
+}
+
+/// A backend's private error type (a `thiserror` enum): each variant says which
+/// [`ErrorKind`] it is, and `?` turns it into the public [`Error`] through
+/// [`Error::from_detail`], so tests can match the variant with [`Error::detail`].
+pub(crate) trait BackendError: std::error::Error + Send + Sync + Sized + 'static {
+    /// The backend's name, as in the config (`"glance"`); see [`Error::backend_name`].
+    const BACKEND: &'static str;
+    /// What the caller can do about it.
+    fn kind(&self) -> ErrorKind;
+    /// Whether retrying may help, when that differs from the kind's default.
+    fn retryable(&self) -> Option<bool> {
+        None
+    }
+}
+
+impl<E: BackendError> From<E> for Error {
+    fn from(e: E) -> Self {
+        let kind = e.kind();
+        let retryable = e.retryable();
+        let err = Error::from_detail(kind, e).with_backend(E::BACKEND);
+        match retryable {
+            Some(r) => err.with_retryable(r),
+            None => err,
+        }
     }
 }
 
@@ -328,6 +376,7 @@ impl From<ErrorInfo> for Error {
             backend: info.backend,
             undo_failures: info.undo_failures,
             source: None,
+            detail: None,
         }
     }
 }
@@ -338,6 +387,50 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum ToyError {
+        #[error("toy {0} is broken")]
+        Broken(&'static str, #[source] std::io::Error),
+        #[error("toy is slow")]
+        Slow,
+    }
+
+    impl BackendError for ToyError {
+        const BACKEND: &'static str = "toy";
+        fn kind(&self) -> ErrorKind {
+            match self {
+                ToyError::Broken(..) => ErrorKind::Backend,
+                ToyError::Slow => ErrorKind::Timeout,
+            }
+        }
+        fn retryable(&self) -> Option<bool> {
+            matches!(self, ToyError::Slow).then_some(false)
+        }
+    }
+
+    #[test]
+    fn a_backend_error_keeps_its_variant_and_its_cause_once() {
+        let io = std::io::Error::other("spring snapped");
+        let e: Error = ToyError::Broken("car", io).into();
+        assert_eq!(e.kind(), ErrorKind::Backend);
+        assert_eq!(e.message(), "toy car is broken");
+        assert_eq!(e.backend_name(), Some("toy"));
+        assert!(matches!(e.detail(), Some(ToyError::Broken("car", _))));
+        assert!(e.detail::<std::io::Error>().is_none());
+        // The chain goes on with the variant's cause, not with the variant's own text.
+        assert_eq!(
+            std::error::Error::source(&e).map(ToString::to_string),
+            Some("spring snapped".to_owned())
+        );
+        let slow: Error = ToyError::Slow.into();
+        assert_eq!(slow.kind(), ErrorKind::Timeout);
+        assert!(
+            !slow.is_retryable(),
+            "the variant overrides the kind's default"
+        );
+        assert!(std::error::Error::source(&slow).is_none());
+    }
 
     #[test]
     fn display_is_short_and_does_not_repeat_the_source() {

@@ -50,8 +50,7 @@ pub(super) fn newest_image(
     name: &str,
     tag: Option<&str>,
 ) -> Result<Option<ImageMeta>> {
-    let list: ImageList = serde_json::from_slice(listing)
-        .map_err(|e| Error::backend("glance sent an image list that is not one").with_source(e))?;
+    let list: ImageList = serde_json::from_slice(listing).map_err(GlanceError::BadList)?;
     let created = |m: &ImageMeta| {
         m.created_at.as_deref().and_then(|s| {
             time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
@@ -77,10 +76,7 @@ pub(super) fn newest_image(
 pub(super) fn check_image_id(id: &str) -> Result<&str> {
     if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
     {
-        return Err(Error::backend(format!(
-            "glance image id {:?} is not a plain id",
-            id.chars().take(70).collect::<String>()
-        )));
+        return Err(GlanceError::BadImageId(id.chars().take(70).collect()).into());
     }
     Ok(id)
 }
@@ -88,33 +84,31 @@ pub(super) fn check_image_id(id: &str) -> Result<&str> {
 // ---------------------------------------------------------------------------------------
 // HTTP
 
-pub(super) fn transport_error(e: ureq::Error, what: &str, url: &str) -> Error {
-    let err = match &e {
-        ureq::Error::Timeout(_) => {
-            Error::unavailable(format!("glance at {url} did not answer {what} in time"))
-        }
+pub(super) fn transport_error(source: ureq::Error, what: &str, url: &str) -> Error {
+    let (url, what) = (url.to_owned(), what.to_owned());
+    match &source {
+        ureq::Error::Timeout(_) => GlanceError::HttpTimeout { url, what, source },
         ureq::Error::Io(_) | ureq::Error::HostNotFound | ureq::Error::ConnectionFailed => {
-            Error::unavailable(format!("cannot reach glance at {url} ({what})"))
+            GlanceError::Unreachable { url, what, source }
         }
         ureq::Error::BadUri(_) | ureq::Error::InvalidProxyUrl => {
-            Error::invalid_input(format!("bad glance url {url}"))
+            GlanceError::BadUrl { url, source }
         }
-        _ => Error::backend(format!("glance at {url}: {what} failed")),
-    };
-    err.with_backend(BACKEND).with_source(e)
+        _ => GlanceError::Http { url, what, source },
+    }
+    .into()
 }
 
 pub(super) fn status_error(status: u16, what: &str) -> Option<Error> {
+    let what = what.to_owned();
     let e = match status {
         200..=299 => return None,
-        401 | 403 => Error::unauthorized(format!("glance refused {what} (HTTP {status})")),
-        404 => Error::not_found(format!("glance has no {what} (HTTP 404)")),
-        408 | 429 | 500..=599 => {
-            Error::unavailable(format!("glance could not serve {what} (HTTP {status})"))
-        }
-        _ => Error::backend(format!("glance answered {what} with HTTP {status}")),
+        401 | 403 => GlanceError::Refused { what, status },
+        404 => GlanceError::Missing { what },
+        408 | 429 | 500..=599 => GlanceError::Overloaded { what, status },
+        _ => GlanceError::Status { what, status },
     };
-    Some(e.with_backend(BACKEND))
+    Some(e.into())
 }
 
 /// Reports download progress at most every 5 % (or every 64 MiB when the size is not
@@ -248,23 +242,25 @@ impl Inner {
             .get_json(&format!("{}/v2/images/{id}", self.url), &[], &what)
             .map_err(|e| {
                 if e.kind() == ErrorKind::NotFound {
-                    Error::backend(format!(
-                        "image {} names {role} {id}, which glance does not have",
-                        of.id
-                    ))
-                    .with_backend(BACKEND)
+                    GlanceError::DanglingRef {
+                        of: of.id.clone(),
+                        role: role.to_owned(),
+                        id: id.to_owned(),
+                    }
+                    .into()
                 } else {
                     e
                 }
             })?;
-        let m: ImageMeta = serde_json::from_slice(&body).map_err(|e| {
-            Error::backend(format!("glance sent {what} we cannot read")).with_source(e)
-        })?;
+        let m: ImageMeta = serde_json::from_slice(&body)
+            .map_err(|source| GlanceError::Unreadable { what, source })?;
         if m.id != id || m.status.as_deref() != Some("active") {
-            return Err(Error::backend(format!(
-                "image {} names {role} {id}, which is not active in glance",
-                of.id
-            )));
+            return Err(GlanceError::InactiveRef {
+                of: of.id.clone(),
+                role: role.to_owned(),
+                id: id.to_owned(),
+            }
+            .into());
         }
         Ok(m)
     }

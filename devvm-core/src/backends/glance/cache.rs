@@ -73,13 +73,7 @@ impl Checksum {
                     .as_deref()
                     .and_then(|v| Checksum::new(HashAlgo::Md5, v))
             })
-            .ok_or_else(|| {
-                Error::backend(format!(
-                    "image {} has no sha512/sha384/sha256 os_hash_value and no md5 checksum; \
-                     refusing to use an image that cannot be verified",
-                    m.id
-                ))
-            })
+            .ok_or_else(|| GlanceError::Unverifiable(m.id.clone()).into())
     }
 }
 
@@ -145,11 +139,11 @@ impl ImageFormat {
         match m.disk_format.as_deref() {
             Some("qcow2") => Ok(ImageFormat::Qcow2),
             Some("raw") => Ok(ImageFormat::Raw),
-            other => Err(Error::backend(format!(
-                "image {} has disk_format {}; only qcow2 and raw templates are supported",
-                m.id,
-                other.unwrap_or("(none)")
-            ))),
+            other => Err(GlanceError::Format {
+                id: m.id.clone(),
+                format: other.unwrap_or("(none)").to_owned(),
+            }
+            .into()),
         }
     }
     pub(super) fn from_path(p: &Path) -> Option<Self> {
@@ -170,20 +164,25 @@ impl ImageFormat {
 // ---------------------------------------------------------------------------------------
 // Files
 
-pub(super) fn io_err(what: &str, path: &Path, e: io::Error) -> Error {
-    Error::backend(format!("{what} {}", path.display())).with_source(e)
+pub(super) fn io_err(what: &'static str, path: &Path, source: io::Error) -> Error {
+    GlanceError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+    .into()
 }
 
 /// `root/name`, where `name` must be one plain path component and the result, with any
 /// symbolic link resolved, must be exactly `root/name` (`root` is canonical). A path that
 /// would leave `root` is [`ErrorKind::InvalidInput`].
 pub(super) fn contained(root: &Path, name: &str) -> Result<PathBuf> {
-    let escape = || {
-        Error::invalid_input(format!(
-            "{:?} would leave {}",
-            name.chars().take(140).collect::<String>(),
-            root.display()
-        ))
+    let escape = || -> Error {
+        GlanceError::Escapes {
+            name: name.chars().take(140).collect(),
+            root: root.to_owned(),
+        }
+        .into()
     };
     let mut comps = Path::new(name).components();
     match (comps.next(), comps.next()) {
@@ -249,10 +248,11 @@ pub(super) fn read_owner(path: &Path) -> Result<Option<String>> {
 }
 
 pub(super) fn foreign_disk(vm: &VmName, holder: Option<String>) -> Error {
-    Error::already_exists(format!(
-        "a disk for {vm} exists and belongs to {}",
-        holder.unwrap_or_else(|| "someone else (no owner record)".into())
-    ))
+    GlanceError::ForeignDisk {
+        vm: vm.to_string(),
+        holder: holder.unwrap_or_else(|| "someone else (no owner record)".into()),
+    }
+    .into()
 }
 
 /// Removes the temporary files `.<prefix>*.part` in `dir`.
@@ -332,10 +332,12 @@ pub(super) fn store_verified(
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                return Err(Error::unavailable(format!(
-                    "download of image {image_id} broke off after {total} bytes"
-                ))
-                .with_source(e));
+                return Err(GlanceError::BrokeOff {
+                    id: image_id.to_owned(),
+                    bytes: total,
+                    source: e,
+                }
+                .into());
             }
         };
         hasher.update(&buf[..n]);
@@ -347,18 +349,22 @@ pub(super) fn store_verified(
     if let Some(size) = expected_size
         && size != total
     {
-        return Err(Error::backend(format!(
-            "size mismatch: image {image_id} has {size} bytes in glance, the download {total}"
-        )));
+        return Err(GlanceError::SizeMismatch {
+            id: image_id.to_owned(),
+            expected: size,
+            got: total,
+        }
+        .into());
     }
     let got = hasher.hex();
     if got != checksum.hex {
-        return Err(Error::backend(format!(
-            "checksum mismatch: image {image_id} should have {} {}…, the download has {}…",
-            checksum.algo.name(),
-            &checksum.hex[..16],
-            &got[..16.min(got.len())]
-        )));
+        return Err(GlanceError::ChecksumMismatch {
+            id: image_id.to_owned(),
+            algo: checksum.algo.name(),
+            expected: checksum.hex[..16].to_owned(),
+            got: got[..16.min(got.len())].to_owned(),
+        }
+        .into());
     }
     f.sync_all()
         .map_err(|e| io_err("cannot sync", tmp.path(), e))?;
@@ -459,10 +465,7 @@ impl Inner {
             // Created or not, it must be a real directory right there.
             contained(&self.cache_dir, name.as_str())?;
             if !fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
-                return Err(Error::backend(format!(
-                    "{} is not a directory",
-                    dir.display()
-                )));
+                return Err(GlanceError::NotADirectory(dir).into());
             }
         }
         Ok(dir)
@@ -578,7 +581,7 @@ impl Inner {
             .map_err(|e| transport_error(e, &what, &self.url))?;
         let status = resp.status().as_u16();
         if status == 204 {
-            return Err(Error::backend(format!("image {id} has no data in glance")));
+            return Err(GlanceError::NoData(id.to_owned()).into());
         }
         if let Some(e) = status_error(status, &what) {
             return Err(e);
@@ -624,12 +627,12 @@ impl Inner {
     }
 
     pub(super) fn sync(&self, name: &TemplateName, progress: &Progress) -> Result<Template> {
-        let image = self.find_image(name)?.ok_or_else(|| {
-            Error::not_found(match &self.tag {
-                Some(t) => format!("glance has no active image {name} tagged {t}"),
-                None => format!("glance has no active image {name}"),
-            })
-        })?;
+        let image = self
+            .find_image(name)?
+            .ok_or_else(|| GlanceError::NoTemplate {
+                name: name.to_string(),
+                tag: self.tag.clone(),
+            })?;
         let image_id = check_image_id(&image.id)?.to_owned();
         let format = ImageFormat::from_glance(&image)?;
         Checksum::of(&image)?;
@@ -659,7 +662,7 @@ impl Inner {
             &image_file,
             old.as_ref().map(|s| &s.image),
             &format!("image {name} ({image_id})"),
-            |p| check_template_file(p, format, &image_id),
+            |p| check_template_file(p, format, &image_id, self.process_timeout),
             progress,
         )?;
         let kernel_cached = kernel
@@ -702,8 +705,7 @@ impl Inner {
             initrd: initrd_cached,
         };
         if old.as_ref() != Some(&sidecar) {
-            let bytes = serde_json::to_vec_pretty(&sidecar)
-                .map_err(|e| Error::backend("cannot encode the template sidecar").with_source(e))?;
+            let bytes = serde_json::to_vec_pretty(&sidecar).map_err(GlanceError::Sidecar)?;
             write_atomic(&dir, SIDECAR, &bytes)?;
         }
         progress.message(format!("template {name} is image {image_id}"));
@@ -738,12 +740,12 @@ impl Inner {
     /// The cached file of `t` and its format. It must be a file inside
     /// `cache_dir/<t.name>/` (any version, not only the newest), else `NotFound`.
     pub(super) fn template_file(&self, t: &Template) -> Result<(PathBuf, ImageFormat)> {
-        let not_cached = || {
-            Error::not_found(format!(
-                "template {} is not in the cache at {}; prepare it first",
-                t.name,
-                t.path.display()
-            ))
+        let not_cached = || -> Error {
+            GlanceError::NotCached {
+                name: t.name.to_string(),
+                path: t.path.clone(),
+            }
+            .into()
         };
         let dir = self.template_dir(&t.name, false)?;
         let file = t

@@ -14,47 +14,124 @@ pub(super) fn last_line(stderr: &[u8]) -> String {
         .collect()
 }
 
-pub(super) fn command_result(
-    program: &str,
-    sub: &str,
-    out: std::process::Output,
-) -> Result<Vec<u8>> {
-    if out.status.success() {
-        Ok(out.stdout)
-    } else {
-        Err(Error::backend(format!(
-            "{program} {sub} failed: {}",
-            last_line(&out.stderr)
-        )))
+/// The first argument: the sub-command named in errors (`qemu-img create`).
+fn sub_of(args: &[OsString]) -> String {
+    args.first()
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn spawn_error(program: &str) -> impl FnOnce(io::Error) -> GlanceError {
+    move |source| GlanceError::Spawn {
+        program: program.to_owned(),
+        source,
     }
 }
 
-pub(super) async fn run(program: &str, args: Vec<OsString>) -> Result<Vec<u8>> {
-    let sub = args
-        .first()
-        .map(|a| a.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let out = tokio::process::Command::new(program)
-        .args(&args)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| Error::backend(format!("cannot run {program}")).with_source(e))?;
-    command_result(program, &sub, out)
+fn timed_out(program: &str, sub: String, limit: Duration) -> Error {
+    GlanceError::ProcessTimeout {
+        program: program.to_owned(),
+        sub,
+        limit,
+    }
+    .into()
 }
 
-pub(super) fn run_blocking(program: &str, args: Vec<OsString>) -> Result<Vec<u8>> {
-    let sub = args
-        .first()
-        .map(|a| a.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let out = std::process::Command::new(program)
+pub(super) fn command_result(
+    program: &str,
+    sub: String,
+    status: std::process::ExitStatus,
+    stdout: Vec<u8>,
+    stderr: &[u8],
+) -> Result<Vec<u8>> {
+    if status.success() {
+        Ok(stdout)
+    } else {
+        Err(GlanceError::Process {
+            program: program.to_owned(),
+            sub,
+            stderr: last_line(stderr),
+        }
+        .into())
+    }
+}
+
+/// Runs `program` with `args` (no stdin) and returns its stdout; a failure carries the last
+/// line of its stderr. A run longer than `limit` is killed ([`GlanceError::ProcessTimeout`]),
+/// and so is one whose future is dropped.
+pub(super) async fn run(program: &str, args: Vec<OsString>, limit: Duration) -> Result<Vec<u8>> {
+    let sub = sub_of(&args);
+    let child = tokio::process::Command::new(program)
         .args(&args)
         .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| Error::backend(format!("cannot run {program}")).with_source(e))?;
-    command_result(program, &sub, out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(spawn_error(program))?;
+    // On timeout the child is dropped, which kills it (kill_on_drop) and reaps it.
+    match tokio::time::timeout(limit, child.wait_with_output()).await {
+        Ok(out) => {
+            let out = out.map_err(spawn_error(program))?;
+            command_result(program, sub, out.status, out.stdout, &out.stderr)
+        }
+        Err(_) => Err(timed_out(program, sub, limit)),
+    }
+}
+
+/// [`run`] for a thread that may block (the blocking pool), without a runtime.
+pub(super) fn run_blocking(program: &str, args: Vec<OsString>, limit: Duration) -> Result<Vec<u8>> {
+    use std::process::Stdio;
+    let sub = sub_of(&args);
+    let mut child = std::process::Command::new(program)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_error(program))?;
+    // Both pipes are drained on their own threads, so a chatty child never stalls on a full
+    // pipe while we wait for it.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(spawn_error(program))? {
+            break Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            // Our own child, not yet reaped: its pid cannot have been reused.
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    match status {
+        Some(status) => command_result(program, sub, status, stdout, &stderr),
+        None => Err(timed_out(program, sub, limit)),
+    }
 }
 
 /// What `qemu-img info --output=json` says about an image.
@@ -80,22 +157,35 @@ pub(super) fn info_args(path: &Path, format: ImageFormat) -> Vec<OsString> {
 }
 
 pub(super) fn parse_info(out: &[u8], path: &Path) -> Result<QemuInfo> {
-    serde_json::from_slice(out).map_err(|e| {
-        Error::backend(format!("cannot read qemu-img info of {}", path.display())).with_source(e)
+    serde_json::from_slice(out).map_err(|source| {
+        GlanceError::Info {
+            path: path.to_owned(),
+            source,
+        }
+        .into()
     })
 }
 
 /// Refuses a qcow2 template that names a backing file or an external data file: those
 /// would make a VM read arbitrary files of the host.
-pub(super) fn check_template_file(path: &Path, format: ImageFormat, image_id: &str) -> Result<()> {
+pub(super) fn check_template_file(
+    path: &Path,
+    format: ImageFormat,
+    image_id: &str,
+    limit: Duration,
+) -> Result<()> {
     if format != ImageFormat::Qcow2 {
         return Ok(());
     }
-    let info = run_blocking("qemu-img", info_args(path, format)).map_err(|e| {
-        Error::backend(format!(
-            "image {image_id} is not a usable qcow2: {}",
-            e.message()
-        ))
+    let info = run_blocking("qemu-img", info_args(path, format), limit).map_err(|e| {
+        if e.kind() == ErrorKind::Timeout {
+            return e;
+        }
+        GlanceError::NotQcow2 {
+            id: image_id.to_owned(),
+            reason: e.message().to_owned(),
+        }
+        .into()
     })?;
     let info = parse_info(&info, path)?;
     let data_file = info
@@ -104,9 +194,7 @@ pub(super) fn check_template_file(path: &Path, format: ImageFormat, image_id: &s
         .and_then(|v| v.pointer("/data/data-file"))
         .is_some();
     if info.backing_filename.is_some() || data_file {
-        return Err(Error::backend(format!(
-            "image {image_id} is a qcow2 with a backing or data file; refused"
-        )));
+        return Err(GlanceError::Backed(image_id.to_owned()).into());
     }
     Ok(())
 }
@@ -117,7 +205,12 @@ impl Inner {
     }
 
     pub(super) async fn describe_disk(&self, vm: &VmName, path: &Path) -> Result<Disk> {
-        let out = run("qemu-img", info_args(path, ImageFormat::Qcow2)).await?;
+        let out = run(
+            "qemu-img",
+            info_args(path, ImageFormat::Qcow2),
+            self.process_timeout,
+        )
+        .await?;
         let info = parse_info(&out, path)?;
         Ok(Disk {
             vm: vm.clone(),
@@ -176,19 +269,24 @@ impl Inner {
             };
         }
         if size_gib == 0 {
-            return Err(Error::invalid_input("disk size must be at least 1 GiB"));
+            return Err(GlanceError::DiskEmpty.into());
         }
-        let bytes = size_gib.checked_mul(GIB).ok_or_else(|| {
-            Error::invalid_input(format!("disk size {size_gib} GiB is too large"))
-        })?;
+        let bytes = size_gib
+            .checked_mul(GIB)
+            .ok_or(GlanceError::DiskTooLarge(size_gib))?;
         let (tpath, format) = self.template_file(template)?;
-        let tinfo = parse_info(&run("qemu-img", info_args(&tpath, format)).await?, &tpath)?;
+        let limit = self.process_timeout;
+        let tinfo = parse_info(
+            &run("qemu-img", info_args(&tpath, format), limit).await?,
+            &tpath,
+        )?;
         if bytes < tinfo.virtual_size {
-            return Err(Error::invalid_input(format!(
-                "disk size {size_gib} GiB is smaller than template {}'s {:.1} GiB",
-                template.name,
-                tinfo.virtual_size as f64 / GIB as f64
-            )));
+            return Err(GlanceError::SmallerThanTemplate {
+                size_gib,
+                template: template.name.to_string(),
+                virtual_gib: tinfo.virtual_size as f64 / GIB as f64,
+            }
+            .into());
         }
         self.claim_disk(vm, owner)?;
         let tmp = temp_name(&self.disk_dir, &name);
@@ -214,6 +312,7 @@ impl Inner {
                         tmp.path().into(),
                         size.into(),
                     ],
+                    limit,
                 )
                 .await?;
             }
@@ -232,6 +331,7 @@ impl Inner {
                                 tpath.clone().into(),
                                 tmp.path().into(),
                             ],
+                            limit,
                         )
                         .await?;
                     }
@@ -248,6 +348,7 @@ impl Inner {
                                 tpath.clone().into(),
                                 tmp.path().into(),
                             ],
+                            limit,
                         )
                         .await?;
                     }
@@ -262,6 +363,7 @@ impl Inner {
                         tmp.path().into(),
                         size.into(),
                     ],
+                    limit,
                 )
                 .await?;
             }

@@ -104,6 +104,7 @@ pub enum DiskMode {
 /// tag = "devvm"                         # optional: only images with this tag
 /// mode = "overlay"                      # or "copy"
 /// timeout_secs = 30                     # metadata calls; downloads: per read
+/// process_timeout_secs = 900            # each qemu-img / cp run
 /// token = { file = "glance.token" }     # optional: sent as X-Auth-Token
 /// ```
 #[derive(Debug, Clone, Deserialize)]
@@ -126,6 +127,11 @@ pub struct GlanceConfig {
     /// download may take as long as it needs while it makes progress). Default 30.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
+    /// Time limit in seconds for each `qemu-img` or `cp` this store runs (a full copy of a
+    /// large template takes longest). A run over the limit is killed and the step fails
+    /// with [`ErrorKind::Timeout`], not retried. Default 900.
+    #[serde(default = "default_process_timeout")]
+    pub process_timeout_secs: u64,
     /// A Keystone token sent as `X-Auth-Token` (`{ file = ".." }` or `{ env = ".." }`);
     /// none for a noauth Glance.
     #[serde(default)]
@@ -141,6 +147,9 @@ pub struct GlanceConfig {
 
 fn default_timeout() -> u64 {
     30
+}
+fn default_process_timeout() -> u64 {
+    900
 }
 fn default_true() -> bool {
     true
@@ -159,6 +168,7 @@ struct Inner {
     cache_dir: PathBuf,
     disk_dir: PathBuf,
     mode: DiskMode,
+    process_timeout: Duration,
     verify_cached: bool,
     offline_fallback: bool,
     meta_agent: ureq::Agent,
@@ -180,13 +190,16 @@ impl std::fmt::Debug for GlanceImageStore {
     }
 }
 
-fn prepare_dir(what: &str, dir: &Path) -> Result<PathBuf> {
+fn prepare_dir(what: &'static str, dir: &Path) -> Result<PathBuf> {
     fs::create_dir_all(dir)
         .and_then(|()| fs::canonicalize(dir))
-        .map_err(|e| {
-            Error::invalid_input(format!("cannot create {what} {}", dir.display()))
-                .with_backend(BACKEND)
-                .with_source(e)
+        .map_err(|source| {
+            GlanceError::CreateDir {
+                what,
+                path: dir.to_owned(),
+                source,
+            }
+            .into()
         })
 }
 
@@ -201,30 +214,25 @@ impl GlanceImageStore {
             .strip_prefix("http://")
             .or_else(|| url.strip_prefix("https://"));
         if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
-            return Err(Error::invalid_input(format!(
-                "glance url {:?} must start with http:// or https:// and name a host",
-                c.url
-            )));
+            return Err(GlanceError::UrlScheme(c.url.clone()).into());
         }
         if url.contains(['?', '#']) || url.ends_with("/v2") {
-            return Err(Error::invalid_input(format!(
-                "glance url {:?} must be the endpoint without /v2, query or fragment",
-                c.url
-            )));
+            return Err(GlanceError::UrlShape(c.url.clone()).into());
         }
         if c.timeout_secs == 0 {
-            return Err(Error::invalid_input("timeout_secs must be at least 1"));
+            return Err(GlanceError::ZeroTimeout("timeout_secs").into());
+        }
+        if c.process_timeout_secs == 0 {
+            return Err(GlanceError::ZeroTimeout("process_timeout_secs").into());
         }
         if c.tag.as_deref().is_some_and(|t| t.trim().is_empty()) {
-            return Err(Error::invalid_input("tag must not be empty"));
+            return Err(GlanceError::EmptyTag.into());
         }
         let token = c.token.as_ref().map(|t| t.resolve(base_dir)).transpose()?;
         if let Some(t) = &token
             && ureq::http::HeaderValue::from_str(t.expose_secret()).is_err()
         {
-            return Err(Error::invalid_input(
-                "the glance token holds characters not allowed in an HTTP header",
-            ));
+            return Err(GlanceError::TokenNotHeader.into());
         }
         let cache_dir = prepare_dir("cache_dir", &base_dir.join(&c.cache_dir))?;
         let disk_dir = prepare_dir("disk_dir", &base_dir.join(&c.disk_dir))?;
@@ -253,6 +261,7 @@ impl GlanceImageStore {
                 cache_dir,
                 disk_dir,
                 mode: c.mode,
+                process_timeout: Duration::from_secs(c.process_timeout_secs),
                 verify_cached: c.verify_cached,
                 offline_fallback: c.offline_fallback,
                 meta_agent,
@@ -310,10 +319,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 mod api;
 mod cache;
 mod disk;
+mod error;
 
 use api::*;
 use cache::*;
 use disk::*;
+use error::GlanceError;
 
 #[async_trait]
 impl ImageStore for GlanceImageStore {
@@ -531,8 +542,11 @@ mod tests {
         .err()
         .unwrap_or_else(|| panic!("wrong content accepted"));
         assert_eq!(e.kind(), ErrorKind::Backend);
-        assert!(e.message().contains("checksum mismatch"), "{e}");
-        assert!(e.message().contains("img-1"), "{e}");
+        assert!(
+            matches!(e.detail(), Some(GlanceError::ChecksumMismatch { id, .. }) if id == "img-1"),
+            "{e}"
+        );
+        assert_eq!(e.backend_name(), Some("glance"));
         assert!(entries(&dir).is_empty(), "{:?}", entries(&dir));
 
         // A short download.
@@ -549,6 +563,17 @@ mod tests {
         .err()
         .unwrap_or_else(|| panic!("short content accepted"));
         assert_eq!(e.kind(), ErrorKind::Backend);
+        assert!(
+            matches!(
+                e.detail(),
+                Some(GlanceError::SizeMismatch {
+                    expected: 14,
+                    got: 4,
+                    ..
+                })
+            ),
+            "{e}"
+        );
         assert!(entries(&dir).is_empty());
 
         // A connection that breaks off mid-way is retryable and leaves nothing.
@@ -599,6 +624,50 @@ mod tests {
         assert_eq!(fs::read(dir.join("img.qcow2")).ok(), Some(b"old".to_vec()));
     }
 
+    #[tokio::test]
+    async fn a_process_over_its_limit_is_stopped_with_a_timeout() {
+        let limit = Duration::from_millis(50);
+        // `sleep 600` cannot finish on its own before the limit, however loaded the machine.
+        let e = run("sleep", vec!["600".into()], limit).await.err();
+        let e = e.unwrap_or_else(|| panic!("sleep 600 finished within 50 ms"));
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+        assert!(!e.is_retryable(), "{e}");
+        assert!(
+            matches!(e.detail(), Some(GlanceError::ProcessTimeout { .. })),
+            "{e}"
+        );
+
+        let e = run_blocking("sleep", vec!["600".into()], limit).err();
+        let e = e.unwrap_or_else(|| panic!("sleep 600 finished within 50 ms"));
+        assert!(
+            matches!(e.detail(), Some(GlanceError::ProcessTimeout { .. })),
+            "{e}"
+        );
+
+        // Within the limit: the output, or the failure with the last line of stderr.
+        let out = run_blocking("echo", vec!["hi".into()], Duration::from_secs(600));
+        assert_eq!(out.ok().as_deref(), Some(&b"hi\n"[..]));
+        let e = run(
+            "ls",
+            vec!["/surely/not/here".into()],
+            Duration::from_secs(600),
+        )
+        .await
+        .err();
+        assert!(
+            matches!(e.as_ref().and_then(|e| e.detail()), Some(GlanceError::Process { program, .. }) if program == "ls"),
+            "{e:?}"
+        );
+        let e = run_blocking("/surely/not/a/program", vec![], Duration::from_secs(600)).err();
+        assert!(
+            matches!(
+                e.as_ref().and_then(|e| e.detail()),
+                Some(GlanceError::Spawn { .. })
+            ),
+            "{e:?}"
+        );
+    }
+
     #[test]
     fn paths_cannot_leave_their_directory() {
         let (_d, root) = tmpdir();
@@ -612,6 +681,10 @@ mod tests {
                 .err()
                 .unwrap_or_else(|| panic!("{bad:?} accepted"));
             assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad:?}");
+            assert!(
+                matches!(e.detail(), Some(GlanceError::Escapes { .. })),
+                "{e}"
+            );
         }
         std::os::unix::fs::symlink(&outside, root.join("evil")).unwrap_or_else(|e| panic!("{e}"));
         assert!(
