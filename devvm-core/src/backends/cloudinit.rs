@@ -20,7 +20,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::events::Progress;
 use crate::secret::SecretSpec;
 use crate::seed::GuestSetup;
@@ -28,6 +28,24 @@ use crate::traits::Bootstrapper;
 use crate::types::{BootstrapReport, BootstrapTarget, RequestId, Undone, VmName};
 
 const BACKEND: &str = "cloud-init";
+
+/// What can go wrong in the cloud-init bootstrapper's config; `?` turns it into the
+/// public [`Error`](crate::Error).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CloudInitError {
+    #[error("cloud_config must be a table")]
+    NotATable,
+    #[error("cloud_config may not set {0}: devvm sets it for every guest")]
+    Reserved(&'static str),
+}
+
+impl crate::error::BackendError for CloudInitError {
+    const BACKEND: &'static str = BACKEND;
+
+    fn kind(&self) -> crate::ErrorKind {
+        crate::ErrorKind::InvalidInput
+    }
+}
 
 /// cloud-init's `chef` module settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -83,13 +101,11 @@ impl CloudInitBootstrapper {
     pub fn from_config(c: &CloudInitConfig, base_dir: &Path) -> Result<Self> {
         let entries = match serde_json::to_value(&c.cloud_config) {
             Ok(Value::Object(m)) => m,
-            _ => return Err(Error::invalid_input("cloud_config must be a table")),
+            _ => return Err(CloudInitError::NotATable.into()),
         };
         for reserved in ["ssh_keys", "hostname", "fqdn"] {
             if entries.contains_key(reserved) {
-                return Err(Error::invalid_input(format!(
-                    "cloud_config may not set {reserved}: devvm sets it for every guest"
-                )));
+                return Err(CloudInitError::Reserved(reserved).into());
             }
         }
         let chef = match &c.chef {
@@ -264,5 +280,9 @@ run_list = ["role[base]"]
         )
         .expect_err("ssh_keys is devvm's");
         assert_eq!(e.kind(), crate::ErrorKind::InvalidInput);
+        assert!(
+            matches!(e.detail(), Some(CloudInitError::Reserved("ssh_keys"))),
+            "{e}"
+        );
     }
 }

@@ -27,12 +27,91 @@ use virt::domain::Domain as VirtDomain;
 use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{BackendError, Error, ErrorKind, Result};
 use crate::events::Progress;
 use crate::traits::Hypervisor;
 use crate::types::{Domain, DomainSpec, HostId, RequestId, Undone, UserName, VmName};
 
 const BACKEND: &str = "libvirt";
+
+/// What can go wrong in the libvirt backends; `?` turns it into the public [`Error`].
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LibvirtError {
+    #[error("{what} on {host}")]
+    Virt {
+        what: &'static str,
+        host: HostId,
+        #[source]
+        source: virt::error::Error,
+    },
+    #[error("domain {vm} exists on {host} and belongs to another request")]
+    ForeignDomain { vm: VmName, host: HostId },
+    #[error(
+        "the kernel command line for {vm} would be {len} bytes (max {MAX_CMDLINE}); too many ssh keys"
+    )]
+    CmdlineTooLong { vm: VmName, len: usize },
+    #[error("path {} is not UTF-8", .0.display())]
+    PathNotUtf8(PathBuf),
+    #[error("cannot write {0}")]
+    Xml(&'static str, #[source] std::io::Error),
+    #[error("{0} is not UTF-8")]
+    XmlNotUtf8(&'static str, #[source] std::string::FromUtf8Error),
+    #[error("cannot remove seed {}", .0.display())]
+    RemoveSeed(PathBuf, #[source] std::io::Error),
+    #[error("cannot read authorized key file {}", .0.display())]
+    KeyFile(PathBuf, #[source] std::io::Error),
+    #[error("bridge {0:?} is not an interface name")]
+    Bridge(String),
+    #[error("cannot create directory {}", .0.display())]
+    CreateDir(PathBuf, #[source] std::io::Error),
+    #[error("{vm} did not answer on {addr} within {secs}s (console: {})", console.display())]
+    NoSsh {
+        vm: VmName,
+        addr: SocketAddr,
+        secs: u64,
+        console: PathBuf,
+    },
+    #[error("{vm} stopped while booting (console: {})", console.display())]
+    Stopped { vm: VmName, console: PathBuf },
+    #[error("the guest did not release its first-boot seed within {0}s")]
+    SeedHeld(u64),
+}
+
+impl BackendError for LibvirtError {
+    const BACKEND: &'static str = BACKEND;
+
+    fn kind(&self) -> ErrorKind {
+        match self {
+            LibvirtError::Virt { source, .. } => match source.code() {
+                Enum::Known(
+                    ErrorNumber::NoConnect | ErrorNumber::SystemError | ErrorNumber::Rpc,
+                ) => ErrorKind::Unavailable,
+                Enum::Known(
+                    ErrorNumber::AuthFailed
+                    | ErrorNumber::AuthCancelled
+                    | ErrorNumber::AccessDenied,
+                ) => ErrorKind::Unauthorized,
+                Enum::Known(ErrorNumber::NoDomain) => ErrorKind::NotFound,
+                Enum::Known(ErrorNumber::DomExist) => ErrorKind::AlreadyExists,
+                Enum::Known(
+                    ErrorNumber::XmlError | ErrorNumber::XmlDetail | ErrorNumber::InvalidArg,
+                ) => ErrorKind::InvalidInput,
+                _ => ErrorKind::Backend,
+            },
+            LibvirtError::ForeignDomain { .. } => ErrorKind::AlreadyExists,
+            LibvirtError::CmdlineTooLong { .. }
+            | LibvirtError::PathNotUtf8(_)
+            | LibvirtError::KeyFile(..)
+            | LibvirtError::Bridge(_) => ErrorKind::InvalidInput,
+            LibvirtError::NoSsh { .. } | LibvirtError::SeedHeld(_) => ErrorKind::Timeout,
+            LibvirtError::Xml(..)
+            | LibvirtError::XmlNotUtf8(..)
+            | LibvirtError::RemoveSeed(..)
+            | LibvirtError::CreateDir(..)
+            | LibvirtError::Stopped { .. } => ErrorKind::Backend,
+        }
+    }
+}
 
 /// The XML namespace of devvm's domain metadata.
 pub const METADATA_NS: &str = "https://devvm.invalid/xmlns/domain/1";
@@ -167,22 +246,22 @@ pub fn kernel_cmdline(spec: &DomainSpec, settings: &DomainSettings) -> Result<St
     }
     let line = parts.join(" ");
     if line.len() > MAX_CMDLINE {
-        return Err(Error::invalid_input(format!(
-            "the kernel command line for {} would be {} bytes (max {MAX_CMDLINE}); too many ssh keys",
-            spec.name,
-            line.len()
-        )));
+        return Err(LibvirtError::CmdlineTooLong {
+            vm: spec.name.clone(),
+            len: line.len(),
+        }
+        .into());
     }
     Ok(line)
 }
 
 fn xml_err(e: std::io::Error) -> Error {
-    Error::backend("cannot write domain xml").with_source(e)
+    LibvirtError::Xml("domain xml", e).into()
 }
 
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
-        .ok_or_else(|| Error::invalid_input(format!("path {} is not UTF-8", p.display())))
+        .ok_or_else(|| LibvirtError::PathNotUtf8(p.to_owned()).into())
 }
 
 /// The first-boot seed's `<disk>` element: a read-only raw virtio disk `vdb`.
@@ -216,7 +295,7 @@ pub fn seed_disk_xml(seed: &Path) -> Result<String> {
     let mut w = Writer::new(Vec::new());
     write_seed_disk(&mut w, path_str(seed)?).map_err(xml_err)?;
     String::from_utf8(w.into_inner())
-        .map_err(|e| Error::backend("the seed disk XML is not UTF-8").with_source(e))
+        .map_err(|e| LibvirtError::XmlNotUtf8("the seed disk XML", e).into())
 }
 
 /// Writes the libvirt domain XML for `spec`. Every value is escaped by the XML writer.
@@ -365,8 +444,7 @@ pub fn domain_xml(spec: &DomainSpec, settings: &DomainSettings) -> Result<String
             Ok(())
         })
         .map_err(xml_err)?;
-    String::from_utf8(w.into_inner())
-        .map_err(|e| Error::backend("domain xml is not UTF-8").with_source(e))
+    String::from_utf8(w.into_inner()).map_err(|e| LibvirtError::XmlNotUtf8("domain xml", e).into())
 }
 
 /// devvm's metadata of a domain.
@@ -451,31 +529,21 @@ pub struct LibvirtHypervisor {
     extra_keys: Vec<String>,
 }
 
-fn virt_err(what: &str, host: &HostId, e: virt::error::Error) -> Error {
-    let kind = match e.code() {
-        Enum::Known(ErrorNumber::NoConnect | ErrorNumber::SystemError | ErrorNumber::Rpc) => {
-            ErrorKind::Unavailable
-        }
-        Enum::Known(
-            ErrorNumber::AuthFailed | ErrorNumber::AuthCancelled | ErrorNumber::AccessDenied,
-        ) => ErrorKind::Unauthorized,
-        Enum::Known(ErrorNumber::NoDomain) => ErrorKind::NotFound,
-        Enum::Known(ErrorNumber::DomExist) => ErrorKind::AlreadyExists,
-        Enum::Known(ErrorNumber::XmlError | ErrorNumber::XmlDetail | ErrorNumber::InvalidArg) => {
-            ErrorKind::InvalidInput
-        }
-        _ => ErrorKind::Backend,
-    };
-    Error::new(kind, format!("{what} on {host}"))
-        .with_backend(BACKEND)
-        .with_source(e)
+fn virt_err(what: &'static str, host: &HostId, source: virt::error::Error) -> Error {
+    LibvirtError::Virt {
+        what,
+        host: host.clone(),
+        source,
+    }
+    .into()
 }
 
 fn foreign_domain(vm: &VmName, host: &HostId) -> Error {
-    Error::already_exists(format!(
-        "domain {vm} exists on {host} and belongs to another request"
-    ))
-    .with_backend(BACKEND)
+    LibvirtError::ForeignDomain {
+        vm: vm.clone(),
+        host: host.clone(),
+    }
+    .into()
 }
 
 fn is_no_domain(e: &virt::error::Error) -> bool {
@@ -520,11 +588,7 @@ fn remove_seed(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(
-            Error::backend(format!("cannot remove seed {}", path.display()))
-                .with_backend(BACKEND)
-                .with_source(e),
-        ),
+        Err(e) => Err(LibvirtError::RemoveSeed(path.to_owned(), e).into()),
     }
 }
 
@@ -546,13 +610,8 @@ impl LibvirtHypervisor {
         let mut extra_keys = Vec::new();
         for f in &config.authorized_key_files {
             let path = base_dir.join(f);
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                Error::invalid_input(format!(
-                    "cannot read authorized key file {}",
-                    path.display()
-                ))
-                .with_source(e)
-            })?;
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| LibvirtError::KeyFile(path.clone(), e))?;
             extra_keys.extend(
                 text.lines()
                     .map(str::trim)
@@ -566,10 +625,7 @@ impl LibvirtHypervisor {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         {
-            return Err(Error::invalid_input(format!(
-                "bridge {:?} is not an interface name",
-                config.bridge
-            )));
+            return Err(LibvirtError::Bridge(config.bridge.clone()).into());
         }
         let mut config = config.clone();
         config.console_dir = base_dir.join(&config.console_dir);
@@ -624,13 +680,13 @@ impl LibvirtHypervisor {
             }
             let elapsed = start.elapsed();
             if elapsed >= limit {
-                return Err(Error::timeout(format!(
-                    "{} did not answer on {addr} within {}s (console: {})",
-                    spec.name,
-                    limit.as_secs(),
-                    self.console_log(&spec.name).display()
-                ))
-                .with_backend(BACKEND));
+                return Err(LibvirtError::NoSsh {
+                    vm: spec.name.clone(),
+                    addr,
+                    secs: limit.as_secs(),
+                    console: self.console_log(&spec.name),
+                }
+                .into());
             }
             // A guest that powered off or crashed will never answer.
             let (host, vm) = (spec.host.clone(), spec.name.clone());
@@ -640,12 +696,11 @@ impl LibvirtHypervisor {
             })
             .await?;
             if active != Some(true) {
-                return Err(Error::backend(format!(
-                    "{} stopped while booting (console: {})",
-                    spec.name,
-                    self.console_log(&spec.name).display()
-                ))
-                .with_backend(BACKEND));
+                return Err(LibvirtError::Stopped {
+                    vm: spec.name.clone(),
+                    console: self.console_log(&spec.name),
+                }
+                .into());
             }
             if elapsed >= next_report {
                 progress.fraction(
@@ -676,9 +731,7 @@ impl Hypervisor for LibvirtHypervisor {
         .into_iter()
         .flatten()
         {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                Error::backend(format!("cannot create directory {}", dir.display())).with_source(e)
-            })?;
+            std::fs::create_dir_all(dir).map_err(|e| LibvirtError::CreateDir(dir.clone(), e))?;
         }
         // A domain of this name that another request made is refused before anything is
         // written for this one (the seed file of that name may be the other VM's).
@@ -851,11 +904,7 @@ impl Hypervisor for LibvirtHypervisor {
             let deadline = std::time::Instant::now() + limit;
             while running && live(&dom)? {
                 if std::time::Instant::now() >= deadline {
-                    return Err(Error::timeout(format!(
-                        "the guest did not release its first-boot seed within {}s",
-                        limit.as_secs()
-                    ))
-                    .with_backend(BACKEND));
+                    return Err(LibvirtError::SeedHeld(limit.as_secs()).into());
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -1011,6 +1060,10 @@ mod tests {
         many.ssh_keys = vec!["ssh-ed25519 ".to_owned() + &"A".repeat(300); 10];
         let e = kernel_cmdline(&many, &settings()).expect_err("too long");
         assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(
+            matches!(e.detail(), Some(LibvirtError::CmdlineTooLong { len, .. }) if *len > MAX_CMDLINE),
+            "{e}"
+        );
     }
 
     #[test]

@@ -16,11 +16,51 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Deserialize;
 
 use crate::backends::libvirt::DomainInfo;
-use crate::error::{Error, Result};
+use crate::error::{BackendError, Error, ErrorKind, Result};
 use crate::traits::Placement;
 use crate::types::{HostId, RequestId, Undone, VmName, VmSize};
 
 const BACKEND: &str = "libvirt";
+
+/// What can go wrong in libvirt placement; `?` turns it into the public [`Error`].
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PlacementError {
+    #[error("placement needs at least one host")]
+    NoHosts,
+    #[error("cannot create {}", .0.display())]
+    CreateDir(PathBuf, #[source] std::io::Error),
+    #[error("did not answer within {0}s")]
+    HostTimeout(u64),
+    #[error("placement task failed")]
+    Task(#[source] tokio::task::JoinError),
+    #[error("{vm} already holds a slot on {host} for {holder}")]
+    Held {
+        vm: VmName,
+        host: String,
+        holder: String,
+    },
+    #[error("no placement host could be read")]
+    NoHostReadable,
+    #[error("no host has room for {} vCPUs, {} MiB, {} GiB", .0.vcpus, .0.memory_mib, .0.disk_gib)]
+    Full(VmSize),
+    #[error("placement kept racing with other reservations")]
+    Racing,
+}
+
+impl BackendError for PlacementError {
+    const BACKEND: &'static str = BACKEND;
+
+    fn kind(&self) -> ErrorKind {
+        match self {
+            PlacementError::NoHosts | PlacementError::CreateDir(..) => ErrorKind::InvalidInput,
+            PlacementError::HostTimeout(_) => ErrorKind::Timeout,
+            PlacementError::Task(_) => ErrorKind::Backend,
+            PlacementError::Held { .. } => ErrorKind::AlreadyExists,
+            PlacementError::NoHostReadable | PlacementError::Racing => ErrorKind::Unavailable,
+            PlacementError::Full(_) => ErrorKind::Exhausted,
+        }
+    }
+}
 
 /// The capacity of one host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -171,13 +211,12 @@ impl LibvirtPlacement {
         path: impl Into<PathBuf>,
     ) -> Result<Self> {
         if hosts.is_empty() {
-            return Err(Error::invalid_input("placement needs at least one host"));
+            return Err(PlacementError::NoHosts.into());
         }
         let path = path.into();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            crate::sqlite::private_dir(dir).map_err(|e| {
-                Error::invalid_input(format!("cannot create {}", dir.display())).with_source(e)
-            })?;
+            crate::sqlite::private_dir(dir)
+                .map_err(|e| PlacementError::CreateDir(dir.to_owned(), e))?;
         }
         let mut conn = crate::sqlite::open(&path, BACKEND)?;
         crate::sqlite::migrate(
@@ -222,10 +261,7 @@ impl LibvirtPlacement {
             asks.spawn(async move {
                 let r = match tokio::time::timeout(HOST_TIMEOUT, reader.list(&host)).await {
                     Ok(r) => r,
-                    Err(_) => Err(Error::timeout(format!(
-                        "did not answer within {}s",
-                        HOST_TIMEOUT.as_secs()
-                    ))),
+                    Err(_) => Err(PlacementError::HostTimeout(HOST_TIMEOUT.as_secs()).into()),
                 };
                 (host, r)
             });
@@ -333,7 +369,7 @@ impl LibvirtPlacement {
             f(&mut conn, &this.path)
         })
         .await
-        .map_err(|e| Error::backend("placement task failed").with_source(e))?
+        .map_err(PlacementError::Task)?
     }
 }
 
@@ -347,11 +383,12 @@ impl Placement for LibvirtPlacement {
         let held = |host: String, holder: Option<String>| -> Result<HostId> {
             match holder {
                 Some(o) if o == owner.as_str() => HostId::new(host),
-                other => Err(Error::already_exists(format!(
-                    "{vm} already holds a slot on {host} for {}",
-                    holder_of(other)
-                ))
-                .with_backend(BACKEND)),
+                other => Err(PlacementError::Held {
+                    vm: vm.clone(),
+                    host,
+                    holder: holder_of(other),
+                }
+                .into()),
             }
         };
         if let Some((host, holder)) = self.slot(vm).await? {
@@ -362,9 +399,7 @@ impl Placement for LibvirtPlacement {
         for _attempt in 0..5 {
             let (used, reachable) = self.usage().await?;
             if reachable.is_empty() {
-                return Err(
-                    Error::unavailable("no placement host could be read").with_backend(BACKEND)
-                );
+                return Err(PlacementError::NoHostReadable.into());
             }
             let candidates: Vec<(HostId, Capacity)> = self
                 .hosts
@@ -373,11 +408,7 @@ impl Placement for LibvirtPlacement {
                 .cloned()
                 .collect();
             let Some(host) = choose_host(&candidates, &used, size) else {
-                return Err(Error::exhausted(format!(
-                    "no host has room for {} vCPUs, {} MiB, {} GiB",
-                    size.vcpus, size.memory_mib, size.disk_gib
-                ))
-                .with_backend(BACKEND));
+                return Err(PlacementError::Full(*size).into());
             };
             let before: usize = self.reservations().await?.len();
             let (vm2, host2, size2, owner2) = (vm.clone(), host.clone(), *size, owner.clone());
@@ -429,10 +460,7 @@ impl Placement for LibvirtPlacement {
                 return held(h, holder);
             }
         }
-        Err(
-            Error::unavailable("placement kept racing with other reservations")
-                .with_backend(BACKEND),
-        )
+        Err(PlacementError::Racing.into())
     }
 
     async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
@@ -609,6 +637,7 @@ mod tests {
         );
         let e = p.reserve(&vm("n3"), &size, &me).await.expect_err("full");
         assert_eq!(e.kind(), ErrorKind::Exhausted);
+        assert!(matches!(e.detail(), Some(PlacementError::Full(_))), "{e}");
         p.release(&vm("n1"), &me)
             .await
             .unwrap_or_else(|e| panic!("{e}"));

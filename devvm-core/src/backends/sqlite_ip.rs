@@ -22,11 +22,69 @@ use ipnet::Ipv4Net;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
+use crate::error::{BackendError, Error, ErrorKind, Result};
 use crate::traits::IpAllocator;
 use crate::types::{Lease, RequestId, Undone, VmName};
 
 const BACKEND: &str = "sqlite";
+
+/// What can go wrong in the SQLite lease store; `?` turns it into the public [`Error`].
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LeaseError {
+    #[error("gateway {gateway} is outside the subnet {subnet}")]
+    GatewayOutside { gateway: Ipv4Addr, subnet: Ipv4Net },
+    #[error("reserved range {first}-{last} ends before it starts")]
+    BackwardsRange { first: Ipv4Addr, last: Ipv4Addr },
+    #[error("reserved range {range:?}: {word:?} is not an IPv4 address")]
+    NotIpv4 { range: String, word: String },
+    #[error("cannot create {}", .0.display())]
+    CreateDir(PathBuf, #[source] std::io::Error),
+    #[error("lease database {} was made for {made_for}, not {plan}", path.display())]
+    OtherPlan {
+        path: PathBuf,
+        made_for: String,
+        plan: String,
+    },
+    #[error("lease task failed")]
+    Task(#[source] tokio::task::JoinError),
+    #[error("{ip} is outside the subnet {subnet}")]
+    Outside { ip: Ipv4Addr, subnet: Ipv4Net },
+    #[error("{ip} is reserved in {subnet}")]
+    Reserved { ip: Ipv4Addr, subnet: Ipv4Net },
+    #[error("{0} is already leased")]
+    Leased(Ipv4Addr),
+    #[error("vm {vm} already holds {ip}")]
+    VmHolds { vm: VmName, ip: Ipv4Addr },
+    #[error("{vm} already holds {ip} for {holder}")]
+    HeldByOther {
+        vm: VmName,
+        ip: Ipv4Addr,
+        holder: String,
+    },
+    #[error("no free address in {0}")]
+    Exhausted(Ipv4Net),
+}
+
+impl BackendError for LeaseError {
+    const BACKEND: &'static str = BACKEND;
+
+    fn kind(&self) -> ErrorKind {
+        match self {
+            LeaseError::GatewayOutside { .. }
+            | LeaseError::BackwardsRange { .. }
+            | LeaseError::NotIpv4 { .. }
+            | LeaseError::CreateDir(..)
+            | LeaseError::Outside { .. }
+            | LeaseError::Reserved { .. } => ErrorKind::InvalidInput,
+            LeaseError::OtherPlan { .. } | LeaseError::Leased(_) | LeaseError::VmHolds { .. } => {
+                ErrorKind::Conflict
+            }
+            LeaseError::Task(_) => ErrorKind::Backend,
+            LeaseError::HeldByOther { .. } => ErrorKind::AlreadyExists,
+            LeaseError::Exhausted(_) => ErrorKind::Exhausted,
+        }
+    }
+}
 
 /// The `[ip]` section for `backend = "sqlite"`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -61,9 +119,11 @@ impl SubnetPlan {
         if let Some(gw) = gateway
             && !subnet.contains(&gw)
         {
-            return Err(Error::invalid_input(format!(
-                "gateway {gw} is outside the subnet {subnet}"
-            )));
+            return Err(LeaseError::GatewayOutside {
+                gateway: gw,
+                subnet,
+            }
+            .into());
         }
         Ok(SubnetPlan {
             subnet,
@@ -75,9 +135,7 @@ impl SubnetPlan {
     /// Never hands out `first..=last`.
     pub fn reserve(mut self, first: Ipv4Addr, last: Ipv4Addr) -> Result<Self> {
         if first > last {
-            return Err(Error::invalid_input(format!(
-                "reserved range {first}-{last} ends before it starts"
-            )));
+            return Err(LeaseError::BackwardsRange { first, last }.into());
         }
         self.reserved.push((first, last));
         Ok(self)
@@ -86,11 +144,12 @@ impl SubnetPlan {
     /// Parses `"a-b"` or `"a"` and reserves it.
     pub fn reserve_str(self, range: &str) -> Result<Self> {
         let parse = |s: &str| {
-            s.trim().parse::<Ipv4Addr>().map_err(|_| {
-                Error::invalid_input(format!(
-                    "reserved range {range:?}: {s:?} is not an IPv4 address"
-                ))
-            })
+            s.trim()
+                .parse::<Ipv4Addr>()
+                .map_err(|_| LeaseError::NotIpv4 {
+                    range: range.to_owned(),
+                    word: s.to_owned(),
+                })
         };
         let (a, z) = match range.split_once('-') {
             Some((a, z)) => (parse(a)?, parse(z)?),
@@ -204,11 +263,8 @@ impl SqliteIpAllocator {
     pub fn open(path: impl Into<PathBuf>, plan: SubnetPlan) -> Result<Self> {
         let path = path.into();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            crate::sqlite::private_dir(dir).map_err(|e| {
-                Error::invalid_input(format!("cannot create {}", dir.display()))
-                    .with_backend(BACKEND)
-                    .with_source(e)
-            })?;
+            crate::sqlite::private_dir(dir)
+                .map_err(|e| LeaseError::CreateDir(dir.to_owned(), e))?;
         }
         let err = db_err(&path);
         let mut conn = crate::sqlite::open(&path, BACKEND)?;
@@ -231,11 +287,12 @@ impl SqliteIpAllocator {
         match stored {
             Some(s) if s == fingerprint => {}
             Some(s) => {
-                return Err(Error::conflict(format!(
-                    "lease database {} was made for {s}, not {fingerprint}",
-                    path.display()
-                ))
-                .with_backend(BACKEND));
+                return Err(LeaseError::OtherPlan {
+                    path: path.clone(),
+                    made_for: s,
+                    plan: fingerprint,
+                }
+                .into());
             }
             None => {
                 tx.execute(
@@ -302,11 +359,7 @@ impl SqliteIpAllocator {
             f(&mut conn, &this.plan, &this.path)
         })
         .await
-        .map_err(|e| {
-            Error::backend("lease task failed")
-                .with_backend(BACKEND)
-                .with_source(e)
-        })?
+        .map_err(LeaseError::Task)?
     }
 
     /// Records existing leases (for example, imported from another IPAM) in one
@@ -331,16 +384,18 @@ impl SqliteIpAllocator {
                     .map_err(&err)?;
                 for (vm, ip) in &leases {
                     if !plan.subnet.contains(ip) {
-                        return Err(Error::invalid_input(format!(
-                            "{ip} is outside the subnet {}",
-                            plan.subnet
-                        )));
+                        return Err(LeaseError::Outside {
+                            ip: *ip,
+                            subnet: plan.subnet,
+                        }
+                        .into());
                     }
                     if !plan.leasable(*ip) {
-                        return Err(Error::invalid_input(format!(
-                            "{ip} is reserved in {}",
-                            plan.subnet
-                        )));
+                        return Err(LeaseError::Reserved {
+                            ip: *ip,
+                            subnet: plan.subnet,
+                        }
+                        .into());
                     }
                     let n = u32::from(*ip);
                     let holder: Option<Option<String>> = find
@@ -354,13 +409,14 @@ impl SqliteIpAllocator {
                     match (holder, existing) {
                         (Some(Some(h)), _) if h == vm.as_str() => continue,
                         (Some(_), _) => {
-                            return Err(Error::conflict(format!("{ip} is already leased")));
+                            return Err(LeaseError::Leased(*ip).into());
                         }
                         (None, Some(other)) => {
-                            return Err(Error::conflict(format!(
-                                "vm {vm} already holds {}",
-                                Ipv4Addr::from(other)
-                            )));
+                            return Err(LeaseError::VmHolds {
+                                vm: vm.clone(),
+                                ip: Ipv4Addr::from(other),
+                            }
+                            .into());
                         }
                         (None, None) => {
                             ins.execute(params![n, vm.as_str()]).map_err(&err)?;
@@ -462,11 +518,12 @@ impl IpAllocator for SqliteIpAllocator {
                 match existing {
                     Some((ip, Some(o))) if o == owner.as_str() => return Ok(ip),
                     Some((ip, holder)) => {
-                        return Err(Error::already_exists(format!(
-                            "{name} already holds {} for {}",
-                            Ipv4Addr::from(ip),
-                            holder_of(holder)
-                        )));
+                        return Err(LeaseError::HeldByOther {
+                            vm: name.clone(),
+                            ip: Ipv4Addr::from(ip),
+                            holder: holder_of(holder),
+                        }
+                        .into());
                     }
                     None => {}
                 }
@@ -486,10 +543,7 @@ impl IpAllocator for SqliteIpAllocator {
                     None => None,
                 };
                 let Some(ip) = found else {
-                    return Err(Error::exhausted(format!(
-                        "no free address in {}",
-                        plan.subnet
-                    )));
+                    return Err(LeaseError::Exhausted(plan.subnet).into());
                 };
                 tx.execute(
                     "INSERT INTO addresses (ip, vm, owner) VALUES (?1, ?2, ?3)",
@@ -616,6 +670,7 @@ mod tests {
             .await
             .expect_err("full");
         assert_eq!(e.kind(), ErrorKind::Exhausted);
+        assert!(matches!(e.detail(), Some(LeaseError::Exhausted(_))), "{e}");
     }
 
     #[tokio::test]
@@ -634,6 +689,10 @@ mod tests {
             .await
             .expect_err("outside");
         assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(
+            matches!(e.detail(), Some(LeaseError::Outside { .. })),
+            "{e}"
+        );
         assert_eq!(
             a.count().await.unwrap_or_else(|e| panic!("{e}")),
             0,
@@ -644,6 +703,10 @@ mod tests {
             .await
             .expect_err("gateway");
         assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(
+            matches!(e.detail(), Some(LeaseError::Reserved { .. })),
+            "{e}"
+        );
         a.import(vec![(vm("a"), [10, 9, 0, 7].into())])
             .await
             .unwrap_or_else(|e| panic!("{e}"));
@@ -655,6 +718,7 @@ mod tests {
             .await
             .expect_err("taken");
         assert_eq!(e.kind(), ErrorKind::Conflict);
+        assert!(matches!(e.detail(), Some(LeaseError::Leased(_))), "{e}");
         let l = a.lease(&vm("a")).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(l.map(|l| l.ip), Some(IpAddr::from([10, 9, 0, 7])));
     }
@@ -669,9 +733,17 @@ mod tests {
         let p2 = SubnetPlan::new(net("10.9.1.0/24"), None).unwrap_or_else(|e| panic!("{e}"));
         let e = SqliteIpAllocator::open(&path, p2).expect_err("other subnet");
         assert_eq!(e.kind(), ErrorKind::Conflict);
+        assert!(
+            matches!(e.detail(), Some(LeaseError::OtherPlan { .. })),
+            "{e}"
+        );
         let e = SubnetPlan::new(net("10.9.0.0/24"), Some([10, 8, 0, 1].into()))
             .expect_err("gw outside");
         assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(
+            matches!(e.detail(), Some(LeaseError::GatewayOutside { .. })),
+            "{e}"
+        );
     }
 
     #[tokio::test]
