@@ -33,6 +33,7 @@ use crate::types::{
 
 mod builder;
 mod handle;
+mod record;
 mod recovery;
 mod run;
 mod settings;
@@ -45,6 +46,7 @@ pub use run::WAITING_FOR_BLOCKING_WORK;
 pub use settings::{Defaults, Retries, Timeouts};
 
 use handle::RunFilter;
+use record::Recorder;
 use recovery::finished_vm;
 use run::{Run, guarded, with_retries};
 use undo::{resource, undo_steps};
@@ -254,15 +256,14 @@ impl Provisioner {
             return Err(in_progress(&req.request_id));
         };
         let events = inner.start_run(&req.request_id, &req.name, Operation::Provision);
+        let rec = Recorder::new(inner.clone(), req.request_id.clone(), events);
         let mut recovered_once = false;
         loop {
             let (r, owner) = (req.clone(), inner.owner.clone());
             match inner.journal(move |j| j.begin(&r, &owner)).await {
                 Ok(Begin::Started) => break,
                 Ok(Begin::Finished(vm)) => {
-                    events.emit(EventKind::RunFinished {
-                        provisioned: Some(vm.clone()),
-                    });
+                    rec.already_done(&vm);
                     return Ok(*vm);
                 }
                 Ok(Begin::Unfinished { owner })
@@ -287,18 +288,18 @@ impl Provisioner {
                             for f in report.still_held {
                                 e.push_undo_failure(f);
                             }
-                            events.emit(EventKind::RunFailed { error: e.info() });
+                            rec.refused(&e);
                             return Err(e);
                         }
                     }
                 }
                 Ok(Begin::Unfinished { .. }) => {
                     let e = in_progress(&req.request_id);
-                    events.emit(EventKind::RunFailed { error: e.info() });
+                    rec.refused(&e);
                     return Err(e);
                 }
                 Err(e) => {
-                    events.emit(EventKind::RunFailed { error: e.info() });
+                    rec.refused(&e);
                     return Err(e);
                 }
             }
@@ -307,7 +308,7 @@ impl Provisioner {
         let run = Run {
             inner: inner.clone(),
             req,
-            events,
+            rec,
             cancel,
             halt: AtomicBool::new(false),
             intents: Mutex::new(Vec::new()),
@@ -387,19 +388,13 @@ impl Provisioner {
             return Err(in_progress(&id));
         }
         let events = inner.start_run(&id, name, Operation::Deprovision);
-        let failures = self.undo_recorded(&id, &events).await?;
-        self.finish_undo(
-            &id,
-            &events,
-            failures,
-            RunState::Removed,
-            RunState::Deprovisioning,
-        )
-        .await
+        let rec = Recorder::new(inner.clone(), id.clone(), events);
+        let failures = self.undo_recorded(&id, &rec).await?;
+        Self::finish_undo(&rec, failures, RunState::Removed, RunState::Deprovisioning).await
     }
 
     /// Reads the journal's steps of `id` and undoes them.
-    async fn undo_recorded(&self, id: &RequestId, events: &RunEvents) -> Result<Vec<UndoFailure>> {
+    async fn undo_recorded(&self, id: &RequestId, rec: &Recorder) -> Result<Vec<UndoFailure>> {
         let rid = id.clone();
         let steps = self.inner.journal(move |j| j.steps(&rid)).await?;
         let todo: Vec<(Step, UndoKey)> = steps
@@ -407,35 +402,25 @@ impl Provisioner {
             .filter(|s| s.state != StepState::Undone)
             .map(|s| (s.step, s.key))
             .collect();
-        Ok(undo_steps(&self.inner, id, events, todo).await)
+        Ok(undo_steps(&self.inner, id, rec, todo).await)
     }
 
+    /// Records the end of an undo run: `clean` when nothing is held any more, else `dirty`
+    /// with the failures.
     async fn finish_undo(
-        &self,
-        id: &RequestId,
-        events: &RunEvents,
+        rec: &Recorder,
         failures: Vec<UndoFailure>,
         clean: RunState,
         dirty: RunState,
     ) -> Result<()> {
         if failures.is_empty() {
-            let rid = id.clone();
-            self.inner
-                .journal(move |j| j.set_run(&rid, clean, None, None))
-                .await?;
-            events.emit(EventKind::RunFinished { provisioned: None });
-            Ok(())
+            rec.removed(clean).await
         } else {
             let mut e = Error::new(failures[0].kind, "some resources could not be removed");
             for f in failures {
                 e.push_undo_failure(f);
             }
-            let (rid, info) = (id.clone(), e.info());
-            let _ = self
-                .inner
-                .journal(move |j| j.set_run(&rid, dirty, None, Some(&info)))
-                .await;
-            events.emit(EventKind::RunFailed { error: e.info() });
+            rec.failed(dirty, &e).await;
             Err(e)
         }
     }

@@ -76,6 +76,7 @@ impl Provisioner {
         let inner = &self.inner;
         let id = run.request.request_id.clone();
         let events = RunEvents::new(inner.bus.clone(), id.clone(), run.request.name.clone());
+        let rec = Recorder::new(inner.clone(), id.clone(), events);
         let rid = id.clone();
         let steps = inner.journal(move |j| j.steps(&rid)).await?;
 
@@ -94,16 +95,8 @@ impl Provisioner {
                 {
                     return Ok(());
                 }
-                events.emit(EventKind::RunStarted {
-                    operation: Operation::Recover,
-                });
-                let (rid, v) = (id.clone(), vm.clone());
-                inner
-                    .journal(move |j| j.set_run(&rid, RunState::Active, Some(&v), None))
-                    .await?;
-                events.emit(EventKind::RunFinished {
-                    provisioned: Some(Box::new(vm.clone())),
-                });
+                rec.recovery_started();
+                rec.provisioned(&vm).await?;
                 report.completed.push(vm);
                 return Ok(());
             }
@@ -115,13 +108,11 @@ impl Provisioner {
         {
             return Ok(());
         }
-        events.emit(EventKind::RunStarted {
-            operation: Operation::Recover,
-        });
-        let failures = self.undo_recorded(&id, &events).await?;
+        rec.recovery_started();
+        let failures = self.undo_recorded(&id, &rec).await?;
         report.still_held.extend(failures.iter().cloned());
         let clean_run = failures.is_empty();
-        let _ = self.finish_undo(&id, &events, failures, clean, dirty).await;
+        let _ = Self::finish_undo(&rec, failures, clean, dirty).await;
         if clean_run {
             match clean {
                 RunState::Removed => report.removed.push(run.request.name.clone()),

@@ -79,7 +79,7 @@ impl From<Error> for StepError {
 pub(super) struct Run {
     pub(super) inner: Arc<Inner>,
     pub(super) req: ResolvedRequest,
-    pub(super) events: RunEvents,
+    pub(super) rec: Recorder,
     pub(super) cancel: CancelToken,
     /// Set once any step failed, so that steps not yet started are skipped.
     pub(super) halt: AtomicBool,
@@ -98,8 +98,8 @@ impl Run {
         }
     }
 
-    /// Runs one step: journal the intent, emit events, run the backend call in its own
-    /// task under the step's time limit, journal the result.
+    /// Runs one step: record its intent, run the backend call in its own task under the
+    /// step's time limit, record the result (see [`Recorder`]).
     pub(super) async fn step<T, Fut>(
         &self,
         step: Step,
@@ -118,63 +118,38 @@ impl Run {
             if self.cancel.is_cancelled() {
                 return Err(cancelled());
             }
-            let (id, k) = (self.req.request_id.clone(), key.clone());
-            self.inner.journal(move |j| j.intent(&id, step, &k)).await?;
+            self.rec.step_started(step, &key).await?;
             self.intents
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push((step, key));
-            self.events.emit(EventKind::StepStarted { step });
             let work = crate::work::StepWork::default();
             self.work
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push((step, work.clone()));
-            let fut = work.clone().scope(act(self.events.progress(step)));
+            let fut = work.clone().scope(act(self.rec.progress(step)));
             let value = guarded(fut, self.inner.timeouts.get(step), Some(&self.cancel))
                 .await
                 .inspect_err(|_| work.abandon())?;
-            let json = serde_json::to_value(&value)
-                .map_err(|e| Error::backend("cannot encode step result").with_source(e))?;
-            let (id, j2) = (self.req.request_id.clone(), json.clone());
-            self.inner.journal(move |j| j.done(&id, step, &j2)).await?;
-            self.events.emit(EventKind::StepFinished {
-                step,
-                summary: value.summary(),
-                result: json,
-            });
+            self.rec.step_finished(step, &value).await?;
             Ok(value)
         }
         .await;
         result.map_err(|e: Error| {
             let e = e.or_step(step).or_backend(&backend);
             self.halt.store(true, Ordering::SeqCst);
-            self.events.emit(EventKind::StepFailed {
-                step,
-                error: e.info(),
-            });
+            self.rec.step_failed(step, &e);
             StepError::Failed(e)
         })
     }
 
     pub(super) async fn execute(self) -> Result<Vm> {
         match self.steps().await {
-            Ok(vm) => {
-                let (id, v) = (self.req.request_id.clone(), vm.clone());
-                match self
-                    .inner
-                    .journal(move |j| j.set_run(&id, RunState::Active, Some(&v), None))
-                    .await
-                {
-                    Ok(()) => {
-                        self.events.emit(EventKind::RunFinished {
-                            provisioned: Some(Box::new(vm.clone())),
-                        });
-                        Ok(vm)
-                    }
-                    Err(e) => self.fail(e).await,
-                }
-            }
+            Ok(vm) => match self.rec.provisioned(&vm).await {
+                Ok(()) => Ok(vm),
+                Err(e) => self.fail(e).await,
+            },
             Err(e) => self.fail(e).await,
         }
     }
@@ -198,9 +173,7 @@ impl Run {
         for (step, w) in work {
             w.abandon();
             if w.busy() {
-                self.events
-                    .progress(step)
-                    .message(WAITING_FOR_BLOCKING_WORK);
+                self.rec.progress(step).message(WAITING_FOR_BLOCKING_WORK);
             }
             let limit = self.inner.timeouts.get(step);
             if !w.settle(limit).await {
@@ -216,10 +189,9 @@ impl Run {
                 });
             }
         }
-        let mut failures = undo_steps(&self.inner, &self.req.request_id, &self.events, todo).await;
+        let mut failures = undo_steps(&self.inner, &self.req.request_id, &self.rec, todo).await;
         for f in unsettled {
-            self.events
-                .emit(EventKind::UndoFailed { failure: f.clone() });
+            self.rec.undo_failed(&f);
             failures.push(f);
         }
         let state = if failures.is_empty() {
@@ -230,17 +202,7 @@ impl Run {
         for f in failures {
             error.push_undo_failure(f);
         }
-        let (id, info) = (self.req.request_id.clone(), error.info());
-        if let Err(e) = self
-            .inner
-            .journal(move |j| j.set_run(&id, state, None, Some(&info)))
-            .await
-        {
-            tracing::error!(error = %e, "cannot record the end of a failed run; recover() will finish it");
-        }
-        self.events.emit(EventKind::RunFailed {
-            error: error.info(),
-        });
+        self.rec.failed(state, &error).await;
         Err(error)
     }
 

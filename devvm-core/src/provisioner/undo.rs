@@ -84,11 +84,11 @@ pub(super) async fn undo_one(
 }
 
 /// Undoes `todo` in reverse pipeline order. Every undo is tried even if an earlier one
-/// failed; the failures are returned, journaled and emitted.
+/// failed; each outcome is recorded, and the failures are returned.
 pub(super) async fn undo_steps(
     inner: &Arc<Inner>,
     id: &RequestId,
-    events: &RunEvents,
+    rec: &Recorder,
     mut todo: Vec<(Step, UndoKey)>,
 ) -> Vec<UndoFailure> {
     todo.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
@@ -97,43 +97,16 @@ pub(super) async fn undo_steps(
         // A transient failure of an undo is retried like an act's: what is not undone
         // now stays held until recover() runs.
         let limit = inner.timeouts.get(step);
-        let progress = events.progress(step);
+        let progress = rec.progress(step);
         let outcome = with_retries(&inner.retries, step, &progress, || {
             undo_one(&inner.backends, step, &key, id, limit)
         })
         .await
         .map_err(|e| e.or_step(step).or_backend(inner.backends.name_of(step)));
         if let Ok(Undone::Foreign { holder }) = &outcome {
-            let resource = resource(step, &key);
-            tracing::warn!(%step, %resource, %holder, "left alone: not this run's");
-            events.emit(EventKind::LeftAlone {
-                step,
-                resource,
-                holder: holder.clone(),
-            });
+            rec.left_alone(step, resource(step, &key), holder.clone());
         }
-        let outcome = outcome.map(drop);
-        let info = outcome.as_ref().err().map(Error::info);
-        let rid = id.clone();
-        let record = inner
-            .journal(move |j| j.undone(&rid, step, info.as_ref()))
-            .await;
-        match (outcome, record) {
-            (Ok(()), Ok(())) => events.emit(EventKind::StepUndone { step }),
-            (Err(e), _) | (Ok(()), Err(e)) => {
-                let failure = UndoFailure {
-                    step,
-                    resource: resource(step, &key),
-                    error: e.to_string(),
-                    kind: e.kind(),
-                };
-                tracing::warn!(%failure, "undo failed");
-                events.emit(EventKind::UndoFailed {
-                    failure: failure.clone(),
-                });
-                failures.push(failure);
-            }
-        }
+        failures.extend(rec.undone(step, &key, outcome.map(drop)).await);
     }
     failures
 }
