@@ -27,9 +27,10 @@ TEMPLATE = "debian-12"
 
 
 def memory_toml(state: Path, custom: tuple[str, ...] = ()) -> str:
-    """The reference-backend config (``tests/reference.toml``, shared with the Rust
-    tests); each section named in ``custom`` is ``backend = "custom"`` instead."""
-    toml = (REPO / "tests" / "reference.toml").read_text()
+    """The reference-backend config (``devvm_core::testkit::REFERENCE_CONFIG``, shared
+    with the Rust and C tests); each section named in ``custom`` is ``backend = "custom"``
+    instead."""
+    toml = (REPO / "devvm-core" / "src" / "testkit" / "reference.toml").read_text()
     for name in custom:
         toml = replace_section(toml, name, 'backend = "custom"')
     return toml

@@ -179,18 +179,40 @@ static void on_event(const devvm_event *e, void *ud) {
         snprintf(s->disk, sizeof s->disk, "%s", e->json);
 }
 
-static const char *CONFIG =
-    "state_dir = \"state\"\n"
-    "[defaults]\ntemplate = \"debian-12\"\nvcpus = 1\nmemory_mib = 512\ndisk_gib = 7\n"
-    "[users]\nbackend = \"memory\"\n"
-    "accounts = [{ name = \"alice\" }, { name = \"mallory\", may_own_vms = false }]\n"
-    "[placement]\nbackend = \"memory\"\n"
-    "hosts = [{ id = \"h1\", vcpus = 64, memory_mib = 65536, disk_gib = 1000 }]\n"
-    "[ip]\nbackend = \"custom\"\n"
-    "[dns]\nbackend = \"custom\"\n"
-    "[images]\nbackend = \"memory\"\ntemplates = [\"debian-12\"]\n"
-    "[hypervisor]\nbackend = \"memory\"\n"
-    "[bootstrap]\nbackend = \"none\"\n";
+/* `text` with its one occurrence of `from` replaced by `to` (a new string), or NULL when
+ * `from` does not occur exactly once. */
+static char *replace_once(const char *text, const char *from, const char *to) {
+    const char *at = strstr(text, from);
+    if (!at || strstr(at + 1, from)) return NULL;
+    char *out = NULL;
+    if (asprintf(&out, "%.*s%s%s", (int)(at - text), text, to, at + strlen(from)) < 0) abort();
+    return out;
+}
+
+/* The config of every devvm test suite (devvm-core/src/testkit/reference.toml, given as
+ * the first argument), with [ip] and [dns] left to this program's C backends and
+ * non-default [defaults] sizes for the partial-size test. NULL if it cannot be made. */
+static char *reference_config(const char *path) {
+    FILE *f = path ? fopen(path, "r") : NULL;
+    if (!f) return NULL;
+    char *text = NULL;
+    size_t cap = 0;
+    ssize_t n = getdelim(&text, &cap, '\0', f);
+    fclose(f);
+    if (n <= 0) { free(text); return NULL; }
+    const char *swaps[][2] = {
+        {"[ip]\nbackend = \"memory\"", "[ip]\nbackend = \"custom\""},
+        {"[dns]\nbackend = \"memory\"", "[dns]\nbackend = \"custom\""},
+        {"[defaults]\n", "[defaults]\nvcpus = 1\nmemory_mib = 512\ndisk_gib = 7\n"},
+    };
+    for (size_t i = 0; text && i < sizeof swaps / sizeof swaps[0]; i++) {
+        char *next = replace_once(text, swaps[i][0], swaps[i][1]);
+        if (!next) fprintf(stderr, "reference config: no single %s\n", swaps[i][0]);
+        free(text);
+        text = next;
+    }
+    return text;
+}
 
 static char *write_file(const char *dir, const char *name, const char *text) {
     char *path;
@@ -202,11 +224,16 @@ static char *write_file(const char *dir, const char *name, const char *text) {
     return path;
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     char tmpl[] = "/tmp/devvm-c-test.XXXXXX";
     char *dir = mkdtemp(tmpl);
     if (!dir) { perror("mkdtemp"); return 2; }
-    char *config = write_file(dir, "devvm.toml", CONFIG);
+    char *config_text = reference_config(argc > 1 ? argv[1] : NULL);
+    if (!config_text) {
+        fprintf(stderr, "usage: %s devvm-core/src/testkit/reference.toml\n", argv[0]);
+        return 2;
+    }
+    char *config = write_file(dir, "devvm.toml", config_text);
     char *bad_config = write_file(dir, "bad.toml", "state_dir = \"s\"\ncolour = \"blue\"\n");
 
     /* NULL arguments: refused with a status and a message, never a crash. */
@@ -355,7 +382,7 @@ int main(void) {
 
     /* The C backends go through the backend registry: a section may name them. */
     char *named_text = NULL;
-    if (asprintf(&named_text, "%s", CONFIG) < 0) abort();
+    if (asprintf(&named_text, "%s", config_text) < 0) abort();
     char *at = strstr(named_text, "[dns]\nbackend = \"custom\"");
     CHECK(at != NULL, "the config has a custom dns section");
     char *named_cfg = NULL;
@@ -384,6 +411,7 @@ int main(void) {
     free(named_text);
     free(named_cfg);
     free(config);
+    free(config_text);
     free(bad_config);
     char *cmd;
     if (asprintf(&cmd, "rm -rf '%s'", dir) >= 0) { if (system(cmd) != 0) failed++; free(cmd); }

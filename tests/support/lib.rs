@@ -82,9 +82,9 @@ fn account(name: &str) -> User {
     }
 }
 
-/// The reference-backend config every test suite shares (Rust here, Python's
-/// `conftest.py` reads the same file): `tests/reference.toml`.
-pub const REFERENCE_CONFIG: &str = include_str!("../reference.toml");
+/// The reference-backend config every test suite shares (Rust here; Python's
+/// `conftest.py` and the C test read the same file).
+pub use devvm_core::testkit::REFERENCE_CONFIG;
 
 /// Writes a config selecting the same reference backends as
 /// `reference_backends(Some(dir))`, and returns its path.

@@ -10,6 +10,15 @@
 pub mod conformance;
 pub mod faults;
 
+/// A config of the reference (in-memory) backends, each keeping its state in a file under
+/// `state_dir`: users alice and bob (who may own VMs) and mallory (who may not), hosts
+/// `host-a` and `host-b`, the subnet 10.20.0.0/28, the zone `lab.example` and the
+/// template `debian-12`. devvm's own Rust, Python and C tests all start from this one text
+/// (the file `devvm-core/src/testkit/reference.toml`); a test of one backend can swap
+/// that backend's section for its own. Not for production: the reference backends are
+/// for tests only.
+pub const REFERENCE_CONFIG: &str = include_str!("reference.toml");
+
 /// A VM name unique to this process and call, for tests that share a real service.
 pub fn unique_vm_name(prefix: &str) -> crate::VmName {
     use std::sync::atomic::{AtomicU32, Ordering};
