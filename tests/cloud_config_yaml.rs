@@ -64,22 +64,20 @@ fn parse(text: &str) -> Value {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("{PYTHON}: {e}"));
-    let mut stdin = child.stdin.take().unwrap_or_else(|| panic!("stdin"));
+        .expect(PYTHON);
+    let mut stdin = child.stdin.take().expect("stdin");
     let input = text.as_bytes().to_vec();
     let writer = std::thread::spawn(move || stdin.write_all(&input));
-    let out = child
-        .wait_with_output()
-        .unwrap_or_else(|e| panic!("{PYTHON}: {e}"));
-    let written = writer.join().unwrap_or_else(|_| panic!("writer panicked"));
+    let out = child.wait_with_output().expect(PYTHON);
+    let written = writer.join().expect("writer panicked");
     assert!(
         out.status.success(),
         "PyYAML cannot read the document: {}\n{}",
         String::from_utf8_lossy(&out.stderr),
         excerpt(text),
     );
-    written.unwrap_or_else(|e| panic!("writing to {PYTHON}: {e}"));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("PyYAML's JSON: {e}"))
+    written.expect("writing the document to python3");
+    serde_json::from_slice(&out.stdout).expect("PyYAML's JSON")
 }
 
 /// At most a few hundred characters of `s`, escaped, for failure messages.
@@ -300,7 +298,7 @@ fn expected_user_data(seed: &GuestSeed, host_key: &HostKey) -> Value {
 }
 
 fn host_key() -> HostKey {
-    HostKey::generate().unwrap_or_else(|e| panic!("{e}"))
+    HostKey::generate().expect("generate a host key")
 }
 
 /// Parses `seed`'s user-data and asserts it is `#cloud-config` with exactly the
@@ -402,7 +400,7 @@ fn network_config_reads_back() {
         return;
     }
     let lease = Lease {
-        vm: VmName::new("web-1").unwrap_or_else(|e| panic!("{e}")),
+        vm: VmName::new("web-1").unwrap(),
         ip: [10, 99, 0, 7].into(),
         prefix_len: 24,
         gateway: Some([10, 99, 0, 1].into()),

@@ -20,7 +20,7 @@ fn run_child(config: &Path, mode: &str, step: Step, when: &str) {
             when.as_ref(),
         ])
         .status()
-        .unwrap_or_else(|e| panic!("spawn child: {e}"));
+        .expect("spawn child");
     assert_eq!(
         status.signal(),
         Some(libc::SIGKILL),
@@ -31,7 +31,7 @@ fn run_child(config: &Path, mode: &str, step: Step, when: &str) {
 fn held(dir: &Path) -> usize {
     reference_backends(Some(dir))
         .held_total()
-        .unwrap_or_else(|e| panic!("{e}"))
+        .expect("count the held resources")
 }
 
 async fn recover_and_check(dir: &Path, config: &Path, ctx: &str, foreign: usize) {
@@ -75,7 +75,7 @@ async fn recover_and_check(dir: &Path, config: &Path, ctx: &str, foreign: usize)
 async fn killed_at_every_step_boundary_then_recovered_leaks_nothing() {
     for step in Step::ALL {
         for when in ["before", "after"] {
-            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+            let dir = tempfile::tempdir().unwrap();
             let config = write_config(dir.path());
             let foreign = devvm_tests::plant_neighbour(&reference_backends(Some(dir.path()))).await;
             run_child(&config, "provision", step, when);
@@ -97,7 +97,7 @@ async fn killed_during_deprovision_then_recovered_leaks_nothing() {
         Step::Bootstrap,
     ] {
         for when in ["before", "after"] {
-            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+            let dir = tempfile::tempdir().unwrap();
             let config = write_config(dir.path());
             run_child(&config, "deprovision", step, when);
             let ctx = format!("deprovision killed {when} undoing {step}");
@@ -105,14 +105,11 @@ async fn killed_during_deprovision_then_recovered_leaks_nothing() {
             let report = p.recover().await.unwrap_or_else(|e| panic!("{ctx}: {e}"));
             assert_eq!(
                 report.removed,
-                vec![VmName::new("crashy").unwrap_or_else(|e| panic!("{e}"))],
+                vec![VmName::new("crashy").unwrap()],
                 "{ctx}: {report:?}"
             );
             assert_eq!(held(dir.path()), 0, "{ctx}");
-            assert!(
-                p.list().await.unwrap_or_else(|e| panic!("{e}")).is_empty(),
-                "{ctx}"
-            );
+            assert!(p.list().await.unwrap().is_empty(), "{ctx}");
         }
     }
 }
@@ -121,19 +118,17 @@ async fn killed_during_deprovision_then_recovered_leaks_nothing() {
 /// attempt first and then succeeds, without `recover()` being called.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retrying_a_crashed_request_cleans_up_first() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path());
     run_child(&config, "provision", Step::Domain, "after");
     assert!(held(dir.path()) > 0, "the crash left resources behind");
-    let p = Provisioner::from_config(&config).unwrap_or_else(|e| panic!("{e}"));
+    let p = Provisioner::from_config(&config).unwrap();
     let req = devvm_core::ProvisionRequest::new(devvm_tests::user("alice"))
-        .with_name(VmName::new("crashy").unwrap_or_else(|e| panic!("{e}")))
-        .with_request_id(devvm_core::RequestId::new("crash-run").unwrap_or_else(|e| panic!("{e}")));
-    let vm = p.provision(req).await.unwrap_or_else(|e| panic!("{e}"));
+        .with_name(VmName::new("crashy").unwrap())
+        .with_request_id(devvm_core::RequestId::new("crash-run").unwrap());
+    let vm = p.provision(req).await.unwrap();
     assert_eq!(held(dir.path()), 7, "exactly one vm's resources");
-    p.deprovision(&vm.name)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    p.deprovision(&vm.name).await.unwrap();
     assert_eq!(held(dir.path()), 0);
 }
 
@@ -141,12 +136,12 @@ async fn retrying_a_crashed_request_cleans_up_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recover_leaves_live_runs_alone() {
     use devvm_core::testkit::faults::{Fault, FaultPlan};
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path());
-    let cfg = devvm_core::config::Config::load(&config).unwrap_or_else(|e| panic!("{e}"));
+    let cfg = devvm_core::config::Config::load(&config).unwrap();
     let live = devvm_tests::with_fault(&cfg, FaultPlan::new(Step::Domain, Fault::Hang))
         .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let mut sub = live.subscribe();
     let run = tokio::spawn({
         let live = live.clone();
@@ -162,8 +157,8 @@ async fn recover_leaves_live_runs_alone() {
             break;
         }
     }
-    let other = Provisioner::from_config(&config).unwrap_or_else(|e| panic!("{e}"));
-    let report = other.recover().await.unwrap_or_else(|e| panic!("{e}"));
+    let other = Provisioner::from_config(&config).unwrap();
+    let report = other.recover().await.unwrap();
     assert_eq!(
         report,
         devvm_core::RecoveryReport::default(),

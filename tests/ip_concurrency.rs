@@ -14,13 +14,13 @@ const PER_THREAD: usize = 12;
 
 #[tokio::test]
 async fn processes_and_threads_allocating_at_once_never_share_an_address() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("leases.sqlite3");
     let mut children = Vec::new();
     for p in 0..PROCESSES {
         let mut child = Command::new(env!("CARGO_BIN_EXE_devvm-ip-child"))
             .args([
-                db.to_str().unwrap_or_else(|| panic!("utf-8 path")),
+                db.to_str().expect("utf-8 path"),
                 "10.40.0.0/24",
                 "10.40.0.1",
                 &THREADS.to_string(),
@@ -30,11 +30,11 @@ async fn processes_and_threads_allocating_at_once_never_share_an_address() {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn: {e}"));
+            .expect("spawn");
         // Wait until the child has opened its connections.
-        let mut out = BufReader::new(child.stdout.take().unwrap_or_else(|| panic!("stdout")));
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
-        out.read_line(&mut line).unwrap_or_else(|e| panic!("{e}"));
+        out.read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "ready", "child {p} did not start");
         children.push((child, out));
     }
@@ -45,7 +45,7 @@ async fn processes_and_threads_allocating_at_once_never_share_an_address() {
     let mut leases: BTreeMap<String, String> = BTreeMap::new();
     for (mut child, out) in children {
         for line in out.lines() {
-            let line = line.unwrap_or_else(|e| panic!("{e}"));
+            let line = line.unwrap();
             let (vm, ip) = line
                 .split_once(' ')
                 .unwrap_or_else(|| panic!("bad line {line:?}"));
@@ -54,7 +54,7 @@ async fn processes_and_threads_allocating_at_once_never_share_an_address() {
                 "{vm} twice"
             );
         }
-        let status = child.wait().unwrap_or_else(|e| panic!("{e}"));
+        let status = child.wait().unwrap();
         assert!(status.success(), "child failed: {status}");
     }
     let total = PROCESSES * THREADS * PER_THREAD;
@@ -67,16 +67,13 @@ async fn processes_and_threads_allocating_at_once_never_share_an_address() {
     );
 
     // The database agrees with what the processes were told.
-    let plan = SubnetPlan::new(
-        "10.40.0.0/24".parse().unwrap_or_else(|e| panic!("{e}")),
-        Some([10, 40, 0, 1].into()),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let a = SqliteIpAllocator::open(&db, plan).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(a.count().await.unwrap_or_else(|e| panic!("{e}")), total);
+    let plan =
+        SubnetPlan::new("10.40.0.0/24".parse().unwrap(), Some([10, 40, 0, 1].into())).unwrap();
+    let a = SqliteIpAllocator::open(&db, plan).unwrap();
+    assert_eq!(a.count().await.unwrap(), total);
     for (vm, ip) in &leases {
-        let vm = VmName::new(vm).unwrap_or_else(|e| panic!("{e}"));
-        let lease = a.lease(&vm).await.unwrap_or_else(|e| panic!("{e}"));
+        let vm = VmName::new(vm).unwrap();
+        let lease = a.lease(&vm).await.unwrap();
         assert_eq!(lease.map(|l| l.ip.to_string()).as_ref(), Some(ip));
     }
 }

@@ -14,7 +14,7 @@ fn sql(db: &Path, statement: &str) {
         .arg(db)
         .arg(statement)
         .output()
-        .unwrap_or_else(|e| panic!("sqlite3 (apt-get install sqlite3): {e}"));
+        .expect("sqlite3 (apt-get install sqlite3)");
     assert!(
         out.status.success(),
         "sqlite3 {statement}: {}",
@@ -23,14 +23,14 @@ fn sql(db: &Path, statement: &str) {
 }
 
 fn name(s: &str) -> VmName {
-    VmName::new(s).unwrap_or_else(|e| panic!("{e}"))
+    VmName::new(s).expect("a valid vm name")
 }
 
 #[tokio::test]
 async fn a_corrupted_row_is_reported_for_its_run_and_everything_else_keeps_working() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path());
-    let p = Provisioner::from_config(&config).unwrap_or_else(|e| panic!("{e}"));
+    let p = Provisioner::from_config(&config).unwrap();
     for vm in ["vm-a", "vm-b", "vm-c"] {
         p.provision(ProvisionRequest::new(user("alice")).with_name(name(vm)))
             .await
@@ -50,26 +50,21 @@ async fn a_corrupted_row_is_reported_for_its_run_and_everything_else_keeps_worki
         "UPDATE steps SET undo_key = '{not json' WHERE step = 'ip' AND request_id =
            (SELECT request_id FROM runs WHERE vm = 'vm-c')",
     );
-    let held_before = reference_backends(Some(dir.path()))
-        .held_total()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let held_before = reference_backends(Some(dir.path())).held_total().unwrap();
 
-    let p = Provisioner::from_config(&config).unwrap_or_else(|e| panic!("{e}"));
+    let p = Provisioner::from_config(&config).unwrap();
     let listed: Vec<String> = p
         .list()
         .await
-        .unwrap_or_else(|e| panic!("list keeps working: {e}"))
+        .expect("list keeps working")
         .into_iter()
         .map(|v| v.name.to_string())
         .collect();
     assert_eq!(listed, vec!["vm-b"], "the readable VMs are listed");
-    let bad = p.unreadable().await.unwrap_or_else(|e| panic!("{e}"));
+    let bad = p.unreadable().await.unwrap();
     assert!(bad.iter().any(|u| u.vm == "vm-a"), "{bad:?}");
 
-    let report = p
-        .recover()
-        .await
-        .unwrap_or_else(|e| panic!("recover keeps working: {e}"));
+    let report = p.recover().await.expect("recover keeps working");
     assert!(
         report.unreadable.iter().any(|u| u.vm == "vm-c"),
         "the run with a corrupt step is reported: {report:?}"
@@ -79,9 +74,7 @@ async fn a_corrupted_row_is_reported_for_its_run_and_everything_else_keeps_worki
         "nothing rolled back on a guess: {report:?}"
     );
     assert_eq!(
-        reference_backends(Some(dir.path()))
-            .held_total()
-            .unwrap_or_else(|e| panic!("{e}")),
+        reference_backends(Some(dir.path())).held_total().unwrap(),
         held_before,
         "the unreadable runs' resources are untouched"
     );
@@ -89,7 +82,7 @@ async fn a_corrupted_row_is_reported_for_its_run_and_everything_else_keeps_worki
     // The readable VM is removed as usual; the unreadable one is a typed error naming it.
     p.deprovision(&name("vm-b"))
         .await
-        .unwrap_or_else(|e| panic!("deprovision of a readable vm: {e}"));
+        .expect("deprovision of a readable vm");
     let e = p
         .deprovision(&name("vm-a"))
         .await
@@ -100,16 +93,16 @@ async fn a_corrupted_row_is_reported_for_its_run_and_everything_else_keeps_worki
     // A row written by a newer devvm (another JSON version) is reported, not guessed at.
     p.provision(ProvisionRequest::new(user("alice")).with_name(name("vm-d")))
         .await
-        .unwrap_or_else(|e| panic!("vm-d: {e}"));
+        .expect("vm-d");
     sql(&db, "UPDATE runs SET json_version = 99 WHERE vm = 'vm-d'");
-    let bad = p.unreadable().await.unwrap_or_else(|e| panic!("{e}"));
+    let bad = p.unreadable().await.unwrap();
     assert!(
         bad.iter()
             .any(|u| u.vm == "vm-d" && u.error.contains("journal format 99")),
         "{bad:?}"
     );
     assert!(
-        p.list().await.unwrap_or_else(|e| panic!("{e}")).is_empty(),
+        p.list().await.unwrap().is_empty(),
         "neither vm-a nor vm-d is listed"
     );
 }

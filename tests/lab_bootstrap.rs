@@ -31,7 +31,7 @@ fn provisioner(lab: &Lab, dir: &Path, b: Arc<dyn Bootstrapper>) -> Provisioner {
     Config::load(&lab.write_config(dir))
         .and_then(|c| c.builder())
         .and_then(|b2| b2.bootstrap(b).build())
-        .unwrap_or_else(|e| panic!("provisioner: {e}"))
+        .expect("provisioner")
 }
 
 fn toml_str(s: &str) -> String {
@@ -58,7 +58,7 @@ fn chef(lab: &Lab) -> ChefBootstrapper {
             toml_str(lab.var("chef_url"))
         ),
     );
-    ChefBootstrapper::from_config(&c, Path::new("/")).unwrap_or_else(|e| panic!("{e}"))
+    ChefBootstrapper::from_config(&c, Path::new("/")).expect("chef bootstrapper from the config")
 }
 
 fn shell(lab: &Lab, script: &str) -> ShellBootstrapper {
@@ -67,8 +67,8 @@ fn shell(lab: &Lab, script: &str) -> ShellBootstrapper {
         toml_str(lab.var("ssh_key")),
         toml_str(script)
     );
-    let c: ShellConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
-    ShellBootstrapper::from_config(&c, Path::new("/")).unwrap_or_else(|e| panic!("{e}"))
+    let c: ShellConfig = toml::from_str(&text).expect("shell config");
+    ShellBootstrapper::from_config(&c, Path::new("/")).expect("shell bootstrapper from the config")
 }
 
 fn bootstrap_lines(events: &[Event]) -> Vec<String> {
@@ -91,7 +91,7 @@ fn http_status(url: &str) -> u16 {
         .args(["-s", "-o", "/dev/null", "-m", "5", "-w", "%{http_code}"])
         .args(["-H", "Accept: application/json", url])
         .output()
-        .unwrap_or_else(|e| panic!("curl: {e}"));
+        .expect("curl");
     String::from_utf8_lossy(&out.stdout)
         .trim()
         .parse()
@@ -114,7 +114,7 @@ fn console_host_key(lab: &Lab, vm: &str) -> String {
 }
 
 fn ssh_options(lab: &Lab, ip: IpAddr, check: HostKeyCheck) -> SshOptions {
-    let key = load_private_key(Path::new(lab.var("ssh_key"))).unwrap_or_else(|e| panic!("{e}"));
+    let key = load_private_key(Path::new(lab.var("ssh_key"))).expect("load DEVVM_LAB_SSH_KEY");
     let mut o = SshOptions::new(SocketAddr::new(ip, 22), "root", Arc::new(key), check);
     o.attempts = 2;
     o
@@ -137,7 +137,7 @@ async fn guest_output(s: &SshSession, cmd: &str) -> String {
 fn assert_no_secret(events: &[Event], files: &[&str]) {
     let all: Vec<String> = events
         .iter()
-        .map(|e| serde_json::to_string(e).unwrap_or_else(|e| panic!("{e}")))
+        .map(|e| serde_json::to_string(e).expect("an event as JSON"))
         .collect();
     for f in files {
         let secret = std::fs::read_to_string(f).unwrap_or_else(|e| panic!("{f}: {e}"));
@@ -163,8 +163,8 @@ async fn chef_bootstrap_with_the_stand_in_chef_client_registers_the_node_and_dep
     ) else {
         return;
     };
-    let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let env = LabEnv::from_env().expect("lab env");
+    let dir = tempfile::tempdir().unwrap();
     let p = provisioner(&lab, dir.path(), Arc::new(chef(&lab)));
     let mut events = p.subscribe();
     let name = unique_vm_name("chef");
@@ -183,7 +183,7 @@ async fn chef_bootstrap_with_the_stand_in_chef_client_registers_the_node_and_dep
                 .with_bootstrap(settings),
         )
         .await
-        .unwrap_or_else(|e| panic!("provision: {e}"));
+        .expect("provision");
     assert!(vm.bootstrapped, "{vm:?}");
     let all = events.drain();
     let lines = bootstrap_lines(&all);
@@ -207,10 +207,10 @@ async fn chef_bootstrap_with_the_stand_in_chef_client_registers_the_node_and_dep
 
     // The files knife bootstrap leaves, read over SSH with the host key the guest printed.
     let host_key = console_host_key(&lab, name.as_str());
-    let check = HostKeyCheck::expect_line(&host_key).unwrap_or_else(|e| panic!("{e}"));
+    let check = HostKeyCheck::expect_line(&host_key).unwrap();
     let s = SshSession::connect(&ssh_options(&lab, vm.ip, check))
         .await
-        .unwrap_or_else(|e| panic!("ssh: {e}"));
+        .expect("ssh");
     let rb = guest_output(&s, "cat /etc/chef/client.rb").await;
     assert!(rb.contains(&format!("node_name '{name}'")), "{rb}");
     assert!(
@@ -252,7 +252,7 @@ async fn chef_bootstrap_with_the_stand_in_chef_client_registers_the_node_and_dep
             name.as_str(),
         ])
         .output()
-        .unwrap_or_else(|e| panic!("virsh: {e}"));
+        .expect("virsh");
     let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
     assert!(
         listed.contains("vda") && !listed.contains("vdb") && !listed.contains("cidata"),
@@ -261,7 +261,7 @@ async fn chef_bootstrap_with_the_stand_in_chef_client_registers_the_node_and_dep
     let seeds = env.seed_files(name.as_str());
     assert!(seeds.is_empty(), "{seeds:?} deleted");
     let json = guest_output(&s, "cat /etc/chef/first-boot.json").await;
-    let json: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}"));
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(
         json,
         serde_json::json!({
@@ -280,13 +280,13 @@ async fn chef_bootstrap_with_the_stand_in_chef_client_registers_the_node_and_dep
     // Registered on goiardi (asked with curl), the node carrying the run's request id.
     assert_eq!(node_status(&lab, "nodes", name.as_str()), 200);
     assert_eq!(node_status(&lab, "clients", name.as_str()), 200);
-    let server = ChefServerClient::new(lab.var("chef_url"), None).unwrap_or_else(|e| panic!("{e}"));
+    let server = ChefServerClient::new(lab.var("chef_url"), None).unwrap();
     let path = format!("/nodes/{name}");
     let node = tokio::task::spawn_blocking(move || server.get_json(&path))
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .unwrap_or_else(|| panic!("no node {name}"));
+        .unwrap()
+        .unwrap()
+        .expect("no chef node for the vm");
     assert_eq!(
         node.pointer("/normal/devvm/request_id")
             .and_then(|v| v.as_str()),
@@ -295,9 +295,7 @@ async fn chef_bootstrap_with_the_stand_in_chef_client_registers_the_node_and_dep
     );
     assert_no_secret(&all, &[lab.var("chef_validation_key"), lab.var("ssh_key")]);
 
-    p.deprovision(&vm.name)
-        .await
-        .unwrap_or_else(|e| panic!("deprovision: {e}"));
+    p.deprovision(&vm.name).await.expect("deprovision");
     assert_eq!(
         node_status(&lab, "nodes", name.as_str()),
         404,
@@ -319,8 +317,8 @@ async fn a_failing_stand_in_chef_run_rolls_the_vm_back_and_leaves_no_node() {
     else {
         return;
     };
-    let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let env = LabEnv::from_env().expect("lab env");
+    let dir = tempfile::tempdir().unwrap();
     let p = provisioner(&lab, dir.path(), Arc::new(chef(&lab)));
     let mut events = p.subscribe();
     let name = unique_vm_name("chef-fail");
@@ -387,8 +385,8 @@ async fn a_shell_script_exiting_1_rolls_the_vm_back() {
     let Some(lab) = Lab::get("a_shell_script_exiting_1_rolls_the_vm_back") else {
         return;
     };
-    let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let env = LabEnv::from_env().expect("lab env");
+    let dir = tempfile::tempdir().unwrap();
     let script = "echo \"hello from $DEVVM_VM\"\necho 'about to fail' >&2\nexit 1\n";
     let p = provisioner(&lab, dir.path(), Arc::new(shell(&lab, script)));
     let mut events = p.subscribe();
@@ -422,8 +420,8 @@ async fn a_shell_bootstrap_runs_and_a_wrong_host_key_is_refused_before_anything_
     else {
         return;
     };
-    let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let env = LabEnv::from_env().expect("lab env");
+    let dir = tempfile::tempdir().unwrap();
     let script = "set -e\necho \"configuring $DEVVM_FQDN\"\necho ok > /root/devvm-shell-ran\n";
     let p = provisioner(&lab, dir.path(), Arc::new(shell(&lab, script)));
     let mut events = p.subscribe();
@@ -431,7 +429,7 @@ async fn a_shell_bootstrap_runs_and_a_wrong_host_key_is_refused_before_anything_
     let vm = p
         .provision(ProvisionRequest::new(lab.member()).with_name(name.clone()))
         .await
-        .unwrap_or_else(|e| panic!("provision: {e}"));
+        .expect("provision");
     assert!(vm.bootstrapped);
     let lines = bootstrap_lines(&events.drain());
     assert!(
@@ -442,8 +440,8 @@ async fn a_shell_bootstrap_runs_and_a_wrong_host_key_is_refused_before_anything_
     );
 
     // Another key than the guest's: refused with Unauthorized, nothing runs.
-    let wrong = devvm_core::seed::HostKey::generate().unwrap_or_else(|e| panic!("{e}"));
-    let check = HostKeyCheck::expect_line(&wrong.public).unwrap_or_else(|e| panic!("{e}"));
+    let wrong = devvm_core::seed::HostKey::generate().unwrap();
+    let check = HostKeyCheck::expect_line(&wrong.public).unwrap();
     let err = SshSession::connect(&ssh_options(&lab, vm.ip, check))
         .await
         .expect_err("a wrong host key is refused");
@@ -481,11 +479,10 @@ async fn a_shell_bootstrap_runs_and_a_wrong_host_key_is_refused_before_anything_
     assert_eq!(err.kind(), ErrorKind::Unauthorized, "{err}");
 
     // The right key (printed on the guest's console) works, and shows what ran.
-    let check = HostKeyCheck::expect_line(&console_host_key(&lab, name.as_str()))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let check = HostKeyCheck::expect_line(&console_host_key(&lab, name.as_str())).unwrap();
     let s = SshSession::connect(&ssh_options(&lab, vm.ip, check))
         .await
-        .unwrap_or_else(|e| panic!("ssh: {e}"));
+        .expect("ssh");
     assert_eq!(
         guest_output(&s, "cat /root/devvm-shell-ran").await.trim(),
         "ok"
@@ -499,7 +496,7 @@ async fn a_shell_bootstrap_runs_and_a_wrong_host_key_is_refused_before_anything_
     // Uploads land with their mode, the contents passing on stdin.
     s.upload("/root/uploaded", 0o640, b"it's \"quoted\"\n")
         .await
-        .unwrap_or_else(|e| panic!("upload: {e}"));
+        .expect("upload");
     assert_eq!(
         guest_output(&s, "stat -c %a /root/uploaded").await.trim(),
         "640"
@@ -510,9 +507,7 @@ async fn a_shell_bootstrap_runs_and_a_wrong_host_key_is_refused_before_anything_
     );
     s.close().await;
 
-    p.deprovision(&vm.name)
-        .await
-        .unwrap_or_else(|e| panic!("deprovision: {e}"));
+    p.deprovision(&vm.name).await.expect("deprovision");
     let left = env.leftovers(name.as_str(), &vm.fqdn, Some(vm.ip));
     assert!(left.is_empty(), "leaked: {left:?}");
 }
@@ -527,9 +522,9 @@ struct AuthGoiardi {
 
 impl AuthGoiardi {
     fn start() -> AuthGoiardi {
-        let conf = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let conf = tempfile::tempdir().expect("temp dir");
         let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
             l.local_addr().map(|a| a.port()).unwrap_or(0)
         };
         let child = std::process::Command::new("goiardi")
@@ -539,7 +534,7 @@ impl AuthGoiardi {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("goiardi: {e}"));
+            .expect("goiardi");
         let url = format!("http://127.0.0.1:{port}");
         let g = AuthGoiardi { child, url, conf };
         // Poll until it answers; a generous limit only bounds a goiardi that never starts.
@@ -578,17 +573,14 @@ async fn unregister_signs_chef_requests_v1_3_for_servers_with_auth() {
             toml_str(&admin_pem.display().to_string())
         ),
     );
-    let b = ChefBootstrapper::from_config(&c, Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
+    let b = ChefBootstrapper::from_config(&c, Path::new("/")).unwrap();
     let debug = format!("{b:?}");
     let admin_key = std::fs::read_to_string(&admin_pem).unwrap_or_default();
     assert!(
         !debug.contains(admin_key.lines().nth(1).unwrap_or("-")),
         "{debug}"
     );
-    let server = b
-        .server()
-        .cloned()
-        .unwrap_or_else(|| panic!("server_admin set"));
+    let server = b.server().cloned().expect("server_admin set");
     assert!(server.signs());
     let vm = unique_vm_name("signed");
     let rid = devvm_core::RequestId::random();
@@ -608,16 +600,16 @@ async fn unregister_signs_chef_requests_v1_3_for_servers_with_auth() {
         Ok::<_, devvm_core::Error>((n.0, c.0, get.0))
     })
     .await
-    .unwrap_or_else(|e| panic!("{e}"))
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap()
+    .unwrap();
     assert_eq!(created, (201, 201, 200), "signed requests are accepted");
 
     // Unsigned requests are refused by this server: the signature is what counts.
-    let unsigned = ChefServerClient::new(&g.url, None).unwrap_or_else(|e| panic!("{e}"));
+    let unsigned = ChefServerClient::new(&g.url, None).unwrap();
     let path = format!("/nodes/{vm}");
     let refused = tokio::task::spawn_blocking(move || unsigned.delete(&path))
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap()
         .expect_err("unsigned delete refused");
     assert_eq!(refused.kind(), ErrorKind::Unauthorized, "{refused}");
 
@@ -626,18 +618,16 @@ async fn unregister_signs_chef_requests_v1_3_for_servers_with_auth() {
     let theirs = b
         .unregister(&vm, &other)
         .await
-        .unwrap_or_else(|e| panic!("unregister by another request: {e}"));
+        .expect("unregister by another request");
     assert_eq!(theirs, Undone::foreign(rid.as_str()), "left alone");
     assert_eq!(
-        b.unregister(&vm, &rid)
-            .await
-            .unwrap_or_else(|e| panic!("unregister: {e}")),
+        b.unregister(&vm, &rid).await.expect("unregister"),
         Undone::Removed
     );
     assert_eq!(
         b.unregister(&vm, &rid)
             .await
-            .unwrap_or_else(|e| panic!("unregister again (404 is success): {e}")),
+            .expect("unregister again (404 is success)"),
         Undone::Absent
     );
     let s3 = server.clone();
@@ -649,8 +639,8 @@ async fn unregister_signs_chef_requests_v1_3_for_servers_with_auth() {
         ))
     })
     .await
-    .unwrap_or_else(|e| panic!("{e}"))
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap()
+    .unwrap();
     assert_eq!(after, (404, 404), "node and client deleted");
 
     // A key the server does not know for that client name: Unauthorized.
@@ -662,8 +652,7 @@ async fn unregister_signs_chef_requests_v1_3_for_servers_with_auth() {
             toml_str(lab.var("chef_validation_key"))
         ),
     );
-    let wrong =
-        ChefBootstrapper::from_config(&wrong, Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
+    let wrong = ChefBootstrapper::from_config(&wrong, Path::new("/")).unwrap();
     let e = wrong.unregister(&vm, &rid).await.expect_err("wrong key");
     assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
 }

@@ -17,38 +17,37 @@ async fn the_seed_alone_configures_the_guest() {
     let Some(lab) = Lab::get("the_seed_alone_configures_the_guest") else {
         return;
     };
-    let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let env = LabEnv::from_env().expect("lab env");
+    let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("seed_only_key");
     let kg = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-C", "seed-only", "-f"])
         .arg(&key)
         .status()
-        .unwrap_or_else(|e| panic!("ssh-keygen: {e}"));
+        .expect("ssh-keygen");
     assert!(kg.success());
-    let public =
-        std::fs::read_to_string(key.with_extension("pub")).unwrap_or_else(|e| panic!("{e}"));
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
 
-    let config = Config::load(&lab.write_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    let config = Config::load(&lab.write_config(dir.path())).unwrap();
     let ci: CloudInitConfig = toml::from_str(&format!(
         "cloud_config = {{ ssh_authorized_keys = [{:?}] }}",
         public.trim()
     ))
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
     let p = config
         .builder()
-        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap()
         .bootstrap(Arc::new(
-            CloudInitBootstrapper::from_config(&ci, dir.path()).unwrap_or_else(|e| panic!("{e}")),
+            CloudInitBootstrapper::from_config(&ci, dir.path()).unwrap(),
         ))
         .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let name = unique_vm_name("ci");
     let user = lab.member();
     let vm = p
         .provision(ProvisionRequest::new(user).with_name(name.clone()))
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert!(vm.bootstrapped);
 
     let out = Command::new("ssh")
@@ -67,7 +66,7 @@ async fn the_seed_alone_configures_the_guest() {
         .arg(format!("root@{}", vm.ip))
         .arg("hostname; ls /dev/vd*")
         .output()
-        .unwrap_or_else(|e| panic!("ssh: {e}"));
+        .expect("ssh");
     assert!(
         out.status.success(),
         "login with the seed-only key: {}",
@@ -82,9 +81,7 @@ async fn the_seed_alone_configures_the_guest() {
     let seeds = env.seed_files(name.as_str());
     assert!(seeds.is_empty(), "{seeds:?} deleted");
 
-    p.deprovision(&vm.name)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    p.deprovision(&vm.name).await.unwrap();
     let left = env.leftovers(name.as_str(), &vm.fqdn, Some(vm.ip));
     assert!(left.is_empty(), "leaked: {left:?}");
 }

@@ -40,14 +40,12 @@ fn config(lab: &Lab, overrides: &[(&str, &str)]) -> Rfc2136Config {
             .unwrap_or_else(|| panic!("{k}"));
         set(k, value);
     }
-    toml::Value::Table(table)
-        .try_into()
-        .unwrap_or_else(|e| panic!("config: {e}"))
+    toml::Value::Table(table).try_into().expect("config")
 }
 
 fn dns(lab: &Lab, overrides: &[(&str, &str)]) -> Rfc2136Dns {
     Rfc2136Dns::from_config(&config(lab, overrides), Path::new("/"))
-        .unwrap_or_else(|e| panic!("{e}"))
+        .expect("RFC 2136 DNS from the config")
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -77,7 +75,7 @@ fn run_dig(lab: &Lab, style: &str, args: &[&str]) -> Vec<String> {
         ])
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("run dig: {e}"));
+        .expect("run dig");
     assert!(
         out.status.success(),
         "dig {args:?} failed: {}",
@@ -134,7 +132,7 @@ fn foreign_key_file(dir: &Path, name: &str) -> std::path::PathBuf {
             "key \"{name}\" {{\n\talgorithm hmac-sha256;\n\tsecret \"q1fF3mQb2kK8m7Yw0oQ4yC0Q8m7s3lJq9l1gkq2cN7E=\";\n}};\n"
         ),
     };
-    std::fs::write(&path, text).unwrap_or_else(|e| panic!("write key: {e}"));
+    std::fs::write(&path, text).expect("write key");
     path
 }
 
@@ -156,7 +154,7 @@ async fn rfc2136_dns_conforms_with_a_derived_reverse_zone() {
     };
     let mut c = config(&lab, &[]);
     c.reverse_zone = None;
-    let dns = Rfc2136Dns::from_config(&c, Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
+    let dns = Rfc2136Dns::from_config(&c, Path::new("/")).unwrap();
     let addresses = [ip("10.99.0.203"), ip("10.99.0.204")];
     clear(&dns, &addresses).await;
     dns_updater(Arc::new(dns), DnsUpdaterFixture { addresses }).await;
@@ -174,10 +172,7 @@ async fn published_records_are_what_dig_sees() {
     let fqdn = dns.fqdn(&vm);
     assert_eq!(fqdn, format!("{vm}.{}", lab.var("dns_zone")));
 
-    let rec = dns
-        .publish(&vm, addr)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let rec = dns.publish(&vm, addr).await.unwrap();
     assert_eq!((rec.fqdn.as_str(), rec.ip), (fqdn.as_str(), addr));
     assert_eq!(dig_a(&lab, &fqdn), vec![addr.to_string()]);
     assert_eq!(dig_ptr(&lab, addr), vec![format!("{fqdn}.")]);
@@ -190,17 +185,12 @@ async fn published_records_are_what_dig_sees() {
     );
 
     // Publishing again succeeds and leaves exactly one record of each.
-    let again = dns
-        .publish(&vm, addr)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let again = dns.publish(&vm, addr).await.unwrap();
     assert_eq!(again, rec);
     assert_eq!(dig_a(&lab, &fqdn), vec![addr.to_string()]);
     assert_eq!(dig_ptr(&lab, addr), vec![format!("{fqdn}.")]);
 
-    dns.remove(&vm, addr)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    dns.remove(&vm, addr).await.unwrap();
     assert!(dig_a(&lab, &fqdn).is_empty());
     assert!(dig_ptr(&lab, addr).is_empty());
 }
@@ -214,11 +204,9 @@ async fn a_wrong_secret_is_unauthorized_and_changes_nothing() {
     let (kept, fresh) = (ip("10.99.0.221"), ip("10.99.0.222"));
     clear(&good, &[kept, fresh]).await;
     let owner = unique_vm_name("keep");
-    good.publish(&owner, kept)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    good.publish(&owner, kept).await.unwrap();
 
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let key = foreign_key_file(dir.path(), lab.var("tsig_key_name"));
     let key = key.to_string_lossy().into_owned();
     let bad = dns(&lab, &[("key_file", &format!("{key:?}"))]);
@@ -240,9 +228,7 @@ async fn a_wrong_secret_is_unauthorized_and_changes_nothing() {
     assert_eq!(dig_a(&lab, &good.fqdn(&owner)), vec![kept.to_string()]);
     assert_eq!(dig_ptr(&lab, kept), vec![format!("{}.", good.fqdn(&owner))]);
 
-    good.remove(&owner, kept)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    good.remove(&owner, kept).await.unwrap();
 }
 
 #[tokio::test]
@@ -253,7 +239,7 @@ async fn a_key_with_another_name_is_unauthorized() {
     let good = dns(&lab, &[]);
     let addr = ip("10.99.0.225");
     clear(&good, &[addr]).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let key = foreign_key_file(dir.path(), "not-the-lab-key");
     let key = key.to_string_lossy().into_owned();
     let bad = dns(&lab, &[("key_file", &format!("{key:?}"))]);
@@ -310,7 +296,7 @@ async fn a_failed_ptr_update_takes_the_a_record_back() {
         .var("dns_reverse_zone")
         .split_once('.')
         .map(|(_, parent)| parent.to_owned())
-        .unwrap_or_else(|| panic!("reverse zone"));
+        .expect("reverse zone");
     let dns = dns(&lab, &[("reverse_zone", &format!("{parent:?}"))]);
     let vm = unique_vm_name("undo");
     let err = dns.publish(&vm, addr).await.expect_err("ptr update fails");

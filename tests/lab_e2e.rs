@@ -21,16 +21,15 @@ async fn a_real_vm_is_provisioned_and_removed_without_trace() {
     let Some(lab) = Lab::get("a_real_vm_is_provisioned_and_removed_without_trace") else {
         return;
     };
-    let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let p =
-        Provisioner::from_config(lab.write_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    let env = LabEnv::from_env().expect("lab env");
+    let dir = tempfile::tempdir().unwrap();
+    let p = Provisioner::from_config(lab.write_config(dir.path())).unwrap();
     let mut events = p.subscribe();
     let name = unique_vm_name("e2e");
     let vm = p
         .provision(ProvisionRequest::new(lab.member()).with_name(name.clone()))
         .await
-        .unwrap_or_else(|e| panic!("provision: {e}"));
+        .expect("provision");
 
     assert_eq!(vm.fqdn, format!("{name}.{}", lab.var("dns_zone")));
     assert_eq!(vm.host.as_str(), lab.var("libvirt_uri"));
@@ -52,9 +51,8 @@ async fn a_real_vm_is_provisioned_and_removed_without_trace() {
         .args(["info", "--output=json", "-U"])
         .arg(&vm.disk)
         .output()
-        .unwrap_or_else(|e| panic!("qemu-img: {e}"));
-    let info: serde_json::Value =
-        serde_json::from_slice(&info.stdout).unwrap_or_else(|e| panic!("{e}"));
+        .expect("qemu-img");
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(info["format"], "qcow2");
     assert!(
         info["backing-filename"]
@@ -82,7 +80,7 @@ async fn a_real_vm_is_provisioned_and_removed_without_trace() {
         Arc::new(devvm_core::backends::placement::LibvirtLister),
         dir.path().join("placement-check.sqlite3"),
     )
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
     let e = one_slot
         .reserve(
             &unique_vm_name("extra"),
@@ -105,9 +103,7 @@ async fn a_real_vm_is_provisioned_and_removed_without_trace() {
     }
     assert_eq!(steps_done.len(), Step::ALL.len(), "{steps_done:?}");
 
-    p.deprovision(&vm.name)
-        .await
-        .unwrap_or_else(|e| panic!("deprovision: {e}"));
+    p.deprovision(&vm.name).await.expect("deprovision");
     let left = env.leftovers(name.as_str(), &vm.fqdn, Some(vm.ip));
     assert!(left.is_empty(), "leaked: {left:?}");
 }
@@ -117,9 +113,9 @@ async fn a_fault_at_any_real_step_leaves_nothing_behind() {
     let Some(lab) = Lab::get("a_fault_at_any_real_step_leaves_nothing_behind") else {
         return;
     };
-    let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let config = Config::load(&lab.write_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    let env = LabEnv::from_env().expect("lab env");
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::load(&lab.write_config(dir.path())).unwrap();
     for step in Step::ALL {
         let p = with_fault(
             &config,
@@ -127,7 +123,7 @@ async fn a_fault_at_any_real_step_leaves_nothing_behind() {
         )
         .state_dir(dir.path().join(format!("state-{step}")))
         .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         let mut events = p.subscribe();
         let name = unique_vm_name("fault");
         let e = p
@@ -150,12 +146,12 @@ async fn a_failure_after_boot_destroys_the_running_guest() {
     let Some(lab) = Lab::get("a_failure_after_boot_destroys_the_running_guest") else {
         return;
     };
-    let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let config = Config::load(&lab.write_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    let env = LabEnv::from_env().expect("lab env");
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::load(&lab.write_config(dir.path())).unwrap();
     let p = with_fault(&config, FaultPlan::new(Step::Bootstrap, Fault::Panic))
         .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let mut events = p.subscribe();
     let name = unique_vm_name("late");
     let e = p
@@ -181,8 +177,8 @@ async fn a_hand_made_domain_of_the_name_is_refused_and_left_alone() {
     let Some(lab) = Lab::get("a_hand_made_domain_of_the_name_is_refused_and_left_alone") else {
         return;
     };
-    let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let env = LabEnv::from_env().expect("lab env");
+    let dir = tempfile::tempdir().unwrap();
     let name = unique_vm_name("foreign");
     let xml = dir.path().join("foreign.xml");
     std::fs::write(
@@ -192,13 +188,13 @@ async fn a_hand_made_domain_of_the_name_is_refused_and_left_alone() {
              <os><type arch='x86_64'>hvm</type></os></domain>"
         ),
     )
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
     let virsh = |args: &[&str]| {
         std::process::Command::new("virsh")
             .args(["-q", "-c", lab.var("libvirt_uri")])
             .args(args)
             .output()
-            .unwrap_or_else(|e| panic!("virsh: {e}"))
+            .expect("virsh")
     };
     let defined = virsh(&["define", xml.to_str().unwrap_or_default()]);
     assert!(
@@ -209,8 +205,7 @@ async fn a_hand_made_domain_of_the_name_is_refused_and_left_alone() {
     let uuid = || String::from_utf8_lossy(&virsh(&["domuuid", name.as_str()]).stdout).into_owned();
     let before = uuid();
 
-    let p =
-        Provisioner::from_config(lab.write_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    let p = Provisioner::from_config(lab.write_config(dir.path())).unwrap();
     let mut events = p.subscribe();
     let e = p
         .provision(ProvisionRequest::new(lab.member()).with_name(name.clone()))
@@ -259,27 +254,18 @@ async fn a_foreign_lease_or_dns_name_is_refused_and_left_alone() {
     let Some(lab) = Lab::get("a_foreign_lease_or_dns_name_is_refused_and_left_alone") else {
         return;
     };
-    let env = LabEnv::from_env().unwrap_or_else(|| panic!("lab env"));
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let p =
-        Provisioner::from_config(lab.write_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    let env = LabEnv::from_env().expect("lab env");
+    let dir = tempfile::tempdir().unwrap();
+    let p = Provisioner::from_config(lab.write_config(dir.path())).unwrap();
     let other = devvm_core::RequestId::random();
     for dns in [false, true] {
         let name = unique_vm_name(if dns { "fdns" } else { "flease" });
         let fqdn = format!("{name}.{}", lab.var("dns_zone"));
         let foreign_ip: IpAddr = [10, 99, 0, 250].into();
         if dns {
-            p.backends()
-                .dns
-                .publish(&name, foreign_ip)
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
+            p.backends().dns.publish(&name, foreign_ip).await.unwrap();
         } else {
-            p.backends()
-                .ip
-                .allocate(&name, &other)
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
+            p.backends().ip.allocate(&name, &other).await.unwrap();
         }
         let lease_before = env.lease(name.as_str());
         let e = p
@@ -307,11 +293,7 @@ async fn a_foreign_lease_or_dns_name_is_refused_and_left_alone() {
                 vec![format!("dns A {fqdn} -> {foreign_ip}")],
                 "{ctx}: only the foreign record"
             );
-            p.backends()
-                .dns
-                .remove(&name, foreign_ip)
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
+            p.backends().dns.remove(&name, foreign_ip).await.unwrap();
         } else {
             assert!(lease_before.is_some(), "{ctx}");
             assert_eq!(
@@ -323,11 +305,7 @@ async fn a_foreign_lease_or_dns_name_is_refused_and_left_alone() {
             let left = env.leftovers(name.as_str(), &fqdn, None);
             assert_eq!(left.len(), 1, "{ctx}: only the foreign lease: {left:?}");
             assert_eq!(
-                p.backends()
-                    .ip
-                    .release(&name, &other)
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}")),
+                p.backends().ip.release(&name, &other).await.unwrap(),
                 devvm_core::Undone::Removed
             );
         }

@@ -23,7 +23,7 @@ struct Setup {
 
 /// The one owner of the disks these tests make.
 fn own() -> devvm_core::RequestId {
-    devvm_core::RequestId::new("lab-images-test").unwrap_or_else(|e| panic!("{e}"))
+    devvm_core::RequestId::new("lab-images-test").expect("a valid request id")
 }
 
 fn setup(lab: &Lab, extra: &str) -> Setup {
@@ -31,7 +31,7 @@ fn setup(lab: &Lab, extra: &str) -> Setup {
 }
 
 fn setup_url(url: &str, extra: &str) -> Setup {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().expect("temp dir");
     let config: GlanceConfig = toml::from_str(&format!(
         r#"
 url = "{url}"
@@ -41,9 +41,9 @@ timeout_secs = 5
 {extra}
 "#
     ))
-    .unwrap_or_else(|e| panic!("{e}"));
+    .expect("glance config");
     let store =
-        GlanceImageStore::from_config(&config, dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        GlanceImageStore::from_config(&config, dir.path()).expect("glance store from the config");
     Setup {
         cache: store.cache_dir().to_owned(),
         disks: store.disk_dir().to_owned(),
@@ -53,15 +53,15 @@ timeout_secs = 5
 }
 
 fn template(lab: &Lab) -> TemplateName {
-    TemplateName::new(lab.var("template")).unwrap_or_else(|e| panic!("{e}"))
+    TemplateName::new(lab.var("template")).expect("DEVVM_LAB_TEMPLATE is a template name")
 }
 
 fn host() -> HostId {
-    HostId::new("localhost").unwrap_or_else(|e| panic!("{e}"))
+    HostId::new("localhost").expect("a valid host id")
 }
 
 fn vm(prefix: &str) -> VmName {
-    VmName::new(format!("{prefix}-{}", &uuid_like()[..8])).unwrap_or_else(|e| panic!("{e}"))
+    VmName::new(format!("{prefix}-{}", &uuid_like()[..8])).expect("a valid vm name")
 }
 
 fn uuid_like() -> String {
@@ -143,7 +143,7 @@ impl Uploads {
 
     /// Uploads a qcow2 of `virtual_size` (for example `"3G"`) as `name` with `tags`.
     fn qcow2(&mut self, name: &str, virtual_size: &str, tags: &[&str]) -> String {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join("img.qcow2");
         let f = file.to_string_lossy();
         run(
@@ -260,9 +260,9 @@ async fn the_template_matches_glance_and_is_downloaded_once() {
     assert_eq!(s.store.downloads(), 3, "image, kernel, initrd");
 
     // Again: nothing is downloaded, nothing is rewritten.
-    let before = std::fs::metadata(&t.path).unwrap_or_else(|e| panic!("{e}"));
+    let before = std::fs::metadata(&t.path).unwrap();
     let t2 = prepare(&s.store, &name).await;
-    let after = std::fs::metadata(&t2.path).unwrap_or_else(|e| panic!("{e}"));
+    let after = std::fs::metadata(&t2.path).unwrap();
     assert_eq!(t, t2);
     assert_eq!(s.store.downloads(), 3, "a second prepare downloads nothing");
     assert_eq!(
@@ -277,12 +277,11 @@ async fn the_template_matches_glance_and_is_downloaded_once() {
         s.cache.display(),
         s.disks.display()
     ))
-    .unwrap_or_else(|e| panic!("{e}"));
-    let other =
-        GlanceImageStore::from_config(&config, Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
+    let other = GlanceImageStore::from_config(&config, Path::new("/")).unwrap();
     assert_eq!(prepare(&other, &name).await, t);
     assert_eq!(other.downloads(), 0);
-    let listed = other.templates().await.unwrap_or_else(|e| panic!("{e}"));
+    let listed = other.templates().await.unwrap();
     assert_eq!(listed, vec![t]);
 }
 
@@ -300,10 +299,10 @@ async fn a_corrupted_cache_is_detected_and_downloaded_again() {
     // Flip a byte in place: the file's identity changes, it is hashed, found wrong,
     // downloaded again.
     let flip = |path: &Path| {
-        let mut bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{e}"));
+        let mut bytes = std::fs::read(path).unwrap();
         let i = bytes.len() / 2;
         bytes[i] ^= 0xff;
-        std::fs::write(path, bytes).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(path, bytes).unwrap();
     };
     flip(&t.path);
     assert_ne!(sha512sum(&t.path), good);
@@ -315,31 +314,29 @@ async fn a_corrupted_cache_is_detected_and_downloaded_again() {
     // A sidecar that no longer matches Glance: the file is hashed again; it is intact,
     // so it is kept and the sidecar is repaired without a download.
     let sidecar = t.path.with_file_name("template.json");
-    let text = std::fs::read_to_string(&sidecar).unwrap_or_else(|e| panic!("{e}"));
+    let text = std::fs::read_to_string(&sidecar).unwrap();
     let hash = good.as_str();
-    std::fs::write(&sidecar, text.replacen(hash, &"0".repeat(128), 1))
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&sidecar, text.replacen(hash, &"0".repeat(128), 1)).unwrap();
     prepare(&s.store, &name).await;
     assert_eq!(s.store.downloads(), n + 1);
     assert_eq!(std::fs::read_to_string(&sidecar).ok(), Some(text.clone()));
 
     // A mismatching sidecar and a damaged file: downloaded again.
-    std::fs::write(&sidecar, text.replacen(hash, &"0".repeat(128), 1))
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&sidecar, text.replacen(hash, &"0".repeat(128), 1)).unwrap();
     flip(&t.path);
     prepare(&s.store, &name).await;
     assert_eq!(s.store.downloads(), n + 2);
     assert_eq!(sha512sum(&t.path), good);
 
     // No sidecar at all and a damaged kernel: only the kernel comes again.
-    std::fs::remove_file(&sidecar).unwrap_or_else(|e| panic!("{e}"));
-    let kernel = t.boot.kernel.clone().unwrap_or_else(|| panic!("no kernel"));
+    std::fs::remove_file(&sidecar).unwrap();
+    let kernel = t.boot.kernel.clone().expect("no kernel");
     flip(&kernel);
     let t3 = prepare(&s.store, &name).await;
     assert_eq!(t3, t);
     assert_eq!(s.store.downloads(), n + 3);
     // No temporary file is left anywhere.
-    let dir = t.path.parent().unwrap_or_else(|| panic!("no parent"));
+    let dir = t.path.parent().expect("no parent");
     assert!(
         files_in(dir).iter().all(|f| !f.ends_with(".part")),
         "{:?}",
@@ -359,7 +356,7 @@ async fn an_overlay_is_backed_by_the_template() {
         .store
         .create_disk(&vm, &host(), &t, 3, &own(), &Progress::discard())
         .await
-        .unwrap_or_else(|e| panic!("{e:?}"));
+        .unwrap();
     assert_eq!(d.path, s.disks.join(format!("{vm}.qcow2")));
     let info = qemu_info(&d.path);
     assert_eq!(info["format"], "qcow2");
@@ -389,10 +386,7 @@ async fn an_overlay_is_backed_by_the_template() {
         t.path.to_str()
     );
     assert_eq!(
-        s.store
-            .delete_disk(&vm, &host(), &own())
-            .await
-            .unwrap_or_else(|e| panic!("{e:?}")),
+        s.store.delete_disk(&vm, &host(), &own()).await.unwrap(),
         devvm_core::Undone::Removed
     );
     assert!(files_in(&s.disks).is_empty());
@@ -409,7 +403,7 @@ async fn a_hand_made_disk_of_the_name_is_refused_and_left_alone() {
     let t = prepare(&s.store, &template(&lab)).await;
     let vm = vm("handmade");
     let path = s.disks.join(format!("{vm}.qcow2"));
-    std::fs::write(&path, b"someone else's disk").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&path, b"someone else's disk").unwrap();
     let e = s
         .store
         .create_disk(&vm, &host(), &t, 3, &own(), &Progress::discard())
@@ -431,7 +425,7 @@ async fn a_hand_made_disk_of_the_name_is_refused_and_left_alone() {
         vec![format!("{vm}.qcow2")],
         "nothing of ours"
     );
-    std::fs::remove_file(&path).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::remove_file(&path).unwrap();
 }
 
 #[tokio::test]
@@ -446,7 +440,7 @@ async fn copy_mode_makes_a_standalone_disk() {
         .store
         .create_disk(&vm, &host(), &t, 2, &own(), &Progress::discard())
         .await
-        .unwrap_or_else(|e| panic!("{e:?}"));
+        .unwrap();
     let info = qemu_info(&d.path);
     assert_eq!(info["format"], "qcow2");
     assert!(info.get("backing-filename").is_none(), "{info}");
@@ -458,16 +452,13 @@ async fn copy_mode_makes_a_standalone_disk() {
     let cmp = Command::new("qemu-img")
         .args(["compare", "-U", "-f", "qcow2", "-F", "qcow2", &tp, &p])
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert!(
         cmp.status.success(),
         "{}",
         String::from_utf8_lossy(&cmp.stdout)
     );
-    s.store
-        .delete_disk(&vm, &host(), &own())
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}"));
+    s.store.delete_disk(&vm, &host(), &own()).await.unwrap();
     assert!(files_in(&s.disks).is_empty());
 }
 
@@ -477,13 +468,12 @@ async fn glance_down_is_unavailable() {
         return;
     }
     let s = setup_url("http://127.0.0.1:1", "");
-    let t = TemplateName::new("devvm-debian12").unwrap_or_else(|e| panic!("{e}"));
+    let t = TemplateName::new("devvm-debian12").unwrap();
     let e = s
         .store
         .prepare(&t, &Progress::discard())
         .await
-        .err()
-        .unwrap_or_else(|| panic!("prepare with glance down succeeded"));
+        .expect_err("prepare with glance down succeeded");
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e:?}");
     assert!(e.is_retryable());
     assert_eq!(e.backend_name(), Some("glance"));
@@ -503,8 +493,8 @@ async fn glance_down_falls_back_to_a_verified_cache() {
             s.cache.display(),
             s.disks.display()
         ))
-        .unwrap_or_else(|e| panic!("{e}"));
-        GlanceImageStore::from_config(&config, Path::new("/")).unwrap_or_else(|e| panic!("{e}"))
+        .unwrap();
+        GlanceImageStore::from_config(&config, Path::new("/")).unwrap()
     };
     assert_eq!(prepare(&down(""), &t.name).await, t);
     let strict = down("offline_fallback = false");
@@ -518,7 +508,7 @@ async fn an_unknown_template_is_not_found_and_leaves_nothing() {
         return;
     };
     let s = setup(&lab, "");
-    let t = TemplateName::new(format!("no-such-{}", uuid_like())).unwrap_or_else(|e| panic!("{e}"));
+    let t = TemplateName::new(format!("no-such-{}", uuid_like())).unwrap();
     let e = s.store.prepare(&t, &Progress::discard()).await.err();
     assert_eq!(e.map(|e| e.kind()), Some(ErrorKind::NotFound));
     assert!(files_in(&s.cache).is_empty(), "{:?}", files_in(&s.cache));
@@ -539,7 +529,7 @@ async fn the_newest_image_with_the_tag_wins() {
         return;
     };
     let name = format!("devvm-test-{}", &uuid_like()[..12]);
-    let t = TemplateName::new(&name).unwrap_or_else(|e| panic!("{e}"));
+    let t = TemplateName::new(&name).unwrap();
     let mut up = Uploads::new(&lab);
     let tag = "devvm-test";
     let _old = up.qcow2(&name, "1G", &[tag]);
@@ -578,7 +568,7 @@ async fn the_newest_image_with_the_tag_wins() {
         .store
         .create_disk(&vm, &host(), &s_old, 3, &own(), &Progress::discard())
         .await
-        .unwrap_or_else(|e| panic!("{e:?}"));
+        .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let newer = up.qcow2(&name, "4G", &[tag]);
     let s_new = prepare(&s.store, &t).await;
@@ -593,12 +583,9 @@ async fn the_newest_image_with_the_tag_wins() {
         .store
         .create_disk(&vm, &host(), &s_new, 4, &own(), &Progress::discard())
         .await
-        .unwrap_or_else(|e| panic!("{e:?}"));
+        .unwrap();
     assert_eq!(again, d);
-    s.store
-        .delete_disk(&vm, &host(), &own())
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}"));
+    s.store.delete_disk(&vm, &host(), &own()).await.unwrap();
 }
 
 #[tokio::test]
@@ -607,25 +594,18 @@ async fn a_crafted_cache_entry_cannot_escape() {
         return;
     };
     let s = setup(&lab, "");
-    let outside = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let outside = tempfile::tempdir().unwrap();
     let name = template(&lab);
     // Names with separators never become TemplateNames.
     for bad in ["../etc", "a/b", ".hidden", ".."] {
         assert!(TemplateName::new(bad).is_err(), "{bad:?}");
     }
     // A template directory that is a symbolic link out of the cache is refused.
-    std::os::unix::fs::symlink(outside.path(), s.cache.join(name.as_str()))
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::os::unix::fs::symlink(outside.path(), s.cache.join(name.as_str())).unwrap();
     let e = s.store.prepare(&name, &Progress::discard()).await.err();
     assert_eq!(e.map(|e| e.kind()), Some(ErrorKind::InvalidInput));
     assert!(files_in(outside.path()).is_empty());
-    assert!(
-        s.store
-            .templates()
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .is_empty()
-    );
+    assert!(s.store.templates().await.unwrap().is_empty());
 
     // A Template pointing outside the cache is not used to make a disk.
     let mut forged = devvm_core::Template {
@@ -634,7 +614,7 @@ async fn a_crafted_cache_entry_cannot_escape() {
         digest: None,
         boot: Default::default(),
     };
-    std::fs::remove_file(s.cache.join(name.as_str())).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::remove_file(s.cache.join(name.as_str())).unwrap();
     let real = prepare(&s.store, &name).await;
     for path in [
         PathBuf::from("/etc/passwd"),

@@ -27,12 +27,12 @@ timeout_secs = 3
         pw = lab.var("ldap_password_file"),
         group = lab.var("ldap_group_dn"),
     ))
-    .unwrap_or_else(|e| panic!("{e}"))
+    .expect("LDAP config")
 }
 
 fn directory(lab: &Lab, extra: &str) -> LdapDirectory {
     LdapDirectory::from_config(&config(lab, extra), std::path::Path::new("/"))
-        .unwrap_or_else(|e| panic!("{e}"))
+        .expect("LDAP directory from the config")
 }
 
 fn member(lab: &Lab) -> UserName {
@@ -41,7 +41,7 @@ fn member(lab: &Lab) -> UserName {
         .split_whitespace()
         .next()
         .unwrap_or("alice");
-    UserName::new(first).unwrap_or_else(|e| panic!("{e}"))
+    UserName::new(first).expect("DEVVM_LAB_LDAP_USERS starts with a user name")
 }
 
 #[tokio::test]
@@ -53,9 +53,7 @@ async fn ldap_directory_conforms() {
         Arc::new(directory(&lab, "")),
         UserDirectoryFixture {
             member: member(&lab),
-            outsider: Some(
-                UserName::new(lab.var("ldap_outsider")).unwrap_or_else(|e| panic!("{e}")),
-            ),
+            outsider: Some(UserName::new(lab.var("ldap_outsider")).unwrap()),
         },
     )
     .await;
@@ -66,10 +64,7 @@ async fn a_member_comes_with_mail_name_and_ssh_keys() {
     let Some(lab) = Lab::get("a_member_comes_with_mail_name_and_ssh_keys") else {
         return;
     };
-    let user = directory(&lab, "")
-        .find_user(&member(&lab))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let user = directory(&lab, "").find_user(&member(&lab)).await.unwrap();
     assert!(
         user.mail.as_deref().is_some_and(|m| m.contains('@')),
         "{user:?}"
@@ -88,9 +83,8 @@ async fn without_a_required_group_the_outsider_is_found() {
     };
     let mut c = config(&lab, "");
     c.required_group = None;
-    let d =
-        LdapDirectory::from_config(&c, std::path::Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
-    let outsider = UserName::new(lab.var("ldap_outsider")).unwrap_or_else(|e| panic!("{e}"));
+    let d = LdapDirectory::from_config(&c, std::path::Path::new("/")).unwrap();
+    let outsider = UserName::new(lab.var("ldap_outsider")).unwrap();
     assert_eq!(
         d.find_user(&outsider).await.map(|u| u.name).ok(),
         Some(outsider)
@@ -108,10 +102,9 @@ async fn a_wrong_bind_password_is_unauthorized() {
             .ok()
             .and_then(|t| t.get("p").cloned())
             .and_then(|v| v.try_into().ok())
-            .unwrap_or_else(|| panic!("secret spec")),
+            .expect("secret spec"),
     );
-    let d =
-        LdapDirectory::from_config(&c, std::path::Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
+    let d = LdapDirectory::from_config(&c, std::path::Path::new("/")).unwrap();
     let e = d.find_user(&member(&lab)).await.expect_err("bad password");
     assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
     assert!(!e.to_string().contains("definitely-wrong"));
@@ -125,8 +118,7 @@ async fn a_directory_that_is_down_is_unavailable_and_retryable() {
     };
     let mut c = config(&lab, "");
     c.url = "ldap://127.0.0.1:1".into();
-    let d =
-        LdapDirectory::from_config(&c, std::path::Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
+    let d = LdapDirectory::from_config(&c, std::path::Path::new("/")).unwrap();
     let e = d
         .find_user(&member(&lab))
         .await
@@ -145,8 +137,7 @@ async fn a_missing_base_dn_is_a_typed_error() {
     };
     let mut c = config(&lab, "");
     c.base_dn = format!("ou=nowhere,{}", lab.var("ldap_base_dn"));
-    let d =
-        LdapDirectory::from_config(&c, std::path::Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
+    let d = LdapDirectory::from_config(&c, std::path::Path::new("/")).unwrap();
     let e = d.find_user(&member(&lab)).await.expect_err("no such base");
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
 }
@@ -175,7 +166,7 @@ async fn bad_user_names_never_reach_the_directory() {
         assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad:?}");
     }
     let d = directory(&lab, "");
-    let near = UserName::new(format!("{}-x", member(&lab))).unwrap_or_else(|e| panic!("{e}"));
+    let near = UserName::new(format!("{}-x", member(&lab))).unwrap();
     let e = d.find_user(&near).await.expect_err("not a user");
     assert_eq!(e.kind(), ErrorKind::NotFound);
 }
@@ -190,7 +181,8 @@ fn tls_directory(lab: &Lab, starttls: bool, ca_file: Option<&str>) -> LdapDirect
         c.url = lab.var("ldaps_url").to_owned();
     }
     c.ca_file = ca_file.map(std::path::PathBuf::from);
-    LdapDirectory::from_config(&c, std::path::Path::new("/")).unwrap_or_else(|e| panic!("{e}"))
+    LdapDirectory::from_config(&c, std::path::Path::new("/"))
+        .expect("LDAP directory (TLS) from the config")
 }
 
 #[tokio::test]
@@ -202,9 +194,7 @@ async fn ldaps_directory_with_the_lab_ca_conforms() {
         Arc::new(tls_directory(&lab, false, Some(lab.var("ldap_ca_file")))),
         UserDirectoryFixture {
             member: member(&lab),
-            outsider: Some(
-                UserName::new(lab.var("ldap_outsider")).unwrap_or_else(|e| panic!("{e}")),
-            ),
+            outsider: Some(UserName::new(lab.var("ldap_outsider")).unwrap()),
         },
     )
     .await;
@@ -216,10 +206,7 @@ async fn starttls_with_the_lab_ca_finds_a_member() {
         return;
     };
     let d = tls_directory(&lab, true, Some(lab.var("ldap_ca_file")));
-    let user = d
-        .find_user(&member(&lab))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let user = d.find_user(&member(&lab)).await.unwrap();
     assert_eq!(user.name, member(&lab));
     assert!(
         user.mail.as_deref().is_some_and(|m| m.contains('@')),
@@ -230,7 +217,7 @@ async fn starttls_with_the_lab_ca_finds_a_member() {
         "{user:?}"
     );
     // The outsider is still refused over TLS.
-    let outsider = UserName::new(lab.var("ldap_outsider")).unwrap_or_else(|e| panic!("{e}"));
+    let outsider = UserName::new(lab.var("ldap_outsider")).unwrap();
     let e = d.find_user(&outsider).await.expect_err("not in the group");
     assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
 }
@@ -246,8 +233,8 @@ async fn tls_without_the_lab_ca_fails_typed_and_returns_no_user() {
     };
     // The server's own certificate is no CA for itself (it was issued by the lab's CA).
     let server_cert = std::path::Path::new(lab.var("ldap_ca_file")).with_file_name("ldap-tls.crt");
-    let server_cert = server_cert.to_str().unwrap_or_else(|| panic!("utf-8 path"));
-    let outsider = UserName::new(lab.var("ldap_outsider")).unwrap_or_else(|e| panic!("{e}"));
+    let server_cert = server_cert.to_str().expect("utf-8 path");
+    let outsider = UserName::new(lab.var("ldap_outsider")).unwrap();
     for (what, starttls, ca) in [
         ("ldaps, platform roots", false, None),
         ("StartTLS, platform roots", true, None),

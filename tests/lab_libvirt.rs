@@ -26,7 +26,7 @@ fn overlay(template: &Path, disk: &Path) {
         .arg(template)
         .arg(disk)
         .output()
-        .unwrap_or_else(|e| panic!("qemu-img: {e}"));
+        .expect("qemu-img");
     assert!(
         out.status.success(),
         "qemu-img: {}",
@@ -37,15 +37,16 @@ fn overlay(template: &Path, disk: &Path) {
 /// A spec for a real guest at `10.99.0.<host>`, its overlay in a temp dir in the pool.
 fn guest(lab: &Lab, host: u8) -> Guest {
     let tdir = PathBuf::from(lab.var("template_dir"));
-    let dir = tempfile::tempdir_in(lab.var("pool_dir")).unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir_in(lab.var("pool_dir")).expect("temp dir in DEVVM_LAB_POOL_DIR");
     let vm = unique_vm_name("hv");
     let disk = dir.path().join(format!("{vm}.qcow2"));
     overlay(&tdir.join(format!("{}.qcow2", lab.var("template"))), &disk);
-    let pubkey = std::fs::read_to_string(lab.var("ssh_pubkey")).unwrap_or_else(|e| panic!("{e}"));
-    let cmdline = std::fs::read_to_string(tdir.join("cmdline")).unwrap_or_else(|e| panic!("{e}"));
+    let pubkey = std::fs::read_to_string(lab.var("ssh_pubkey")).expect("read DEVVM_LAB_SSH_PUBKEY");
+    let cmdline =
+        std::fs::read_to_string(tdir.join("cmdline")).expect("read the template's cmdline");
     let spec = DomainSpec {
         name: vm.clone(),
-        host: HostId::new(lab.var("libvirt_uri")).unwrap_or_else(|e| panic!("{e}")),
+        host: HostId::new(lab.var("libvirt_uri")).expect("DEVVM_LAB_LIBVIRT_URI is a host id"),
         size: VmSize {
             vcpus: 1,
             memory_mib: 256,
@@ -58,7 +59,8 @@ fn guest(lab: &Lab, host: u8) -> Guest {
             size_gib: 1,
         },
         template: Template {
-            name: TemplateName::new(lab.var("template")).unwrap_or_else(|e| panic!("{e}")),
+            name: TemplateName::new(lab.var("template"))
+                .expect("DEVVM_LAB_TEMPLATE is a template name"),
             path: tdir.join(format!("{}.qcow2", lab.var("template"))),
             digest: None,
             boot: BootSpec {
@@ -71,10 +73,14 @@ fn guest(lab: &Lab, host: u8) -> Guest {
             vm: vm.clone(),
             ip: [10, 99, 0, host].into(),
             prefix_len: 24,
-            gateway: Some(lab.var("gateway").parse().unwrap_or_else(|e| panic!("{e}"))),
+            gateway: Some(
+                lab.var("gateway")
+                    .parse()
+                    .expect("DEVVM_LAB_GATEWAY is an IP address"),
+            ),
         },
         fqdn: format!("{vm}.{}", lab.var("dns_zone")),
-        owner: UserName::new("alice").unwrap_or_else(|e| panic!("{e}")),
+        owner: UserName::new("alice").expect("a valid user name"),
         request_id: RequestId::random(),
         ssh_keys: vec![pubkey.trim().to_owned()],
         seed: None,
@@ -92,7 +98,7 @@ fn guest(lab: &Lab, host: u8) -> Guest {
         },
         Path::new("/"),
     )
-    .unwrap_or_else(|e| panic!("{e}"));
+    .expect("libvirt hypervisor from the config");
     Guest {
         spec,
         hv,
@@ -105,7 +111,7 @@ fn virsh(lab: &Lab, args: &[&str]) -> (bool, String) {
         .args(["-c", lab.var("libvirt_uri")])
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("virsh: {e}"));
+        .expect("virsh");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -133,9 +139,7 @@ async fn a_guest_boots_answers_ssh_and_leaves_nothing() {
     };
     let g = guest(&lab, 232);
     let vm: &VmName = &g.spec.name;
-    g.hv.create(&g.spec, &Progress::discard())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    g.hv.create(&g.spec, &Progress::discard()).await.unwrap();
 
     // libvirt has it, running, with our metadata.
     let (ok, state) = virsh(&lab, &["domstate", vm.as_str()]);
@@ -146,14 +150,8 @@ async fn a_guest_boots_answers_ssh_and_leaves_nothing() {
         "request id in metadata"
     );
     assert!(xml.contains("<title>"), "{xml}");
-    let inv =
-        g.hv.inventory(&g.spec.host)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-    let mine = inv
-        .iter()
-        .find(|d| &d.name == vm)
-        .unwrap_or_else(|| panic!("in inventory"));
+    let inv = g.hv.inventory(&g.spec.host).await.unwrap();
+    let mine = inv.iter().find(|d| &d.name == vm).expect("in inventory");
     assert_eq!(mine.request_id.as_ref(), Some(&g.spec.request_id));
     assert_eq!(mine.owner.as_ref().map(|o| o.as_str()), Some("alice"));
     assert!(mine.active);
@@ -175,7 +173,7 @@ async fn a_guest_boots_answers_ssh_and_leaves_nothing() {
             "hostname",
         ])
         .output()
-        .unwrap_or_else(|e| panic!("ssh: {e}"));
+        .expect("ssh");
     assert!(
         out.status.success(),
         "ssh: {}",
@@ -189,12 +187,12 @@ async fn a_guest_boots_answers_ssh_and_leaves_nothing() {
 
     g.hv.destroy(vm, &g.spec.host, &g.spec.request_id)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let (exists, _) = virsh(&lab, &["dominfo", vm.as_str()]);
     assert!(!exists, "destroyed and undefined");
     g.hv.destroy(vm, &g.spec.host, &g.spec.request_id)
         .await
-        .unwrap_or_else(|e| panic!("destroy again: {e}"));
+        .expect("destroy again");
 }
 
 #[tokio::test]
@@ -203,8 +201,7 @@ async fn an_unreachable_libvirt_is_unavailable() {
         return;
     };
     let g = guest(&lab, 233);
-    let host = HostId::new("qemu:///system?socket=/nonexistent/libvirt-sock")
-        .unwrap_or_else(|e| panic!("{e}"));
+    let host = HostId::new("qemu:///system?socket=/nonexistent/libvirt-sock").unwrap();
     let e =
         g.hv.domain(&g.spec.name, &host)
             .await
@@ -232,12 +229,9 @@ async fn another_runs_seed_of_the_same_name_survives_an_undo() {
     let (mine, theirs) = (g.hv.seed_image(vm, me), g.hv.seed_image(vm, &other));
     assert_ne!(mine, theirs);
     for seed in [&mine, &theirs] {
-        std::fs::write(seed, b"a seed").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(seed, b"a seed").unwrap();
     }
-    let undone =
-        g.hv.destroy(vm, host, me)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+    let undone = g.hv.destroy(vm, host, me).await.unwrap();
     assert_eq!(undone, devvm_core::Undone::Absent, "no domain was defined");
     assert!(!mine.exists(), "this run's seed is removed");
     assert_eq!(

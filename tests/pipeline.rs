@@ -16,7 +16,7 @@ use devvm_core::{
 use devvm_tests::{reference_backends, user};
 
 fn name(s: &str) -> VmName {
-    VmName::new(s).unwrap_or_else(|e| panic!("{e}"))
+    VmName::new(s).expect("a valid vm name")
 }
 
 struct Fixture {
@@ -39,14 +39,14 @@ fn fixture_retrying(
     timeouts: Timeouts,
     retries: Retries,
 ) -> Fixture {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().expect("temp dir");
     let p = Provisioner::builder()
         .state_dir(dir.path().join("state"))
         .backends(backends)
         .defaults(devvm_core::Defaults {
             template: Some(
                 devvm_core::TemplateName::new(devvm_tests::TEMPLATE)
-                    .unwrap_or_else(|e| panic!("{e}")),
+                    .expect("a valid template name"),
             ),
             size: VmSize::default(),
             bootstrap: BootstrapSettings {
@@ -57,7 +57,7 @@ fn fixture_retrying(
         .timeouts(timeouts)
         .retries(retries)
         .build()
-        .unwrap_or_else(|e| panic!("build: {e}"));
+        .expect("build");
     Fixture { _dir: dir, mem, p }
 }
 
@@ -68,7 +68,7 @@ fn fixture() -> Fixture {
 }
 
 fn held(f: &Fixture) -> usize {
-    f.mem.held_total().unwrap_or_else(|e| panic!("{e}"))
+    f.mem.held_total().expect("count the held resources")
 }
 
 #[tokio::test]
@@ -76,10 +76,7 @@ async fn provision_runs_every_step_and_deprovision_undoes_them() {
     let f = fixture();
     let mut sub = f.p.subscribe();
     let req = ProvisionRequest::new(user("alice")).with_name(name("web-1"));
-    let vm =
-        f.p.provision(req.clone())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+    let vm = f.p.provision(req.clone()).await.unwrap();
 
     assert_eq!(vm.name.as_str(), "web-1");
     assert_eq!(vm.fqdn, "web-1.lab.example");
@@ -92,15 +89,9 @@ async fn provision_runs_every_step_and_deprovision_undoes_them() {
         IpAddr::from([10, 20, 0, 2]),
         "lowest free address after the gateway"
     );
-    assert_eq!(
-        f.p.list().await.unwrap_or_else(|e| panic!("{e}")),
-        vec![vm.clone()]
-    );
-    assert_eq!(
-        f.p.get(&vm.name).await.unwrap_or_else(|e| panic!("{e}")),
-        Some(vm.clone())
-    );
-    let held_per_step = f.mem.held().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(f.p.list().await.unwrap(), vec![vm.clone()]);
+    assert_eq!(f.p.get(&vm.name).await.unwrap(), Some(vm.clone()));
+    let held_per_step = f.mem.held().unwrap();
     assert_eq!(held_per_step.get("dns"), Some(&2), "A and PTR");
     for step in ["placement", "ip", "disk", "domain", "bootstrap"] {
         assert_eq!(held_per_step.get(step), Some(&1), "{step}");
@@ -160,20 +151,13 @@ async fn provision_runs_every_step_and_deprovision_undoes_them() {
     assert!(done(Step::Dns) < pos(Step::Domain) && done(Step::Disk) < pos(Step::Domain));
     assert!(done(Step::Domain) < pos(Step::Bootstrap));
     // Events are serializable, with a stable tag.
-    let json = serde_json::to_value(&events[1]).unwrap_or_else(|e| panic!("{e}"));
+    let json = serde_json::to_value(&events[1]).unwrap();
     assert_eq!(json["type"], "step_started");
     assert_eq!(json["step"], "user");
 
-    f.p.deprovision(&vm.name)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    f.p.deprovision(&vm.name).await.unwrap();
     assert_eq!(held(&f), 0, "deprovision releases everything");
-    assert!(
-        f.p.list()
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .is_empty()
-    );
+    assert!(f.p.list().await.unwrap().is_empty());
     let undone: Vec<Step> = sub
         .drain()
         .into_iter()
@@ -191,25 +175,19 @@ async fn provision_runs_every_step_and_deprovision_undoes_them() {
     // The name is free again.
     f.p.provision(ProvisionRequest::new(user("bob")).with_name(name("web-1")))
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
 }
 
 #[tokio::test]
 async fn the_same_request_id_gives_the_same_vm() {
     let f = fixture();
     let req = ProvisionRequest::new(user("alice"));
-    let a =
-        f.p.provision(req.clone())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+    let a = f.p.provision(req.clone()).await.unwrap();
     let held_once = held(&f);
-    let b =
-        f.p.provision(req.clone())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+    let b = f.p.provision(req.clone()).await.unwrap();
     assert_eq!(a, b);
     assert_eq!(held(&f), held_once, "no second vm");
-    assert_eq!(f.p.list().await.unwrap_or_else(|e| panic!("{e}")).len(), 1);
+    assert_eq!(f.p.list().await.unwrap().len(), 1);
     assert!(
         a.name.as_str().starts_with("alice-"),
         "derived name {}",
@@ -226,9 +204,7 @@ async fn the_same_request_id_gives_the_same_vm() {
             .expect_err("same id, other parameters");
     assert_eq!(e.kind(), ErrorKind::Conflict);
 
-    f.p.deprovision(&a.name)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    f.p.deprovision(&a.name).await.unwrap();
     let e = f.p.provision(req).await.expect_err("its vm was removed");
     assert_eq!(e.kind(), ErrorKind::Conflict);
     assert_eq!(held(&f), 0);
@@ -240,15 +216,15 @@ async fn a_name_in_use_is_refused_and_nothing_changes() {
     let vm =
         f.p.provision(ProvisionRequest::new(user("alice")).with_name(name("db")))
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
-    let before = f.mem.held().unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
+    let before = f.mem.held().unwrap();
     let e =
         f.p.provision(ProvisionRequest::new(user("bob")).with_name(name("db")))
             .await
             .expect_err("name in use");
     assert_eq!(e.kind(), ErrorKind::AlreadyExists);
-    assert_eq!(f.mem.held().unwrap_or_else(|e| panic!("{e}")), before);
-    assert_eq!(f.p.list().await.unwrap_or_else(|e| panic!("{e}")), vec![vm]);
+    assert_eq!(f.mem.held().unwrap(), before);
+    assert_eq!(f.p.list().await.unwrap(), vec![vm]);
 }
 
 #[tokio::test]
@@ -268,21 +244,17 @@ async fn bad_users_fail_at_the_first_step_and_hold_nothing() {
             .expect_err("not an owner");
     assert_eq!(e.kind(), ErrorKind::Unauthorized);
     assert_eq!(held(&f), 0);
-    assert!(
-        f.p.list()
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .is_empty()
-    );
+    assert!(f.p.list().await.unwrap().is_empty());
 }
 
 #[tokio::test]
 async fn an_unknown_template_or_bad_size_is_refused() {
     let f = fixture();
     let e =
-        f.p.provision(ProvisionRequest::new(user("alice")).with_template(
-            devvm_core::TemplateName::new("nope").unwrap_or_else(|e| panic!("{e}")),
-        ))
+        f.p.provision(
+            ProvisionRequest::new(user("alice"))
+                .with_template(devvm_core::TemplateName::new("nope").unwrap()),
+        )
         .await
         .expect_err("unknown template");
     assert_eq!(e.kind(), ErrorKind::NotFound);
@@ -311,7 +283,7 @@ async fn host_capacity_runs_out_cleanly() {
     for i in 0..3 {
         f.p.provision(ProvisionRequest::new(user("alice")).with_name(name(&format!("vm{i}"))))
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
     }
     let before = held(&f);
     let e =
@@ -328,14 +300,14 @@ async fn an_exhausted_subnet_rolls_back() {
     // A subnet of one address: the second VM cannot get one.
     let mut mem = reference_backends(None);
     mem.ip = Arc::new(devvm_core::memory::MemoryIpAllocator::new(
-        "10.30.0.0/30".parse().unwrap_or_else(|e| panic!("{e}")),
+        "10.30.0.0/30".parse().unwrap(),
         Some([10, 30, 0, 1].into()),
     ));
     let b = mem.backends();
     let f = fixture_with(mem, b, Timeouts::default());
     f.p.provision(ProvisionRequest::new(user("alice")).with_name(name("one")))
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let before = held(&f);
     let e =
         f.p.provision(ProvisionRequest::new(user("alice")).with_name(name("two")))
@@ -388,13 +360,7 @@ async fn a_fault_at_any_step_leaves_nothing_behind() {
                 "{ctx}: nothing but the neighbour's: {:?}",
                 f.mem.held()
             );
-            assert!(
-                f.p.list()
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}"))
-                    .is_empty(),
-                "{ctx}"
-            );
+            assert!(f.p.list().await.unwrap().is_empty(), "{ctx}");
             let events = sub.drain();
             assert!(
                 events.iter().any(
@@ -453,7 +419,7 @@ async fn a_failed_undo_is_named_and_recovered() {
     assert_eq!(failure.step, Step::Ip);
     assert_eq!(failure.resource, "ip lease of vm leaky");
     assert!(e.to_string().contains("ip lease of vm leaky"), "{e}");
-    let held_now = f.mem.held().unwrap_or_else(|e| panic!("{e}"));
+    let held_now = f.mem.held().unwrap();
     assert_eq!(
         held_now.get("ip"),
         Some(&1),
@@ -468,12 +434,12 @@ async fn a_failed_undo_is_named_and_recovered() {
             .expect_err("name still held");
     assert_eq!(e.kind(), ErrorKind::AlreadyExists);
 
-    let report = f.p.recover().await.unwrap_or_else(|e| panic!("{e}"));
+    let report = f.p.recover().await.unwrap();
     assert_eq!(report.rolled_back.len(), 1, "{report:?}");
     assert!(report.still_held.is_empty());
     assert_eq!(held(&f), 0);
     // Recovering again finds nothing to do.
-    let report = f.p.recover().await.unwrap_or_else(|e| panic!("{e}"));
+    let report = f.p.recover().await.unwrap();
     assert_eq!(report, devvm_core::RecoveryReport::default());
 }
 
@@ -530,7 +496,7 @@ async fn independent_steps_run_concurrently() {
     let f = fixture_with(mem, b, timeouts);
     f.p.provision(ProvisionRequest::new(user("alice")))
         .await
-        .unwrap_or_else(|e| panic!("a sequential pipeline would time out here: {e}"));
+        .expect("a sequential pipeline would time out here");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -546,10 +512,7 @@ async fn concurrent_provisions_get_distinct_addresses() {
     }
     let mut ips = BTreeSet::new();
     for t in tasks {
-        let vm = t
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let vm = t.await.unwrap().unwrap();
         ips.insert(vm.ip);
     }
     assert_eq!(ips.len(), 3);
@@ -564,7 +527,7 @@ async fn every_subscriber_sees_every_event() {
     drop(dropped);
     f.p.provision(ProvisionRequest::new(user("alice")))
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let ea = a.drain();
     let eb = b.drain();
     assert!(
@@ -596,10 +559,7 @@ async fn cancelling_a_run_rolls_it_back() {
         }
     }
     cancel.cancel();
-    let e = run
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .expect_err("cancelled");
+    let e = run.await.unwrap().expect_err("cancelled");
     assert_eq!(e.kind(), ErrorKind::Cancelled);
     assert_eq!(held(&f), 0);
 }
@@ -622,31 +582,24 @@ async fn a_failing_bootstrap_rolls_the_whole_vm_back() {
 
 #[tokio::test]
 async fn from_config_builds_a_working_provisioner() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let config = devvm_tests::write_config(dir.path());
-    let p = Provisioner::from_config(&config).unwrap_or_else(|e| panic!("{e}"));
+    let p = Provisioner::from_config(&config).unwrap();
     let vm = p
         .provision(
             ProvisionRequest::new(user("bob"))
-                .with_request_id(RequestId::new("ticket-42").unwrap_or_else(|e| panic!("{e}"))),
+                .with_request_id(RequestId::new("ticket-42").unwrap()),
         )
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert_eq!(vm.fqdn, format!("{}.lab.example", vm.name));
     assert!(dir.path().join("state/journal.sqlite3").exists());
     // A second provisioner on the same state sees the VM.
-    let p2 = Provisioner::from_config(&config).unwrap_or_else(|e| panic!("{e}"));
+    let p2 = Provisioner::from_config(&config).unwrap();
+    assert_eq!(p2.list().await.unwrap(), vec![vm.clone()]);
+    p2.deprovision(&vm.name).await.unwrap();
     assert_eq!(
-        p2.list().await.unwrap_or_else(|e| panic!("{e}")),
-        vec![vm.clone()]
-    );
-    p2.deprovision(&vm.name)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        reference_backends(Some(dir.path()))
-            .held_total()
-            .unwrap_or_else(|e| panic!("{e}")),
+        reference_backends(Some(dir.path())).held_total().unwrap(),
         0
     );
 
@@ -671,7 +624,7 @@ enum Foreign {
 #[tokio::test]
 async fn a_foreign_resource_of_the_name_is_refused_and_left_alone() {
     use devvm_core::{DnsUpdater, Hypervisor, ImageStore, Progress};
-    let host = devvm_core::HostId::new("host-a").unwrap_or_else(|e| panic!("{e}"));
+    let host = devvm_core::HostId::new("host-a").unwrap();
     for foreign in [
         Foreign::Slot,
         Foreign::Lease,
@@ -686,12 +639,12 @@ async fn a_foreign_resource_of_the_name_is_refused_and_left_alone() {
         let (expect, step) = match foreign {
             Foreign::Slot => {
                 let h = f.mem.placement.reserve(&vm, &size, &other).await;
-                h.unwrap_or_else(|e| panic!("{e}"));
+                h.unwrap();
                 (ErrorKind::AlreadyExists, Step::Placement)
             }
             Foreign::Lease => {
                 let l = f.mem.ip.allocate(&vm, &other).await;
-                l.unwrap_or_else(|e| panic!("{e}"));
+                l.unwrap();
                 (ErrorKind::AlreadyExists, Step::Ip)
             }
             Foreign::Record => {
@@ -699,30 +652,25 @@ async fn a_foreign_resource_of_the_name_is_refused_and_left_alone() {
                 f.mem
                     .dns
                     .insert_foreign(&fqdn, [192, 0, 2, 7].into())
-                    .unwrap_or_else(|e| panic!("{e}"));
+                    .unwrap();
                 (ErrorKind::Conflict, Step::Dns)
             }
             Foreign::Disk | Foreign::Domain => {
-                let template = devvm_core::TemplateName::new(devvm_tests::TEMPLATE)
-                    .unwrap_or_else(|e| panic!("{e}"));
+                let template = devvm_core::TemplateName::new(devvm_tests::TEMPLATE).unwrap();
                 let t = f.mem.images.prepare(&template, &p).await;
-                let t = t.unwrap_or_else(|e| panic!("{e}"));
+                let t = t.unwrap();
                 let disk = f
                     .mem
                     .images
                     .create_disk(&vm, &host, &t, size.disk_gib, &other, &p)
                     .await
-                    .unwrap_or_else(|e| panic!("{e}"));
+                    .unwrap();
                 if matches!(foreign, Foreign::Disk) {
                     (ErrorKind::AlreadyExists, Step::Disk)
                 } else {
                     // Only a domain of that name is foreign here: the disk made to build
                     // its spec goes again.
-                    f.mem
-                        .images
-                        .delete_disk(&vm, &host, &other)
-                        .await
-                        .unwrap_or_else(|e| panic!("{e}"));
+                    f.mem.images.delete_disk(&vm, &host, &other).await.unwrap();
                     let spec = devvm_core::DomainSpec {
                         name: vm.clone(),
                         host: host.clone(),
@@ -742,12 +690,12 @@ async fn a_foreign_resource_of_the_name_is_refused_and_left_alone() {
                         seed: None,
                     };
                     let d = f.mem.hypervisor.create(&spec, &p).await;
-                    d.unwrap_or_else(|e| panic!("{e}"));
+                    d.unwrap();
                     (ErrorKind::AlreadyExists, Step::Domain)
                 }
             }
         };
-        let before = f.mem.held().unwrap_or_else(|e| panic!("{e}"));
+        let before = f.mem.held().unwrap();
         let mut sub = f.p.subscribe();
         let e =
             f.p.provision(ProvisionRequest::new(user("alice")).with_name(vm.clone()))
@@ -762,7 +710,7 @@ async fn a_foreign_resource_of_the_name_is_refused_and_left_alone() {
             e.undo_failures()
         );
         assert_eq!(
-            f.mem.held().unwrap_or_else(|e| panic!("{e}")),
+            f.mem.held().unwrap(),
             before,
             "{ctx}: exactly the foreign resource is held, nothing of the run's"
         );
@@ -919,10 +867,10 @@ async fn blocking_work_that_ends_after_cancel_or_timeout_is_undone_too() {
         });
         let mut run = run;
         tokio::select! {
-            s = started => s.unwrap_or_else(|e| panic!("{e}")),
+            s = started => s.unwrap(),
             r = &mut run => {
                 // Timed out before `create` even began: nothing ran late, nothing is held.
-                let e = r.unwrap_or_else(|e| panic!("{e}")).expect_err("timed out");
+                let e = r.unwrap().expect_err("timed out");
                 assert!(timeout && e.kind() == ErrorKind::Timeout, "{e}");
                 assert_eq!(held(&f), 0);
                 continue;
@@ -947,10 +895,7 @@ async fn blocking_work_that_ends_after_cancel_or_timeout_is_undone_too() {
             }
         }
         late.release();
-        let e = run
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .expect_err("given up");
+        let e = run.await.unwrap().expect_err("given up");
         let ctx = format!("timeout={timeout}: {e}");
         let want = if timeout {
             ErrorKind::Timeout
@@ -977,7 +922,7 @@ async fn blocking_work_that_ends_after_cancel_or_timeout_is_undone_too() {
 async fn a_partial_size_takes_the_rest_from_the_defaults() {
     let mem = reference_backends(None);
     let b = mem.backends();
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let defaults = VmSize {
         vcpus: 1,
         memory_mib: 512,
@@ -987,16 +932,13 @@ async fn a_partial_size_takes_the_rest_from_the_defaults() {
         .state_dir(dir.path().join("state"))
         .backends(b)
         .defaults(devvm_core::Defaults {
-            template: Some(
-                devvm_core::TemplateName::new(devvm_tests::TEMPLATE)
-                    .unwrap_or_else(|e| panic!("{e}")),
-            ),
+            template: Some(devvm_core::TemplateName::new(devvm_tests::TEMPLATE).unwrap()),
             size: defaults,
             bootstrap: BootstrapSettings::default(),
         })
         .build()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let resolved = |r: ProvisionRequest| p.resolve(&r).unwrap_or_else(|e| panic!("{e}")).size;
+        .unwrap();
+    let resolved = |r: ProvisionRequest| p.resolve(&r).unwrap().size;
     let req = || ProvisionRequest::new(user("alice"));
     assert_eq!(resolved(req()), defaults);
     assert_eq!(
@@ -1016,10 +958,7 @@ async fn a_partial_size_takes_the_rest_from_the_defaults() {
     );
     // And the pipeline makes what was resolved: the disk has the configured size.
     let mut sub = p.subscribe();
-    let vm = p
-        .provision(req().with_vcpus(2))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let vm = p.provision(req().with_vcpus(2)).await.unwrap();
     let disk = sub
         .drain()
         .into_iter()
@@ -1031,11 +970,9 @@ async fn a_partial_size_takes_the_rest_from_the_defaults() {
             } => Some(result),
             _ => None,
         })
-        .unwrap_or_else(|| panic!("no disk step"));
+        .expect("no disk step");
     assert_eq!(disk["size_gib"], 7, "{disk}");
-    p.deprovision(&vm.name)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    p.deprovision(&vm.name).await.unwrap();
 }
 
 /// A run started in the background yields its own events, in order, ending with its
@@ -1074,9 +1011,9 @@ async fn a_run_handle_streams_only_its_own_run() {
             "ends with its terminal event"
         );
     }
-    let vm = ra.finish().await.unwrap_or_else(|e| panic!("{e}"));
+    let vm = ra.finish().await.unwrap();
     assert_eq!(vm.name.as_str(), "run-a");
-    rb.finish().await.unwrap_or_else(|e| panic!("{e}"));
+    rb.finish().await.unwrap();
     let mut rd = f.p.start_deprovision(name("run-a"));
     let mut kinds = Vec::new();
     while let Some(e) = rd.next_event().await {
@@ -1084,7 +1021,7 @@ async fn a_run_handle_streams_only_its_own_run() {
         kinds.push(e.kind);
     }
     assert!(matches!(kinds.last(), Some(EventKind::RunFinished { .. })));
-    rd.finish().await.unwrap_or_else(|e| panic!("{e}"));
+    rd.finish().await.unwrap();
     let e =
         f.p.start_deprovision(name("no-such-vm"))
             .finish()

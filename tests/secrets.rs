@@ -11,18 +11,15 @@ use secrecy::ExposeSecret;
 
 #[tokio::test]
 async fn a_secret_file_others_can_read_is_warned_about_in_every_run() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let open = dir.path().join("open.password");
     let closed = dir.path().join("closed.password");
     for (path, mode) in [(&open, 0o644), (&closed, 0o600)] {
-        std::fs::write(path, "s3cret\n").unwrap_or_else(|e| panic!("{e}"));
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-            .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(path, "s3cret\n").unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
     }
     for path in [&open, &closed] {
-        let secret = SecretSpec::File(path.clone())
-            .resolve(dir.path())
-            .unwrap_or_else(|e| panic!("{e}"));
+        let secret = SecretSpec::File(path.clone()).resolve(dir.path()).unwrap();
         assert_eq!(secret.expose_secret(), "s3cret", "it still works");
     }
     let mem = reference_backends(None);
@@ -30,22 +27,17 @@ async fn a_secret_file_others_can_read_is_warned_about_in_every_run() {
         .state_dir(dir.path().join("state"))
         .backends(mem.backends())
         .defaults(devvm_core::Defaults {
-            template: Some(
-                devvm_core::TemplateName::new(devvm_tests::TEMPLATE)
-                    .unwrap_or_else(|e| panic!("{e}")),
-            ),
+            template: Some(devvm_core::TemplateName::new(devvm_tests::TEMPLATE).unwrap()),
             ..Default::default()
         })
         .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let mut sub = p.subscribe();
     let vm = p
         .provision(ProvisionRequest::new(user("alice")))
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    p.deprovision(&vm.name)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
+    p.deprovision(&vm.name).await.unwrap();
     let warnings: Vec<(String, String)> = sub
         .drain()
         .into_iter()

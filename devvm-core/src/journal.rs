@@ -780,9 +780,9 @@ mod tests {
     fn request(vm: &str) -> ResolvedRequest {
         ResolvedRequest {
             request_id: RequestId::random(),
-            user: UserName::new("alice").unwrap_or_else(|e| panic!("{e}")),
-            name: VmName::new(vm).unwrap_or_else(|e| panic!("{e}")),
-            template: TemplateName::new("t").unwrap_or_else(|e| panic!("{e}")),
+            user: UserName::new("alice").unwrap(),
+            name: VmName::new(vm).unwrap(),
+            template: TemplateName::new("t").unwrap(),
             size: VmSize::default(),
             bootstrap: BootstrapSettings::default(),
         }
@@ -790,7 +790,7 @@ mod tests {
 
     fn key(vm: &str) -> UndoKey {
         UndoKey {
-            vm: VmName::new(vm).unwrap_or_else(|e| panic!("{e}")),
+            vm: VmName::new(vm).unwrap(),
             host: None,
             ip: None,
         }
@@ -799,17 +799,16 @@ mod tests {
     /// Once another provisioner claimed a run, every write of the old owner is refused.
     #[test]
     fn a_claimed_run_refuses_the_old_owners_writes() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let a = Journal::open(dir.path(), "owner-a").unwrap_or_else(|e| panic!("{e}"));
-        let b = Journal::open(dir.path(), "owner-b").unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
+        let a = Journal::open(dir.path(), "owner-a").unwrap();
+        let b = Journal::open(dir.path(), "owner-b").unwrap();
         let req = request("fenced");
         let id = req.request_id.clone();
         assert!(matches!(a.begin(&req, "owner-a"), Ok(Begin::Started)));
-        a.intent(&id, Step::User, &key("fenced"))
-            .unwrap_or_else(|e| panic!("{e}"));
+        a.intent(&id, Step::User, &key("fenced")).unwrap();
         assert!(
             b.claim(&id, "owner-a", "owner-b", RunState::RollingBack)
-                .unwrap_or_else(|e| panic!("{e}")),
+                .unwrap(),
             "b takes the run over"
         );
         // a was only paused: each of its late writes is refused, none interleaves.
@@ -823,7 +822,7 @@ mod tests {
             let e = r.expect_err("fenced");
             assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
         }
-        let steps = b.steps(&id).unwrap_or_else(|e| panic!("{e}"));
+        let steps = b.steps(&id).unwrap();
         assert_eq!(steps.len(), 1, "no step was added by the old owner");
         assert_eq!(steps[0].state, StepState::Intent);
         assert_eq!(
@@ -831,10 +830,8 @@ mod tests {
             "no output was written by the old owner"
         );
         // The new owner writes as usual.
-        b.undone(&id, Step::User, None)
-            .unwrap_or_else(|e| panic!("{e}"));
-        b.set_run(&id, RunState::Failed, None, None)
-            .unwrap_or_else(|e| panic!("{e}"));
+        b.undone(&id, Step::User, None).unwrap();
+        b.set_run(&id, RunState::Failed, None, None).unwrap();
     }
 
     /// A lock file that was deleted does not make a live owner look dead; a recorded
@@ -842,11 +839,11 @@ mod tests {
     #[test]
     fn a_deleted_lock_file_does_not_kill_a_live_owner() {
         use std::os::unix::fs::PermissionsExt;
-        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let tmp = tempfile::tempdir().unwrap();
         let state = tmp.path().join("state");
-        let a = Journal::open(&state, "owner-a").unwrap_or_else(|e| panic!("{e}"));
-        let lock = a.register_owner().unwrap_or_else(|e| panic!("{e}"));
-        let b = Journal::open(&state, "owner-b").unwrap_or_else(|e| panic!("{e}"));
+        let a = Journal::open(&state, "owner-a").unwrap();
+        let lock = a.register_owner().unwrap();
+        let b = Journal::open(&state, "owner-b").unwrap();
         let mode = |p: &Path| {
             std::fs::metadata(p)
                 .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
@@ -859,7 +856,7 @@ mod tests {
         assert_eq!(mode(&lock.path), 0o600, "owner lock file");
         assert_eq!(mode(&state.join("journal.sqlite3")), 0o600, "journal");
         assert!(b.owner_alive("owner-a"), "locked: alive");
-        std::fs::remove_file(&lock.path).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::remove_file(&lock.path).unwrap();
         assert!(
             b.owner_alive("owner-a"),
             "its lock file is gone, but the process it recorded still runs"
@@ -873,7 +870,7 @@ mod tests {
             )
             .map_err(sql_err("test"))
         })
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         assert!(!b.owner_alive("owner-gone"));
         assert!(!b.owner_alive("owner-never-registered"));
         drop(lock);

@@ -379,14 +379,14 @@ mod tests {
             hostname: "web-1".into(),
             fqdn: "web-1.lab.example".into(),
             authorized_keys: vec!["ssh-ed25519 AAAA alice@x".into()],
-            host_key: Some(HostKey::generate().unwrap_or_else(|e| panic!("{e}"))),
+            host_key: Some(HostKey::generate().unwrap()),
             cloud_config: serde_json::Map::new(),
         }
     }
 
     #[test]
     fn host_keys_are_ed25519_and_never_printed() {
-        let k = HostKey::generate().unwrap_or_else(|e| panic!("{e}"));
+        let k = HostKey::generate().unwrap();
         assert!(k.public.starts_with("ssh-ed25519 "), "{}", k.public);
         assert!(
             k.private
@@ -395,7 +395,7 @@ mod tests {
         );
         assert!(!format!("{k:?}").contains("PRIVATE"));
         assert!(!format!("{:?}", seed()).contains("PRIVATE"));
-        let k2 = HostKey::generate().unwrap_or_else(|e| panic!("{e}"));
+        let k2 = HostKey::generate().unwrap();
         assert_ne!(k.public, k2.public);
     }
 
@@ -558,7 +558,7 @@ mod tests {
     #[test]
     fn network_config_is_version_2() {
         let lease = crate::types::Lease {
-            vm: VmName::new("web-1").unwrap_or_else(|e| panic!("{e}")),
+            vm: VmName::new("web-1").unwrap(),
             ip: [10, 99, 0, 7].into(),
             prefix_len: 24,
             gateway: Some([10, 99, 0, 1].into()),
@@ -581,31 +581,27 @@ mod tests {
 
     #[test]
     fn the_cidata_image_is_a_labelled_vfat_holding_the_files() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("seed.img");
         write_cidata(
             &path,
             &[("meta-data", b"a: 1\n"), ("user-data", b"#cloud-config\n")],
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path)
             .map(|m| m.permissions().mode() & 0o777)
             .ok();
         assert_eq!(mode, Some(0o600));
-        let mut f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{e}"));
-        let fs = fatfs::FileSystem::new(&mut f, fatfs::FsOptions::new())
-            .unwrap_or_else(|e| panic!("{e}"));
+        let mut f = std::fs::File::open(&path).unwrap();
+        let fs = fatfs::FileSystem::new(&mut f, fatfs::FsOptions::new()).unwrap();
         assert_eq!(fs.volume_label().trim(), "cidata");
         let mut text = String::new();
         std::io::Read::read_to_string(
-            &mut fs
-                .root_dir()
-                .open_file("meta-data")
-                .unwrap_or_else(|e| panic!("{e}")),
+            &mut fs.root_dir().open_file("meta-data").unwrap(),
             &mut text,
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         assert_eq!(text, "a: 1\n");
     }
 }

@@ -36,7 +36,7 @@ backend = "memory"
 state_file = "bootstrap.json"
 "#;
     let p = dir.join("devvm.toml");
-    std::fs::write(&p, text).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&p, text).expect("write config");
     p
 }
 
@@ -46,7 +46,7 @@ fn devvm(config: &Path, args: &[&str]) -> Output {
         .arg(config)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("run devvm: {e}"))
+        .expect("run devvm")
 }
 
 fn json_lines(out: &Output) -> Vec<serde_json::Value> {
@@ -58,7 +58,7 @@ fn json_lines(out: &Output) -> Vec<serde_json::Value> {
 
 #[test]
 fn provision_list_deprovision_as_json_lines() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let c = config(dir.path());
     let out = devvm(
         &c,
@@ -79,7 +79,7 @@ fn provision_list_deprovision_as_json_lines() {
             .iter()
             .any(|l| l["type"] == "step_finished" && l["step"] == "dns")
     );
-    let last = lines.last().unwrap_or_else(|| panic!("no output"));
+    let last = lines.last().expect("no output");
     assert_eq!(last["vm"]["fqdn"], "web-1.lab.example");
 
     let out = devvm(&c, &["--json", "list"]);
@@ -96,7 +96,7 @@ fn provision_list_deprovision_as_json_lines() {
 
 #[test]
 fn errors_are_one_line_with_an_exit_code_per_kind() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let c = config(dir.path());
     for (args, code, needle) in [
         (vec!["provision", "--user", "nobody"], 3, "no user nobody"),
@@ -121,7 +121,7 @@ fn errors_are_one_line_with_an_exit_code_per_kind() {
 
 #[test]
 fn recover_and_images_sync_report() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let c = config(dir.path());
     let out = devvm(&c, &["recover"]);
     assert!(out.status.success());

@@ -25,10 +25,8 @@ fn lab() -> Option<LabEnv> {
 #[test]
 fn a_provisioner_killed_mid_run_is_recovered_without_leaks() {
     let Some(env) = lab() else { return };
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let config = env
-        .write_config(dir.path())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = env.write_config(dir.path()).unwrap();
     let name = format!("crash-{}", std::process::id());
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_devvm"))
@@ -37,13 +35,13 @@ fn a_provisioner_killed_mid_run_is_recovered_without_leaks() {
         .args(["--json", "provision", "--user", "alice", "--name", &name])
         .stdout(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("spawn devvm: {e}"));
+        .expect("spawn devvm");
     // Read its events until the guest is defined and booting, then kill it outright.
-    let stdout = child.stdout.take().unwrap_or_else(|| panic!("stdout"));
+    let stdout = child.stdout.take().expect("stdout");
     let mut ip = None;
     let mut killed = false;
     for line in BufReader::new(stdout).lines() {
-        let line = line.unwrap_or_else(|e| panic!("{e}"));
+        let line = line.unwrap();
         let e: serde_json::Value =
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
         if e["type"] == "step_finished" && e["step"] == "ip" {
@@ -55,12 +53,12 @@ fn a_provisioner_killed_mid_run_is_recovered_without_leaks() {
                 .as_str()
                 .is_some_and(|m| m.starts_with("started domain"))
         {
-            child.kill().unwrap_or_else(|e| panic!("kill: {e}"));
+            child.kill().expect("kill");
             killed = true;
             break;
         }
     }
-    let status = child.wait().unwrap_or_else(|e| panic!("{e}"));
+    let status = child.wait().unwrap();
     assert!(killed, "the run reached the domain step ({status})");
     assert!(
         env.domain_exists(&name),
@@ -80,14 +78,13 @@ fn a_provisioner_killed_mid_run_is_recovered_without_leaks() {
         .arg(&config)
         .args(["--json", "recover"])
         .output()
-        .unwrap_or_else(|e| panic!("devvm recover: {e}"));
+        .expect("devvm recover");
     assert!(
         rec.status.success(),
         "{}",
         String::from_utf8_lossy(&rec.stderr)
     );
-    let report: serde_json::Value =
-        serde_json::from_slice(&rec.stdout).unwrap_or_else(|e| panic!("{e}"));
+    let report: serde_json::Value = serde_json::from_slice(&rec.stdout).unwrap();
     assert_eq!(
         report["rolled_back"].as_array().map(Vec::len),
         Some(1),

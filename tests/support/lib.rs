@@ -1,6 +1,10 @@
 //! Helpers shared by the integration tests: reference backends wired to state files in a
 //! test directory, and a config file describing the same backends.
 
+// A test-only crate (devvm-tests, unpublished), built without cfg(test), so clippy.toml's
+// allow-unwrap-in-tests does not reach it; its helpers panic on any failure by design.
+#![allow(clippy::unwrap_used)]
+
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +22,7 @@ pub const TEMPLATE: &str = "debian-12";
 
 /// Parses a name that the test knows is valid.
 pub fn user(name: &str) -> UserName {
-    UserName::new(name).unwrap_or_else(|e| panic!("{e}"))
+    UserName::new(name).unwrap()
 }
 
 /// Reference backends; with `dir`, their state lives in JSON files there (shared with the
@@ -29,19 +33,11 @@ pub fn user(name: &str) -> UserName {
 pub fn reference_backends(dir: Option<&Path>) -> MemoryBackends {
     let size = VmSize::default();
     let hosts = vec![
-        HostCapacity::slots(
-            HostId::new("host-a").unwrap_or_else(|e| panic!("{e}")),
-            2,
-            size,
-        ),
-        HostCapacity::slots(
-            HostId::new("host-b").unwrap_or_else(|e| panic!("{e}")),
-            1,
-            size,
-        ),
+        HostCapacity::slots(HostId::new("host-a").unwrap(), 2, size),
+        HostCapacity::slots(HostId::new("host-b").unwrap(), 1, size),
     ];
-    let template = TemplateName::new(TEMPLATE).unwrap_or_else(|e| panic!("{e}"));
-    let subnet = "10.20.0.0/28".parse().unwrap_or_else(|e| panic!("{e}"));
+    let template = TemplateName::new(TEMPLATE).unwrap();
+    let subnet = "10.20.0.0/28".parse().unwrap();
     let users = MemoryUsers::new()
         .with_user(account("alice"), true)
         .with_user(account("bob"), true)
@@ -90,7 +86,7 @@ pub use devvm_core::testkit::REFERENCE_CONFIG;
 /// `reference_backends(Some(dir))`, and returns its path.
 pub fn write_config(dir: &Path) -> PathBuf {
     let path = dir.join("devvm.toml");
-    std::fs::write(&path, REFERENCE_CONFIG).unwrap_or_else(|e| panic!("write config: {e}"));
+    std::fs::write(&path, REFERENCE_CONFIG).expect("write config");
     path
 }
 
@@ -153,9 +149,9 @@ impl Lab {
     /// journal in `dir/state`, and returns its path.
     pub fn write_config(&self, dir: &Path) -> PathBuf {
         devvm_examples::lab::LabEnv::from_env()
-            .unwrap_or_else(|| panic!("lab environment"))
+            .expect("lab environment")
             .write_config(dir)
-            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap()
     }
 }
 
@@ -188,10 +184,10 @@ pub fn with_fault(
     config: &devvm_core::config::Config,
     plan: devvm_core::testkit::faults::FaultPlan,
 ) -> devvm_core::ProvisionerBuilder {
-    let builder = config.builder().unwrap_or_else(|e| panic!("{e}"));
+    let builder = config.builder().unwrap();
     let clean = builder
         .current_backends()
-        .unwrap_or_else(|| panic!("the config leaves a backend unset"));
+        .expect("the config leaves a backend unset");
     builder.backends(devvm_core::testkit::faults::inject(clean, plan))
 }
 
@@ -201,30 +197,23 @@ pub fn with_fault(
 /// resources `mem` then holds.
 pub async fn plant_neighbour(mem: &MemoryBackends) -> usize {
     use devvm_core::{DnsUpdater, ImageStore, IpAllocator, Placement, Progress, RequestId, VmName};
-    let vm = VmName::new("neighbour").unwrap_or_else(|e| panic!("{e}"));
-    let other = RequestId::new("another-tool").unwrap_or_else(|e| panic!("{e}"));
+    let vm = VmName::new("neighbour").unwrap();
+    let other = RequestId::new("another-tool").unwrap();
     let host = mem
         .placement
         .reserve(&vm, &VmSize::default(), &other)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    mem.ip
-        .allocate(&vm, &other)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
+    mem.ip.allocate(&vm, &other).await.unwrap();
     let p = Progress::discard();
-    let template = TemplateName::new(TEMPLATE).unwrap_or_else(|e| panic!("{e}"));
-    let t = mem
-        .images
-        .prepare(&template, &p)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let template = TemplateName::new(TEMPLATE).unwrap();
+    let t = mem.images.prepare(&template, &p).await.unwrap();
     mem.images
         .create_disk(&vm, &host, &t, 40, &other, &p)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     mem.dns
         .insert_foreign(&mem.dns.fqdn(&vm), [10, 20, 0, 13].into())
-        .unwrap_or_else(|e| panic!("{e}"));
-    mem.held_total().unwrap_or_else(|e| panic!("{e}"))
+        .unwrap();
+    mem.held_total().unwrap()
 }

@@ -218,17 +218,17 @@ mod tests {
     use crate::types::UserName;
 
     fn config(text: &str) -> CloudInitConfig {
-        toml::from_str(text).unwrap_or_else(|e| panic!("{e}"))
+        toml::from_str(text).unwrap()
     }
 
     #[tokio::test]
     async fn it_conforms_and_puts_chef_settings_in_the_seed() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("validator.pem"),
             "-----BEGIN RSA PRIVATE KEY-----\nSECRETKEY\n",
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         let c = config(
             r#"
 cloud_config = { packages = ["git"], runcmd = [["touch", "/root/ok"]] }
@@ -240,15 +240,11 @@ environment = "dev"
 run_list = ["role[base]"]
 "#,
         );
-        let b =
-            CloudInitBootstrapper::from_config(&c, dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let b = CloudInitBootstrapper::from_config(&c, dir.path()).unwrap();
         assert!(!format!("{b:?}").contains("SECRETKEY"));
-        let owner = UserName::new("alice").unwrap_or_else(|e| panic!("{e}"));
+        let owner = UserName::new("alice").unwrap();
         let target = detached_target(owner.clone());
-        let setup = b
-            .guest_setup(&target)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let setup = b.guest_setup(&target).await.unwrap();
         let chef = &setup.cloud_config["chef"];
         assert_eq!(
             chef["run_list"],
@@ -264,10 +260,7 @@ run_list = ["role[base]"]
         );
         assert_eq!(setup.cloud_config["packages"], serde_json::json!(["git"]));
         let p = Progress::discard();
-        let report = b
-            .bootstrap(&target, &p)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let report = b.bootstrap(&target, &p).await.unwrap();
         assert!(report.bootstrapped);
         bootstrapper(std::sync::Arc::new(b), detached_target(owner)).await;
     }

@@ -452,14 +452,13 @@ mod tests {
         toml::from_str(&format!(
             "url = \"ldap://127.0.0.1:389\"\nbase_dn = \"dc=example,dc=test\"\n{extra}"
         ))
-        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap()
     }
 
     #[test]
     fn the_filter_value_is_escaped() {
-        let d = LdapDirectory::from_config(&config(""), Path::new("/"))
-            .unwrap_or_else(|e| panic!("{e}"));
-        let u = UserName::new("j.doe_1").unwrap_or_else(|e| panic!("{e}"));
+        let d = LdapDirectory::from_config(&config(""), Path::new("/")).unwrap();
+        let u = UserName::new("j.doe_1").unwrap();
         assert_eq!(
             d.user_search_filter(&u),
             "(&(objectClass=posixAccount)(uid=j.doe_1))"
@@ -485,23 +484,21 @@ zZYCIQCgXaA4CdHhSvnoU0M5XS8aZRc8+OmW+YBbx+ye/3GWgA==
 
     #[test]
     fn ca_file_is_read_relative_to_the_config_and_refused_when_unusable() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        std::fs::create_dir(dir.path().join("tls")).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(dir.path().join("tls/ca.pem"), TEST_CA_PEM)
-            .unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(dir.path().join("empty.pem"), "").unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(dir.path().join("notpem.pem"), "just text\n")
-            .unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("tls")).unwrap();
+        std::fs::write(dir.path().join("tls/ca.pem"), TEST_CA_PEM).unwrap();
+        std::fs::write(dir.path().join("empty.pem"), "").unwrap();
+        std::fs::write(dir.path().join("notpem.pem"), "just text\n").unwrap();
         std::fs::write(
             dir.path().join("bad.pem"),
             "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
 
         // Absent by default: the platform roots are used.
         let c = config("");
         assert_eq!(c.ca_file, None);
-        let d = LdapDirectory::from_config(&c, dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let d = LdapDirectory::from_config(&c, dir.path()).unwrap();
         assert!(d.tls.is_none());
 
         // Relative to the config file's directory, with ldaps:// or with StartTLS.
@@ -514,8 +511,8 @@ zZYCIQCgXaA4CdHhSvnoU0M5XS8aZRc8+OmW+YBbx+ye/3GWgA==
             if !c.starttls {
                 c.url = "ldaps://127.0.0.1:636".into();
             }
-            let d = LdapDirectory::from_config(&c, dir.path()).unwrap_or_else(|e| panic!("{e}"));
-            let (path, _) = d.tls.as_ref().unwrap_or_else(|| panic!("a TLS config"));
+            let d = LdapDirectory::from_config(&c, dir.path()).unwrap();
+            let (path, _) = d.tls.as_ref().expect("a TLS config");
             assert_eq!(path, &dir.path().join("tls/ca.pem"));
             assert!(format!("{d:?}").contains("tls/ca.pem"), "{d:?}");
         }
@@ -525,8 +522,7 @@ zZYCIQCgXaA4CdHhSvnoU0M5XS8aZRc8+OmW+YBbx+ye/3GWgA==
             "starttls = true\nca_file = {:?}",
             abs.display().to_string()
         ));
-        let d = LdapDirectory::from_config(&c, Path::new("/nonexistent"))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let d = LdapDirectory::from_config(&c, Path::new("/nonexistent")).unwrap();
         assert_eq!(d.tls.as_ref().map(|(p, _)| p.clone()), Some(abs));
 
         // Unreadable, empty, not PEM, or not a certificate: InvalidInput naming the file.
@@ -549,13 +545,13 @@ zZYCIQCgXaA4CdHhSvnoU0M5XS8aZRc8+OmW+YBbx+ye/3GWgA==
 
     #[test]
     fn bad_settings_are_refused_and_the_password_never_shows() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(dir.path().join("pw"), "s3cr3t-pw\n").unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "s3cr3t-pw\n").unwrap();
         let d = LdapDirectory::from_config(
             &config("bind_dn = \"cn=admin,dc=example,dc=test\"\nbind_password = { file = \"pw\" }"),
             dir.path(),
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         assert!(!format!("{d:?}").contains("s3cr3t"));
         let c = config("bind_password = \"inline-pw\"");
         assert!(!format!("{c:?}").contains("inline-pw"));

@@ -945,10 +945,10 @@ mod tests {
     use crate::types::{BootSpec, Disk, DiskFormat, Lease, Template, TemplateName, VmSize};
 
     fn spec() -> DomainSpec {
-        let vm = VmName::new("web-1").unwrap_or_else(|e| panic!("{e}"));
+        let vm = VmName::new("web-1").unwrap();
         DomainSpec {
             name: vm.clone(),
-            host: HostId::new("qemu:///system").unwrap_or_else(|e| panic!("{e}")),
+            host: HostId::new("qemu:///system").unwrap(),
             size: VmSize {
                 vcpus: 1,
                 memory_mib: 256,
@@ -961,7 +961,7 @@ mod tests {
                 size_gib: 2,
             },
             template: Template {
-                name: TemplateName::new("debian-12").unwrap_or_else(|e| panic!("{e}")),
+                name: TemplateName::new("debian-12").unwrap(),
                 path: "/cache/debian-12.qcow2".into(),
                 digest: None,
                 boot: BootSpec {
@@ -977,8 +977,8 @@ mod tests {
                 gateway: Some([10, 99, 0, 1].into()),
             },
             fqdn: "web-1.lab.example".into(),
-            owner: UserName::new("alice").unwrap_or_else(|e| panic!("{e}")),
-            request_id: RequestId::new("req-1").unwrap_or_else(|e| panic!("{e}")),
+            owner: UserName::new("alice").unwrap(),
+            request_id: RequestId::new("req-1").unwrap(),
             ssh_keys: vec!["ssh-ed25519 AAAA alice@laptop".into()],
             seed: None,
         }
@@ -997,19 +997,17 @@ mod tests {
 
     #[test]
     fn the_domain_xml_holds_the_spec_escaped() {
-        let xml = domain_xml(&spec(), &settings()).unwrap_or_else(|e| panic!("{e}"));
+        let xml = domain_xml(&spec(), &settings()).unwrap();
         assert!(xml.starts_with("<domain type=\"qemu\">"), "{xml}");
         // The hostile characters in the disk path are escaped, not pasted.
         assert!(xml.contains("web-1 &amp; &lt;co&gt;.qcow2"), "{xml}");
         let mut r = quick_xml::Reader::from_str(&xml);
         let mut seen_source_file = None;
         loop {
-            match r.read_event().unwrap_or_else(|e| panic!("{e}")) {
+            match r.read_event().unwrap() {
                 Event::Empty(e) if e.name().as_ref() == b"source" => {
                     if seen_source_file.is_none()
-                        && let Some(a) = e
-                            .try_get_attribute("file")
-                            .unwrap_or_else(|e| panic!("{e}"))
+                        && let Some(a) = e.try_get_attribute("file").unwrap()
                     {
                         seen_source_file =
                             Some(a.unescape_value().unwrap_or_default().into_owned());
@@ -1049,12 +1047,12 @@ mod tests {
 
     #[test]
     fn the_cmdline_carries_network_and_keys() {
-        let c = kernel_cmdline(&spec(), &settings()).unwrap_or_else(|e| panic!("{e}"));
+        let c = kernel_cmdline(&spec(), &settings()).unwrap();
         assert!(c.starts_with("root=/dev/vda rw console=ttyS0 devvm.ip=10.99.0.7/24 devvm.gw=10.99.0.1 devvm.hostname=web-1 devvm.dns=10.99.0.1 devvm.authorized_key="));
         let key_b64 = c.rsplit("devvm.authorized_key=").next().unwrap_or_default();
         let key = base64::engine::general_purpose::STANDARD
             .decode(key_b64)
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         assert_eq!(key, b"ssh-ed25519 AAAA alice@laptop");
         let mut many = spec();
         many.ssh_keys = vec!["ssh-ed25519 ".to_owned() + &"A".repeat(300); 10];
@@ -1068,15 +1066,9 @@ mod tests {
 
     #[test]
     fn macs_are_stable_and_local() {
-        let a = mac_for(&VmName::new("a").unwrap_or_else(|e| panic!("{e}")));
-        assert_eq!(
-            a,
-            mac_for(&VmName::new("a").unwrap_or_else(|e| panic!("{e}")))
-        );
+        let a = mac_for(&VmName::new("a").unwrap());
+        assert_eq!(a, mac_for(&VmName::new("a").unwrap()));
         assert!(a.starts_with("52:54:00:"));
-        assert_ne!(
-            a,
-            mac_for(&VmName::new("b").unwrap_or_else(|e| panic!("{e}")))
-        );
+        assert_ne!(a, mac_for(&VmName::new("b").unwrap()));
     }
 }

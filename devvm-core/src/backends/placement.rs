@@ -526,7 +526,7 @@ mod tests {
     }
 
     fn host(s: &str) -> HostId {
-        HostId::new(s).unwrap_or_else(|e| panic!("{e}"))
+        HostId::new(s).unwrap()
     }
 
     /// A host that never answers.
@@ -546,7 +546,7 @@ mod tests {
     /// placement goes on with the hosts that answer.
     #[tokio::test(start_paused = true)]
     async fn a_hung_host_is_skipped_after_its_time_limit() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
         let size = VmSize::default();
         let p = LibvirtPlacement::open(
             vec![
@@ -556,13 +556,10 @@ mod tests {
             Arc::new(Hung(Fixed(BTreeMap::from([(host("a"), vec![])])))),
             dir.path().join("p.sqlite3"),
         )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let vm = VmName::new("n1").unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
+        let vm = VmName::new("n1").unwrap();
         let started = tokio::time::Instant::now();
-        let got = p
-            .reserve(&vm, &size, &RequestId::random())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let got = p.reserve(&vm, &size, &RequestId::random()).await.unwrap();
         assert_eq!(got, host("a"), "the host that answered");
         assert!(
             started.elapsed() >= HOST_TIMEOUT,
@@ -572,7 +569,7 @@ mod tests {
 
     fn domain(name: &str) -> DomainInfo {
         DomainInfo {
-            name: VmName::new(name).unwrap_or_else(|e| panic!("{e}")),
+            name: VmName::new(name).unwrap(),
             uuid: String::new(),
             active: true,
             owner: None,
@@ -603,7 +600,7 @@ mod tests {
 
     #[tokio::test]
     async fn usage_comes_from_the_hosts_domains_and_reservations() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
         let size = VmSize::default();
         let lister = Fixed(BTreeMap::from([
             (host("a"), vec![domain("old-1")]),
@@ -618,18 +615,12 @@ mod tests {
             Arc::new(lister),
             dir.path().join("p.sqlite3"),
         )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let vm = |s: &str| VmName::new(s).unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
+        let vm = |s: &str| VmName::new(s).unwrap();
         let me = RequestId::random();
         // a has 1 of 2 used by an existing domain, b 0 of 1: equal free memory → either.
-        let first = p
-            .reserve(&vm("n1"), &size, &me)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let second = p
-            .reserve(&vm("n2"), &size, &me)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let first = p.reserve(&vm("n1"), &size, &me).await.unwrap();
+        let second = p.reserve(&vm("n2"), &size, &me).await.unwrap();
         assert_ne!(first, second, "one slot left on each");
         assert!(
             first != host("down") && second != host("down"),
@@ -638,15 +629,13 @@ mod tests {
         let e = p.reserve(&vm("n3"), &size, &me).await.expect_err("full");
         assert_eq!(e.kind(), ErrorKind::Exhausted);
         assert!(matches!(e.detail(), Some(PlacementError::Full(_))), "{e}");
-        p.release(&vm("n1"), &me)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        p.release(&vm("n1"), &me).await.unwrap();
         assert_eq!(p.reserve(&vm("n3"), &size, &me).await.ok(), Some(first));
     }
 
     #[tokio::test]
     async fn libvirt_placement_conforms_with_a_stub_host() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
         let size = VmSize::default();
         let lister = Fixed(BTreeMap::from([(host("a"), vec![]), (host("b"), vec![])]));
         let p = LibvirtPlacement::open(
@@ -657,7 +646,7 @@ mod tests {
             Arc::new(lister),
             dir.path().join("p.sqlite3"),
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         placement(
             Arc::new(p),
             PlacementFixture {

@@ -615,23 +615,22 @@ mod tests {
 
     /// The one owner of every lease these tests make.
     fn own() -> RequestId {
-        RequestId::new("test-owner").unwrap_or_else(|e| panic!("{e}"))
+        RequestId::new("test-owner").unwrap()
     }
     use crate::testkit::conformance::{IpAllocatorFixture, ip_allocator};
 
     fn net(s: &str) -> Ipv4Net {
-        s.parse().unwrap_or_else(|e| panic!("{e}"))
+        s.parse().unwrap()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn sqlite_allocator_conforms() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
         // A /28: 14 hosts, minus gateway and two reserved = 11.
         let plan = SubnetPlan::new(net("10.9.0.0/28"), Some([10, 9, 0, 1].into()))
             .and_then(|p| p.reserve_str("10.9.0.2-10.9.0.3"))
-            .unwrap_or_else(|e| panic!("{e}"));
-        let a = SqliteIpAllocator::open(dir.path().join("leases.sqlite3"), plan)
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
+        let a = SqliteIpAllocator::open(dir.path().join("leases.sqlite3"), plan).unwrap();
         ip_allocator(
             Arc::new(a),
             IpAllocatorFixture {
@@ -644,21 +643,15 @@ mod tests {
 
     #[tokio::test]
     async fn never_leases_network_broadcast_gateway_or_reserved() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
         let plan = SubnetPlan::new(net("10.9.0.0/29"), Some([10, 9, 0, 6].into()))
             .and_then(|p| p.reserve_str("10.9.0.1"))
-            .unwrap_or_else(|e| panic!("{e}"));
-        let a = SqliteIpAllocator::open(dir.path().join("l.db"), plan)
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
+        let a = SqliteIpAllocator::open(dir.path().join("l.db"), plan).unwrap();
         let mut got = Vec::new();
         for i in 0..4 {
-            let vm = VmName::new(format!("v{i}")).unwrap_or_else(|e| panic!("{e}"));
-            got.push(
-                a.allocate(&vm, &own())
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}"))
-                    .ip,
-            );
+            let vm = VmName::new(format!("v{i}")).unwrap();
+            got.push(a.allocate(&vm, &own()).await.unwrap().ip);
         }
         let want: Vec<IpAddr> = [2, 3, 4, 5]
             .iter()
@@ -666,7 +659,7 @@ mod tests {
             .collect();
         assert_eq!(got, want);
         let e = a
-            .allocate(&VmName::new("v9").unwrap_or_else(|e| panic!("{e}")), &own())
+            .allocate(&VmName::new("v9").unwrap(), &own())
             .await
             .expect_err("full");
         assert_eq!(e.kind(), ErrorKind::Exhausted);
@@ -675,12 +668,10 @@ mod tests {
 
     #[tokio::test]
     async fn import_refuses_foreign_and_reserved_addresses_and_changes_nothing() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let plan = SubnetPlan::new(net("10.9.0.0/24"), Some([10, 9, 0, 1].into()))
-            .unwrap_or_else(|e| panic!("{e}"));
-        let a = SqliteIpAllocator::open(dir.path().join("l.db"), plan)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let vm = |s: &str| VmName::new(s).unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
+        let plan = SubnetPlan::new(net("10.9.0.0/24"), Some([10, 9, 0, 1].into())).unwrap();
+        let a = SqliteIpAllocator::open(dir.path().join("l.db"), plan).unwrap();
+        let vm = |s: &str| VmName::new(s).unwrap();
         let e = a
             .import(vec![
                 (vm("a"), [10, 9, 0, 7].into()),
@@ -693,11 +684,7 @@ mod tests {
             matches!(e.detail(), Some(LeaseError::Outside { .. })),
             "{e}"
         );
-        assert_eq!(
-            a.count().await.unwrap_or_else(|e| panic!("{e}")),
-            0,
-            "all or nothing"
-        );
+        assert_eq!(a.count().await.unwrap(), 0, "all or nothing");
         let e = a
             .import(vec![(vm("g"), [10, 9, 0, 1].into())])
             .await
@@ -709,28 +696,28 @@ mod tests {
         );
         a.import(vec![(vm("a"), [10, 9, 0, 7].into())])
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         a.import(vec![(vm("a"), [10, 9, 0, 7].into())])
             .await
-            .unwrap_or_else(|e| panic!("idempotent: {e}"));
+            .expect("idempotent");
         let e = a
             .import(vec![(vm("b"), [10, 9, 0, 7].into())])
             .await
             .expect_err("taken");
         assert_eq!(e.kind(), ErrorKind::Conflict);
         assert!(matches!(e.detail(), Some(LeaseError::Leased(_))), "{e}");
-        let l = a.lease(&vm("a")).await.unwrap_or_else(|e| panic!("{e}"));
+        let l = a.lease(&vm("a")).await.unwrap();
         assert_eq!(l.map(|l| l.ip), Some(IpAddr::from([10, 9, 0, 7])));
     }
 
     #[tokio::test]
     async fn a_database_for_another_subnet_is_refused() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l.db");
-        let p1 = SubnetPlan::new(net("10.9.0.0/24"), None).unwrap_or_else(|e| panic!("{e}"));
-        drop(SqliteIpAllocator::open(&path, p1.clone()).unwrap_or_else(|e| panic!("{e}")));
-        SqliteIpAllocator::open(&path, p1).unwrap_or_else(|e| panic!("same plan reopens: {e}"));
-        let p2 = SubnetPlan::new(net("10.9.1.0/24"), None).unwrap_or_else(|e| panic!("{e}"));
+        let p1 = SubnetPlan::new(net("10.9.0.0/24"), None).unwrap();
+        drop(SqliteIpAllocator::open(&path, p1.clone()).unwrap());
+        SqliteIpAllocator::open(&path, p1).expect("same plan reopens");
+        let p2 = SubnetPlan::new(net("10.9.1.0/24"), None).unwrap();
         let e = SqliteIpAllocator::open(&path, p2).expect_err("other subnet");
         assert_eq!(e.kind(), ErrorKind::Conflict);
         assert!(
@@ -748,32 +735,19 @@ mod tests {
 
     #[tokio::test]
     async fn next_fit_wraps_around_and_skips_runs() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let plan = SubnetPlan::new(net("10.9.0.0/28"), None).unwrap_or_else(|e| panic!("{e}"));
-        let a = SqliteIpAllocator::open(dir.path().join("l.db"), plan)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let vm = |i: u32| VmName::new(format!("v{i}")).unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
+        let plan = SubnetPlan::new(net("10.9.0.0/28"), None).unwrap();
+        let a = SqliteIpAllocator::open(dir.path().join("l.db"), plan).unwrap();
+        let vm = |i: u32| VmName::new(format!("v{i}")).unwrap();
         for i in 1..=14 {
-            a.allocate(&vm(i), &own())
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
+            a.allocate(&vm(i), &own()).await.unwrap();
         }
         // Free .3 and .4; the cursor is at .14, so the next search wraps and skips .1-.2.
-        a.release(&vm(3), &own())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        a.release(&vm(4), &own())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let l = a
-            .allocate(&vm(20), &own())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        a.release(&vm(3), &own()).await.unwrap();
+        a.release(&vm(4), &own()).await.unwrap();
+        let l = a.allocate(&vm(20), &own()).await.unwrap();
         assert_eq!(l.ip, IpAddr::from([10, 9, 0, 3]));
-        let l = a
-            .allocate(&vm(21), &own())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let l = a.allocate(&vm(21), &own()).await.unwrap();
         assert_eq!(l.ip, IpAddr::from([10, 9, 0, 4]));
     }
 }

@@ -213,10 +213,10 @@ mod tests {
 
     fn request() -> ResolvedRequest {
         ResolvedRequest {
-            request_id: RequestId::new("r-1").unwrap_or_else(|e| panic!("{e}")),
-            user: crate::types::UserName::new("alice").unwrap_or_else(|e| panic!("{e}")),
-            name: VmName::new("web-1").unwrap_or_else(|e| panic!("{e}")),
-            template: TemplateName::new("t").unwrap_or_else(|e| panic!("{e}")),
+            request_id: RequestId::new("r-1").unwrap(),
+            user: crate::types::UserName::new("alice").unwrap(),
+            name: VmName::new("web-1").unwrap(),
+            template: TemplateName::new("t").unwrap(),
             size: VmSize::default(),
             bootstrap: BootstrapSettings::default(),
         }

@@ -576,7 +576,7 @@ mod tests {
     use crate::types::{Disk, DiskFormat, Lease, Template};
 
     fn name(s: &str) -> UserName {
-        UserName::new(s).unwrap_or_else(|e| panic!("{e}"))
+        UserName::new(s).unwrap()
     }
 
     #[tokio::test]
@@ -614,8 +614,8 @@ mod tests {
     async fn memory_placement_conforms() {
         let size = VmSize::default();
         let hosts = vec![
-            HostCapacity::slots(HostId::new("h1").unwrap_or_else(|e| panic!("{e}")), 2, size),
-            HostCapacity::slots(HostId::new("h2").unwrap_or_else(|e| panic!("{e}")), 1, size),
+            HostCapacity::slots(HostId::new("h1").unwrap(), 2, size),
+            HostCapacity::slots(HostId::new("h2").unwrap(), 1, size),
         ];
         placement(
             Arc::new(MemoryPlacement::new(hosts)),
@@ -630,11 +630,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn memory_ip_allocator_conforms() {
         // A /28 holds 14 hosts; minus the gateway and 2 reserved leaves 11.
-        let a = MemoryIpAllocator::new(
-            "10.9.0.0/28".parse().unwrap_or_else(|e| panic!("{e}")),
-            Some([10, 9, 0, 1].into()),
-        )
-        .with_reserved([10, 9, 0, 2].into(), [10, 9, 0, 3].into());
+        let a = MemoryIpAllocator::new("10.9.0.0/28".parse().unwrap(), Some([10, 9, 0, 1].into()))
+            .with_reserved([10, 9, 0, 2].into(), [10, 9, 0, 3].into());
         ip_allocator(
             Arc::new(a),
             IpAllocatorFixture {
@@ -647,12 +644,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn file_backed_ip_allocator_conforms() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let a = MemoryIpAllocator::new(
-            "10.9.0.0/29".parse().unwrap_or_else(|e| panic!("{e}")),
-            None,
-        )
-        .with_state_file(dir.path().join("leases.json"));
+        let dir = tempfile::tempdir().unwrap();
+        let a = MemoryIpAllocator::new("10.9.0.0/29".parse().unwrap(), None)
+            .with_state_file(dir.path().join("leases.json"));
         ip_allocator(
             Arc::new(a),
             IpAllocatorFixture {
@@ -676,12 +670,12 @@ mod tests {
 
     #[tokio::test]
     async fn memory_images_conform() {
-        let t = TemplateName::new("debian-12").unwrap_or_else(|e| panic!("{e}"));
+        let t = TemplateName::new("debian-12").unwrap();
         image_store(
             Arc::new(MemoryImages::new([t.clone()])),
             ImageStoreFixture {
                 template: t,
-                host: HostId::new("h1").unwrap_or_else(|e| panic!("{e}")),
+                host: HostId::new("h1").unwrap(),
                 size_gib: 10,
             },
         )
@@ -691,10 +685,10 @@ mod tests {
     #[tokio::test]
     async fn memory_hypervisor_conforms() {
         let vm = unique_vm_name("hv");
-        let t = TemplateName::new("debian-12").unwrap_or_else(|e| panic!("{e}"));
+        let t = TemplateName::new("debian-12").unwrap();
         let spec = DomainSpec {
             name: vm.clone(),
-            host: HostId::new("h1").unwrap_or_else(|e| panic!("{e}")),
+            host: HostId::new("h1").unwrap(),
             size: VmSize::default(),
             disk: Disk {
                 vm: vm.clone(),

@@ -397,14 +397,13 @@ mod tests {
     use super::*;
 
     fn tmpdir() -> (tempfile::TempDir, PathBuf) {
-        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let p = fs::canonicalize(d.path()).unwrap_or_else(|e| panic!("{e}"));
+        let d = tempfile::tempdir().unwrap();
+        let p = fs::canonicalize(d.path()).unwrap();
         (d, p)
     }
 
     fn listing(images: &[serde_json::Value]) -> Vec<u8> {
-        serde_json::to_vec(&serde_json::json!({ "images": images, "first": "/v2/images" }))
-            .unwrap_or_else(|e| panic!("{e}"))
+        serde_json::to_vec(&serde_json::json!({ "images": images, "first": "/v2/images" })).unwrap()
     }
 
     fn img(id: &str, name: &str, status: &str, created: &str, tags: &[&str]) -> serde_json::Value {
@@ -431,11 +430,7 @@ mod tests {
             img("e", "t", "active", "2024-05-01T00:00:00Z", &[]),
             img("f", "t", "active", "2024-03-01T00:00:00Z", &["devvm"]),
         ]);
-        let pick = |tag| {
-            newest_image(&body, "t", tag)
-                .unwrap_or_else(|e| panic!("{e}"))
-                .map(|m| m.id)
-        };
+        let pick = |tag| newest_image(&body, "t", tag).unwrap().map(|m| m.id);
         assert_eq!(
             pick(Some("devvm")).as_deref(),
             Some("c"),
@@ -443,21 +438,16 @@ mod tests {
         );
         assert_eq!(pick(None).as_deref(), Some("e"));
         assert_eq!(pick(Some("other")), None);
-        assert!(
-            newest_image(&body, "nope", None)
-                .unwrap_or_else(|e| panic!("{e}"))
-                .is_none()
-        );
+        assert!(newest_image(&body, "nope", None).unwrap().is_none());
         assert!(newest_image(b"<html>", "t", None).is_err());
     }
 
     #[test]
     fn checksums_prefer_the_multihash_and_fall_back_to_md5() {
-        let mut m: ImageMeta = serde_json::from_value(img("a", "t", "active", "x", &[]))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let mut m: ImageMeta = serde_json::from_value(img("a", "t", "active", "x", &[])).unwrap();
         assert!(Checksum::of(&m).is_err(), "nothing to verify against");
         m.checksum = Some("0123456789ABCDEF0123456789abcdef".into());
-        let c = Checksum::of(&m).unwrap_or_else(|e| panic!("{e}"));
+        let c = Checksum::of(&m).unwrap();
         assert_eq!(c.algo, HashAlgo::Md5);
         assert_eq!(c.hex, "0123456789abcdef0123456789abcdef");
         m.os_hash_value = Some("ab".repeat(64));
@@ -488,10 +478,10 @@ mod tests {
 
     fn entries(dir: &Path) -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(dir)
-            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap()
             .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
             .collect::<io::Result<_>>()
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         v.sort();
         v
     }
@@ -517,7 +507,7 @@ mod tests {
                 Ok(())
             },
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         assert_eq!(seen, data.len() as u64);
         assert_eq!(stamp.size, data.len() as u64);
         assert_eq!(entries(&dir), vec!["img.qcow2".to_owned()]);
@@ -539,8 +529,7 @@ mod tests {
             |_| {},
             |_| Ok(()),
         )
-        .err()
-        .unwrap_or_else(|| panic!("wrong content accepted"));
+        .expect_err("wrong content accepted");
         assert_eq!(e.kind(), ErrorKind::Backend);
         assert!(
             matches!(e.detail(), Some(GlanceError::ChecksumMismatch { id, .. }) if id == "img-1"),
@@ -560,8 +549,7 @@ mod tests {
             |_| {},
             |_| Ok(()),
         )
-        .err()
-        .unwrap_or_else(|| panic!("short content accepted"));
+        .expect_err("short content accepted");
         assert_eq!(e.kind(), ErrorKind::Backend);
         assert!(
             matches!(
@@ -598,15 +586,14 @@ mod tests {
             |_| {},
             |_| Ok(()),
         )
-        .err()
-        .unwrap_or_else(|| panic!("broken download accepted"));
+        .expect_err("broken download accepted");
         assert_eq!(e.kind(), ErrorKind::Unavailable);
         assert!(e.is_retryable());
         assert!(entries(&dir).is_empty());
 
         // A failed check after the hash leaves nothing either, and an existing file
         // stays as it was.
-        fs::write(dir.join("img.qcow2"), b"old").unwrap_or_else(|e| panic!("{e}"));
+        fs::write(dir.join("img.qcow2"), b"old").unwrap();
         let e = store_verified(
             &good[..],
             &dir,
@@ -617,8 +604,7 @@ mod tests {
             |_| {},
             |_| Err(Error::backend("has a backing file")),
         )
-        .err()
-        .unwrap_or_else(|| panic!("failed check accepted"));
+        .expect_err("failed check accepted");
         assert!(e.message().contains("backing"));
         assert_eq!(entries(&dir), vec!["img.qcow2".to_owned()]);
         assert_eq!(fs::read(dir.join("img.qcow2")).ok(), Some(b"old".to_vec()));
@@ -686,13 +672,12 @@ mod tests {
                 "{e}"
             );
         }
-        std::os::unix::fs::symlink(&outside, root.join("evil")).unwrap_or_else(|e| panic!("{e}"));
+        std::os::unix::fs::symlink(&outside, root.join("evil")).unwrap();
         assert!(
             contained(&root, "evil").is_err(),
             "a symlink out is refused"
         );
-        std::os::unix::fs::symlink(root.join("nowhere"), root.join("dangling"))
-            .unwrap_or_else(|e| panic!("{e}"));
+        std::os::unix::fs::symlink(root.join("nowhere"), root.join("dangling")).unwrap();
         assert!(
             contained(&root, "dangling").is_err(),
             "a dangling symlink is refused"
@@ -719,14 +704,13 @@ mod tests {
         let c: GlanceConfig = toml::from_str(
             "url = \"http://127.0.0.1:1\"\ncache_dir = \"c\"\ndisk_dir = \"d\"\ntimeout_secs = 2\n",
         )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let s = GlanceImageStore::from_config(&c, &base).unwrap_or_else(|e| panic!("{e}"));
-        let t = TemplateName::new("debian-12").unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
+        let s = GlanceImageStore::from_config(&c, &base).unwrap();
+        let t = TemplateName::new("debian-12").unwrap();
         let e = s
             .prepare(&t, &Progress::discard())
             .await
-            .err()
-            .unwrap_or_else(|| panic!("prepare succeeded"));
+            .expect_err("prepare succeeded");
         assert_eq!(e.kind(), ErrorKind::Unavailable, "{e:?}");
         assert!(e.is_retryable());
         assert_eq!(e.backend_name(), Some(BACKEND));
@@ -754,7 +738,7 @@ mod tests {
         let c: GlanceConfig = toml::from_str(
             "url = \"http://127.0.0.1:9292\"\ncache_dir = \"c\"\ndisk_dir = \"d\"\n",
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         assert_eq!(c.mode, DiskMode::Overlay);
         assert_eq!(c.timeout_secs, 30);
         assert!(c.offline_fallback && !c.verify_cached && c.tag.is_none() && c.token.is_none());
@@ -771,7 +755,7 @@ mod tests {
         assert!(GlanceImageStore::from_config(&with("http://x/v2"), &base).is_err());
         let mut secret = with("http://x:9292/");
         secret.token = Some(SecretSpec::Inline("s3cret-token".into()));
-        let s = GlanceImageStore::from_config(&secret, &base).unwrap_or_else(|e| panic!("{e}"));
+        let s = GlanceImageStore::from_config(&secret, &base).unwrap();
         assert!(!format!("{s:?}").contains("s3cret"));
         assert!(base.join("c").is_dir() && base.join("d").is_dir());
     }

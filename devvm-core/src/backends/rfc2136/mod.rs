@@ -603,8 +603,6 @@ pub(crate) fn register(r: &mut crate::registry::Registry) {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
 
     const SECRET_256: &str = "UsTZMZQiB8pt9m4wPz4oGd1HJwS4GJ2RxDn3ZK+1ZKM=";
