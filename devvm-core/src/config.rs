@@ -429,32 +429,13 @@ mod tests {
     use super::*;
     use secrecy::ExposeSecret;
 
-    const BASE: &str = r#"
-state_dir = "state"
-[defaults]
-template = "debian-12"
-[users]
-backend = "memory"
-accounts = [{ name = "alice" }]
-[placement]
-backend = "memory"
-hosts = [{ id = "h1", vcpus = 4, memory_mib = 8192, disk_gib = 100 }]
-[ip]
-backend = "memory"
-subnet = "10.0.0.0/29"
-gateway = "10.0.0.1"
-reserved = ["10.0.0.2-10.0.0.3"]
-[dns]
-backend = "memory"
-zone = "lab.example"
-[images]
-backend = "memory"
-templates = ["debian-12"]
-[hypervisor]
-backend = "memory"
-[bootstrap]
-backend = "none"
-"#;
+    /// The one reference config of every test suite, with no bootstrap.
+    fn base() -> String {
+        let text = crate::testkit::REFERENCE_CONFIG;
+        let bootstrap = "[bootstrap]\nbackend = \"memory\"\nstate_file = \"bootstrap.json\"";
+        assert!(text.contains(bootstrap), "the reference config changed");
+        text.replace(bootstrap, "[bootstrap]\nbackend = \"none\"")
+    }
 
     fn parse(text: &str) -> Result<Config> {
         Config::parse(text, Path::new("/etc/devvm/devvm.toml"))
@@ -462,7 +443,7 @@ backend = "none"
 
     #[test]
     fn a_full_config_parses_and_builds() {
-        let c = parse(BASE).expect("parses");
+        let c = parse(&base()).expect("parses");
         assert_eq!(c.state_dir, Path::new("/etc/devvm/state"));
         assert_eq!(
             c.defaults.template.as_ref().map(|t| t.as_str()),
@@ -475,23 +456,23 @@ backend = "none"
 
     #[test]
     fn unknown_keys_are_named() {
-        let e = parse(&BASE.replace("zone = ", "zonee = ")).expect("parses");
+        let e = parse(&base().replace("zone = ", "zonee = ")).expect("parses");
         let err = e.builder().expect_err("unknown key");
         assert_eq!(err.kind(), crate::ErrorKind::InvalidInput);
         assert!(err.to_string().contains("zonee"), "{err}");
         assert!(err.to_string().contains("[dns]"), "{err}");
 
-        let err = parse(&format!("colour = 1\n{BASE}")).expect_err("unknown top key");
+        let err = parse(&format!("colour = 1\n{}", base())).expect_err("unknown top key");
         assert!(err.to_string().contains("colour"), "{err}");
 
-        let err = parse(&BASE.replace("[defaults]\n", "[defaults]\nvcpu = 3\n"))
+        let err = parse(&base().replace("[defaults]\n", "[defaults]\nvcpu = 3\n"))
             .expect_err("unknown default");
         assert!(err.to_string().contains("vcpu"), "{err}");
     }
 
     #[test]
     fn the_config_never_prints_a_value() {
-        let c = parse(&BASE.replace(
+        let c = parse(&base().replace(
             "zone = \"lab.example\"",
             "zone = \"lab.example\"\nsecret = \"inline-hunter2\"",
         ))
@@ -503,12 +484,15 @@ backend = "none"
 
     #[test]
     fn unknown_backends_and_missing_sections_are_errors() {
-        let c =
-            parse(&BASE.replace("backend = \"none\"", "backend = \"chef-solo\"")).expect("parses");
+        let c = parse(&base().replace("backend = \"none\"", "backend = \"chef-solo\""))
+            .expect("parses");
         let err = c.builder().expect_err("unknown backend");
         assert!(err.to_string().contains("chef-solo"), "{err}");
-        let err =
-            parse(&BASE.replace("[hypervisor]\nbackend = \"memory\"\n", "")).expect_err("missing");
+        let err = parse(&base().replace(
+            "[hypervisor]\nbackend = \"memory\"\nstate_file = \"domains.json\"\n",
+            "",
+        ))
+        .expect_err("missing");
         assert!(err.to_string().contains("hypervisor"), "{err}");
     }
 
@@ -516,7 +500,7 @@ backend = "none"
     #[cfg(not(feature = "ssh"))]
     #[test]
     fn a_backend_that_is_not_built_in_names_its_feature() {
-        let c = parse(&BASE.replace("backend = \"none\"", "backend = \"chef\"")).expect("parses");
+        let c = parse(&base().replace("backend = \"none\"", "backend = \"chef\"")).expect("parses");
         let err = c.builder().expect_err("not built in");
         assert!(
             err.to_string().contains("needs devvm-core's `ssh` feature"),
@@ -526,7 +510,7 @@ backend = "none"
 
     #[test]
     fn retries_are_configured_per_step_and_zero_is_refused() {
-        let c = parse(&BASE.replace(
+        let c = parse(&base().replace(
             "state_dir = \"state\"\n",
             "state_dir = \"state\"\n[retries]\nattempts = 2\ndns = 5\ninitial_ms = 50\nmax_ms = 400\n",
         ))
@@ -535,21 +519,21 @@ backend = "none"
         assert_eq!(c.retries.attempts(Step::Dns), 5);
         assert_eq!(c.retries.initial, Duration::from_millis(50));
         assert_eq!(c.retries.max, Duration::from_millis(400));
-        let err = parse(&BASE.replace(
+        let err = parse(&base().replace(
             "state_dir = \"state\"\n",
             "state_dir = \"state\"\n[retries]\nattempts = 0\n",
         ))
         .expect_err("zero attempts");
         assert!(err.to_string().contains("at least 1"), "{err}");
-        assert_eq!(parse(BASE).expect("parses").retries, Retries::default());
+        assert_eq!(parse(&base()).expect("parses").retries, Retries::default());
     }
 
     /// A backend an embedder registered under a name of their own is selected by that name.
     #[test]
     fn a_registered_backend_is_selected_by_its_name() {
         use crate::registry::Registry;
-        let text = BASE.replace(
-            "[dns]\nbackend = \"memory\"\nzone = \"lab.example\"",
+        let text = base().replace(
+            "[dns]\nbackend = \"memory\"\nzone = \"lab.example\"\nstate_file = \"dns.json\"",
             "[dns]\nbackend = \"mydns\"\nzone = \"mine.example\"",
         );
         let c = parse(&text).expect("parses");
@@ -582,7 +566,7 @@ backend = "none"
     #[test]
     fn custom_backends_are_left_to_the_program() {
         let c = parse(
-            &BASE
+            &base()
                 .replace("zone = \"lab.example\"", "endpoint = \"https://ipam\"")
                 .replace("[dns]\nbackend = \"memory\"", "[dns]\nbackend = \"custom\""),
         )
