@@ -308,23 +308,47 @@ async fn run(cli: Cli) -> Result<(), Error> {
             {
                 names.push(t);
             }
-            for name in names {
-                let t = images
-                    .prepare(&name, &devvm_core::Progress::discard())
-                    .await?;
-                if cli.json {
-                    println!(
-                        "{}",
-                        serde_json::json!({ "template": t.name, "path": t.path, "digest": t.digest })
-                    );
-                } else {
-                    println!(
-                        "{}  {}  {}",
-                        t.name,
-                        t.digest.as_deref().unwrap_or("-"),
-                        t.path.display()
-                    );
+            let hosts = p.backends().placement.hosts().await?;
+            if hosts.is_empty() {
+                return Err(Error::invalid_input(
+                    "the placement backend lists no hosts to sync templates to",
+                ));
+            }
+            // Every template to every host; one that fails is reported and the rest go on.
+            let mut failed = None;
+            for name in &names {
+                for host in &hosts {
+                    match images
+                        .prepare(name, host, &devvm_core::Progress::discard())
+                        .await
+                    {
+                        Ok(t) if cli.json => println!(
+                            "{}",
+                            serde_json::json!({ "template": t.name, "host": host, "path": t.path, "digest": t.digest })
+                        ),
+                        Ok(t) => println!(
+                            "{}  {}  {}  {}",
+                            t.name,
+                            host,
+                            t.digest.as_deref().unwrap_or("-"),
+                            t.path.display()
+                        ),
+                        Err(e) if cli.json => {
+                            println!(
+                                "{}",
+                                serde_json::json!({ "template": name, "host": host, "error": e.info() })
+                            );
+                            failed = Some(e);
+                        }
+                        Err(e) => {
+                            println!("{name}  {host}  FAILED: {e}");
+                            failed = Some(e);
+                        }
+                    }
                 }
+            }
+            if let Some(e) = failed {
+                return Err(e);
             }
         }
     }

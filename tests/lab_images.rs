@@ -46,7 +46,7 @@ timeout_secs = 5
         GlanceImageStore::from_config(&config, dir.path()).expect("glance store from the config");
     Setup {
         cache: store.cache_dir().to_owned(),
-        disks: store.disk_dir().to_owned(),
+        disks: store.disk_dir().expect("disk_dir").to_owned(),
         _dir: dir,
         store,
     }
@@ -122,7 +122,7 @@ fn files_in(dir: &Path) -> Vec<String> {
 
 async fn prepare(store: &GlanceImageStore, t: &TemplateName) -> devvm_core::Template {
     store
-        .prepare(t, &Progress::discard())
+        .prepare(t, &host(), &Progress::discard())
         .await
         .unwrap_or_else(|e| panic!("prepare {t}: {e:?}"))
 }
@@ -471,7 +471,7 @@ async fn glance_down_is_unavailable() {
     let t = TemplateName::new("devvm-debian12").unwrap();
     let e = s
         .store
-        .prepare(&t, &Progress::discard())
+        .prepare(&t, &host(), &Progress::discard())
         .await
         .expect_err("prepare with glance down succeeded");
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e:?}");
@@ -498,7 +498,10 @@ async fn glance_down_falls_back_to_a_verified_cache() {
     };
     assert_eq!(prepare(&down(""), &t.name).await, t);
     let strict = down("offline_fallback = false");
-    let e = strict.prepare(&t.name, &Progress::discard()).await.err();
+    let e = strict
+        .prepare(&t.name, &host(), &Progress::discard())
+        .await
+        .err();
     assert_eq!(e.map(|e| e.kind()), Some(ErrorKind::Unavailable));
 }
 
@@ -509,14 +512,18 @@ async fn an_unknown_template_is_not_found_and_leaves_nothing() {
     };
     let s = setup(&lab, "");
     let t = TemplateName::new(format!("no-such-{}", uuid_like())).unwrap();
-    let e = s.store.prepare(&t, &Progress::discard()).await.err();
+    let e = s
+        .store
+        .prepare(&t, &host(), &Progress::discard())
+        .await
+        .err();
     assert_eq!(e.map(|e| e.kind()), Some(ErrorKind::NotFound));
     assert!(files_in(&s.cache).is_empty(), "{:?}", files_in(&s.cache));
     // The lab's template exists, but not with a tag it does not carry.
     let tagged = setup(&lab, "tag = \"no-such-tag\"");
     let e = tagged
         .store
-        .prepare(&template(&lab), &Progress::discard())
+        .prepare(&template(&lab), &host(), &Progress::discard())
         .await
         .err();
     assert_eq!(e.map(|e| e.kind()), Some(ErrorKind::NotFound));
@@ -602,7 +609,11 @@ async fn a_crafted_cache_entry_cannot_escape() {
     }
     // A template directory that is a symbolic link out of the cache is refused.
     std::os::unix::fs::symlink(outside.path(), s.cache.join(name.as_str())).unwrap();
-    let e = s.store.prepare(&name, &Progress::discard()).await.err();
+    let e = s
+        .store
+        .prepare(&name, &host(), &Progress::discard())
+        .await
+        .err();
     assert_eq!(e.map(|e| e.kind()), Some(ErrorKind::InvalidInput));
     assert!(files_in(outside.path()).is_empty());
     assert!(s.store.templates().await.unwrap().is_empty());

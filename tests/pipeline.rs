@@ -657,7 +657,7 @@ async fn a_foreign_resource_of_the_name_is_refused_and_left_alone() {
             }
             Foreign::Disk | Foreign::Domain => {
                 let template = devvm_core::TemplateName::new(devvm_tests::TEMPLATE).unwrap();
-                let t = f.mem.images.prepare(&template, &p).await;
+                let t = f.mem.images.prepare(&template, &host, &p).await;
                 let t = t.unwrap();
                 let disk = f
                     .mem

@@ -311,6 +311,10 @@ impl Placement for MemoryPlacement {
         self.store
             .read(|res| res.get(vm).map(|(h, _, _)| h.clone()))
     }
+
+    async fn hosts(&self) -> Result<Vec<HostId>> {
+        Ok(self.hosts.iter().map(|h| h.id.clone()).collect())
+    }
 }
 
 /// Reference [`IpAllocator`] over an IPv4 subnet.
@@ -555,7 +559,12 @@ impl ImageStore for MemoryImages {
         "memory"
     }
 
-    async fn prepare(&self, template: &TemplateName, progress: &Progress) -> Result<Template> {
+    async fn prepare(
+        &self,
+        template: &TemplateName,
+        _host: &HostId,
+        progress: &Progress,
+    ) -> Result<Template> {
         let t = self.template(template)?;
         progress.message(format!("template {template} is cached"));
         Ok(t)

@@ -71,6 +71,12 @@ pub trait Placement: Send + Sync + 'static {
 
     /// The host holding a slot for `vm`, if any.
     async fn reservation(&self, vm: &VmName) -> Result<Option<HostId>>;
+
+    /// The hosts this placement chooses from, in its order (what `images sync` brings
+    /// templates to). The default is none: a placement that cannot list its hosts.
+    async fn hosts(&self) -> Result<Vec<HostId>> {
+        Ok(Vec::new())
+    }
 }
 
 /// Hands out IP addresses from a subnet.
@@ -133,11 +139,18 @@ pub trait ImageStore: Send + Sync + 'static {
     /// A short name for this backend.
     fn backend(&self) -> &str;
 
-    /// Makes `template` available locally (syncing it from a registry when the local copy
-    /// is missing or stale) and returns it. Idempotent; an unknown template is
-    /// [`ErrorKind::NotFound`](crate::ErrorKind::NotFound). A partial download is never
-    /// visible as a template.
-    async fn prepare(&self, template: &TemplateName, progress: &Progress) -> Result<Template>;
+    /// Makes `template` available on `host` (syncing it from a registry when the copy
+    /// there is missing or stale) and returns it as `host` sees it: its paths are the
+    /// host's. Idempotent; an unknown template is
+    /// [`ErrorKind::NotFound`](crate::ErrorKind::NotFound). A partial download or upload
+    /// is never visible as a template. A store whose templates are not per host may
+    /// ignore `host`.
+    async fn prepare(
+        &self,
+        template: &TemplateName,
+        host: &HostId,
+        progress: &Progress,
+    ) -> Result<Template>;
 
     /// Templates available locally.
     async fn templates(&self) -> Result<Vec<Template>>;

@@ -338,11 +338,16 @@ impl ImageStore for PyImages {
     fn backend(&self) -> &str {
         &self.0.name
     }
-    async fn prepare(&self, template: &TemplateName, progress: &Progress) -> Result<Template> {
+    async fn prepare(
+        &self,
+        template: &TemplateName,
+        host: &HostId,
+        progress: &Progress,
+    ) -> Result<Template> {
         self.0
             .call_as(
                 "prepare",
-                vec![s(template), Arg::Progress(progress.clone())],
+                vec![s(template), s(host), Arg::Progress(progress.clone())],
             )
             .await
     }

@@ -125,7 +125,7 @@ class PyImages:
             raise devvm.NotFound(f"no template {name}")
         return {"name": name, "path": f"/py/templates/{name}.qcow2", "digest": None, "boot": {}}
 
-    def prepare(self, template: str, progress: devvm.Progress) -> dict:
+    def prepare(self, template: str, host: str, progress: devvm.Progress) -> dict:
         progress.message(f"python has {template}")
         return self._template(template)
 

@@ -207,7 +207,7 @@ pub async fn plant_neighbour(mem: &MemoryBackends) -> usize {
     mem.ip.allocate(&vm, &other).await.unwrap();
     let p = Progress::discard();
     let template = TemplateName::new(TEMPLATE).unwrap();
-    let t = mem.images.prepare(&template, &p).await.unwrap();
+    let t = mem.images.prepare(&template, &host, &p).await.unwrap();
     mem.images
         .create_disk(&vm, &host, &t, 40, &other, &p)
         .await

@@ -75,6 +75,8 @@ pub(crate) enum LibvirtError {
     Stopped { vm: VmName, console: PathBuf },
     #[error("the guest did not release its first-boot seed within {0}s")]
     SeedHeld(u64),
+    #[error("seed volume {name} appeared on {host} while this run uploaded it")]
+    SeedExists { name: String, host: HostId },
 }
 
 impl BackendError for LibvirtError {
@@ -98,7 +100,9 @@ impl BackendError for LibvirtError {
                 ) => ErrorKind::InvalidInput,
                 _ => ErrorKind::Backend,
             },
-            LibvirtError::ForeignDomain { .. } => ErrorKind::AlreadyExists,
+            LibvirtError::ForeignDomain { .. } | LibvirtError::SeedExists { .. } => {
+                ErrorKind::AlreadyExists
+            }
             LibvirtError::CmdlineTooLong { .. }
             | LibvirtError::PathNotUtf8(_)
             | LibvirtError::KeyFile(..)
@@ -154,6 +158,11 @@ pub struct LibvirtConfig {
     /// 0600) is kept until the guest consumed it; default: `console_dir`.
     #[serde(default)]
     pub seed_dir: Option<PathBuf>,
+    /// Instead of `seed_dir`: the libvirt storage pool (on every host) that holds each
+    /// first-boot seed as the volume `<vm>-<request id>-cidata.img`, uploaded through
+    /// libvirt, so the host need not share a file system with this process.
+    #[serde(default)]
+    pub seed_pool: Option<String>,
     /// Files of extra `authorized_keys` lines for every guest (for example the
     /// provisioner's own key, which the bootstrap step uses).
     #[serde(default)]
@@ -550,7 +559,7 @@ fn is_no_domain(e: &virt::error::Error) -> bool {
     matches!(e.code(), Enum::Known(ErrorNumber::NoDomain))
 }
 
-fn connect(host: &HostId) -> Result<Connect> {
+pub(crate) fn connect(host: &HostId) -> Result<Connect> {
     // libvirt prints every error to stderr by default; devvm returns them instead.
     static QUIET: std::sync::Once = std::sync::Once::new();
     QUIET.call_once(virt::error::clear_error_callback);
@@ -633,15 +642,98 @@ impl LibvirtHypervisor {
         Ok(LibvirtHypervisor { config, extra_keys })
     }
 
-    fn settings(&self, vm: &VmName, seed_of: Option<&RequestId>) -> DomainSettings {
+    fn settings(&self, vm: &VmName, seed_image: Option<PathBuf>) -> DomainSettings {
         DomainSettings {
             accel: self.config.accel,
             bridge: self.config.bridge.clone(),
             console_log: self.console_log(vm),
             dns_servers: self.config.dns_servers.clone(),
             extra_keys: self.extra_keys.clone(),
-            seed_image: seed_of.map(|owner| self.seed_image(vm, owner)),
+            seed_image,
         }
+    }
+
+    /// The name of the seed volume of `vm` made by the run `owner` (with `seed_pool`).
+    fn seed_volume(vm: &VmName, owner: &RequestId) -> String {
+        format!("{vm}-{owner}-cidata.img")
+    }
+
+    /// Writes (or with `seed_pool` uploads) the first-boot seed `files` of `spec` and
+    /// returns its path as the host sees it.
+    async fn put_seed(
+        &self,
+        spec: &DomainSpec,
+        files: Vec<(&'static str, Vec<u8>)>,
+    ) -> Result<PathBuf> {
+        let Some(pool) = self.config.seed_pool.clone() else {
+            let path = self.seed_image(&spec.name, &spec.request_id);
+            let f: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+            crate::seed::write_cidata(&path, &f).map_err(|e| e.with_backend(BACKEND))?;
+            return Ok(path);
+        };
+        let (host, name) = (
+            spec.host.clone(),
+            Self::seed_volume(&spec.name, &spec.request_id),
+        );
+        // Made locally first (mode 0600, in seed_dir or console_dir), uploaded, then removed
+        // here: it holds the guest's private host key.
+        let local = self.seed_image(&spec.name, &spec.request_id);
+        blocking(move || {
+            let f: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+            crate::seed::write_cidata(&local, &f).map_err(|e| e.with_backend(BACKEND))?;
+            let uploaded = (|| {
+                let p = super::pool::Pool::open(&host, &pool)?;
+                // The name carries this run's request id: a volume of that name is this
+                // run's own, from an attempt that did not finish.
+                p.delete(&name)?;
+                let (vol, _) = p.upload_file(&local, &name, |_| {})?.ok_or_else(|| {
+                    LibvirtError::SeedExists {
+                        name: name.clone(),
+                        host: host.clone(),
+                    }
+                })?;
+                Ok(PathBuf::from(p.path_of(&vol)?))
+            })();
+            remove_seed(&local)?;
+            uploaded
+        })
+        .await
+    }
+
+    /// Removes the seed of `vm` made by `owner`; an absent one is fine.
+    async fn drop_seed(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<()> {
+        let Some(pool) = self.config.seed_pool.clone() else {
+            return remove_seed(&self.seed_image(vm, owner));
+        };
+        let (host, name) = (host.clone(), Self::seed_volume(vm, owner));
+        blocking(move || {
+            super::pool::Pool::open(&host, &pool)?
+                .delete(&name)
+                .map(drop)
+        })
+        .await
+    }
+
+    /// The host's path of the seed of `vm` made by `owner` (`None` with `seed_pool` when
+    /// that volume is gone).
+    async fn seed_path(
+        &self,
+        vm: &VmName,
+        host: &HostId,
+        owner: &RequestId,
+    ) -> Result<Option<PathBuf>> {
+        let Some(pool) = self.config.seed_pool.clone() else {
+            return Ok(Some(self.seed_image(vm, owner)));
+        };
+        let (host, name) = (host.clone(), Self::seed_volume(vm, owner));
+        blocking(move || {
+            let p = super::pool::Pool::open(&host, &pool)?;
+            match p.volume(&name)? {
+                Some(v) => Ok(Some(PathBuf::from(p.path_of(&v)?))),
+                None => Ok(None),
+            }
+        })
+        .await
     }
 
     /// The first-boot seed image of `vm` made by the run `owner`. The request id is in
@@ -722,8 +814,6 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     async fn create(&self, spec: &DomainSpec, progress: &Progress) -> Result<Domain> {
-        let seed_of = spec.seed.as_ref().map(|_| &spec.request_id);
-        let xml = domain_xml(spec, &self.settings(&spec.name, seed_of))?;
         for dir in [
             Some(&self.config.console_dir),
             self.config.seed_dir.as_ref(),
@@ -749,6 +839,7 @@ impl Hypervisor for LibvirtHypervisor {
             )
             .await?;
         }
+        let mut seed_image = None;
         if let Some(seed) = &spec.seed {
             let user_data = seed.user_data();
             let meta = seed.meta_data();
@@ -759,18 +850,20 @@ impl Hypervisor for LibvirtHypervisor {
                 l.gateway,
                 &self.config.dns_servers,
             );
-            let path = self.seed_image(&spec.name, &spec.request_id);
-            let files: [(&str, &[u8]); 3] = [
-                ("meta-data", meta.as_bytes()),
+            let files = vec![
+                ("meta-data", meta.into_bytes()),
                 (
                     "user-data",
-                    secrecy::ExposeSecret::expose_secret(&user_data).as_bytes(),
+                    secrecy::ExposeSecret::expose_secret(&user_data)
+                        .as_bytes()
+                        .to_vec(),
                 ),
-                ("network-config", net.as_bytes()),
+                ("network-config", net.into_bytes()),
             ];
-            crate::seed::write_cidata(&path, &files).map_err(|e| e.with_backend(BACKEND))?;
+            seed_image = Some(self.put_seed(spec, files).await?);
             progress.message("first-boot seed written (cidata)");
         }
+        let xml = domain_xml(spec, &self.settings(&spec.name, seed_image))?;
         let s = spec.clone();
         let p = progress.clone();
         let domain = blocking(move || {
@@ -821,7 +914,7 @@ impl Hypervisor for LibvirtHypervisor {
     /// request; then removes its seed disk. A domain without devvm's metadata, or of
     /// another request, is left alone with its seed.
     async fn destroy(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<Undone> {
-        let seed = self.seed_image(vm, owner);
+        let (vm0, host0, owner0) = (vm.clone(), host.clone(), owner.clone());
         let (vm, host, owner) = (vm.clone(), host.clone(), owner.clone());
         let outcome = blocking(move || {
             let conn = connect(&host)?;
@@ -855,8 +948,8 @@ impl Hypervisor for LibvirtHypervisor {
         match outcome {
             Undone::Foreign { .. } => {}
             // Absent: a create that failed after writing the seed but before defining. The
-            // path names this run's request, so it is this run's seed or nothing.
-            _ => remove_seed(&seed)?,
+            // name carries this run's request, so it is this run's seed or nothing.
+            _ => self.drop_seed(&vm0, &host0, &owner0).await?,
         }
         Ok(outcome)
     }
@@ -865,7 +958,9 @@ impl Hypervisor for LibvirtHypervisor {
     /// (ACPI hot-unplug; the domain XML enables ACPI), waits until the guest let it go,
     /// then deletes the seed file.
     async fn discard_seed(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<()> {
-        let seed = self.seed_image(vm, owner);
+        let Some(seed) = self.seed_path(vm, host, owner).await? else {
+            return Ok(());
+        };
         let xml = seed_disk_xml(&seed)?;
         let source = format!("file='{}'", quick_xml::escape::escape(path_str(&seed)?));
         let (vm2, host2, owner2) = (vm.clone(), host.clone(), owner.clone());
@@ -911,7 +1006,7 @@ impl Hypervisor for LibvirtHypervisor {
             Ok(())
         })
         .await?;
-        remove_seed(&seed)
+        self.drop_seed(vm, host, owner).await
     }
 
     async fn domain(&self, vm: &VmName, host: &HostId) -> Result<Option<Domain>> {

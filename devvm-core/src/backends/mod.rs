@@ -15,6 +15,8 @@ pub mod ldap;
 pub mod libvirt;
 #[cfg(feature = "libvirt")]
 pub mod placement;
+#[cfg(feature = "libvirt")]
+pub(crate) mod pool;
 #[cfg(feature = "rfc2136")]
 pub mod rfc2136;
 #[cfg(feature = "sqlite")]

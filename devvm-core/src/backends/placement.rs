@@ -478,6 +478,10 @@ impl Placement for LibvirtPlacement {
         .await
     }
 
+    async fn hosts(&self) -> Result<Vec<HostId>> {
+        Ok(self.hosts.iter().map(|(h, _)| h.clone()).collect())
+    }
+
     async fn reservation(&self, vm: &VmName) -> Result<Option<HostId>> {
         let vm = vm.clone();
         self.blocking(move |conn, path| {

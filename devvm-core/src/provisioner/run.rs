@@ -220,24 +220,27 @@ impl Run {
             .await
             .map_err(first_error(Vec::new()))?;
 
-        // Host, template and disk on one branch; address and DNS on the other.
+        // Host, then the template on that host, then the disk on one branch; address and
+        // DNS on the other.
         let storage = async {
             let placement = b.placement.clone();
             let (vm, size, owner) = (req.name.clone(), req.size, req.request_id.clone());
             let r = retries.clone();
-            let host = self.step(Step::Placement, self.key(), move |p| async move {
-                with_retries(&r, Step::Placement, &p, || {
-                    placement.reserve(&vm, &size, &owner)
+            let host = self
+                .step(Step::Placement, self.key(), move |p| async move {
+                    with_retries(&r, Step::Placement, &p, || {
+                        placement.reserve(&vm, &size, &owner)
+                    })
+                    .await
                 })
-                .await
-            });
+                .await?;
             let images = b.images.clone();
-            let (tname, r) = (req.template.clone(), retries.clone());
-            let template = self.step(Step::Image, self.key(), move |p| async move {
-                with_retries(&r, Step::Image, &p, || images.prepare(&tname, &p)).await
-            });
-            let (host, template) = tokio::join!(host, template);
-            let (host, template) = (host?, template?);
+            let (tname, h, r) = (req.template.clone(), host.clone(), retries.clone());
+            let template = self
+                .step(Step::Image, self.key(), move |p| async move {
+                    with_retries(&r, Step::Image, &p, || images.prepare(&tname, &h, &p)).await
+                })
+                .await?;
             let images = b.images.clone();
             let (vm, h, t, gib, owner) = (
                 req.name.clone(),

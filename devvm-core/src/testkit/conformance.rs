@@ -401,9 +401,15 @@ pub struct ImageStoreFixture {
 pub async fn image_store(store: Arc<dyn ImageStore>, fixture: ImageStoreFixture) {
     let p = Progress::discard();
     let (me, them) = (owner(), owner());
-    let t = ok(store.prepare(&fixture.template, &p).await, "prepare");
+    let t = ok(
+        store.prepare(&fixture.template, &fixture.host, &p).await,
+        "prepare",
+    );
     assert_eq!(t.name, fixture.template);
-    let t2 = ok(store.prepare(&fixture.template, &p).await, "prepare again");
+    let t2 = ok(
+        store.prepare(&fixture.template, &fixture.host, &p).await,
+        "prepare again",
+    );
     assert_eq!(t.path, t2.path, "prepare is idempotent");
     let listed = ok(store.templates().await, "templates");
     assert!(
@@ -413,7 +419,7 @@ pub async fn image_store(store: Arc<dyn ImageStore>, fixture: ImageStoreFixture)
     let unknown = TemplateName::new(format!("no-such-template-{}", unique_vm_name("t")))
         .unwrap_or_else(|e| panic!("{e}"));
     expect_kind(
-        store.prepare(&unknown, &p).await,
+        store.prepare(&unknown, &fixture.host, &p).await,
         ErrorKind::NotFound,
         "unknown template",
     );

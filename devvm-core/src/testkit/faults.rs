@@ -191,6 +191,9 @@ impl Placement for Faulty<dyn Placement> {
     async fn reservation(&self, vm: &VmName) -> Result<Option<HostId>> {
         self.0.reservation(vm).await
     }
+    async fn hosts(&self) -> Result<Vec<HostId>> {
+        self.0.hosts().await
+    }
 }
 
 #[async_trait]
@@ -243,12 +246,17 @@ impl ImageStore for FaultyImages {
     fn backend(&self) -> &str {
         self.inner.backend()
     }
-    async fn prepare(&self, template: &TemplateName, progress: &Progress) -> Result<Template> {
+    async fn prepare(
+        &self,
+        template: &TemplateName,
+        host: &HostId,
+        progress: &Progress,
+    ) -> Result<Template> {
         if self.disk {
-            return self.inner.prepare(template, progress).await;
+            return self.inner.prepare(template, host, progress).await;
         }
         let fire = self.t.before(false).await?;
-        let r = self.inner.prepare(template, progress).await;
+        let r = self.inner.prepare(template, host, progress).await;
         self.t.after(fire);
         r
     }

@@ -160,9 +160,10 @@ class ImageStore(Protocol):
     dicts with the serde form of ``Template`` (``name``, ``path``, ``digest``, ``boot``)
     and ``Disk`` (``vm``, ``path``, ``format`` = ``"qcow2"`` | ``"raw"``, ``size_gib``)."""
 
-    def prepare(self, template: str, progress: Progress) -> Dict[str, Any]:
-        """Makes ``template`` available locally and returns it; idempotent. An unknown
-        template raises :class:`devvm.NotFound`."""
+    def prepare(self, template: str, host: str, progress: Progress) -> Dict[str, Any]:
+        """Makes ``template`` available on ``host`` and returns it with the host's paths;
+        idempotent. An unknown template raises :class:`devvm.NotFound`. A store whose
+        templates are not per host may ignore ``host``."""
         ...
 
     def templates(self) -> List[Dict[str, Any]]:

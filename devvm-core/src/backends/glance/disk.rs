@@ -200,6 +200,13 @@ pub(super) fn check_template_file(
 }
 
 impl Inner {
+    /// `disk_dir`; only called when disks are local files.
+    pub(super) fn dir(&self) -> Result<&Path> {
+        self.disk_dir
+            .as_deref()
+            .ok_or_else(|| GlanceError::Storage.into())
+    }
+
     pub(super) fn disk_name(vm: &VmName) -> String {
         format!("{vm}.qcow2")
     }
@@ -223,7 +230,7 @@ impl Inner {
     /// The owner record of `vm`'s disk: `.<vm>.qcow2.owner` beside it, holding the request
     /// id of the run that made it (a dot file, so a libvirt dir pool does not list it).
     pub(super) fn owner_file(&self, vm: &VmName) -> Result<PathBuf> {
-        contained(&self.disk_dir, &format!(".{}.owner", Self::disk_name(vm)))
+        contained(self.dir()?, &format!(".{}.owner", Self::disk_name(vm)))
     }
 
     /// Who made `vm`'s disk, if anyone recorded it.
@@ -241,7 +248,7 @@ impl Inner {
                 f.write_all(owner.as_str().as_bytes())
                     .and_then(|()| f.sync_all())
                     .map_err(|e| io_err("cannot write", &path, e))?;
-                fsync_dir(&self.disk_dir)
+                fsync_dir(self.dir()?)
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => match self.disk_owner(vm)? {
                 Some(o) if o == owner.as_str() => Ok(()),
@@ -260,7 +267,7 @@ impl Inner {
         progress: &Progress,
     ) -> Result<Disk> {
         let name = Self::disk_name(vm);
-        let path = contained(&self.disk_dir, &name)?;
+        let path = contained(self.dir()?, &name)?;
         if fs::symlink_metadata(&path).is_ok() {
             // Never adopted: only the run whose record says it made this disk gets it.
             return match self.disk_owner(vm)? {
@@ -289,7 +296,7 @@ impl Inner {
             .into());
         }
         self.claim_disk(vm, owner)?;
-        let tmp = temp_name(&self.disk_dir, &name);
+        let tmp = temp_name(self.dir()?, &name);
         let size = format!("{size_gib}G");
         match self.mode {
             DiskMode::Overlay => {
@@ -370,7 +377,7 @@ impl Inner {
         }
         let tmp_path = tmp.path().to_owned();
         let final_path = path.clone();
-        let dir = self.disk_dir.clone();
+        let dir = self.dir()?.to_owned();
         let (record, vm2, owner2) = (self.owner_file(vm)?, vm.clone(), owner.clone());
         blocking(move || {
             File::open(&tmp_path)
@@ -405,7 +412,7 @@ impl Inner {
     /// record, if that record names `owner`; anything else is left alone.
     pub(super) fn delete_disk(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
         let name = Self::disk_name(vm);
-        let path = contained(&self.disk_dir, &name)?;
+        let path = contained(self.dir()?, &name)?;
         let exists = fs::symlink_metadata(&path).is_ok();
         match self.disk_owner(vm)? {
             Some(o) if o == owner.as_str() => {}
@@ -420,14 +427,14 @@ impl Inner {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("cannot remove", &path, e)),
         }
-        remove_parts(&self.disk_dir, &format!("{name}."))?;
+        remove_parts(self.dir()?, &format!("{name}."))?;
         let record = self.owner_file(vm)?;
         match fs::remove_file(&record) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("cannot remove", &record, e)),
         }
-        fsync_dir(&self.disk_dir)?;
+        fsync_dir(self.dir()?)?;
         Ok(Undone::Removed)
     }
 }

@@ -133,6 +133,16 @@ pub(crate) enum GlanceError {
     #[error("template {name} is not in the cache at {}; prepare it first", path.display())]
     NotCached { name: String, path: PathBuf },
 
+    #[error("another upload of {volume} to {host} is under way")]
+    HostBusy { host: String, volume: String },
+    #[error(
+        "[images] needs exactly one of disk_dir (local files) and pool (a libvirt pool on each host)"
+    )]
+    Storage,
+    #[error("pool = {0:?} needs devvm-core's `libvirt` feature")]
+    PoolNotBuilt(String),
+    #[error("mode = \"copy\" works with disk_dir only; a pool's disks are overlays")]
+    PoolCopy,
     #[error("cannot run {program}")]
     Spawn {
         program: String,
@@ -190,9 +200,12 @@ impl BackendError for GlanceError {
             | DiskEmpty
             | DiskTooLarge(_)
             | SmallerThanTemplate { .. } => ErrorKind::InvalidInput,
-            HttpTimeout { .. } | Unreachable { .. } | Overloaded { .. } | BrokeOff { .. } => {
-                ErrorKind::Unavailable
-            }
+            Storage | PoolNotBuilt(_) | PoolCopy => ErrorKind::InvalidInput,
+            HttpTimeout { .. }
+            | Unreachable { .. }
+            | Overloaded { .. }
+            | BrokeOff { .. }
+            | HostBusy { .. } => ErrorKind::Unavailable,
             ProcessTimeout { .. } => ErrorKind::Timeout,
             Refused { .. } => ErrorKind::Unauthorized,
             Missing { .. } | NoTemplate { .. } | NotCached { .. } => ErrorKind::NotFound,

@@ -100,7 +100,8 @@ pub enum DiskMode {
 /// backend = "glance"
 /// url = "https://glance.example:9292"   # the Glance endpoint (without /v2)
 /// cache_dir = "templates"               # relative to the config file
-/// disk_dir = "/var/lib/libvirt/images"  # where <vm>.qcow2 disks are made
+/// disk_dir = "/var/lib/libvirt/images"  # where <vm>.qcow2 disks are made (local files),
+/// # pool = "default"                    # or: templates and disks in this pool on each host
 /// tag = "devvm"                         # optional: only images with this tag
 /// mode = "overlay"                      # or "copy"
 /// timeout_secs = 30                     # metadata calls; downloads: per read
@@ -114,9 +115,17 @@ pub struct GlanceConfig {
     pub url: String,
     /// The local template cache; relative to the config file. Created if missing.
     pub cache_dir: PathBuf,
-    /// Where VM disks are made; relative to the config file. Created if missing. It must
-    /// be the hypervisor host's storage (local for one host, shared for several).
-    pub disk_dir: PathBuf,
+    /// Where VM disks are made as local files; relative to the config file. Created if
+    /// missing. It must be the hypervisor host's storage (local for one host, shared for
+    /// several). Give either this or `pool`.
+    #[serde(default)]
+    pub disk_dir: Option<PathBuf>,
+    /// The libvirt storage pool (on every host) that holds the templates and the disks as
+    /// volumes, made through libvirt's storage API: hosts may be remote and need share
+    /// nothing with this process. Give either this or `disk_dir`. Needs the `libvirt`
+    /// feature.
+    #[serde(default)]
+    pub pool: Option<String>,
     /// Only images carrying this tag are considered (default: any).
     #[serde(default)]
     pub tag: Option<String>,
@@ -166,7 +175,8 @@ struct Inner {
     tag: Option<String>,
     token: Option<SecretString>,
     cache_dir: PathBuf,
-    disk_dir: PathBuf,
+    disk_dir: Option<PathBuf>,
+    pool: Option<String>,
     mode: DiskMode,
     process_timeout: Duration,
     verify_cached: bool,
@@ -185,6 +195,7 @@ impl std::fmt::Debug for GlanceImageStore {
             .field("token", &i.token.as_ref().map(|_| "[redacted]"))
             .field("cache_dir", &i.cache_dir)
             .field("disk_dir", &i.disk_dir)
+            .field("pool", &i.pool)
             .field("mode", &i.mode)
             .finish_non_exhaustive()
     }
@@ -235,7 +246,19 @@ impl GlanceImageStore {
             return Err(GlanceError::TokenNotHeader.into());
         }
         let cache_dir = prepare_dir("cache_dir", &base_dir.join(&c.cache_dir))?;
-        let disk_dir = prepare_dir("disk_dir", &base_dir.join(&c.disk_dir))?;
+        let disk_dir = match (&c.disk_dir, &c.pool) {
+            (Some(d), None) => Some(prepare_dir("disk_dir", &base_dir.join(d))?),
+            (None, Some(p)) => {
+                if !cfg!(feature = "libvirt") {
+                    return Err(GlanceError::PoolNotBuilt(p.clone()).into());
+                }
+                if c.mode == DiskMode::Copy {
+                    return Err(GlanceError::PoolCopy.into());
+                }
+                None
+            }
+            _ => return Err(GlanceError::Storage.into()),
+        };
         let timeout = Duration::from_secs(c.timeout_secs);
         let meta_agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -260,6 +283,7 @@ impl GlanceImageStore {
                 token,
                 cache_dir,
                 disk_dir,
+                pool: c.pool.clone(),
                 mode: c.mode,
                 process_timeout: Duration::from_secs(c.process_timeout_secs),
                 verify_cached: c.verify_cached,
@@ -276,9 +300,14 @@ impl GlanceImageStore {
         &self.inner.cache_dir
     }
 
-    /// The disk directory (canonical).
-    pub fn disk_dir(&self) -> &Path {
-        &self.inner.disk_dir
+    /// The disk directory (canonical), when disks are local files.
+    pub fn disk_dir(&self) -> Option<&Path> {
+        self.inner.disk_dir.as_deref()
+    }
+
+    /// The libvirt storage pool of every host, when templates and disks are volumes.
+    pub fn pool(&self) -> Option<&str> {
+        self.inner.pool.as_deref()
     }
 
     /// How many files (images, kernels, initrds) this store has downloaded and verified
@@ -294,6 +323,39 @@ impl GlanceImageStore {
         let name = template.clone();
         let progress = progress.clone();
         blocking(move || inner.prepare(&name, &progress)).await
+    }
+
+    /// [`sync`](Self::sync), then, when templates live in each host's pool, makes sure
+    /// `host` has the current files (uploaded and verified there only when it lacks
+    /// them); the same as [`ImageStore::prepare`]. The template returned has `host`'s
+    /// paths.
+    pub async fn sync_host(
+        &self,
+        template: &TemplateName,
+        host: &HostId,
+        progress: &Progress,
+    ) -> Result<Template> {
+        let local = self.sync(template, progress).await?;
+        self.on_host(local, host, progress).await
+    }
+
+    #[cfg(feature = "libvirt")]
+    async fn on_host(
+        &self,
+        local: Template,
+        host: &HostId,
+        progress: &Progress,
+    ) -> Result<Template> {
+        let Some(pool) = self.inner.pool.clone() else {
+            return Ok(local);
+        };
+        let (inner, host, progress) = (self.inner.clone(), host.clone(), progress.clone());
+        blocking(move || inner.host_template(&local, &host, &pool, &progress)).await
+    }
+
+    #[cfg(not(feature = "libvirt"))]
+    async fn on_host(&self, local: Template, _host: &HostId, _: &Progress) -> Result<Template> {
+        Ok(local)
     }
 
     /// Syncs every template present in the cache (see [`sync`](Self::sync)) and returns
@@ -320,6 +382,8 @@ mod api;
 mod cache;
 mod disk;
 mod error;
+#[cfg(feature = "libvirt")]
+mod pool;
 
 use api::*;
 use cache::*;
@@ -332,9 +396,15 @@ impl ImageStore for GlanceImageStore {
         BACKEND
     }
 
-    /// Syncs `template` from Glance as described in the [module docs](self).
-    async fn prepare(&self, template: &TemplateName, progress: &Progress) -> Result<Template> {
-        self.sync(template, progress).await
+    /// Syncs `template` from Glance as described in the [module docs](self), and with
+    /// `pool` into `host`'s pool (see [`sync_host`](GlanceImageStore::sync_host)).
+    async fn prepare(
+        &self,
+        template: &TemplateName,
+        host: &HostId,
+        progress: &Progress,
+    ) -> Result<Template> {
+        self.sync_host(template, host, progress).await
     }
 
     /// The templates with a valid sidecar whose files exist (not hashed again).
@@ -343,32 +413,63 @@ impl ImageStore for GlanceImageStore {
         blocking(move || inner.templates()).await
     }
 
-    /// Makes `disk_dir/<vm>.qcow2` (an overlay or a copy, per `mode`); any `host` is
-    /// accepted. A size below the template's virtual size is `InvalidInput`; a template
-    /// not in the cache is `NotFound`.
+    /// Makes `disk_dir/<vm>.qcow2` (an overlay or a copy, per `mode`; any `host` is
+    /// accepted), or with `pool` the overlay volume `<vm>.qcow2` in `host`'s pool. A size
+    /// below the template's virtual size is `InvalidInput`; a template not in the cache is
+    /// `NotFound`.
     async fn create_disk(
         &self,
         vm: &VmName,
-        _host: &HostId,
+        host: &HostId,
         template: &Template,
         size_gib: u64,
         owner: &RequestId,
         progress: &Progress,
     ) -> Result<Disk> {
+        #[cfg(feature = "libvirt")]
+        if let Some(pool) = self.inner.pool.clone() {
+            let inner = self.inner.clone();
+            let (vm, host, t, owner, progress) = (
+                vm.clone(),
+                host.clone(),
+                template.clone(),
+                owner.clone(),
+                progress.clone(),
+            );
+            return blocking(move || {
+                inner.create_pool_disk(&vm, &host, &pool, &t, size_gib, &owner, &progress)
+            })
+            .await;
+        }
+        let _ = host;
         self.inner
             .create_disk(vm, template, size_gib, owner, progress)
             .await
             .map_err(|e| e.or_backend(BACKEND))
     }
 
-    async fn delete_disk(&self, vm: &VmName, _host: &HostId, owner: &RequestId) -> Result<Undone> {
+    async fn delete_disk(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<Undone> {
         let inner = self.inner.clone();
-        let (vm, owner) = (vm.clone(), owner.clone());
-        blocking(move || inner.delete_disk(&vm, &owner)).await
+        let (vm, host, owner) = (vm.clone(), host.clone(), owner.clone());
+        blocking(move || match inner.pool.clone() {
+            #[cfg(feature = "libvirt")]
+            Some(pool) => inner.delete_pool_disk(&vm, &host, &pool, &owner),
+            _ => {
+                let _ = host;
+                inner.delete_disk(&vm, &owner)
+            }
+        })
+        .await
     }
 
-    async fn disk(&self, vm: &VmName, _host: &HostId) -> Result<Option<Disk>> {
-        let path = contained(&self.inner.disk_dir, &Inner::disk_name(vm))
+    async fn disk(&self, vm: &VmName, host: &HostId) -> Result<Option<Disk>> {
+        #[cfg(feature = "libvirt")]
+        if let Some(pool) = self.inner.pool.clone() {
+            let (inner, vm, host) = (self.inner.clone(), vm.clone(), host.clone());
+            return blocking(move || inner.pool_disk(&vm, &host, &pool)).await;
+        }
+        let _ = host;
+        let path = contained(self.inner.dir()?, &Inner::disk_name(vm))
             .map_err(|e| e.or_backend(BACKEND))?;
         if fs::symlink_metadata(&path).is_err() {
             return Ok(None);
@@ -708,7 +809,7 @@ mod tests {
         let s = GlanceImageStore::from_config(&c, &base).unwrap();
         let t = TemplateName::new("debian-12").unwrap();
         let e = s
-            .prepare(&t, &Progress::discard())
+            .prepare(&t, &HostId::new("any").unwrap(), &Progress::discard())
             .await
             .expect_err("prepare succeeded");
         assert_eq!(e.kind(), ErrorKind::Unavailable, "{e:?}");
