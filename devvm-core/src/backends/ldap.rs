@@ -17,18 +17,151 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ldap3::{LdapConnAsync, LdapConnSettings, LdapError, Scope, SearchEntry, ldap_escape};
+use ldap3::{
+    LdapConnAsync, LdapConnSettings, LdapError as Ldap3Error, Scope, SearchEntry, ldap_escape,
+};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{BackendError, Error, ErrorKind, Result};
 use crate::secret::SecretSpec;
 use crate::traits::UserDirectory;
 use crate::types::{User, UserName};
 
 const BACKEND: &str = "ldap";
+
+/// A failure of the LDAP directory. No variant holds the bind password.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LdapError {
+    #[error("ldap ca_file {}: cannot read it: {source}", path.display())]
+    CaFileRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ldap ca_file {}: bad PEM: {source}", path.display())]
+    CaFilePem {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("ldap ca_file {}: not a usable CA certificate: {source}", path.display())]
+    CaFileCert {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("ldap ca_file {}: holds no PEM certificate", .0.display())]
+    CaFileEmpty(PathBuf),
+    #[error("rustls: {0}")]
+    Rustls(#[source] rustls::Error),
+    #[error("ldap url {0:?} must start with ldap:// or ldaps://")]
+    UrlScheme(String),
+    #[error("starttls applies to ldap:// urls, not ldaps://")]
+    StartTlsOnLdaps,
+    #[error("ca_file needs TLS: an ldaps:// url or starttls = true")]
+    CaFileWithoutTls,
+    #[error("user_filter {0:?} is not a parenthesized LDAP filter")]
+    UserFilter(String),
+    #[error("uid_attribute {0:?} is not an attribute name")]
+    UidAttribute(String),
+    #[error("bind_dn is set but bind_password is not")]
+    BindDnWithoutPassword,
+    #[error("bind_password is set but bind_dn is not")]
+    BindPasswordWithoutDn,
+    #[error("timeout_secs must be at least 1")]
+    ZeroTimeout,
+    #[error("{what} at {url}: TLS: {tls}")]
+    Tls {
+        what: String,
+        url: String,
+        tls: rustls::Error,
+        #[source]
+        source: Ldap3Error,
+    },
+    #[error("{what} at {url}")]
+    Directory {
+        what: String,
+        url: String,
+        #[source]
+        source: Ldap3Error,
+    },
+    #[error("no user {0} in the directory")]
+    NoSuchUser(UserName),
+    #[error("{count} directory entries match user {user}")]
+    Ambiguous { user: UserName, count: usize },
+    #[error("user {user} is not a member of {group}")]
+    NotMember { user: UserName, group: String },
+    #[error("directory {0} did not answer in time")]
+    DirectoryTimeout(String),
+}
+
+impl BackendError for LdapError {
+    const BACKEND: &'static str = BACKEND;
+
+    fn kind(&self) -> ErrorKind {
+        use LdapError::*;
+        match self {
+            CaFileRead { .. }
+            | CaFilePem { .. }
+            | CaFileCert { .. }
+            | CaFileEmpty(_)
+            | UrlScheme(_)
+            | StartTlsOnLdaps
+            | CaFileWithoutTls
+            | UserFilter(_)
+            | UidAttribute(_)
+            | BindDnWithoutPassword
+            | BindPasswordWithoutDn
+            | ZeroTimeout => ErrorKind::InvalidInput,
+            Rustls(_) => ErrorKind::Backend,
+            Tls { .. } => ErrorKind::Unavailable,
+            Directory { source, .. } => classify(source).0,
+            NoSuchUser(_) => ErrorKind::NotFound,
+            Ambiguous { .. } => ErrorKind::Conflict,
+            NotMember { .. } => ErrorKind::Unauthorized,
+            DirectoryTimeout(_) => ErrorKind::Timeout,
+        }
+    }
+
+    fn retryable(&self) -> Option<bool> {
+        match self {
+            // A certificate the client does not trust, or a name it does not carry, stays
+            // so when tried again: unavailable to us, but not retryable.
+            LdapError::Tls { .. } => Some(false),
+            LdapError::Directory { source, .. } => Some(classify(source).1),
+            _ => None,
+        }
+    }
+}
+
+/// What a failure of the LDAP client means for the caller, and whether retrying may help.
+fn classify(e: &Ldap3Error) -> (ErrorKind, bool) {
+    match e {
+        Ldap3Error::Timeout { .. } => (ErrorKind::Timeout, true),
+        Ldap3Error::Io { .. } | Ldap3Error::ResultRecv { .. } | Ldap3Error::OpSend { .. } => {
+            (ErrorKind::Unavailable, true)
+        }
+        Ldap3Error::Rustls { .. } | Ldap3Error::DNSName { .. } => (ErrorKind::Unavailable, false),
+        Ldap3Error::UrlParsing { .. } | Ldap3Error::UnknownScheme(_) => {
+            (ErrorKind::InvalidInput, false)
+        }
+        Ldap3Error::LdapResult { result } => match result.rc {
+            // invalidCredentials, insufficientAccessRights, inappropriateAuthentication
+            48..=50 => (ErrorKind::Unauthorized, false),
+            // busy, unavailable, unwillingToPerform
+            51..=53 => (ErrorKind::Unavailable, true),
+            // timeLimitExceeded
+            3 => (ErrorKind::Timeout, true),
+            // noSuchObject: the base or group DN does not exist
+            32 => (ErrorKind::InvalidInput, false),
+            _ => (ErrorKind::Backend, false),
+        },
+        _ => (ErrorKind::Backend, false),
+    }
+}
 
 /// How group membership is recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -128,23 +261,28 @@ impl std::fmt::Debug for LdapDirectory {
 /// An unreadable file, one without a certificate, or a certificate that is not a usable
 /// trust anchor is [`ErrorKind::InvalidInput`] naming the file.
 fn tls_config_trusting(path: &Path) -> Result<Arc<rustls::ClientConfig>> {
-    let bad = |why: String| Error::invalid_input(format!("ldap ca_file {}: {why}", path.display()));
-    let pem =
-        std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")).with_source(e))?;
+    let pem = std::fs::read(path).map_err(|source| LdapError::CaFileRead {
+        path: path.to_owned(),
+        source,
+    })?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| bad(format!("bad PEM: {e}")).with_source(e))?;
-        roots
-            .add(cert)
-            .map_err(|e| bad(format!("not a usable CA certificate: {e}")).with_source(e))?;
+        let cert = cert.map_err(|source| LdapError::CaFilePem {
+            path: path.to_owned(),
+            source,
+        })?;
+        roots.add(cert).map_err(|source| LdapError::CaFileCert {
+            path: path.to_owned(),
+            source,
+        })?;
     }
     if roots.is_empty() {
-        return Err(bad("holds no PEM certificate".into()));
+        return Err(LdapError::CaFileEmpty(path.to_owned()).into());
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::new(ErrorKind::Backend, format!("rustls: {e}")).with_source(e))?
+        .map_err(LdapError::Rustls)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
@@ -152,10 +290,10 @@ fn tls_config_trusting(path: &Path) -> Result<Arc<rustls::ClientConfig>> {
 
 /// The rustls error inside an I/O error: tokio-rustls reports a failed handshake (an
 /// untrusted certificate, a name mismatch) as `InvalidData` wrapping it.
-fn tls_error(e: &LdapError) -> Option<&rustls::Error> {
+fn tls_error(e: &Ldap3Error) -> Option<&rustls::Error> {
     match e {
-        LdapError::Rustls { source } => Some(source),
-        LdapError::Io { source } => source
+        Ldap3Error::Rustls { source } => Some(source),
+        Ldap3Error::Io { source } => source
             .get_ref()
             .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
         _ => None,
@@ -172,22 +310,15 @@ impl LdapDirectory {
     /// [`ErrorKind::InvalidInput`].
     pub fn from_config(c: &LdapConfig, base_dir: &Path) -> Result<Self> {
         if !(c.url.starts_with("ldap://") || c.url.starts_with("ldaps://")) {
-            return Err(Error::invalid_input(format!(
-                "ldap url {:?} must start with ldap:// or ldaps://",
-                c.url
-            )));
+            return Err(LdapError::UrlScheme(c.url.clone()).into());
         }
         if c.starttls && c.url.starts_with("ldaps://") {
-            return Err(Error::invalid_input(
-                "starttls applies to ldap:// urls, not ldaps://",
-            ));
+            return Err(LdapError::StartTlsOnLdaps.into());
         }
         let tls = match &c.ca_file {
             None => None,
             Some(_) if !(c.starttls || c.url.starts_with("ldaps://")) => {
-                return Err(Error::invalid_input(
-                    "ca_file needs TLS: an ldaps:// url or starttls = true",
-                ));
+                return Err(LdapError::CaFileWithoutTls.into());
             }
             Some(file) => {
                 let path = base_dir.join(file);
@@ -196,10 +327,7 @@ impl LdapDirectory {
             }
         };
         if !is_valid_filter(&c.user_filter) {
-            return Err(Error::invalid_input(format!(
-                "user_filter {:?} is not a parenthesized LDAP filter",
-                c.user_filter
-            )));
+            return Err(LdapError::UserFilter(c.user_filter.clone()).into());
         }
         if c.uid_attribute.is_empty()
             || !c
@@ -207,27 +335,20 @@ impl LdapDirectory {
                 .chars()
                 .all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
         {
-            return Err(Error::invalid_input(format!(
-                "uid_attribute {:?} is not an attribute name",
-                c.uid_attribute
-            )));
+            return Err(LdapError::UidAttribute(c.uid_attribute.clone()).into());
         }
         let bind = match (&c.bind_dn, &c.bind_password) {
             (Some(dn), Some(pw)) => Some((dn.clone(), pw.resolve(base_dir)?)),
             (None, None) => None,
             (Some(_), None) => {
-                return Err(Error::invalid_input(
-                    "bind_dn is set but bind_password is not",
-                ));
+                return Err(LdapError::BindDnWithoutPassword.into());
             }
             (None, Some(_)) => {
-                return Err(Error::invalid_input(
-                    "bind_password is set but bind_dn is not",
-                ));
+                return Err(LdapError::BindPasswordWithoutDn.into());
             }
         };
         if c.timeout_secs == 0 {
-            return Err(Error::invalid_input("timeout_secs must be at least 1"));
+            return Err(LdapError::ZeroTimeout.into());
         }
         Ok(LdapDirectory {
             url: c.url.clone(),
@@ -254,42 +375,18 @@ impl LdapDirectory {
         )
     }
 
-    fn map_err(&self, what: &str, e: LdapError) -> Error {
-        if let Some(tls) = tls_error(&e) {
-            // A certificate the client does not trust, or a name it does not carry, stays
-            // so when tried again: unavailable to us, but not retryable.
-            let message = format!("{what} at {}: TLS: {tls}", self.url);
-            return Error::new(ErrorKind::Unavailable, message)
-                .with_retryable(false)
-                .with_backend(BACKEND)
-                .with_source(e);
-        }
-        let (kind, retry) = match &e {
-            LdapError::Timeout { .. } => (ErrorKind::Timeout, true),
-            LdapError::Io { .. } | LdapError::ResultRecv { .. } | LdapError::OpSend { .. } => {
-                (ErrorKind::Unavailable, true)
-            }
-            LdapError::Rustls { .. } | LdapError::DNSName { .. } => (ErrorKind::Unavailable, false),
-            LdapError::UrlParsing { .. } | LdapError::UnknownScheme(_) => {
-                (ErrorKind::InvalidInput, false)
-            }
-            LdapError::LdapResult { result } => match result.rc {
-                // invalidCredentials, insufficientAccessRights, inappropriateAuthentication
-                48..=50 => (ErrorKind::Unauthorized, false),
-                // busy, unavailable, unwillingToPerform
-                51..=53 => (ErrorKind::Unavailable, true),
-                // timeLimitExceeded
-                3 => (ErrorKind::Timeout, true),
-                // noSuchObject: the base or group DN does not exist
-                32 => (ErrorKind::InvalidInput, false),
-                _ => (ErrorKind::Backend, false),
+    fn map_err(&self, what: &str, source: Ldap3Error) -> Error {
+        let (what, url) = (what.to_owned(), self.url.clone());
+        match tls_error(&source).cloned() {
+            Some(tls) => LdapError::Tls {
+                what,
+                url,
+                tls,
+                source,
             },
-            _ => (ErrorKind::Backend, false),
-        };
-        Error::new(kind, format!("{what} at {}", self.url))
-            .with_retryable(retry)
-            .with_backend(BACKEND)
-            .with_source(e)
+            None => LdapError::Directory { what, url, source },
+        }
+        .into()
     }
 
     async fn lookup(&self, user: &UserName) -> Result<User> {
@@ -329,8 +426,7 @@ impl LdapDirectory {
         let entry = match entries.len() {
             0 => {
                 let _ = ldap.unbind().await;
-                return Err(Error::not_found(format!("no user {user} in the directory"))
-                    .with_backend(BACKEND));
+                return Err(LdapError::NoSuchUser(user.clone()).into());
             }
             1 => SearchEntry::construct(
                 entries
@@ -340,10 +436,11 @@ impl LdapDirectory {
             ),
             n => {
                 let _ = ldap.unbind().await;
-                return Err(
-                    Error::conflict(format!("{n} directory entries match user {user}"))
-                        .with_backend(BACKEND),
-                );
+                return Err(LdapError::Ambiguous {
+                    user: user.clone(),
+                    count: n,
+                }
+                .into());
             }
         };
 
@@ -363,10 +460,11 @@ impl LdapDirectory {
                 .map_err(|e| self.map_err(&format!("membership check in {group} failed"), e))?;
             if hits.is_empty() {
                 let _ = ldap.unbind().await;
-                return Err(
-                    Error::unauthorized(format!("user {user} is not a member of {group}"))
-                        .with_backend(BACKEND),
-                );
+                return Err(LdapError::NotMember {
+                    user: user.clone(),
+                    group: group.clone(),
+                }
+                .into());
             }
         }
         let _ = ldap.unbind().await;
@@ -425,10 +523,7 @@ impl UserDirectory for LdapDirectory {
         // The whole lookup, connection included, is bounded by a few operation limits.
         match tokio::time::timeout(self.timeout * 4, self.lookup(user)).await {
             Ok(r) => r,
-            Err(_) => Err(
-                Error::timeout(format!("directory {} did not answer in time", self.url))
-                    .with_backend(BACKEND),
-            ),
+            Err(_) => Err(LdapError::DirectoryTimeout(self.url.clone()).into()),
         }
     }
 }
@@ -448,6 +543,9 @@ pub(crate) fn register(r: &mut crate::registry::Registry) {
 mod tests {
     use super::*;
 
+    /// Whether an error is the expected variant.
+    type Is = fn(&LdapError) -> bool;
+
     fn config(extra: &str) -> LdapConfig {
         toml::from_str(&format!(
             "url = \"ldap://127.0.0.1:389\"\nbase_dn = \"dc=example,dc=test\"\n{extra}"
@@ -465,6 +563,56 @@ mod tests {
         );
         // UserName already refuses metacharacters; the escape is the second wall.
         assert_eq!(ldap_escape("*)(uid=*"), "\\2a\\29\\28uid=\\2a");
+    }
+
+    #[test]
+    fn client_errors_keep_their_kind_and_retryability() {
+        let d = LdapDirectory::from_config(&config(""), Path::new("/"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let result = |rc| Ldap3Error::LdapResult {
+            result: ldap3::LdapResult {
+                rc,
+                matched: String::new(),
+                text: String::new(),
+                refs: Vec::new(),
+                ctrls: Vec::new(),
+            },
+        };
+        for (rc, kind, retryable) in [
+            (49, ErrorKind::Unauthorized, false),
+            (51, ErrorKind::Unavailable, true),
+            (3, ErrorKind::Timeout, true),
+            (32, ErrorKind::InvalidInput, false),
+            (80, ErrorKind::Backend, false),
+        ] {
+            let e = d.map_err("user search failed", result(rc));
+            assert_eq!(e.kind(), kind, "{rc}: {e}");
+            assert_eq!(e.is_retryable(), retryable, "{rc}: {e}");
+            assert_eq!(e.backend_name(), Some("ldap"));
+            assert_eq!(e.message(), "user search failed at ldap://127.0.0.1:389");
+            assert!(
+                matches!(e.detail(), Some(LdapError::Directory { source: Ldap3Error::LdapResult { result }, .. }) if result.rc == rc),
+                "{rc}: {e}"
+            );
+        }
+        // A refused certificate arrives as an I/O error wrapping rustls's: never retried.
+        let io = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        let e = d.map_err("cannot connect to the directory", Ldap3Error::from(io));
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+        assert!(!e.is_retryable(), "{e}");
+        assert!(
+            matches!(
+                e.detail(),
+                Some(LdapError::Tls {
+                    tls: rustls::Error::InvalidCertificate(_),
+                    ..
+                })
+            ),
+            "{e}"
+        );
     }
 
     /// A self-signed CA certificate (its key was thrown away): only parsed here.
@@ -526,17 +674,27 @@ zZYCIQCgXaA4CdHhSvnoU0M5XS8aZRc8+OmW+YBbx+ye/3GWgA==
         assert_eq!(d.tls.as_ref().map(|(p, _)| p.clone()), Some(abs));
 
         // Unreadable, empty, not PEM, or not a certificate: InvalidInput naming the file.
-        for file in ["missing.pem", "empty.pem", "notpem.pem", "bad.pem"] {
+        let cases: [(&str, Is); 4] = [
+            ("missing.pem", |e| matches!(e, LdapError::CaFileRead { .. })),
+            ("empty.pem", |e| matches!(e, LdapError::CaFileEmpty(_))),
+            ("notpem.pem", |e| matches!(e, LdapError::CaFileEmpty(_))),
+            ("bad.pem", |e| matches!(e, LdapError::CaFileCert { .. })),
+        ];
+        for (file, expected) in cases {
             let c = config(&format!("starttls = true\nca_file = \"{file}\""));
             let e = LdapDirectory::from_config(&c, dir.path()).expect_err(file);
             assert_eq!(e.kind(), ErrorKind::InvalidInput, "{file}: {e}");
+            assert!(e.detail().is_some_and(expected), "{file}: {e}");
             assert!(e.to_string().contains(file), "{file}: {e}");
         }
         // Without TLS a CA would be silently unused: refused.
         let e = LdapDirectory::from_config(&config("ca_file = \"tls/ca.pem\""), dir.path())
             .expect_err("ldap:// without starttls");
         assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
-        assert!(e.to_string().contains("ca_file"), "{e}");
+        assert!(
+            matches!(e.detail(), Some(LdapError::CaFileWithoutTls)),
+            "{e}"
+        );
         // The field's name is checked like the others.
         let bad: std::result::Result<LdapConfig, _> =
             toml::from_str("url = \"ldaps://x\"\nbase_dn = \"dc=x\"\ncafile = \"ca.pem\"");
@@ -556,18 +714,35 @@ zZYCIQCgXaA4CdHhSvnoU0M5XS8aZRc8+OmW+YBbx+ye/3GWgA==
         let c = config("bind_password = \"inline-pw\"");
         assert!(!format!("{c:?}").contains("inline-pw"));
         let e = LdapDirectory::from_config(&c, dir.path()).expect_err("no bind dn");
+        assert!(
+            matches!(e.detail(), Some(LdapError::BindPasswordWithoutDn)),
+            "{e}"
+        );
         assert!(!e.to_string().contains("inline-pw"));
-        for bad in [
-            "user_filter = \"objectClass=person\"",
-            "uid_attribute = \"uid)(x\"",
-            "timeout_secs = 0",
-        ] {
+        assert!(!format!("{:?}", e.detail::<LdapError>()).contains("inline-pw"));
+        let cases: [(&str, Is); 3] = [
+            (
+                "user_filter = \"objectClass=person\"",
+                |e| matches!(e, LdapError::UserFilter(f) if f == "objectClass=person"),
+            ),
+            ("uid_attribute = \"uid)(x\"", |e| {
+                matches!(e, LdapError::UidAttribute(_))
+            }),
+            ("timeout_secs = 0", |e| matches!(e, LdapError::ZeroTimeout)),
+        ];
+        for (bad, expected) in cases {
             let e = LdapDirectory::from_config(&config(bad), dir.path()).expect_err(bad);
             assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}");
+            assert!(e.detail().is_some_and(expected), "{bad}: {e}");
+            assert_eq!(e.backend_name(), Some("ldap"), "{bad}");
         }
         let mut c = config("");
         c.url = "http://x".into();
-        assert!(LdapDirectory::from_config(&c, dir.path()).is_err());
+        let e = LdapDirectory::from_config(&c, dir.path()).expect_err("http://");
+        assert!(
+            matches!(e.detail(), Some(LdapError::UrlScheme(u)) if u == "http://x"),
+            "{e}"
+        );
         let bad: std::result::Result<LdapConfig, _> =
             toml::from_str("url = \"ldap://x\"\nbase_dn = \"dc=x\"\nbindpw = \"x\"");
         assert!(bad.is_err_and(|e| e.to_string().contains("bindpw")));

@@ -11,8 +11,8 @@
 //! never logs a command, and callers must never put a secret on a command line.
 
 use std::fmt;
-use std::net::SocketAddr;
-use std::path::Path;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +21,103 @@ use russh::client::{self, Handle};
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 
 use crate::error::{Error, ErrorKind, Result};
+
+/// A failure of the SSH client. No variant holds key material: keys are named by their
+/// file or their fingerprint.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SshError {
+    #[error("the expected ssh host key is not an OpenSSH public key line")]
+    HostKeyLine,
+    #[error("cannot read ssh key {}", path.display())]
+    KeyRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ssh key {} is not an unencrypted OpenSSH private key", .0.display())]
+    KeyFormat(PathBuf),
+    #[error("cannot encode an ssh public key")]
+    PublicKey(#[source] russh::keys::ssh_key::Error),
+    /// The connection failed before a host key was refused: always worth another attempt
+    /// while the guest's SSH server comes up, whatever its kind.
+    #[error("ssh to {addr}: cannot connect")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: russh::Error,
+    },
+    /// A later step of the protocol failed (`what`: `login failed`, `cannot open a
+    /// session`, ...).
+    #[error("ssh to {addr}: {what}")]
+    Protocol {
+        addr: SocketAddr,
+        what: &'static str,
+        #[source]
+        source: russh::Error,
+    },
+    #[error("ssh to {addr}: {why}")]
+    HostKeyRefused { addr: SocketAddr, why: String },
+    #[error("ssh to {addr}: the guest refused key login as {user} (key {key})")]
+    LoginRefused {
+        addr: SocketAddr,
+        user: String,
+        key: String,
+    },
+    #[error("ssh to {addr} did not log in within {limit:?}")]
+    LoginTimeout { addr: SocketAddr, limit: Duration },
+    #[error("ssh to {0} failed")]
+    Failed(SocketAddr),
+    #[error("ssh to {0}: the guest refused to run a command")]
+    CommandRefused(SocketAddr),
+    #[error("file mode {0:o} is not a file mode")]
+    FileMode(u32),
+    #[error("a guest file path must be one line")]
+    GuestPath,
+    #[error("cannot write {path} on {ip} ({ended}{})", stderr.as_deref().map(|l| format!(": {l}")).unwrap_or_default())]
+    Upload {
+        path: String,
+        ip: IpAddr,
+        ended: String,
+        stderr: Option<String>,
+    },
+}
+
+impl SshError {
+    fn kind(&self) -> ErrorKind {
+        use SshError::*;
+        match self {
+            HostKeyLine | KeyRead { .. } | KeyFormat(_) | FileMode(_) | GuestPath => {
+                ErrorKind::InvalidInput
+            }
+            Connect { source, .. } | Protocol { source, .. } => {
+                if transient(source) {
+                    ErrorKind::Unavailable
+                } else {
+                    ErrorKind::Backend
+                }
+            }
+            HostKeyRefused { .. } | LoginRefused { .. } => ErrorKind::Unauthorized,
+            LoginTimeout { .. } => ErrorKind::Timeout,
+            Failed(_) => ErrorKind::Unavailable,
+            PublicKey(_) | CommandRefused(_) | Upload { .. } => ErrorKind::Backend,
+        }
+    }
+}
+
+/// Not a [`BackendError`](crate::error::BackendError): SSH is not a backend of its own but
+/// serves the `chef` and `shell` bootstrappers, so its errors set no backend name (the
+/// pipeline sets the bootstrapper's).
+impl From<SshError> for Error {
+    fn from(e: SshError) -> Self {
+        let retryable = matches!(e, SshError::Connect { .. });
+        let err = Error::from_detail(e.kind(), e);
+        if retryable {
+            err.with_retryable(true)
+        } else {
+            err
+        }
+    }
+}
 
 /// How the server's host key is checked.
 #[derive(Clone)]
@@ -39,9 +136,7 @@ impl HostKeyCheck {
     pub fn expect_line(line: &str) -> Result<HostKeyCheck> {
         PublicKey::from_openssh(line.trim())
             .map(HostKeyCheck::Expect)
-            .map_err(|_| {
-                Error::invalid_input("the expected ssh host key is not an OpenSSH public key line")
-            })
+            .map_err(|_| SshError::HostKeyLine.into())
     }
 }
 
@@ -62,15 +157,12 @@ pub fn fingerprint(key: &PublicKey) -> String {
 /// Loads an unencrypted OpenSSH (or PEM) private key file. Errors name the file, never
 /// its content.
 pub fn load_private_key(path: &Path) -> Result<PrivateKey> {
-    let text = crate::secret::read_secret_file(path).map_err(|e| {
-        Error::invalid_input(format!("cannot read ssh key {}", path.display())).with_source(e)
+    let text = crate::secret::read_secret_file(path).map_err(|source| SshError::KeyRead {
+        path: path.to_owned(),
+        source,
     })?;
-    russh::keys::decode_secret_key(&text, None).map_err(|_| {
-        Error::invalid_input(format!(
-            "ssh key {} is not an unencrypted OpenSSH private key",
-            path.display()
-        ))
-    })
+    russh::keys::decode_secret_key(&text, None)
+        .map_err(|_| SshError::KeyFormat(path.to_owned()).into())
 }
 
 /// The `authorized_keys` line of the public half of `key`, with `comment`.
@@ -79,7 +171,7 @@ pub fn authorized_key_line(key: &PrivateKey, comment: &str) -> Result<String> {
     public.set_comment(comment);
     public
         .to_openssh()
-        .map_err(|e| Error::backend("cannot encode an ssh public key").with_source(e))
+        .map_err(|e| SshError::PublicKey(e).into())
 }
 
 /// Quotes `s` for a POSIX shell (single quotes; `'` becomes `'\''`).
@@ -288,8 +380,10 @@ fn to_line(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn ssh_error(addr: SocketAddr, what: &str, e: russh::Error) -> Error {
-    let retryable = matches!(
+/// Whether `e` may pass when tried again: [`ErrorKind::Unavailable`] (retryable), else
+/// [`ErrorKind::Backend`].
+fn transient(e: &russh::Error) -> bool {
+    matches!(
         e,
         russh::Error::IO(_)
             | russh::Error::Disconnect
@@ -297,15 +391,11 @@ fn ssh_error(addr: SocketAddr, what: &str, e: russh::Error) -> Error {
             | russh::Error::ConnectionTimeout
             | russh::Error::KeepaliveTimeout
             | russh::Error::InactivityTimeout
-    );
-    let kind = if retryable {
-        ErrorKind::Unavailable
-    } else {
-        ErrorKind::Backend
-    };
-    Error::new(kind, format!("ssh to {addr}: {what}"))
-        .with_retryable(retryable)
-        .with_source(e)
+    )
+}
+
+fn ssh_error(addr: SocketAddr, what: &'static str, source: russh::Error) -> Error {
+    SshError::Protocol { addr, what, source }.into()
 }
 
 impl SshSession {
@@ -325,10 +415,13 @@ impl SshSession {
                 Ok(Err(e)) if !e.is_retryable() => return Err(e),
                 Ok(Err(e)) => last = Some(e),
                 Err(_) => {
-                    last = Some(Error::timeout(format!(
-                        "ssh to {} did not log in within {:?}",
-                        opts.addr, opts.connect_timeout
-                    )))
+                    last = Some(
+                        SshError::LoginTimeout {
+                            addr: opts.addr,
+                            limit: opts.connect_timeout,
+                        }
+                        .into(),
+                    )
                 }
             }
             if attempt < attempts {
@@ -336,7 +429,7 @@ impl SshSession {
                 tokio::time::sleep(opts.retry_delay).await;
             }
         }
-        Err(last.unwrap_or_else(|| Error::unavailable(format!("ssh to {} failed", opts.addr))))
+        Err(last.unwrap_or_else(|| SshError::Failed(opts.addr).into()))
     }
 
     async fn connect_once(opts: &SshOptions) -> Result<SshSession> {
@@ -356,9 +449,10 @@ impl SshSession {
             Err(e) => {
                 let refused = seen.lock().ok().and_then(|mut s| s.refused.take());
                 return Err(match refused {
-                    Some(why) => Error::unauthorized(format!("ssh to {addr}: {why}")),
-                    None => ssh_error(addr, "cannot connect", e).with_retryable(true),
-                });
+                    Some(why) => SshError::HostKeyRefused { addr, why },
+                    None => SshError::Connect { addr, source: e },
+                }
+                .into());
             }
         };
         let hash = if opts.key.algorithm().is_rsa() {
@@ -378,11 +472,12 @@ impl SshSession {
             .await
             .map_err(|e| ssh_error(addr, "login failed", e))?;
         if !auth.success() {
-            return Err(Error::unauthorized(format!(
-                "ssh to {addr}: the guest refused key login as {} (key {})",
-                opts.user,
-                fingerprint(opts.key.public_key())
-            )));
+            return Err(SshError::LoginRefused {
+                addr,
+                user: opts.user.clone(),
+                key: fingerprint(opts.key.public_key()),
+            }
+            .into());
         }
         Ok(SshSession { handle, addr })
     }
@@ -473,9 +568,7 @@ impl SshSession {
         };
         let (written, (outcome, refused)) = tokio::join!(writer, reader);
         if refused {
-            return Err(Error::backend(format!(
-                "ssh to {addr}: the guest refused to run a command"
-            )));
+            return Err(SshError::CommandRefused(addr).into());
         }
         if let Err(e) = written
             && outcome.exit_status.is_none()
@@ -491,12 +584,10 @@ impl SshSession {
     /// stdin, then `chmod`ed. The contents never appear on a command line.
     pub async fn upload(&self, path: &str, mode: u32, contents: &[u8]) -> Result<()> {
         if mode > 0o7777 {
-            return Err(Error::invalid_input(format!(
-                "file mode {mode:o} is not a file mode"
-            )));
+            return Err(SshError::FileMode(mode).into());
         }
         if path.is_empty() || path.contains('\0') || path.contains('\n') {
-            return Err(Error::invalid_input("a guest file path must be one line"));
+            return Err(SshError::GuestPath.into());
         }
         let p = sh_quote(path);
         let cmd = format!("umask 077; cat > {p} && chmod {mode:04o} {p}");
@@ -509,12 +600,13 @@ impl SshSession {
             })
             .await?;
         if !outcome.success() {
-            return Err(Error::backend(format!(
-                "cannot write {path} on {} ({}{})",
-                self.addr.ip(),
-                outcome.describe(),
-                last_err.map(|l| format!(": {l}")).unwrap_or_default()
-            )));
+            return Err(SshError::Upload {
+                path: path.to_owned(),
+                ip: self.addr.ip(),
+                ended: outcome.describe(),
+                stderr: last_err,
+            }
+            .into());
         }
         Ok(())
     }
@@ -563,7 +655,16 @@ mod tests {
         let check = HostKeyCheck::expect_line(&key.public).expect("parses");
         let dbg = format!("{check:?}");
         assert!(dbg.starts_with("Expect(SHA256:"), "{dbg}");
-        assert!(HostKeyCheck::expect_line("ssh-ed25519 notbase64").is_err());
+        let e = HostKeyCheck::expect_line("ssh-ed25519 notbase64").err();
+        assert!(
+            matches!(
+                e.as_ref().and_then(|e| e.detail()),
+                Some(SshError::HostKeyLine)
+            ),
+            "{e:?}"
+        );
+        // SSH serves the chef and shell bootstrappers: its errors name no backend.
+        assert_eq!(e.and_then(|e| e.backend_name().map(str::to_owned)), None);
         let private = russh::keys::decode_secret_key(
             secrecy::ExposeSecret::expose_secret(&key.private),
             None,

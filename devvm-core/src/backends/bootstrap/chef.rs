@@ -157,15 +157,17 @@ pub(super) const VALIDATION_PEM: &str = "/etc/chef/validation.pem";
 pub(super) const CLIENT_RB: &str = "/etc/chef/client.rb";
 pub(super) const FIRST_BOOT: &str = "/etc/chef/first-boot.json";
 
-pub(super) fn check_chef_name(what: &str, s: &str) -> Result<()> {
+pub(super) fn check_chef_name(what: &'static str, s: &str) -> Result<()> {
     if s.is_empty()
         || !s
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
     {
-        return Err(Error::invalid_input(format!(
-            "{what} {s:?} must be letters, digits, '_', '-' or '.'"
-        )));
+        return Err(ChefError::BadName {
+            what,
+            name: s.to_owned(),
+        }
+        .into());
     }
     Ok(())
 }
@@ -202,6 +204,8 @@ impl fmt::Debug for ChefBootstrapper {
 impl ChefBootstrapper {
     /// A bootstrapper from its config section; relative paths are resolved against
     /// `base_dir`. An unreadable key, a bad URL or name is [`ErrorKind::InvalidInput`].
+    ///
+    /// [`ErrorKind::InvalidInput`]: crate::ErrorKind::InvalidInput
     pub fn from_config(c: &ChefConfig, base_dir: &Path) -> Result<Self> {
         let ssh = SshAccess::new(
             &c.ssh_key,
@@ -213,39 +217,34 @@ impl ChefBootstrapper {
         )?;
         let url = c.chef_server_url.trim_end_matches('/');
         if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(Error::invalid_input(format!(
-                "chef_server_url {url:?} must start with http:// or https://"
-            )));
+            return Err(ChefError::ServerUrlScheme(url.to_owned()).into());
         }
         check_chef_name("validation_client_name", &c.validation_client_name)?;
         if let Some(env) = &c.environment {
             check_chef_name("environment", env)?;
         }
-        let levels = ["auto", "trace", "debug", "info", "warn", "error", "fatal"];
+        let levels: &'static [&'static str] =
+            &["auto", "trace", "debug", "info", "warn", "error", "fatal"];
         if !levels.contains(&c.log_level.as_str()) {
-            return Err(Error::invalid_input(format!(
-                "log_level {:?} must be one of {}",
-                c.log_level,
-                levels.join(", ")
-            )));
+            return Err(ChefError::LogLevel {
+                level: c.log_level.clone(),
+                levels,
+            }
+            .into());
         }
         if c.log_location.is_empty() || c.log_location.contains(['\n', '\r']) {
-            return Err(Error::invalid_input("log_location must be one line"));
+            return Err(ChefError::LogLocation.into());
         }
         let policy = match (&c.policy_name, &c.policy_group) {
             (Some(n), Some(g)) => Some((n.clone(), g.clone())),
             (None, None) => None,
             _ => {
-                return Err(Error::invalid_input(
-                    "policy_name and policy_group go together",
-                ));
+                return Err(ChefError::PolicyHalf.into());
             }
         };
         let validation_key = c.validation_key.resolve(base_dir)?;
         if !validation_key.expose_secret().contains("PRIVATE KEY") {
-            return Err(Error::invalid_input(
-                "validation_key is not a PEM private key",
-            ));
+            return Err(ChefError::ValidationKeyNotPem.into());
         }
         let server = match &c.server_admin {
             Some(a) => Some(ChefServerClient::from_config(a, url, base_dir)?),
@@ -360,8 +359,7 @@ impl Bootstrapper for ChefBootstrapper {
                     );
                 }
             }
-            let mut body = serde_json::to_vec_pretty(&json)
-                .map_err(|e| Error::backend("cannot encode first-boot.json").with_source(e))?;
+            let mut body = serde_json::to_vec_pretty(&json).map_err(ChefError::FirstBootJson)?;
             body.push(b'\n');
             session.upload(FIRST_BOOT, 0o600, &body).await?;
             progress.message(format!(
@@ -438,7 +436,6 @@ impl Bootstrapper for ChefBootstrapper {
             Ok(Undone::Removed)
         })
         .await
-        .map_err(|e| Error::backend("chef server worker failed").with_source(e))?
-        .map_err(|e: Error| e.with_backend("chef"))
+        .map_err(ChefError::Worker)?
     }
 }

@@ -45,7 +45,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::Digest as _;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::events::Progress;
 use crate::secret::SecretSpec;
 use crate::seed::GuestSetup;
@@ -115,14 +115,10 @@ impl SshAccess {
         accept_unknown_host_key: bool,
     ) -> Result<Self> {
         if connect_timeout_secs == 0 {
-            return Err(Error::invalid_input(
-                "connect_timeout_secs must be at least 1",
-            ));
+            return Err(BootstrapError::ZeroConnectTimeout.into());
         }
         if user.is_empty() || user.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(Error::invalid_input(format!(
-                "ssh_user {user:?} is not a user name"
-            )));
+            return Err(BootstrapError::BadUser(user.to_owned()).into());
         }
         let key = load_private_key(&base_dir.join(key_file))?;
         let public_line = authorized_key_line(&key, KEY_COMMENT)?;
@@ -153,11 +149,7 @@ impl SshAccess {
                 tracing::warn!(vm = %target.vm, "accepting any ssh host key (accept_unknown_host_key = true)");
                 Ok(HostKeyCheck::AcceptAnyUnsafe)
             }
-            None => Err(Error::unauthorized(format!(
-                "the ssh host key of vm {} is unknown; refusing to connect \
-                 (accept_unknown_host_key = true would trust any key: unsafe)",
-                target.vm
-            ))),
+            None => Err(BootstrapError::UnknownHostKey(target.vm.clone()).into()),
         }
     }
 
@@ -223,6 +215,8 @@ impl Redactor {
 
 /// Runs `command` and turns each output line into a progress message; a non-zero exit is
 /// [`ErrorKind::Backend`] naming `what`, the exit and the last output line.
+///
+/// [`ErrorKind::Backend`]: crate::ErrorKind::Backend
 async fn run_step(
     session: &SshSession,
     what: &str,
@@ -239,17 +233,16 @@ async fn run_step(
     if outcome.success() {
         return Ok(());
     }
-    let last = outcome
-        .error_line()
-        .map(|l| format!(": {}", redactor.clean(l)))
-        .unwrap_or_default();
-    Err(Error::backend(format!(
-        "{what} failed with {}{last}",
-        outcome.describe()
-    )))
+    Err(BootstrapError::StepFailed {
+        what: what.to_owned(),
+        ended: outcome.describe(),
+        line: outcome.error_line().map(|l| redactor.clean(l).into_owned()),
+    }
+    .into())
 }
 
 mod chef;
+mod error;
 mod server;
 mod shell;
 
@@ -257,6 +250,7 @@ use chef::*;
 pub use chef::{
     ChefBootstrapper, ChefConfig, ChefServerAdminConfig, client_rb, first_boot_json, ruby_string,
 };
+use error::{BootstrapError, ChefError, ShellError};
 pub use server::{ChefServerClient, canonical_path, canonical_request_v13, content_hash};
 pub use shell::{ShellBootstrapper, ShellConfig};
 
@@ -281,6 +275,7 @@ pub(crate) fn register(r: &mut crate::registry::Registry) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
 
     #[test]
     fn ruby_strings_escape_backslashes_and_quotes() {
@@ -380,12 +375,90 @@ mod tests {
         assert!(!c.signs());
         assert_eq!(c.origin, "http://127.0.0.1:4545");
         assert_eq!(c.prefix, "/organizations/acme");
-        assert!(ChefServerClient::new("ftp://x", None).is_err());
+        let e = ChefServerClient::new("ftp://x", None).expect_err("ftp");
+        assert!(
+            matches!(e.detail(), Some(ChefError::AdminUrlScheme(u)) if u == "ftp://x"),
+            "{e}"
+        );
+        assert_eq!(e.backend_name(), Some("chef"));
         let bad = SecretString::from(
             "-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----".to_owned(),
         );
         let e = ChefServerClient::new("http://x", Some(("admin", &bad))).expect_err("bad key");
         assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(matches!(e.detail(), Some(ChefError::ClientKey)), "{e}");
         assert!(!e.to_string().contains("AAAA"));
+    }
+
+    #[test]
+    fn chef_server_statuses_map_to_kinds() {
+        for (status, kind, retryable) in [
+            (401, ErrorKind::Unauthorized, false),
+            (503, ErrorKind::Unavailable, true),
+            (418, ErrorKind::Backend, false),
+        ] {
+            let e = server::status_error("DELETE", "/nodes/web-1", status);
+            assert_eq!(e.kind(), kind, "{e}");
+            assert_eq!(e.is_retryable(), retryable, "{e}");
+            assert_eq!(e.backend_name(), Some("chef"));
+            assert!(e.message().contains("DELETE /nodes/web-1"), "{e}");
+        }
+        let e = server::status_error("GET", "/nodes/web-1", 403);
+        assert!(
+            matches!(e.detail(), Some(ChefError::Refused { method: "GET", path, status: 403 }) if path == "/nodes/web-1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn shared_ssh_settings_name_no_backend() {
+        // Shared by chef and shell: the pipeline names the bootstrapper that failed.
+        let e = SshAccess::new(Path::new("k"), Path::new("/"), 22, "root", 0, false)
+            .expect_err("zero timeout");
+        assert!(
+            matches!(e.detail(), Some(BootstrapError::ZeroConnectTimeout)),
+            "{e}"
+        );
+        assert_eq!(e.backend_name(), None);
+        let e = SshAccess::new(Path::new("k"), Path::new("/"), 22, "ro ot", 60, false)
+            .expect_err("bad user");
+        assert!(
+            matches!(e.detail(), Some(BootstrapError::BadUser(u)) if u == "ro ot"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn shell_settings_are_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = crate::seed::HostKey::generate().expect("key");
+        std::fs::write(dir.path().join("k"), key.private.expose_secret()).expect("write");
+        std::fs::set_permissions(
+            dir.path().join("k"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("chmod");
+        let c: ShellConfig = toml::from_str("ssh_key = \"k\"").expect("config");
+        let e = ShellBootstrapper::from_config(&c, dir.path()).expect_err("no script");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(matches!(e.detail(), Some(ShellError::ScriptChoice)), "{e}");
+        assert_eq!(e.backend_name(), Some("shell"));
+        let c: ShellConfig =
+            toml::from_str("ssh_key = \"k\"\nscript_file = \"nope.sh\"").expect("config");
+        let e = ShellBootstrapper::from_config(&c, dir.path()).expect_err("no script file");
+        assert!(
+            matches!(e.detail(), Some(ShellError::ScriptFile { path, .. }) if path == &dir.path().join("nope.sh")),
+            "{e}"
+        );
+        // Without a readable key nothing else is looked at.
+        let c: ShellConfig = toml::from_str("ssh_key = \"missing\"").expect("config");
+        let e = ShellBootstrapper::from_config(&c, dir.path()).expect_err("no key");
+        assert!(
+            matches!(
+                e.detail(),
+                Some(crate::backends::ssh::SshError::KeyRead { .. })
+            ),
+            "{e}"
+        );
     }
 }

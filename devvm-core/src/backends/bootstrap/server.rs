@@ -30,7 +30,6 @@ impl fmt::Debug for ChefServerClient {
 
 /// Decodes a PEM RSA private key (PKCS#1 `RSA PRIVATE KEY` or PKCS#8 `PRIVATE KEY`).
 pub(super) fn rsa_key_from_pem(pem: &str) -> Result<ring::signature::RsaKeyPair> {
-    let bad = || Error::invalid_input("the chef client key is not a PEM RSA private key");
     let pkcs1 = pem.contains("BEGIN RSA PRIVATE KEY");
     let body: String = pem
         .lines()
@@ -39,13 +38,13 @@ pub(super) fn rsa_key_from_pem(pem: &str) -> Result<ring::signature::RsaKeyPair>
         .collect();
     let der = base64::engine::general_purpose::STANDARD
         .decode(body.as_bytes())
-        .map_err(|_| bad())?;
+        .map_err(|_| ChefError::ClientKey)?;
     let key = if pkcs1 {
         ring::signature::RsaKeyPair::from_der(&der)
     } else {
         ring::signature::RsaKeyPair::from_pkcs8(&der)
     };
-    key.map_err(|_| bad())
+    key.map_err(|_| ChefError::ClientKey.into())
 }
 
 /// The canonical path Chef signs: repeated slashes squeezed, no trailing slash.
@@ -106,9 +105,7 @@ impl ChefServerClient {
             .map(|r| ("http://", r))
             .or_else(|| url.strip_prefix("https://").map(|r| ("https://", r)))
         else {
-            return Err(Error::invalid_input(format!(
-                "chef server url {url:?} must start with http:// or https://"
-            )));
+            return Err(ChefError::AdminUrlScheme(url.to_owned()).into());
         };
         let (scheme, rest) = rest;
         let (host, prefix) = match rest.find('/') {
@@ -116,9 +113,7 @@ impl ChefServerClient {
             None => (rest, ""),
         };
         if host.is_empty() {
-            return Err(Error::invalid_input(format!(
-                "chef server url {url:?} has no host"
-            )));
+            return Err(ChefError::AdminUrlHost(url.to_owned()).into());
         }
         let signer = match (&c.client_name, &c.client_key) {
             (Some(name), Some(key)) => {
@@ -131,15 +126,11 @@ impl ChefServerClient {
             }
             (None, None) => None,
             _ => {
-                return Err(Error::invalid_input(
-                    "server_admin.client_name and client_key go together",
-                ));
+                return Err(ChefError::AdminHalf.into());
             }
         };
         if c.timeout_secs == 0 {
-            return Err(Error::invalid_input(
-                "server_admin.timeout_secs must be at least 1",
-            ));
+            return Err(ChefError::AdminZeroTimeout.into());
         }
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -205,7 +196,7 @@ impl ChefServerClient {
             canonical.as_bytes(),
             &mut sig,
         )
-        .map_err(|_| Error::backend("cannot sign a chef server request"))?;
+        .map_err(|_| ChefError::Sign)?;
         let sig = base64::engine::general_purpose::STANDARD.encode(sig);
         let mut headers = vec![
             (
@@ -228,6 +219,8 @@ impl ChefServerClient {
     /// Sends `method path` (relative to the server URL, e.g. `/nodes/web-1`) with an
     /// optional JSON body; returns the status and the body. Transport failures are
     /// [`ErrorKind::Unavailable`]; HTTP statuses are returned, not mapped.
+    ///
+    /// [`ErrorKind::Unavailable`]: crate::ErrorKind::Unavailable
     pub fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<(u16, Vec<u8>)> {
         let full_path = format!("{}{}", self.prefix, path);
         let url = format!("{}{}", self.origin, full_path);
@@ -244,20 +237,20 @@ impl ChefServerClient {
         for (k, v) in self.auth_headers(method, &full_path, body_bytes)? {
             req = req.header(k, v);
         }
-        let req = req.body(body_bytes.to_vec()).map_err(|e| {
-            Error::invalid_input(format!("bad chef server request {method} {url}")).with_source(e)
-        })?;
-        let mut resp = self.agent.run(req).map_err(|e| {
-            let kind = match e {
-                ureq::Error::Timeout(_) => ErrorKind::Timeout,
-                _ => ErrorKind::Unavailable,
-            };
-            Error::new(
-                kind,
-                format!("cannot reach the chef server at {}", self.origin),
-            )
-            .with_source(e)
-        })?;
+        let req = req
+            .body(body_bytes.to_vec())
+            .map_err(|source| ChefError::BadRequest {
+                method: method.to_owned(),
+                url,
+                source,
+            })?;
+        let mut resp = self
+            .agent
+            .run(req)
+            .map_err(|source| ChefError::Unreachable {
+                origin: self.origin.clone(),
+                source,
+            })?;
         let status = resp.status().as_u16();
         let text = resp
             .body_mut()
@@ -272,22 +265,15 @@ impl ChefServerClient {
     pub fn get_json(&self, path: &str) -> Result<Option<Value>> {
         let (status, body) = self.request("GET", path, None)?;
         match status {
-            200..=299 => serde_json::from_slice(&body).map(Some).map_err(|e| {
-                Error::backend(format!(
-                    "the chef server's answer to GET {path} is not JSON"
-                ))
-                .with_source(e)
+            200..=299 => serde_json::from_slice(&body).map(Some).map_err(|source| {
+                ChefError::NotJson {
+                    path: path.to_owned(),
+                    source,
+                }
+                .into()
             }),
             404 => Ok(None),
-            401 | 403 => Err(Error::unauthorized(format!(
-                "the chef server refused GET {path} (HTTP {status})"
-            ))),
-            408 | 429 | 500..=599 => Err(Error::unavailable(format!(
-                "the chef server could not answer GET {path} (HTTP {status})"
-            ))),
-            _ => Err(Error::backend(format!(
-                "the chef server answered GET {path} with HTTP {status}"
-            ))),
+            _ => Err(status_error("GET", path, status)),
         }
     }
 
@@ -297,15 +283,30 @@ impl ChefServerClient {
         match status {
             200..=299 => Ok(true),
             404 => Ok(false),
-            401 | 403 => Err(Error::unauthorized(format!(
-                "the chef server refused DELETE {path} (HTTP {status})"
-            ))),
-            408 | 429 | 500..=599 => Err(Error::unavailable(format!(
-                "the chef server could not DELETE {path} (HTTP {status})"
-            ))),
-            _ => Err(Error::backend(format!(
-                "the chef server answered DELETE {path} with HTTP {status}"
-            ))),
+            _ => Err(status_error("DELETE", path, status)),
         }
     }
+}
+
+/// The error of an answer with `status` (not 2xx or 404) to `method path`.
+pub(super) fn status_error(method: &'static str, path: &str, status: u16) -> Error {
+    let path = path.to_owned();
+    match status {
+        401 | 403 => ChefError::Refused {
+            method,
+            path,
+            status,
+        },
+        408 | 429 | 500..=599 => ChefError::Overloaded {
+            method,
+            path,
+            status,
+        },
+        _ => ChefError::Status {
+            method,
+            path,
+            status,
+        },
+    }
+    .into()
 }

@@ -65,15 +65,10 @@ impl ShellBootstrapper {
             (Some(s), None) => s.clone().into_bytes(),
             (None, Some(f)) => {
                 let path = base_dir.join(f);
-                std::fs::read(&path).map_err(|e| {
-                    Error::invalid_input(format!("cannot read script_file {}", path.display()))
-                        .with_source(e)
-                })?
+                std::fs::read(&path).map_err(|source| ShellError::ScriptFile { path, source })?
             }
             _ => {
-                return Err(Error::invalid_input(
-                    "set exactly one of script and script_file",
-                ));
+                return Err(ShellError::ScriptChoice.into());
             }
         };
         Ok(ShellBootstrapper { ssh, script })

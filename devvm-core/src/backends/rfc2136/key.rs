@@ -50,10 +50,7 @@ impl FromStr for TsigAlgorithm {
             "hmac-sha256" => Ok(TsigAlgorithm::HmacSha256),
             "hmac-sha384" => Ok(TsigAlgorithm::HmacSha384),
             "hmac-sha512" => Ok(TsigAlgorithm::HmacSha512),
-            _ => Err(Error::invalid_input(format!(
-                "TSIG algorithm {:?} is not supported (use hmac-sha256, hmac-sha384 or hmac-sha512)",
-                shown(s)
-            ))),
+            _ => Err(Rfc2136Error::UnknownAlgorithm(shown(s)).into()),
         }
     }
 }
@@ -71,13 +68,12 @@ pub struct TsigKey {
 impl TsigKey {
     /// A key from its parts. `secret` is the raw key (not base64).
     pub fn new(name: &str, algorithm: TsigAlgorithm, secret: SecretSlice<u8>) -> Result<Self> {
-        let key_name = parse_dns_name(name).map_err(|why| {
-            Error::invalid_input(format!("TSIG key name {:?} {why}", shown(name)))
+        let key_name = parse_dns_name(name).map_err(|why| Rfc2136Error::BadKeyName {
+            name: shown(name),
+            why,
         })?;
         if secret.expose_secret().is_empty() {
-            return Err(Error::invalid_input(format!(
-                "TSIG key {key_name}: the secret is empty"
-            )));
+            return Err(Rfc2136Error::EmptySecret(key_name).into());
         }
         let signer = TSigner::new(
             secret.expose_secret().to_vec(),
@@ -85,10 +81,9 @@ impl TsigKey {
             key_name.clone(),
             FUDGE_SECS,
         )
-        .map_err(|_| {
-            Error::invalid_input(format!(
-                "TSIG key {key_name}: algorithm {algorithm} is not supported"
-            ))
+        .map_err(|_| Rfc2136Error::SignerAlgorithm {
+            key: key_name.clone(),
+            algorithm,
         })?;
         Ok(TsigKey {
             name: key_name,
@@ -102,44 +97,40 @@ impl TsigKey {
     /// layout are accepted; the text must hold exactly one key. Errors give line numbers
     /// and never quote the text.
     pub fn parse_bind(text: &str) -> Result<Self> {
-        let parsed = keyfile::parse(text).map_err(Error::invalid_input)?;
-        let algorithm = parsed.algorithm.parse::<TsigAlgorithm>().map_err(|_| {
-            Error::invalid_input(format!(
-                "key {:?}: algorithm {:?} is not supported (use hmac-sha256, hmac-sha384 or hmac-sha512)",
-                parsed.name,
-                shown(&parsed.algorithm)
-            ))
-        })?;
-        let secret = decode_secret(parsed.secret.expose_secret()).ok_or_else(|| {
-            Error::invalid_input(format!(
-                "key {:?}: the secret is not valid base64",
-                parsed.name
-            ))
-        })?;
+        let parsed = keyfile::parse(text).map_err(Rfc2136Error::KeySyntax)?;
+        let algorithm =
+            parsed
+                .algorithm
+                .parse::<TsigAlgorithm>()
+                .map_err(|_| Rfc2136Error::KeyAlgorithm {
+                    key: parsed.name.clone(),
+                    algorithm: shown(&parsed.algorithm),
+                })?;
+        let secret = decode_secret(parsed.secret.expose_secret())
+            .ok_or_else(|| Rfc2136Error::SecretNotBase64(parsed.name.clone()))?;
         TsigKey::new(&parsed.name, algorithm, secret)
     }
 
     /// Reads and parses the key file at `path` (see [`parse_bind`](Self::parse_bind)).
     /// A missing, unreadable or malformed file is [`ErrorKind::InvalidInput`] naming the
     /// file, never quoting it.
+    ///
+    /// [`ErrorKind::InvalidInput`]: crate::ErrorKind::InvalidInput
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = crate::secret::read_secret_file(path).map_err(|e| {
-            Error::invalid_input(format!(
-                "TSIG key file {}: cannot read it ({})",
-                path.display(),
-                e.kind()
-            ))
-            .with_source(e)
-        })?;
+        let text =
+            crate::secret::read_secret_file(path).map_err(|source| Rfc2136Error::KeyFileRead {
+                path: path.to_owned(),
+                source,
+            })?;
         let text = SecretSlice::from(text.into_bytes());
-        let text = std::str::from_utf8(text.expose_secret()).map_err(|_| {
-            Error::invalid_input(format!(
-                "TSIG key file {}: is not UTF-8 text",
-                path.display()
-            ))
-        })?;
+        let text = std::str::from_utf8(text.expose_secret())
+            .map_err(|_| Rfc2136Error::KeyFileNotUtf8(path.to_owned()))?;
         TsigKey::parse_bind(text).map_err(|e| {
-            Error::invalid_input(format!("TSIG key file {}: {}", path.display(), e.message()))
+            Rfc2136Error::KeyFile {
+                path: path.to_owned(),
+                why: e.message().to_owned(),
+            }
+            .into()
         })
     }
 

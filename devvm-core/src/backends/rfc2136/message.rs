@@ -26,8 +26,15 @@ pub(super) fn parse_dns_name(text: &str) -> std::result::Result<Name, &'static s
     Ok(name.to_lowercase())
 }
 
-pub(super) fn parse_zone(text: &str, what: &str) -> Result<Name> {
-    parse_dns_name(text).map_err(|why| config_error(format!("{what} {:?} {why}", shown(text))))
+pub(super) fn parse_zone(text: &str, what: &'static str) -> Result<Name> {
+    parse_dns_name(text).map_err(|why| {
+        Rfc2136Error::BadZone {
+            what,
+            text: shown(text),
+            why,
+        }
+        .into()
+    })
 }
 
 /// A name as text, without the trailing dot.
@@ -129,6 +136,7 @@ pub(super) fn rcode_error(
     zone: &str,
     what: &str,
 ) -> Error {
+    let (what, zone) = (what.to_owned(), zone.to_owned());
     match code {
         ResponseCode::YXRRSet
         | ResponseCode::YXDomain
@@ -136,34 +144,17 @@ pub(super) fn rcode_error(
         | ResponseCode::NXDomain
             if is_update =>
         {
-            Error::conflict(format!(
-                "{what}: zone {zone} changed meanwhile; a prerequisite failed ({code})"
-            ))
+            Rfc2136Error::PrerequisiteFailed { what, zone, code }
         }
-        ResponseCode::NotAuth if verified => Error::invalid_input(format!(
-            "{what}: the server is not authoritative for zone {zone} (NOTAUTH)"
-        )),
-        ResponseCode::NotAuth => Error::unauthorized(format!(
-            "{what}: the server rejected the TSIG key for zone {zone} (NOTAUTH)"
-        )),
-        ResponseCode::Refused if is_update => Error::unauthorized(format!(
-            "{what}: the server refused it for zone {zone} (REFUSED: the key may not update \
-             the zone, or the server does not serve it)"
-        )),
-        ResponseCode::Refused => Error::unauthorized(format!(
-            "{what}: the server refused it for zone {zone} (REFUSED: the server does not \
-             serve the zone, or does not answer this client)"
-        )),
-        ResponseCode::NotZone => {
-            Error::invalid_input(format!("{what}: a name is outside zone {zone} (NOTZONE)"))
-        }
-        ResponseCode::ServFail => Error::unavailable(format!(
-            "{what}: the server failed for zone {zone} (SERVFAIL)"
-        )),
-        code => Error::backend(format!(
-            "{what}: the server answered {code} for zone {zone}"
-        )),
+        ResponseCode::NotAuth if verified => Rfc2136Error::NotAuthoritative { what, zone },
+        ResponseCode::NotAuth => Rfc2136Error::KeyRejected { what, zone },
+        ResponseCode::Refused if is_update => Rfc2136Error::UpdateRefused { what, zone },
+        ResponseCode::Refused => Rfc2136Error::QueryRefused { what, zone },
+        ResponseCode::NotZone => Rfc2136Error::NotZone { what, zone },
+        ResponseCode::ServFail => Rfc2136Error::ServFail { what, zone },
+        code => Rfc2136Error::Rcode { what, zone, code },
     }
+    .into()
 }
 
 /// Checks an answer: a TSIG error is `Unauthorized`; an error rcode maps by
@@ -176,19 +167,18 @@ pub(super) fn check_answer(
     zone: &str,
     what: &str,
 ) -> Result<Message> {
-    let message = Message::from_vec(bytes).map_err(|e| {
-        Error::backend(format!("{what}: malformed answer for zone {zone}")).with_source(e)
+    let message = Message::from_vec(bytes).map_err(|source| Rfc2136Error::Malformed {
+        what: what.to_owned(),
+        zone: zone.to_owned(),
+        source,
     })?;
     if let Some(error) = message.signature().and_then(|tsig| tsig.data.error) {
-        let why = match error {
-            TsigError::BadKey => "the server does not know the key (BADKEY)".to_owned(),
-            TsigError::BadSig => "the key's secret is wrong (BADSIG)".to_owned(),
-            TsigError::BadTime => "the clocks differ too much (BADTIME)".to_owned(),
-            other => format!("TSIG error {}", u16::from(other)),
-        };
-        return Err(Error::unauthorized(format!(
-            "{what}: TSIG rejected for zone {zone}: {why}"
-        )));
+        return Err(Rfc2136Error::TsigRejected {
+            what: what.to_owned(),
+            zone: zone.to_owned(),
+            error,
+        }
+        .into());
     }
     let verified = verifier.is_some_and(|mut v| v.verify(bytes).is_ok());
     if !ok_codes.contains(&message.metadata.response_code) {
@@ -201,9 +191,11 @@ pub(super) fn check_answer(
         ));
     }
     if !verified {
-        return Err(Error::unauthorized(format!(
-            "{what}: the answer for zone {zone} is not signed with the TSIG key"
-        )));
+        return Err(Rfc2136Error::Unsigned {
+            what: what.to_owned(),
+            zone: zone.to_owned(),
+        }
+        .into());
     }
     Ok(message)
 }

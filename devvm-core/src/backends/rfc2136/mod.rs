@@ -62,6 +62,9 @@
 //! | `FORMERR`, `NOTIMP`, a malformed answer | `Backend` |
 //!
 //! A key file that is missing or cannot be parsed is `InvalidInput` naming the file.
+//!
+//! [`ErrorKind`]: crate::ErrorKind
+//! [`ErrorKind::Conflict`]: crate::ErrorKind::Conflict
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -76,13 +79,13 @@ use hickory_net::tcp::TcpClientStream;
 use hickory_net::{DnsStreamHandle, NetError};
 use hickory_proto::op::UpdateMessage;
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode, SerialMessage};
-use hickory_proto::rr::rdata::tsig::{TsigAlgorithm as ProtoTsigAlgorithm, TsigError};
+use hickory_proto::rr::rdata::tsig::TsigAlgorithm as ProtoTsigAlgorithm;
 use hickory_proto::rr::rdata::{A, AAAA, PTR};
 use hickory_proto::rr::{DNSClass, Label, Name, RData, Record, RecordType, TSigVerifier, TSigner};
 use secrecy::{ExposeSecret, SecretSlice};
 use serde::Deserialize;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::traits::DnsUpdater;
 use crate::types::{DnsRecord, Undone, VmName};
 
@@ -142,51 +145,62 @@ impl Rfc2136Config {
         let text = self.server.trim();
         if let Ok(addr) = text.parse::<SocketAddr>() {
             return match self.port {
-                Some(port) if port != addr.port() => Err(config_error(format!(
-                    "server {text:?} names port {} but port is {port}",
-                    addr.port()
-                ))),
+                Some(port) if port != addr.port() => Err(Rfc2136Error::PortClash {
+                    server: text.to_owned(),
+                    named: addr.port(),
+                    port,
+                }
+                .into()),
                 _ => Ok(addr),
             };
         }
         let bare = text.trim_start_matches('[').trim_end_matches(']');
         match bare.parse::<IpAddr>() {
             Ok(ip) => Ok(SocketAddr::new(ip, self.port.unwrap_or(DEFAULT_PORT))),
-            Err(_) => Err(config_error(format!(
-                "server {text:?} is not an IP address or ip:port"
-            ))),
+            Err(_) => Err(Rfc2136Error::ServerNotIp(text.to_owned()).into()),
         }
     }
 }
 
-fn config_error(message: String) -> Error {
-    Error::invalid_input(message).with_backend(BACKEND)
-}
-
+mod error;
 mod key;
 mod message;
 
+use error::Rfc2136Error;
 use key::*;
 pub use key::{TsigAlgorithm, TsigKey};
 use message::*;
 
-fn net_error(e: NetError, server: SocketAddr, zone: &str, what: &str) -> Error {
-    let kind = match &e {
-        NetError::Timeout => ErrorKind::Timeout,
-        NetError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => ErrorKind::Timeout,
-        NetError::Proto(_) => ErrorKind::Backend,
-        _ => ErrorKind::Unavailable,
+fn net_error(source: NetError, server: SocketAddr, zone: &str, what: &str) -> Error {
+    let (what, zone) = (what.to_owned(), zone.to_owned());
+    let timed_out = match &source {
+        NetError::Timeout => true,
+        NetError::Io(io) => io.kind() == std::io::ErrorKind::TimedOut,
+        _ => false,
     };
-    let message = match kind {
-        ErrorKind::Timeout => {
-            format!("{what}: DNS server {server} did not answer in time (zone {zone})")
+    if timed_out {
+        Rfc2136Error::NoAnswer {
+            what,
+            server,
+            zone,
+            source,
         }
-        ErrorKind::Backend => {
-            format!("{what}: bad exchange with DNS server {server} (zone {zone})")
+    } else if matches!(source, NetError::Proto(_)) {
+        Rfc2136Error::BadExchange {
+            what,
+            server,
+            zone,
+            source,
         }
-        _ => format!("{what}: DNS server {server} is unreachable (zone {zone})"),
-    };
-    Error::new(kind, message).with_source(e)
+    } else {
+        Rfc2136Error::Unreachable {
+            what,
+            server,
+            zone,
+            source,
+        }
+    }
+    .into()
 }
 
 /// [`DnsUpdater`] that publishes A/AAAA and PTR records with TSIG-signed RFC 2136 updates.
@@ -237,6 +251,8 @@ impl Rfc2136Dns {
     /// Puts every PTR record into `zone` (`0.99.10.in-addr.arpa`). Publishing an address
     /// outside it is then [`ErrorKind::InvalidInput`]. Without it, an address's PTR goes
     /// to its /24 (IPv4) or /64 (IPv6) reverse zone.
+    ///
+    /// [`ErrorKind::InvalidInput`]: crate::ErrorKind::InvalidInput
     pub fn with_reverse_zone(mut self, zone: &str) -> Result<Self> {
         self.reverse_zone = Some(parse_zone(zone, "reverse_zone")?);
         Ok(self)
@@ -245,7 +261,7 @@ impl Rfc2136Dns {
     /// The TTL of published records, in seconds (at most 2147483647).
     pub fn with_ttl(mut self, ttl: u32) -> Result<Self> {
         if ttl > i32::MAX as u32 {
-            return Err(config_error(format!("ttl {ttl} is above 2147483647")));
+            return Err(Rfc2136Error::TtlTooLarge(ttl).into());
         }
         self.ttl = ttl;
         Ok(self)
@@ -254,7 +270,7 @@ impl Rfc2136Dns {
     /// The time allowed for one exchange with the server (connect, send and answer).
     pub fn with_timeout(mut self, timeout: Duration) -> Result<Self> {
         if timeout.is_zero() {
-            return Err(config_error("timeout must be above zero".to_owned()));
+            return Err(Rfc2136Error::ZeroTimeout.into());
         }
         self.timeout = timeout;
         Ok(self)
@@ -264,8 +280,7 @@ impl Rfc2136Dns {
     /// `base_dir` (the config file's directory). Reads the key file now.
     pub fn from_config(config: &Rfc2136Config, base_dir: &Path) -> Result<Self> {
         let server = config.server_addr()?;
-        let key = TsigKey::from_file(&base_dir.join(&config.key_file))
-            .map_err(|e| e.with_backend(BACKEND))?;
+        let key = TsigKey::from_file(&base_dir.join(&config.key_file))?;
         let mut dns = Rfc2136Dns::new(server, &config.zone, key)?
             .with_ttl(config.ttl)?
             .with_timeout(Duration::from_secs(config.timeout_secs))?;
@@ -294,12 +309,13 @@ impl Rfc2136Dns {
         Label::from_ascii(vm.as_str())
             .and_then(|label| Name::from_labels([label]))
             .and_then(|name| name.append_domain(&self.zone))
-            .map_err(|e| {
-                Error::invalid_input(format!(
-                    "vm name {vm} does not fit in zone {}",
-                    self.zone_text
-                ))
-                .with_source(e)
+            .map_err(|source| {
+                Rfc2136Error::NameOutsideZone {
+                    vm: vm.clone(),
+                    zone: self.zone_text.clone(),
+                    source,
+                }
+                .into()
             })
     }
 
@@ -308,10 +324,11 @@ impl Rfc2136Dns {
         match &self.reverse_zone {
             None => Ok(default_reverse_zone(ip)),
             Some(zone) if zone.zone_of(&reverse_name(ip)) => Ok(zone.clone()),
-            Some(zone) => Err(Error::invalid_input(format!(
-                "{ip} is outside reverse zone {}",
-                without_dot(zone)
-            ))),
+            Some(zone) => Err(Rfc2136Error::OutsideReverseZone {
+                ip,
+                zone: without_dot(zone),
+            }
+            .into()),
         }
     }
 
@@ -327,11 +344,13 @@ impl Rfc2136Dns {
         let is_update = message.metadata.op_code == OpCode::Update;
         let verifier = message
             .finalize(&self.key.signer, seconds_now())
-            .map_err(|e| {
-                Error::backend(format!("{what}: cannot sign the message")).with_source(e)
+            .map_err(|source| Rfc2136Error::Sign {
+                what: what.to_owned(),
+                source,
             })?;
-        let bytes = message.to_vec().map_err(|e| {
-            Error::backend(format!("{what}: cannot encode the message")).with_source(e)
+        let bytes = message.to_vec().map_err(|source| Rfc2136Error::Encode {
+            what: what.to_owned(),
+            source,
         })?;
         let id = message.metadata.id;
         let server = self.server;
@@ -419,10 +438,6 @@ impl Rfc2136Dns {
             })
             .collect())
     }
-
-    fn wrap(&self, e: Error) -> Error {
-        e.with_backend(BACKEND)
-    }
 }
 
 #[async_trait]
@@ -437,38 +452,34 @@ impl DnsUpdater for Rfc2136Dns {
 
     async fn publish(&self, vm: &VmName, ip: IpAddr) -> Result<DnsRecord> {
         let fqdn_text = self.fqdn(vm);
-        let fqdn = self.fqdn_name(vm).map_err(|e| self.wrap(e))?;
-        let reverse_zone = self.reverse_zone_of(ip).map_err(|e| self.wrap(e))?;
+        let fqdn = self.fqdn_name(vm)?;
+        let reverse_zone = self.reverse_zone_of(ip)?;
         let rtype = address_type(ip);
 
-        let current = self
-            .addresses(&fqdn, rtype)
-            .await
-            .map_err(|e| self.wrap(e))?;
+        let current = self.addresses(&fqdn, rtype).await?;
         if let Some(other) = current.iter().find(|a| **a != ip) {
-            return Err(self.wrap(Error::conflict(format!(
-                "{fqdn_text} already points to {other} in zone {}",
-                self.zone_text
-            ))));
+            return Err(Rfc2136Error::AddressTaken {
+                fqdn: fqdn_text,
+                other: *other,
+                zone: self.zone_text.clone(),
+            }
+            .into());
         }
-        let ptrs = self
-            .ptr_names(ip, &reverse_zone)
-            .await
-            .map_err(|e| self.wrap(e))?;
+        let ptrs = self.ptr_names(ip, &reverse_zone).await?;
         if let Some(other) = ptrs.iter().find(|n| **n != fqdn) {
-            return Err(self.wrap(Error::conflict(format!(
-                "{ip} already points to {} in zone {}",
-                without_dot(other),
-                without_dot(&reverse_zone)
-            ))));
+            return Err(Rfc2136Error::PtrTaken {
+                ip,
+                other: without_dot(other),
+                zone: without_dot(&reverse_zone),
+            }
+            .into());
         }
 
         let added_address = if current.is_empty() {
             let what = format!("add {fqdn_text} {rtype} {ip}");
             let record = address_record(fqdn.clone(), ip, self.ttl);
             self.update(&self.zone, add_if_absent_update(&self.zone, record), &what)
-                .await
-                .map_err(|e| self.wrap(e))?;
+                .await?;
             true
         } else {
             false
@@ -486,7 +497,7 @@ impl DnsUpdater for Rfc2136Dns {
                 .await;
             if let Err(e) = added {
                 if !added_address {
-                    return Err(self.wrap(e));
+                    return Err(e);
                 }
                 // Both or neither: take back the address record this call added.
                 let undo_what = format!("delete {fqdn_text} {rtype} {ip}");
@@ -498,22 +509,20 @@ impl DnsUpdater for Rfc2136Dns {
                         &undo_what,
                     )
                     .await;
-                return Err(self.wrap(match undone {
+                return Err(match undone {
                     Ok(()) => e,
                     Err(undo) => {
                         tracing::warn!(backend = BACKEND, error = %undo, "could not take back {rtype} record after a failed PTR update");
-                        Error::new(
-                            e.kind(),
-                            format!(
-                                "{}; the {rtype} record {fqdn_text} -> {ip} just added is still published ({})",
-                                e.message(),
-                                undo.message()
-                            ),
-                        )
-                        .with_retryable(e.is_retryable())
-                        .with_source(e)
+                        Rfc2136Error::AddressLeft {
+                            rtype,
+                            fqdn: fqdn_text,
+                            ip,
+                            undo: Box::new(undo),
+                            source: Box::new(e),
+                        }
+                        .into()
                     }
-                }));
+                });
             }
         }
         Ok(DnsRecord {
@@ -527,12 +536,9 @@ impl DnsUpdater for Rfc2136Dns {
     /// touched). What the name held before tells the outcome.
     async fn remove(&self, vm: &VmName, ip: IpAddr) -> Result<Undone> {
         let fqdn_text = self.fqdn(vm);
-        let fqdn = self.fqdn_name(vm).map_err(|e| self.wrap(e))?;
+        let fqdn = self.fqdn_name(vm)?;
         let rtype = address_type(ip);
-        let before = self
-            .addresses(&fqdn, rtype)
-            .await
-            .map_err(|e| self.wrap(e))?;
+        let before = self.addresses(&fqdn, rtype).await?;
         let outcome = if before.contains(&ip) {
             Undone::Removed
         } else if let Some(other) = before.first() {
@@ -543,8 +549,7 @@ impl DnsUpdater for Rfc2136Dns {
         let what = format!("delete {fqdn_text} {rtype} {ip}");
         let record = address_record(fqdn.clone(), ip, 0);
         self.update(&self.zone, delete_record_update(&self.zone, record), &what)
-            .await
-            .map_err(|e| self.wrap(e))?;
+            .await?;
         // An address outside the configured reverse zone never got a PTR from us.
         let Ok(reverse_zone) = self.reverse_zone_of(ip) else {
             return Ok(outcome);
@@ -556,22 +561,14 @@ impl DnsUpdater for Rfc2136Dns {
             delete_record_update(&reverse_zone, record),
             &what,
         )
-        .await
-        .map_err(|e| self.wrap(e))?;
+        .await?;
         Ok(outcome)
     }
 
     async fn resolve(&self, vm: &VmName) -> Result<Vec<IpAddr>> {
-        let fqdn = self.fqdn_name(vm).map_err(|e| self.wrap(e))?;
-        let mut all = self
-            .addresses(&fqdn, RecordType::A)
-            .await
-            .map_err(|e| self.wrap(e))?;
-        all.extend(
-            self.addresses(&fqdn, RecordType::AAAA)
-                .await
-                .map_err(|e| self.wrap(e))?,
-        );
+        let fqdn = self.fqdn_name(vm)?;
+        let mut all = self.addresses(&fqdn, RecordType::A).await?;
+        all.extend(self.addresses(&fqdn, RecordType::AAAA).await?);
         Ok(all)
     }
 
@@ -582,8 +579,7 @@ impl DnsUpdater for Rfc2136Dns {
         };
         Ok(self
             .ptr_names(ip, &zone)
-            .await
-            .map_err(|e| self.wrap(e))?
+            .await?
             .iter()
             .map(without_dot)
             .collect())
@@ -604,6 +600,10 @@ pub(crate) fn register(r: &mut crate::registry::Registry) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
+
+    /// Whether an error is the expected variant.
+    type Is = fn(&Rfc2136Error) -> bool;
 
     const SECRET_256: &str = "UsTZMZQiB8pt9m4wPz4oGd1HJwS4GJ2RxDn3ZK+1ZKM=";
     const SECRET_384: &str = "7dPpL0ucpWzD4oZZjF/2yXGvHV9XUl1NbQ/Gn6jkTwr6lcZrpK1nUz4rHjDYlAFs";
@@ -674,7 +674,9 @@ mod tests {
         for text in cases {
             let err = TsigKey::parse_bind(&text).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidInput, "{text:?}: {err}");
-            let shown = format!("{err} {err:?}");
+            let detail = err.detail::<Rfc2136Error>();
+            assert!(detail.is_some(), "{text:?}: {err}");
+            let shown = format!("{err} {err:?} {detail:?}");
             assert!(!shown.contains(SECRET_256), "secret leaked: {shown}");
             assert!(!shown.contains(&SECRET_256[..12]), "secret leaked: {shown}");
         }
@@ -686,6 +688,10 @@ mod tests {
         let missing = dir.path().join("missing.key");
         let err = TsigKey::from_file(&missing).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidInput);
+        assert!(
+            matches!(err.detail(), Some(Rfc2136Error::KeyFileRead { path, .. }) if path == &missing),
+            "{err}"
+        );
         assert!(err.to_string().contains("missing.key"), "{err}");
 
         let bad = dir.path().join("bad.key");
@@ -693,8 +699,12 @@ mod tests {
         let err = TsigKey::from_file(&bad).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidInput);
         assert!(err.to_string().contains("bad.key"), "{err}");
-        assert!(err.to_string().contains("no algorithm"), "{err}");
+        assert!(
+            matches!(err.detail(), Some(Rfc2136Error::KeyFile { path, why }) if path == &bad && why.contains("no algorithm")),
+            "{err}"
+        );
         assert!(!format!("{err:?}").contains(SECRET_256));
+        assert!(!format!("{:?}", err.detail::<Rfc2136Error>()).contains(SECRET_256));
     }
 
     #[test]
@@ -755,17 +765,28 @@ mod tests {
             port: Some(54),
             ..c.clone()
         };
-        assert_eq!(
-            clash.server_addr().unwrap_err().kind(),
-            ErrorKind::InvalidInput
+        let err = clash.server_addr().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput);
+        assert!(
+            matches!(
+                err.detail(),
+                Some(Rfc2136Error::PortClash {
+                    named: 53,
+                    port: 54,
+                    ..
+                })
+            ),
+            "{err}"
         );
         let host = Rfc2136Config {
             server: "ns1.example".into(),
             ..c.clone()
         };
-        assert_eq!(
-            host.server_addr().unwrap_err().kind(),
-            ErrorKind::InvalidInput
+        let err = host.server_addr().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput);
+        assert!(
+            matches!(err.detail(), Some(Rfc2136Error::ServerNotIp(s)) if s == "ns1.example"),
+            "{err}"
         );
 
         let unknown = toml::from_str::<Rfc2136Config>(
@@ -782,6 +803,11 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidInput);
+        assert!(
+            matches!(err.detail(), Some(Rfc2136Error::KeyFileRead { .. })),
+            "{err}"
+        );
+        assert_eq!(err.backend_name(), Some("rfc2136"));
         assert!(err.to_string().contains("nope.key"));
         for bad_zone in ["", ".", "a..b", "bad zone"] {
             let err = Rfc2136Dns::from_config(
@@ -793,6 +819,13 @@ mod tests {
             )
             .unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidInput, "{bad_zone:?}");
+            assert!(
+                matches!(
+                    err.detail(),
+                    Some(Rfc2136Error::BadZone { what: "zone", .. })
+                ),
+                "{bad_zone:?}: {err}"
+            );
         }
     }
 
@@ -817,9 +850,11 @@ mod tests {
             name("99.10.in-addr.arpa.")
         );
         let outside: IpAddr = "10.98.0.7".parse().unwrap();
-        assert_eq!(
-            dns.reverse_zone_of(outside).unwrap_err().kind(),
-            ErrorKind::InvalidInput
+        let err = dns.reverse_zone_of(outside).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput);
+        assert!(
+            matches!(err.detail(), Some(Rfc2136Error::OutsideReverseZone { ip, zone }) if *ip == outside && zone == "99.10.in-addr.arpa"),
+            "{err}"
         );
     }
 
@@ -929,6 +964,10 @@ mod tests {
         let (bytes, verifier) = answer_for(&other, ResponseCode::NoError);
         let err = check_answer(&bytes, verifier, &ok, false, "z", "q").unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Unauthorized);
+        assert!(
+            matches!(err.detail(), Some(Rfc2136Error::Unsigned { .. })),
+            "{err}"
+        );
 
         // Unsigned: never a success.
         let (bytes, verifier) = answer_for(&key, ResponseCode::NoError);
@@ -937,28 +976,155 @@ mod tests {
         let err =
             check_answer(&unsigned.to_vec().unwrap(), verifier, &ok, false, "z", "q").unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Unauthorized);
+        assert!(
+            matches!(err.detail(), Some(Rfc2136Error::Unsigned { .. })),
+            "{err}"
+        );
 
-        for (code, update, kind) in [
-            (ResponseCode::YXRRSet, true, ErrorKind::Conflict),
-            (ResponseCode::NXRRSet, true, ErrorKind::Conflict),
-            (ResponseCode::YXDomain, true, ErrorKind::Conflict),
-            (ResponseCode::Refused, true, ErrorKind::Unauthorized),
-            (ResponseCode::NotAuth, true, ErrorKind::InvalidInput),
-            (ResponseCode::NotZone, true, ErrorKind::InvalidInput),
-            (ResponseCode::ServFail, true, ErrorKind::Unavailable),
-            (ResponseCode::FormErr, true, ErrorKind::Backend),
-            (ResponseCode::NXDomain, false, ErrorKind::Backend),
-        ] {
+        let cases: [(ResponseCode, bool, ErrorKind, Is); 10] = [
+            (ResponseCode::YXRRSet, true, ErrorKind::Conflict, |e| {
+                matches!(
+                    e,
+                    Rfc2136Error::PrerequisiteFailed {
+                        code: ResponseCode::YXRRSet,
+                        ..
+                    }
+                )
+            }),
+            (ResponseCode::NXRRSet, true, ErrorKind::Conflict, |e| {
+                matches!(
+                    e,
+                    Rfc2136Error::PrerequisiteFailed {
+                        code: ResponseCode::NXRRSet,
+                        ..
+                    }
+                )
+            }),
+            (ResponseCode::YXDomain, true, ErrorKind::Conflict, |e| {
+                matches!(
+                    e,
+                    Rfc2136Error::PrerequisiteFailed {
+                        code: ResponseCode::YXDomain,
+                        ..
+                    }
+                )
+            }),
+            (ResponseCode::Refused, true, ErrorKind::Unauthorized, |e| {
+                matches!(e, Rfc2136Error::UpdateRefused { .. })
+            }),
+            (ResponseCode::Refused, false, ErrorKind::Unauthorized, |e| {
+                matches!(e, Rfc2136Error::QueryRefused { .. })
+            }),
+            (ResponseCode::NotAuth, true, ErrorKind::InvalidInput, |e| {
+                matches!(e, Rfc2136Error::NotAuthoritative { .. })
+            }),
+            (ResponseCode::NotZone, true, ErrorKind::InvalidInput, |e| {
+                matches!(e, Rfc2136Error::NotZone { .. })
+            }),
+            (ResponseCode::ServFail, true, ErrorKind::Unavailable, |e| {
+                matches!(e, Rfc2136Error::ServFail { .. })
+            }),
+            (ResponseCode::FormErr, true, ErrorKind::Backend, |e| {
+                matches!(
+                    e,
+                    Rfc2136Error::Rcode {
+                        code: ResponseCode::FormErr,
+                        ..
+                    }
+                )
+            }),
+            (ResponseCode::NXDomain, false, ErrorKind::Backend, |e| {
+                matches!(
+                    e,
+                    Rfc2136Error::Rcode {
+                        code: ResponseCode::NXDomain,
+                        ..
+                    }
+                )
+            }),
+        ];
+        for (code, update, kind, expected) in cases {
             let (bytes, verifier) = answer_for(&key, code);
             let err =
                 check_answer(&bytes, verifier, &ok, update, "lab.devvm.test", "q").unwrap_err();
             assert_eq!(err.kind(), kind, "{code}: {err}");
+            assert!(err.detail().is_some_and(expected), "{code}: {err}");
+            // Each error names its zone for the reader.
             assert!(err.to_string().contains("lab.devvm.test"), "{err}");
         }
         // NOTAUTH in an answer that does not verify is a key problem.
         let (bytes, verifier) = answer_for(&other, ResponseCode::NotAuth);
         let err = check_answer(&bytes, verifier, &ok, true, "z", "q").unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Unauthorized);
+        assert!(
+            matches!(err.detail(), Some(Rfc2136Error::KeyRejected { .. })),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_address_left_behind_keeps_the_ptr_failures_kind_and_retryability() {
+        let ptr_failure = |code| -> Error {
+            Rfc2136Error::Rcode {
+                what: "add 10.0.0.7 PTR web-1.lab.test".into(),
+                zone: "0.0.10.in-addr.arpa".into(),
+                code,
+            }
+            .into()
+        };
+        let undo: Error = Rfc2136Error::Unreachable {
+            what: "delete web-1.lab.test A 10.0.0.7".into(),
+            server: "127.0.0.1:53".parse().unwrap(),
+            zone: "lab.test".into(),
+            source: NetError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        }
+        .into();
+        for (first, kind, retryable) in [
+            (
+                ptr_failure(ResponseCode::FormErr),
+                ErrorKind::Backend,
+                false,
+            ),
+            (
+                Rfc2136Error::ServFail {
+                    what: "q".into(),
+                    zone: "z".into(),
+                }
+                .into(),
+                ErrorKind::Unavailable,
+                true,
+            ),
+            (
+                ptr_failure(ResponseCode::NotImp).with_retryable(true),
+                ErrorKind::Backend,
+                true,
+            ),
+        ] {
+            let first_message = first.message().to_owned();
+            let e: Error = Rfc2136Error::AddressLeft {
+                rtype: RecordType::A,
+                fqdn: "web-1.lab.test".into(),
+                ip: "10.0.0.7".parse().unwrap(),
+                undo: Box::new(Error::new(undo.kind(), undo.message())),
+                source: Box::new(first),
+            }
+            .into();
+            assert_eq!(e.kind(), kind, "{e}");
+            assert_eq!(e.is_retryable(), retryable, "{e}");
+            assert_eq!(e.backend_name(), Some("rfc2136"));
+            assert!(e.message().starts_with(&first_message), "{e}");
+            assert!(
+                e.message().contains(
+                    "the A record web-1.lab.test -> 10.0.0.7 just added is still published"
+                ),
+                "{e}"
+            );
+            // The chain goes on with the PTR update's failure.
+            assert_eq!(
+                std::error::Error::source(&e).map(ToString::to_string),
+                Some(first_message)
+            );
+        }
     }
 
     #[tokio::test]
@@ -978,6 +1144,13 @@ mod tests {
         let err = dns.resolve(&vm).await.unwrap_err();
         assert!(
             matches!(err.kind(), ErrorKind::Unavailable | ErrorKind::Timeout),
+            "{err}"
+        );
+        assert!(
+            matches!(
+                err.detail(),
+                Some(Rfc2136Error::Unreachable { .. } | Rfc2136Error::NoAnswer { .. })
+            ),
             "{err}"
         );
         assert!(err.is_retryable());
@@ -1007,7 +1180,10 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
         assert!(err.is_retryable());
-        assert!(err.to_string().contains("lab.test"), "{err}");
+        assert!(
+            matches!(err.detail(), Some(Rfc2136Error::NoAnswer { zone, .. }) if zone == "lab.test"),
+            "{err}"
+        );
         hold.abort();
     }
 }
