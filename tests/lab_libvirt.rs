@@ -95,6 +95,7 @@ fn guest(lab: &Lab, host: u8) -> Guest {
             ssh_port: 22,
             authorized_key_files: vec![],
             seed_dir: None,
+            seed_pool: None,
         },
         Path::new("/"),
     )

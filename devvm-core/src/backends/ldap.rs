@@ -567,8 +567,7 @@ mod tests {
 
     #[test]
     fn client_errors_keep_their_kind_and_retryability() {
-        let d = LdapDirectory::from_config(&config(""), Path::new("/"))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let d = LdapDirectory::from_config(&config(""), Path::new("/")).unwrap();
         let result = |rc| Ldap3Error::LdapResult {
             result: ldap3::LdapResult {
                 rc,

@@ -113,7 +113,7 @@ impl Pool {
             })?;
         Ok(Pool {
             pool,
-            conn: conn,
+            conn,
             name: name.to_owned(),
             host: host.clone(),
         })

@@ -104,6 +104,7 @@ impl Inner {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn create_pool_disk(
         &self,
         vm: &VmName,
