@@ -22,6 +22,10 @@ pub mod lab {
         pub libvirt_uri: String,
         /// `DEVVM_LAB_POOL_DIR`.
         pub pool_dir: PathBuf,
+        /// `DEVVM_LAB_HOST_URIS`: every libvirt host of the lab (host 1 first).
+        pub host_uris: Vec<String>,
+        /// `DEVVM_LAB_HOST_POOL_DIRS`: where each host's pool really is on this machine.
+        pub host_pool_dirs: Vec<PathBuf>,
         /// `DEVVM_LAB_DIR`.
         pub dir: PathBuf,
         /// `DEVVM_LAB_CHEF_URL`, the lab's Chef server (goiardi), if it runs one.
@@ -32,11 +36,21 @@ pub mod lab {
         /// Reads the environment; `None` outside the lab.
         pub fn from_env() -> Option<LabEnv> {
             let v = |k: &str| std::env::var(format!("DEVVM_LAB_{k}")).ok();
+            let libvirt_uri = v("LIBVIRT_URI")?;
+            let pool_dir: PathBuf = v("POOL_DIR")?.into();
+            let words = |k: &str| -> Option<Vec<String>> {
+                let w: Vec<String> = v(k)?.split_whitespace().map(str::to_owned).collect();
+                (!w.is_empty()).then_some(w)
+            };
             Some(LabEnv {
                 dns_server: v("DNS_SERVER")?,
                 dns_port: v("DNS_PORT")?,
-                libvirt_uri: v("LIBVIRT_URI")?,
-                pool_dir: v("POOL_DIR")?.into(),
+                host_uris: words("HOST_URIS").unwrap_or_else(|| vec![libvirt_uri.clone()]),
+                host_pool_dirs: words("HOST_POOL_DIRS")
+                    .map(|w| w.into_iter().map(PathBuf::from).collect())
+                    .unwrap_or_else(|| vec![pool_dir.clone()]),
+                libvirt_uri,
+                pool_dir,
                 dir: v("DIR")?.into(),
                 chef_url: v("CHEF_URL"),
             })
@@ -89,49 +103,58 @@ pub mod lab {
             self.dig(&["-x", &ip.to_string()])
         }
 
-        /// Whether libvirt has a domain named `name` (running or not).
-        pub fn domain_exists(&self, name: &str) -> bool {
-            Command::new("virsh")
-                .args(["-c", &self.libvirt_uri, "dominfo", name])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false)
+        /// The hosts (of [`host_uris`](Self::host_uris)) where libvirt has a domain named
+        /// `name` (running or not).
+        pub fn domain_hosts(&self, name: &str) -> Vec<String> {
+            self.host_uris
+                .iter()
+                .filter(|uri| {
+                    Command::new("virsh")
+                        .args(["-c", uri, "dominfo", name])
+                        .output()
+                        .map(|o| o.status.success())
+                        .unwrap_or(false)
+                })
+                .cloned()
+                .collect()
         }
 
-        /// Files in the pool directory whose name starts with `name` followed by `.`, and
-        /// devvm's hidden files of it (`.<name>.qcow2.owner`, partial copies).
+        /// Whether libvirt has a domain named `name` (running or not) on any lab host.
+        pub fn domain_exists(&self, name: &str) -> bool {
+            !self.domain_hosts(name).is_empty()
+        }
+
+        /// Files in `dirs` whose names pass `keep`.
+        fn files_in(dirs: &[PathBuf], keep: impl Fn(&str) -> bool) -> Vec<PathBuf> {
+            dirs.iter()
+                .flat_map(|d| std::fs::read_dir(d).into_iter().flatten())
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(&keep))
+                .collect()
+        }
+
+        /// Files in every host's pool whose name starts with `name` followed by `.` (the
+        /// disk and its owner record), and devvm's hidden files of it (`.<name>.qcow2.owner`,
+        /// partial copies).
         pub fn disk_files(&self, name: &str) -> Vec<PathBuf> {
             let (prefix, hidden) = (format!("{name}."), format!(".{name}."));
-            std::fs::read_dir(&self.pool_dir)
-                .map(|rd| {
-                    rd.filter_map(|e| e.ok())
-                        .map(|e| e.path())
-                        .filter(|p| {
-                            p.file_name()
-                                .and_then(|n| n.to_str())
-                                .is_some_and(|n| n.starts_with(&prefix) || n.starts_with(&hidden))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default()
+            let mut dirs = self.host_pool_dirs.clone();
+            if !dirs.contains(&self.pool_dir) {
+                dirs.push(self.pool_dir.clone());
+            }
+            Self::files_in(&dirs, |n| n.starts_with(&prefix) || n.starts_with(&hidden))
         }
 
         /// The first-boot seed images of `vm` (`<vm>-<request id>-cidata.img`) in the lab's
-        /// seed directory.
+        /// seed directory and in every host's pool.
         pub fn seed_files(&self, vm: &str) -> Vec<PathBuf> {
             let prefix = format!("{vm}-");
-            std::fs::read_dir(self.dir.join("devvm-shared/seeds"))
-                .map(|rd| {
-                    rd.filter_map(|e| e.ok())
-                        .map(|e| e.path())
-                        .filter(|p| {
-                            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                                n.starts_with(&prefix) && n.ends_with("-cidata.img")
-                            })
-                        })
-                        .collect()
-                })
-                .unwrap_or_default()
+            let mut dirs = vec![self.dir.join("devvm-shared/seeds")];
+            dirs.extend(self.host_pool_dirs.iter().cloned());
+            Self::files_in(&dirs, |n| {
+                n.starts_with(&prefix) && n.ends_with("-cidata.img")
+            })
         }
 
         /// The address leased to `vm` in the lease database, read with plain SQL.

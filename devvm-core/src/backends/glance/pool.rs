@@ -2,9 +2,9 @@
 //! instead of `disk_dir`): nothing assumes this process shares a file system with a host.
 //!
 //! * A template's files (image, kernel, initrd) are uploaded into the host's pool as
-//!   `devvm-template-<file>` through libvirt's volume stream, read back and compared
-//!   (sha256 of both sides), and only then marked done with the record
-//!   `devvm-template-<file>.verified`. File names carry the Glance image id, so a host that
+//!   `devvm-template-<template>-<file>` through libvirt's volume stream, read back and
+//!   compared (sha256 of both sides), and only then marked done with the record
+//!   `devvm-template-<template>-<file>.verified`. File names carry the Glance image id, so a host that
 //!   has the marker has the current file; anything else is uploaded again. Uploads of one
 //!   file to one host from this machine are serialized by a lock file in the cache.
 //! * A disk is the qcow2 overlay `<vm>.qcow2` on the host's template volume, made by
@@ -33,12 +33,13 @@ impl Inner {
     ) -> Result<Template> {
         let p = Pool::open(host, pool)?;
         let mut out = t.clone();
-        out.path = self.host_file(&p, host, &t.path, progress)?.into();
+        let prefix = volume_prefix(&t.name);
+        out.path = self.host_file(&p, host, &prefix, &t.path, progress)?.into();
         if let Some(k) = &t.boot.kernel {
-            out.boot.kernel = Some(self.host_file(&p, host, k, progress)?.into());
+            out.boot.kernel = Some(self.host_file(&p, host, &prefix, k, progress)?.into());
         }
         if let Some(i) = &t.boot.initrd {
-            out.boot.initrd = Some(self.host_file(&p, host, i, progress)?.into());
+            out.boot.initrd = Some(self.host_file(&p, host, &prefix, i, progress)?.into());
         }
         Ok(out)
     }
@@ -48,6 +49,7 @@ impl Inner {
         &self,
         p: &Pool,
         host: &HostId,
+        prefix: &str,
         local: &Path,
         progress: &Progress,
     ) -> Result<String> {
@@ -59,7 +61,7 @@ impl Inner {
                 name: local.display().to_string(),
                 path: local.to_owned(),
             })?;
-        let vol_name = format!("{TEMPLATE_PREFIX}{file}");
+        let vol_name = format!("{prefix}{file}");
         let marker = format!("{vol_name}{VERIFIED}");
         // One uploader per host and file on this machine.
         let lock_name = format!(
@@ -95,7 +97,7 @@ impl Inner {
             .path
             .file_name()
             .and_then(|f| f.to_str())
-            .and_then(|f| f.strip_prefix(TEMPLATE_PREFIX))
+            .and_then(|f| f.strip_prefix(&volume_prefix(&t.name)))
             .unwrap_or_default();
         let dir = self.template_dir(&t.name, false)?;
         self.template_file(&Template {
@@ -234,6 +236,11 @@ fn describe(p: &Pool, vm: &VmName, name: &str) -> Result<Option<Disk>> {
         format: DiskFormat::Qcow2,
         size_gib: capacity.div_ceil(GIB),
     }))
+}
+
+/// What the names of `template`'s volumes start with.
+fn volume_prefix(template: &TemplateName) -> String {
+    format!("{TEMPLATE_PREFIX}{template}-")
 }
 
 /// A short stable name for a lock file.
