@@ -26,6 +26,19 @@ static SHUT_DOWN: AtomicBool = AtomicBool::new(false);
 /// Threads that are waiting in [`detached`] right now.
 static WAITERS: AtomicUsize = AtomicUsize::new(0);
 
+/// devvm-core's backend features (devvm-py's cargo features of the same names) and
+/// whether this build has each; `devvm.FEATURES` lists those it has. The default wheel has
+/// all of them; the portable one is built without `libvirt`.
+pub(crate) const BACKEND_FEATURES: [(&str, bool); 7] = [
+    ("ldap", cfg!(feature = "ldap")),
+    ("rfc2136", cfg!(feature = "rfc2136")),
+    ("glance", cfg!(feature = "glance")),
+    ("libvirt", cfg!(feature = "libvirt")),
+    ("ssh", cfg!(feature = "ssh")),
+    ("cloud-init", cfg!(feature = "cloud-init")),
+    ("sqlite", cfg!(feature = "sqlite")),
+];
+
 /// How long `_shutdown()` waits for work still running (a Python backend's call that has
 /// not returned yet) before abandoning it.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(60);
@@ -102,6 +115,12 @@ fn _shutdown(py: Python<'_>) {
 #[pymodule]
 fn _devvm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    let features: Vec<&str> = BACKEND_FEATURES
+        .iter()
+        .filter(|(_, built)| *built)
+        .map(|(name, _)| *name)
+        .collect();
+    m.add("FEATURES", pyo3::types::PyTuple::new(m.py(), features)?)?;
     m.add_function(wrap_pyfunction!(_shutdown, m)?)?;
     errors::register(m)?;
     convert::register(m)?;

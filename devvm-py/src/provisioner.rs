@@ -34,6 +34,25 @@ fn core<T>(py: Python<'_>, r: devvm_core::Result<T>) -> PyResult<T> {
     r.map_err(|e| to_py_err(py, &e))
 }
 
+/// The feature that the built-in backend `name` of `step` needs, when this build was made
+/// without it (a wheel built without `libvirt` has no `libvirt` hypervisor or placement).
+fn missing_feature(step: Step, name: &str) -> Option<&'static str> {
+    let feature = match (step, name) {
+        (Step::User, "ldap") => "ldap",
+        (Step::Ip, "sqlite") => "sqlite",
+        (Step::Dns, "rfc2136") => "rfc2136",
+        (Step::Placement | Step::Domain, "libvirt") => "libvirt",
+        (Step::Image | Step::Disk, "glance") => "glance",
+        (Step::Bootstrap, "cloud-init") => "cloud-init",
+        (Step::Bootstrap, "chef" | "shell") => "ssh",
+        _ => return None,
+    };
+    crate::BACKEND_FEATURES
+        .iter()
+        .any(|&(f, built)| f == feature && !built)
+        .then_some(feature)
+}
+
 /// What the forwarding task tells the waiting Python thread.
 enum Wake<T> {
     Done(Result<devvm_core::Result<T>, tokio::task::JoinError>),
@@ -287,6 +306,29 @@ impl PyProvisioner {
                 match config.section(c.step()).map(|s| s.backend.clone()) {
                     Some(name) if name != "custom" => c.register(&mut registry, name),
                     _ => direct.push(c),
+                }
+            }
+            // A built-in backend this wheel lacks: say so in terms of the wheel (devvm-core
+            // would name its own cargo feature).
+            for &step in Step::ALL.iter() {
+                let Some(section) = config.section(step) else {
+                    continue;
+                };
+                let name = section.backend.as_str();
+                if registry.names(step).iter().any(|n| n == name) {
+                    continue;
+                }
+                if let Some(feature) = missing_feature(step, name) {
+                    return Err(devvm_core::Error::invalid_input(format!(
+                        "config {}: [{}] backend {name:?} is not in this devvm wheel: it was built without the `{feature}` feature; the default wheel (`pip install ./devvm-py`) has every backend{}",
+                        path.display(),
+                        devvm_core::registry::section_name(step),
+                        if feature == "libvirt" {
+                            " and links the system's libvirt"
+                        } else {
+                            ""
+                        },
+                    )));
                 }
             }
             let mut builder = config.builder_with(&registry)?;

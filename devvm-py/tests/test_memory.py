@@ -146,6 +146,31 @@ def test_missing_custom_backend_is_invalid_input(tmp_path: Path) -> None:
         devvm.Provisioner.from_config(tmp_path / "missing.toml")
 
 
+def test_features_and_a_backend_the_wheel_lacks(tmp_path: Path) -> None:
+    """``devvm.FEATURES`` names the backend features the wheel was built with (every one
+    in the default wheel); a config naming a backend whose feature is missing (``libvirt``
+    in the portable manylinux wheel) is ``InvalidInput`` saying so."""
+    from conftest import replace_section
+
+    known = {"ldap", "rfc2136", "glance", "libvirt", "ssh", "cloud-init", "sqlite"}
+    assert isinstance(devvm.FEATURES, tuple) and set(devvm.FEATURES) <= known
+    cfg = write_memory_config(tmp_path)
+    cfg.write_text(replace_section(cfg.read_text(), "hypervisor", 'backend = "libvirt"'))
+    if "libvirt" in devvm.FEATURES:
+        try:
+            devvm.Provisioner.from_config(cfg).close()
+        except devvm.Error as e:
+            assert "not in this devvm wheel" not in str(e)
+    else:
+        with pytest.raises(devvm.InvalidInput, match=r"\[hypervisor\] backend \"libvirt\" is not in this devvm wheel") as e:
+            devvm.Provisioner.from_config(cfg)
+        assert "pip install ./devvm-py" in str(e.value)
+        # A Python backend may still serve the section under that name.
+        p = devvm.Provisioner.from_config(cfg, hypervisor=PyHypervisor())
+        assert p.backends["domain"] == "python:PyHypervisor"
+        p.close()
+
+
 def test_events_iterator(memory_config: Path) -> None:
     p = devvm.Provisioner.from_config(memory_config)
     it = p.events()

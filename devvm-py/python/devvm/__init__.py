@@ -34,6 +34,7 @@ import atexit as _atexit
 
 from . import _devvm
 from ._devvm import (
+    FEATURES,
     AlreadyExists,
     BackendError,
     Cancelled,
@@ -62,6 +63,7 @@ from ._devvm import (
 _atexit.register(_devvm._shutdown)
 
 __all__ = [
+    "FEATURES",
     "AlreadyExists",
     "BackendError",
     "Cancelled",

@@ -8,6 +8,11 @@ from types import TracebackType
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, Union
 
 __version__: str
+FEATURES: Tuple[str, ...]
+"""devvm-core's backend features this wheel was built with: ``ldap``, ``rfc2136``,
+``glance``, ``libvirt``, ``ssh``, ``cloud-init``, ``sqlite`` (all of them in the default
+wheel; the portable manylinux wheel lacks ``libvirt``). A config naming a backend whose
+feature is missing raises ``InvalidInput``."""
 
 def _shutdown() -> None:
     """Stops the module's runtime (registered with ``atexit`` by ``devvm``)."""
