@@ -119,6 +119,20 @@ pub mod lab {
                 .collect()
         }
 
+        /// Where the file that `host` sees at `path` (in its pool) really is on this
+        /// machine: each host's pool is its own directory bind-mounted over the common
+        /// pool path.
+        pub fn local_path(&self, host: &str, path: &Path) -> PathBuf {
+            let i = self.host_uris.iter().position(|u| u == host).unwrap_or(0);
+            match (
+                self.host_pool_dirs.get(i),
+                path.strip_prefix(&self.pool_dir),
+            ) {
+                (Some(dir), Ok(rest)) => dir.join(rest),
+                _ => path.to_owned(),
+            }
+        }
+
         /// Whether libvirt has a domain named `name` (running or not) on any lab host.
         pub fn domain_exists(&self, name: &str) -> bool {
             !self.domain_hosts(name).is_empty()

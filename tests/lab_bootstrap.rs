@@ -244,13 +244,7 @@ async fn chef_bootstrap_with_the_stand_in_chef_client_registers_the_node_and_dep
         "{disks}"
     );
     let listed = Command::new("virsh")
-        .args([
-            "-q",
-            "-c",
-            lab.var("libvirt_uri"),
-            "domblklist",
-            name.as_str(),
-        ])
+        .args(["-q", "-c", vm.host.as_str(), "domblklist", name.as_str()])
         .output()
         .expect("virsh");
     let listed = String::from_utf8_lossy(&listed.stdout).into_owned();

@@ -32,7 +32,12 @@ async fn a_real_vm_is_provisioned_and_removed_without_trace() {
         .expect("provision");
 
     assert_eq!(vm.fqdn, format!("{name}.{}", lab.var("dns_zone")));
-    assert_eq!(vm.host.as_str(), lab.var("libvirt_uri"));
+    assert!(
+        env.host_uris.iter().any(|h| h == vm.host.as_str()),
+        "{} is a lab host",
+        vm.host
+    );
+    assert_eq!(env.domain_hosts(name.as_str()), vec![vm.host.to_string()]);
     assert!(
         matches!(vm.ip, IpAddr::V4(v4) if v4.octets()[..3] == [10, 99, 0] && (100..200).contains(&v4.octets()[3])),
         "{vm:?}"
@@ -49,7 +54,7 @@ async fn a_real_vm_is_provisioned_and_removed_without_trace() {
     assert!(env.domain_exists(name.as_str()));
     let info = std::process::Command::new("qemu-img")
         .args(["info", "--output=json", "-U"])
-        .arg(&vm.disk)
+        .arg(env.local_path(vm.host.as_str(), &vm.disk))
         .output()
         .expect("qemu-img");
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
@@ -189,21 +194,32 @@ async fn a_hand_made_domain_of_the_name_is_refused_and_left_alone() {
         ),
     )
     .unwrap();
-    let virsh = |args: &[&str]| {
+    let virsh = |uri: &str, args: &[&str]| {
         std::process::Command::new("virsh")
-            .args(["-q", "-c", lab.var("libvirt_uri")])
+            .args(["-q", "-c", uri])
             .args(args)
             .output()
             .expect("virsh")
     };
-    let defined = virsh(&["define", xml.to_str().unwrap_or_default()]);
-    assert!(
-        defined.status.success(),
-        "{}",
-        String::from_utf8_lossy(&defined.stderr)
-    );
-    let uuid = || String::from_utf8_lossy(&virsh(&["domuuid", name.as_str()]).stdout).into_owned();
-    let before = uuid();
+    // On every host of the lab, so that wherever placement puts the VM the name is taken.
+    for uri in &env.host_uris {
+        let defined = virsh(uri, &["define", xml.to_str().unwrap_or_default()]);
+        assert!(
+            defined.status.success(),
+            "{}",
+            String::from_utf8_lossy(&defined.stderr)
+        );
+    }
+    let uuids = || -> Vec<String> {
+        env.host_uris
+            .iter()
+            .map(|uri| {
+                String::from_utf8_lossy(&virsh(uri, &["domuuid", name.as_str()]).stdout)
+                    .into_owned()
+            })
+            .collect()
+    };
+    let before = uuids();
 
     let p = Provisioner::from_config(lab.write_config(dir.path())).unwrap();
     let mut events = p.subscribe();
@@ -214,11 +230,12 @@ async fn a_hand_made_domain_of_the_name_is_refused_and_left_alone() {
     assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
     assert_eq!(e.step(), Some(Step::Domain), "{e}");
     assert!(e.undo_failures().is_empty(), "{:?}", e.undo_failures());
-    assert!(
-        env.domain_exists(name.as_str()),
-        "the foreign domain is still defined"
+    assert_eq!(
+        env.domain_hosts(name.as_str()),
+        env.host_uris,
+        "the foreign domain is still defined on every host"
     );
-    assert_eq!(uuid(), before, "and it is the same domain");
+    assert_eq!(uuids(), before, "and it is the same domain");
     assert!(
         events.drain().iter().any(|ev| matches!(
             &ev.kind,
@@ -236,12 +253,14 @@ async fn a_hand_made_domain_of_the_name_is_refused_and_left_alone() {
         .filter(|l| *l != format!("libvirt domain {name}"))
         .collect();
     assert!(left.is_empty(), "the run leaked: {left:?}");
-    let gone = virsh(&["undefine", name.as_str()]);
-    assert!(
-        gone.status.success(),
-        "{}",
-        String::from_utf8_lossy(&gone.stderr)
-    );
+    for uri in &env.host_uris {
+        let gone = virsh(uri, &["undefine", name.as_str()]);
+        assert!(
+            gone.status.success(),
+            "{}",
+            String::from_utf8_lossy(&gone.stderr)
+        );
+    }
 }
 
 /// An IP lease or a DNS name of the VM's name that someone else holds (another owner's
