@@ -11,7 +11,7 @@ use std::sync::Arc;
 use devvm_core::backends::glance::{GlanceConfig, GlanceImageStore};
 use devvm_core::testkit::conformance::{ImageStoreFixture, image_store};
 use devvm_core::{ErrorKind, HostId, ImageStore, Progress, TemplateName, VmName};
-use devvm_tests::Lab;
+use devvm_tests::{Lab, Uploads};
 
 /// Temporary cache and disk directories, and a store on them.
 struct Setup {
@@ -125,82 +125,6 @@ async fn prepare(store: &GlanceImageStore, t: &TemplateName) -> devvm_core::Temp
         .prepare(t, &host(), &Progress::discard())
         .await
         .unwrap_or_else(|e| panic!("prepare {t}: {e:?}"))
-}
-
-/// Images uploaded by a test; deleted when dropped.
-struct Uploads {
-    url: String,
-    ids: Vec<String>,
-}
-
-impl Uploads {
-    fn new(lab: &Lab) -> Self {
-        Uploads {
-            url: lab.var("glance_url").to_owned(),
-            ids: Vec::new(),
-        }
-    }
-
-    /// Uploads a qcow2 of `virtual_size` (for example `"3G"`) as `name` with `tags`.
-    fn qcow2(&mut self, name: &str, virtual_size: &str, tags: &[&str]) -> String {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let file = dir.path().join("img.qcow2");
-        let f = file.to_string_lossy();
-        run(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", &f, virtual_size],
-        );
-        let body = serde_json::json!({
-            "name": name, "disk_format": "qcow2", "container_format": "bare",
-            "visibility": "public", "tags": tags,
-        })
-        .to_string();
-        let created = json(&run(
-            "curl",
-            &[
-                "-sSf",
-                "-m",
-                "30",
-                "-X",
-                "POST",
-                "-H",
-                "Content-Type: application/json",
-                "-d",
-                &body,
-                &format!("{}/v2/images", self.url),
-            ],
-        ));
-        let id = created["id"].as_str().unwrap_or_default().to_owned();
-        assert!(!id.is_empty(), "{created}");
-        self.ids.push(id.clone());
-        run(
-            "curl",
-            &[
-                "-sSf",
-                "-m",
-                "60",
-                "-X",
-                "PUT",
-                "-H",
-                "Content-Type: application/octet-stream",
-                "-T",
-                &f,
-                &format!("{}/v2/images/{id}/file", self.url),
-            ],
-        );
-        id
-    }
-}
-
-impl Drop for Uploads {
-    fn drop(&mut self) {
-        for id in &self.ids {
-            let _ = Command::new("curl")
-                .args(["-sS", "-m", "30", "-X", "DELETE"])
-                .arg(format!("{}/v2/images/{id}", self.url))
-                .output();
-        }
-    }
 }
 
 #[tokio::test]

@@ -217,3 +217,100 @@ pub async fn plant_neighbour(mem: &MemoryBackends) -> usize {
         .unwrap();
     mem.held_total().unwrap()
 }
+
+/// Runs `program` with `args` and returns its stdout; panics, with its stderr, when it
+/// cannot run or fails.
+pub fn run_ok(program: &str, args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+fn parse_json(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(bytes)))
+}
+
+/// Images uploaded by a test; deleted when dropped.
+pub struct Uploads {
+    url: String,
+    ids: Vec<String>,
+}
+
+impl Uploads {
+    /// No uploads yet, to the lab's Glance.
+    pub fn new(lab: &Lab) -> Self {
+        Uploads {
+            url: lab.var("glance_url").to_owned(),
+            ids: Vec::new(),
+        }
+    }
+
+    /// Uploads a qcow2 of `virtual_size` (for example `"3G"`) as `name` with `tags`.
+    pub fn qcow2(&mut self, name: &str, virtual_size: &str, tags: &[&str]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("img.qcow2");
+        let f = file.to_string_lossy();
+        run_ok(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &f, virtual_size],
+        );
+        let body = serde_json::json!({
+            "name": name, "disk_format": "qcow2", "container_format": "bare",
+            "visibility": "public", "tags": tags,
+        })
+        .to_string();
+        let created = parse_json(&run_ok(
+            "curl",
+            &[
+                "-sSf",
+                "-m",
+                "30",
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                &body,
+                &format!("{}/v2/images", self.url),
+            ],
+        ));
+        let id = created["id"].as_str().unwrap_or_default().to_owned();
+        assert!(!id.is_empty(), "{created}");
+        self.ids.push(id.clone());
+        run_ok(
+            "curl",
+            &[
+                "-sSf",
+                "-m",
+                "60",
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/octet-stream",
+                "-T",
+                &f,
+                &format!("{}/v2/images/{id}/file", self.url),
+            ],
+        );
+        id
+    }
+}
+
+impl Drop for Uploads {
+    fn drop(&mut self) {
+        for id in &self.ids {
+            let _ = std::process::Command::new("curl")
+                .args(["-sS", "-m", "30", "-X", "DELETE"])
+                .arg(format!("{}/v2/images/{id}", self.url))
+                .output();
+        }
+    }
+}

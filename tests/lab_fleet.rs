@@ -1,0 +1,292 @@
+//! The fleet in the lab: two libvirt hosts (`scripts/lab up --hosts 2`) that share no
+//! storage. Templates reach each host's pool through libvirt, once and verified; disks are
+//! overlays libvirt makes in the chosen host's pool; volumes devvm did not make are left
+//! alone; and provisions land on both hosts.
+//!
+//! Every check asks the hosts themselves (virsh, the pool directories behind them).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use devvm_core::backends::glance::{GlanceConfig, GlanceImageStore};
+use devvm_core::testkit::unique_vm_name;
+use devvm_core::{
+    ErrorKind, HostId, ImageStore, Progress, ProvisionRequest, Provisioner, RequestId,
+    TemplateName, Undone,
+};
+use devvm_examples::lab::{LabEnv, ssh_answers};
+use devvm_tests::{Lab, Uploads, run_ok};
+
+/// The lab with at least two hosts, or `None` (a failure under `DEVVM_REQUIRE_LAB=1`).
+fn fleet(test: &str) -> Option<(Lab, LabEnv)> {
+    let lab = Lab::get(test)?;
+    let env = LabEnv::from_env().expect("lab env");
+    if env.host_uris.len() < 2 {
+        assert!(
+            std::env::var("DEVVM_REQUIRE_LAB").as_deref() != Ok("1"),
+            "{test}: needs two lab hosts; run `scripts/lab up --hosts 2`"
+        );
+        eprintln!("SKIPPED {test}: one lab host; run `scripts/lab up --hosts 2`");
+        return None;
+    }
+    Some((lab, env))
+}
+
+fn store(lab: &Lab, dir: &Path) -> GlanceImageStore {
+    let config: GlanceConfig = toml::from_str(&format!(
+        "url = \"{}\"\ncache_dir = \"cache\"\npool = \"{}\"\n",
+        lab.var("glance_url"),
+        lab.var("pool")
+    ))
+    .expect("glance config");
+    GlanceImageStore::from_config(&config, dir).expect("glance store with a pool")
+}
+
+fn host(uri: &str) -> HostId {
+    HostId::new(uri).expect("a lab host uri is a host id")
+}
+
+fn virsh(uri: &str, args: &[&str]) -> std::process::Output {
+    Command::new("virsh")
+        .args(["-q", "-c", uri])
+        .args(args)
+        .output()
+        .expect("virsh")
+}
+
+/// The file behind `host`'s volume at `path`, with its birth time (a new upload makes a
+/// new file; an inode number can be reused at once, a birth time to the nanosecond not).
+fn on_host(env: &LabEnv, host: &HostId, path: &Path) -> (PathBuf, std::time::SystemTime) {
+    let local = env.local_path(host.as_str(), path);
+    let born = std::fs::metadata(&local)
+        .and_then(|m| m.created())
+        .unwrap_or_else(|e| panic!("{}: {e}", local.display()));
+    (local, born)
+}
+
+/// Deletes `volumes` from every host's pool (whatever the test left).
+fn delete_volumes(env: &LabEnv, pool: &str, volumes: &[String]) {
+    for uri in &env.host_uris {
+        for v in volumes {
+            let _ = virsh(uri, &["vol-delete", "--pool", pool, v]);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_reaches_each_host_once_verified() {
+    let Some((lab, env)) = fleet("a_template_reaches_each_host_once_verified") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&lab, dir.path());
+    // A template of its own, so that no host has it yet.
+    let name = format!("fleet-tpl-{}", unique_vm_name("t"));
+    let mut uploads = Uploads::new(&lab);
+    let id = uploads.qcow2(&name, "64M", &[]);
+    let t = TemplateName::new(&name).unwrap();
+    let mut made = Vec::new();
+    for uri in &env.host_uris {
+        let h = host(uri);
+        let on = s.prepare(&t, &h, &Progress::discard()).await.unwrap();
+        assert!(
+            on.path.starts_with(&env.pool_dir),
+            "the template is in the host's pool: {}",
+            on.path.display()
+        );
+        let vol = on.path.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(vol, format!("devvm-template-{name}-{id}.qcow2"));
+        made.push(vol.clone());
+        made.push(format!("{vol}.verified"));
+        let (local, born) = on_host(&env, &h, &on.path);
+        let cached = s.sync(&t, &Progress::discard()).await.unwrap();
+        assert_eq!(
+            std::fs::read(&local).unwrap(),
+            std::fs::read(&cached.path).unwrap(),
+            "the host's copy is the verified download"
+        );
+        let marker =
+            std::fs::read_to_string(local.with_file_name(format!("{vol}.verified"))).unwrap();
+        assert!(marker.starts_with("sha256:"), "{marker}");
+
+        // Present and marked: not uploaded again.
+        let again = s.prepare(&t, &h, &Progress::discard()).await.unwrap();
+        assert_eq!(again.path, on.path);
+        assert_eq!(on_host(&env, &h, &again.path).1, born, "not uploaded again");
+
+        // Without its marker the copy is not trusted: uploaded again.
+        let gone = virsh(
+            uri,
+            &[
+                "vol-delete",
+                "--pool",
+                lab.var("pool"),
+                &format!("{vol}.verified"),
+            ],
+        );
+        assert!(gone.status.success());
+        let fresh = s.prepare(&t, &h, &Progress::discard()).await.unwrap();
+        let (local, reborn) = on_host(&env, &h, &fresh.path);
+        assert_ne!(reborn, born, "uploaded again");
+        assert!(
+            local.with_file_name(format!("{vol}.verified")).is_file(),
+            "and verified again"
+        );
+    }
+    // Each host has its own copy: the pools share nothing.
+    let copies: Vec<PathBuf> = env
+        .host_uris
+        .iter()
+        .map(|uri| env.local_path(uri, &env.pool_dir.join(&made[0])))
+        .collect();
+    assert_ne!(copies[0], copies[1]);
+    assert!(copies.iter().all(|c| c.is_file()), "{copies:?}");
+    made.dedup();
+    delete_volumes(&env, lab.var("pool"), &made);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_is_an_overlay_in_its_hosts_pool_and_foreign_volumes_stay() {
+    let Some((lab, env)) = fleet("a_disk_is_an_overlay_in_its_hosts_pool_and_foreign_volumes_stay")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&lab, dir.path());
+    let uri = env.host_uris[1].clone();
+    let h = host(&uri);
+    let pool = lab.var("pool");
+    let t = TemplateName::new(lab.var("template")).unwrap();
+    let on = s.prepare(&t, &h, &Progress::discard()).await.unwrap();
+    let (me, them) = (
+        RequestId::new("fleet-test-me").unwrap(),
+        RequestId::new("fleet-test-them").unwrap(),
+    );
+    let vm = unique_vm_name("fleet-disk");
+    let p = Progress::discard();
+
+    let disk = s.create_disk(&vm, &h, &on, 2, &me, &p).await.unwrap();
+    assert_eq!(disk.size_gib, 2);
+    let (local, _) = on_host(&env, &h, &disk.path);
+    assert!(
+        local.starts_with(&env.host_pool_dirs[1]),
+        "made in host 2's own pool: {}",
+        local.display()
+    );
+    let info: serde_json::Value = serde_json::from_slice(&run_ok(
+        "qemu-img",
+        &["info", "-U", "--output=json", &local.to_string_lossy()],
+    ))
+    .unwrap();
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(info["virtual-size"], 2u64 << 30);
+    assert_eq!(
+        info["backing-filename"].as_str(),
+        on.path.to_str(),
+        "an overlay on the host's template volume"
+    );
+    assert_eq!(
+        std::fs::read_to_string(local.with_file_name(format!("{vm}.qcow2.owner"))).unwrap(),
+        me.as_str(),
+        "the owner record names this run"
+    );
+    assert!(
+        !env.host_pool_dirs[0].join(format!("{vm}.qcow2")).exists(),
+        "nothing on host 1"
+    );
+
+    // Idempotent for its owner; never adopted by, nor deleted for, another.
+    assert_eq!(s.create_disk(&vm, &h, &on, 2, &me, &p).await.unwrap(), disk);
+    let e = s.create_disk(&vm, &h, &on, 2, &them, &p).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+    assert!(matches!(
+        s.delete_disk(&vm, &h, &them).await.unwrap(),
+        Undone::Foreign { .. }
+    ));
+    assert_eq!(s.disk(&vm, &h).await.unwrap(), Some(disk.clone()));
+    assert_eq!(s.delete_disk(&vm, &h, &me).await.unwrap(), Undone::Removed);
+    assert_eq!(s.delete_disk(&vm, &h, &me).await.unwrap(), Undone::Absent);
+    assert!(!local.exists() && !local.with_file_name(format!("{vm}.qcow2.owner")).exists());
+
+    // A volume of that name made by hand (no owner record): refused, and it stays, without
+    // a claim of ours beside it.
+    let hand = unique_vm_name("fleet-hand");
+    let made = virsh(
+        &uri,
+        &[
+            "vol-create-as",
+            pool,
+            &format!("{hand}.qcow2"),
+            "1M",
+            "--format",
+            "qcow2",
+        ],
+    );
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let e = s.create_disk(&hand, &h, &on, 2, &me, &p).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+    let hand_file = env.host_pool_dirs[1].join(format!("{hand}.qcow2"));
+    assert!(hand_file.is_file(), "the hand-made volume stays");
+    assert!(
+        !env.host_pool_dirs[1]
+            .join(format!("{hand}.qcow2.owner"))
+            .exists(),
+        "no claim of ours is left beside it"
+    );
+    assert!(matches!(
+        s.delete_disk(&hand, &h, &me).await.unwrap(),
+        Undone::Foreign { .. }
+    ));
+    assert!(hand_file.is_file(), "and it survives a delete");
+    delete_volumes(&env, pool, &[format!("{hand}.qcow2")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisions_land_on_both_hosts_and_leave_nothing_on_either() {
+    let Some((lab, env)) = fleet("provisions_land_on_both_hosts_and_leave_nothing_on_either")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // Room for one such VM per host, so the second must go to the other host.
+    let text = std::fs::read_to_string(lab.write_config(dir.path()))
+        .unwrap()
+        .replace(
+            "capacity = { vcpus = 16, memory_mib = 4096, disk_gib = 64 }",
+            "capacity = { vcpus = 16, memory_mib = 4096, disk_gib = 3 }",
+        );
+    let config = dir.path().join("fleet.toml");
+    std::fs::write(&config, text).unwrap();
+    let p = Provisioner::from_config(&config).unwrap();
+    let names = [unique_vm_name("fleet-a"), unique_vm_name("fleet-b")];
+    let mut vms = Vec::new();
+    for name in &names {
+        let req = ProvisionRequest::new(lab.member())
+            .with_name(name.clone())
+            .with_disk_gib(2);
+        vms.push(p.provision(req).await.expect("provision"));
+    }
+    let hosts: Vec<&str> = vms.iter().map(|v| v.host.as_str()).collect();
+    assert_ne!(hosts[0], hosts[1], "one VM on each host");
+    for vm in &vms {
+        assert_eq!(
+            env.domain_hosts(vm.name.as_str()),
+            vec![vm.host.to_string()]
+        );
+        assert!(
+            ssh_answers(vm.ip, std::time::Duration::from_secs(60)),
+            "ssh on {}",
+            vm.ip
+        );
+        assert_eq!(env.dns_a(&vm.fqdn), vec![vm.ip.to_string()]);
+    }
+    for vm in &vms {
+        p.deprovision(&vm.name).await.expect("deprovision");
+        let left = env.leftovers(vm.name.as_str(), &vm.fqdn, Some(vm.ip));
+        assert!(left.is_empty(), "{} leaked: {left:?}", vm.name);
+    }
+}
