@@ -41,6 +41,8 @@ pub enum Operation {
     Deprovision,
     /// Cleaning up after a crashed run.
     Recover,
+    /// Moving a running VM to another host.
+    Migrate,
 }
 
 /// What happened.

@@ -43,6 +43,9 @@ pub(crate) enum RunState {
     Failed,
     /// The VM was deprovisioned.
     Removed,
+    /// The VM is being (or crashed while being) moved to another host; its migration row
+    /// says how far that got.
+    Migrating,
 }
 
 impl RunState {
@@ -54,6 +57,7 @@ impl RunState {
             RunState::Deprovisioning => "deprovisioning",
             RunState::Failed => "failed",
             RunState::Removed => "removed",
+            RunState::Migrating => "migrating",
         }
     }
 
@@ -65,6 +69,7 @@ impl RunState {
             "deprovisioning" => RunState::Deprovisioning,
             "failed" => RunState::Failed,
             "removed" => RunState::Removed,
+            "migrating" => RunState::Migrating,
             other => return Err(journal_err(format!("unknown run state {other:?}"))),
         })
     }
@@ -186,7 +191,67 @@ CREATE TABLE IF NOT EXISTS owners (
     registered TEXT NOT NULL
 );
 ",
+    // 3: live migrations. A migrating VM keeps its name (the live-name index includes
+    // the new state); its move is one row, whose phase is recorded before each act.
+    "
+DROP INDEX IF EXISTS runs_live_vm;
+CREATE UNIQUE INDEX runs_live_vm ON runs(vm)
+    WHERE state IN ('running', 'rolling_back', 'active', 'deprovisioning', 'migrating');
+CREATE TABLE IF NOT EXISTS migrations (
+    request_id TEXT PRIMARY KEY REFERENCES runs(request_id) ON DELETE CASCADE,
+    from_host  TEXT NOT NULL,
+    to_host    TEXT NOT NULL,
+    phase      TEXT NOT NULL,
+    updated    TEXT NOT NULL
+);
+",
 ];
+
+/// How far a live migration got; each phase is recorded before its act starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum MigrationPhase {
+    /// Recorded; nothing done yet.
+    Started,
+    /// Moving the placement slot to the target.
+    Placing,
+    /// Making the template and the disk on the target.
+    Preparing,
+    /// The hypervisor is moving the running guest.
+    Migrating,
+    /// The guest runs on the target; the source's disk is being removed.
+    Finishing,
+}
+
+impl MigrationPhase {
+    fn as_str(self) -> &'static str {
+        match self {
+            MigrationPhase::Started => "started",
+            MigrationPhase::Placing => "placing",
+            MigrationPhase::Preparing => "preparing",
+            MigrationPhase::Migrating => "migrating",
+            MigrationPhase::Finishing => "finishing",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "started" => MigrationPhase::Started,
+            "placing" => MigrationPhase::Placing,
+            "preparing" => MigrationPhase::Preparing,
+            "migrating" => MigrationPhase::Migrating,
+            "finishing" => MigrationPhase::Finishing,
+            other => return Err(journal_err(format!("unknown migration phase {other:?}"))),
+        })
+    }
+}
+
+/// A run's migration as the journal holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MigrationRecord {
+    pub(crate) from: HostId,
+    pub(crate) to: HostId,
+    pub(crate) phase: MigrationPhase,
+}
 
 /// The version of the JSON this build writes into a run's row; a row with another
 /// version is reported as unreadable, never guessed at.
@@ -392,7 +457,8 @@ impl Journal {
                     )));
                 }
                 match RunState::parse(&state)? {
-                    RunState::Active => {
+                    // The VM exists (a migration moves it, it does not remove it).
+                    RunState::Active | RunState::Migrating => {
                         let vm: Vm = serde_json::from_str(vm_record.as_deref().unwrap_or("null"))
                             .map_err(json_err("decode vm"))?;
                         return Ok(Begin::Finished(Box::new(vm)));
@@ -450,7 +516,7 @@ impl Journal {
                 .execute(
                     "UPDATE runs SET owner = ?3, state = ?4, updated = ?5
                      WHERE request_id = ?1 AND owner = ?2
-                       AND state IN ('running', 'rolling_back', 'deprovisioning', 'active')",
+                       AND state IN ('running', 'rolling_back', 'deprovisioning', 'active', 'migrating')",
                     params![request_id.as_str(), from, to, state.as_str(), now()],
                 )
                 .map_err(sql_err("claim run"))?;
@@ -666,13 +732,156 @@ impl Journal {
         })
     }
 
-    /// Runs that are not in a final state (running, rolling back, deprovisioning), and
-    /// the rows of such runs that cannot be read.
+    /// Runs that are not in a final state (running, rolling back, deprovisioning,
+    /// migrating), and the rows of such runs that cannot be read.
     pub(crate) fn unfinished(&self) -> Result<(Vec<RunRecord>, Vec<Unreadable>)> {
         Ok(split(self.runs_where(
-            "state IN ('running', 'rolling_back', 'deprovisioning')",
+            "state IN ('running', 'rolling_back', 'deprovisioning', 'migrating')",
             None,
         )?))
+    }
+
+    /// Records the start of a migration of the run `request_id` (which this owner holds,
+    /// in state `migrating`) from `from` to `to`, replacing any earlier one's row.
+    pub(crate) fn begin_migration(
+        &self,
+        request_id: &RequestId,
+        from: &HostId,
+        to: &HostId,
+    ) -> Result<()> {
+        self.with(|conn| {
+            let tx = conn.transaction().map_err(sql_err("begin migration"))?;
+            let mine: bool = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM runs WHERE request_id = ?1 AND owner = ?2 AND state = 'migrating'",
+                    params![request_id.as_str(), &*self.owner],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(sql_err("begin migration"))?
+                == 1;
+            if !mine {
+                return Err(fenced(request_id));
+            }
+            tx.execute(
+                "INSERT INTO migrations (request_id, from_host, to_host, phase, updated)
+                 VALUES (?1, ?2, ?3, 'started', ?4)
+                 ON CONFLICT (request_id) DO UPDATE
+                 SET from_host = ?2, to_host = ?3, phase = 'started', updated = ?4",
+                params![request_id.as_str(), from.as_str(), to.as_str(), now()],
+            )
+            .map_err(sql_err("begin migration"))?;
+            tx.commit().map_err(sql_err("begin migration"))
+        })
+    }
+
+    /// Records that the migration of `request_id` enters `phase` (fenced).
+    pub(crate) fn migration_phase(
+        &self,
+        request_id: &RequestId,
+        phase: MigrationPhase,
+    ) -> Result<()> {
+        self.with(|conn| {
+            let n = conn
+                .execute(
+                    "UPDATE migrations SET phase = ?2, updated = ?3
+                     WHERE request_id = ?1
+                       AND EXISTS (SELECT 1 FROM runs WHERE request_id = ?1 AND owner = ?4)",
+                    params![request_id.as_str(), phase.as_str(), now(), &*self.owner],
+                )
+                .map_err(sql_err("record migration"))?;
+            if n == 0 {
+                return Err(fenced(request_id));
+            }
+            Ok(())
+        })
+    }
+
+    /// Ends the migration of `request_id` in one transaction (fenced): the run is active
+    /// again with `vm` (on its new host), and its steps' undo keys name the host the VM
+    /// is on now, so that a deprovision removes what is there. With `error`, the move was
+    /// undone and the VM stays where it was (`vm` unchanged).
+    pub(crate) fn end_migration(
+        &self,
+        request_id: &RequestId,
+        vm: &Vm,
+        error: Option<&ErrorInfo>,
+    ) -> Result<()> {
+        let record = serde_json::to_string(vm).map_err(json_err("encode vm"))?;
+        let error = error
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(json_err("encode error"))?;
+        self.with(|conn| {
+            let tx = conn.transaction().map_err(sql_err("end migration"))?;
+            let n = tx
+                .execute(
+                    "UPDATE runs SET state = 'active', vm_record = ?2, error = ?3, updated = ?4
+                     WHERE request_id = ?1 AND owner = ?5 AND state = 'migrating'",
+                    params![request_id.as_str(), record, error, now(), &*self.owner],
+                )
+                .map_err(sql_err("end migration"))?;
+            if n == 0 {
+                return Err(fenced(request_id));
+            }
+            let keys: Vec<(String, String)> = {
+                let mut stmt = tx
+                    .prepare("SELECT step, undo_key FROM steps WHERE request_id = ?1")
+                    .map_err(sql_err("end migration"))?;
+                let rows = stmt
+                    .query_map(params![request_id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .map_err(sql_err("end migration"))?;
+                rows.collect::<std::result::Result<_, _>>()
+                    .map_err(sql_err("end migration"))?
+            };
+            for (step, key) in keys {
+                let mut key: UndoKey =
+                    serde_json::from_str(&key).map_err(json_err("decode undo key"))?;
+                if key.host.is_none() || key.host.as_ref() == Some(&vm.host) {
+                    continue;
+                }
+                key.host = Some(vm.host.clone());
+                let key = serde_json::to_string(&key).map_err(json_err("encode undo key"))?;
+                tx.execute(
+                    "UPDATE steps SET undo_key = ?3, updated = ?4 WHERE request_id = ?1 AND step = ?2",
+                    params![request_id.as_str(), step, key, now()],
+                )
+                .map_err(sql_err("end migration"))?;
+            }
+            tx.execute(
+                "DELETE FROM migrations WHERE request_id = ?1",
+                params![request_id.as_str()],
+            )
+            .map_err(sql_err("end migration"))?;
+            tx.commit().map_err(sql_err("end migration"))
+        })
+    }
+
+    /// The migration row of `request_id`, if any.
+    pub(crate) fn migration(&self, request_id: &RequestId) -> Result<Option<MigrationRecord>> {
+        self.with(|conn| {
+            let row = conn
+                .query_row(
+                    "SELECT from_host, to_host, phase FROM migrations WHERE request_id = ?1",
+                    params![request_id.as_str()],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(sql_err("read migration"))?;
+            row.map(|(from, to, phase)| {
+                Ok(MigrationRecord {
+                    from: HostId::new(from)?,
+                    to: HostId::new(to)?,
+                    phase: MigrationPhase::parse(&phase)?,
+                })
+            })
+            .transpose()
+        })
     }
 
     /// The run that currently holds the VM name, if any. A row that cannot be read is an

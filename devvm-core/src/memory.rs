@@ -315,6 +315,36 @@ impl Placement for MemoryPlacement {
     async fn hosts(&self) -> Result<Vec<HostId>> {
         Ok(self.hosts.iter().map(|h| h.id.clone()).collect())
     }
+
+    async fn relocate(&self, vm: &VmName, to: &HostId, owner: &RequestId) -> Result<()> {
+        self.store.update(|res| {
+            let Some((host, size, holder)) = res.get(vm).cloned() else {
+                return Err(Error::not_found(format!("{vm} holds no slot")));
+            };
+            if &holder != owner {
+                return Err(taken(&format!("the slot of {vm}"), &holder));
+            }
+            if &host == to {
+                return Ok(());
+            }
+            let cap = self
+                .hosts
+                .iter()
+                .find(|h| &h.id == to)
+                .ok_or_else(|| Error::not_found(format!("no host {to}")))?;
+            let (mut c, mut m, mut d) = (u64::from(size.vcpus), size.memory_mib, size.disk_gib);
+            for (_, s, _) in res.values().filter(|(h, _, _)| h == to) {
+                c += u64::from(s.vcpus);
+                m += s.memory_mib;
+                d += s.disk_gib;
+            }
+            if c > u64::from(cap.vcpus) || m > cap.memory_mib || d > cap.disk_gib {
+                return Err(Error::exhausted(format!("{to} has no room for {vm}")));
+            }
+            res.insert(vm.clone(), (to.clone(), size, holder));
+            Ok(())
+        })
+    }
 }
 
 /// Reference [`IpAllocator`] over an IPv4 subnet.
@@ -700,6 +730,34 @@ impl Hypervisor for MemoryHypervisor {
     async fn domain(&self, vm: &VmName, host: &HostId) -> Result<Option<Domain>> {
         self.store
             .read(|doms| doms.get(&host_key(vm, host)).map(|r| r.domain.clone()))
+    }
+
+    async fn migrate(
+        &self,
+        vm: &VmName,
+        from: &HostId,
+        to: &HostId,
+        owner: &RequestId,
+        progress: &Progress,
+    ) -> Result<crate::types::MigrationReport> {
+        self.store.update(|doms| {
+            let Some(rec) = doms.get(&host_key(vm, from)).cloned() else {
+                return Err(Error::not_found(format!("no domain {vm} on {from}")));
+            };
+            if &rec.request_id != owner {
+                return Err(taken(&format!("domain {vm}"), &rec.request_id));
+            }
+            if doms.contains_key(&host_key(vm, to)) {
+                return Err(Error::already_exists(format!("domain {vm} exists on {to}")));
+            }
+            doms.remove(&host_key(vm, from));
+            let mut moved = rec;
+            moved.domain.host = to.clone();
+            doms.insert(host_key(vm, to), moved);
+            Ok(())
+        })?;
+        progress.message(format!("domain {vm} moved to {to}"));
+        Ok(crate::types::MigrationReport::default())
     }
 }
 

@@ -77,6 +77,21 @@ pub trait Placement: Send + Sync + 'static {
     async fn hosts(&self) -> Result<Vec<HostId>> {
         Ok(Vec::new())
     }
+
+    /// Moves the slot `owner` holds for `vm` to host `to` (for a live migration), if `to`
+    /// has room for it; the old host's room is given back. Moving it where it is changes
+    /// nothing. No slot of `vm` is [`ErrorKind::NotFound`](crate::ErrorKind::NotFound), one
+    /// of another owner [`ErrorKind::AlreadyExists`](crate::ErrorKind::AlreadyExists) (and
+    /// it is left alone); no room on `to` is
+    /// [`ErrorKind::Exhausted`](crate::ErrorKind::Exhausted). The default says this
+    /// placement cannot move VMs.
+    async fn relocate(&self, vm: &VmName, to: &HostId, owner: &RequestId) -> Result<()> {
+        let _ = (vm, to, owner);
+        Err(crate::Error::invalid_input(format!(
+            "placement backend {} cannot move a vm to another host",
+            self.backend()
+        )))
+    }
 }
 
 /// Hands out IP addresses from a subnet.
@@ -213,6 +228,27 @@ pub trait Hypervisor: Send + Sync + 'static {
     async fn discard_seed(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<()> {
         let _ = (vm, host, owner);
         Ok(())
+    }
+
+    /// Moves the running domain `vm` that `owner` made from host `from` to host `to` while
+    /// it runs, copying what only its own disk holds (the template and an empty disk of the
+    /// same path and size are on `to` already). On success it runs, and is defined, only
+    /// on `to`; on failure it still runs on `from`. A domain of another request is
+    /// [`ErrorKind::AlreadyExists`](crate::ErrorKind::AlreadyExists) and is not touched.
+    /// Reports progress while it copies. The default says this hypervisor cannot migrate.
+    async fn migrate(
+        &self,
+        vm: &VmName,
+        from: &HostId,
+        to: &HostId,
+        owner: &RequestId,
+        progress: &Progress,
+    ) -> Result<crate::types::MigrationReport> {
+        let _ = (vm, from, to, owner, progress);
+        Err(crate::Error::invalid_input(format!(
+            "hypervisor backend {} cannot migrate a running vm",
+            self.backend()
+        )))
     }
 }
 

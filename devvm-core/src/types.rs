@@ -666,6 +666,19 @@ pub struct BootstrapTarget {
     pub host_key: Option<String>,
 }
 
+/// What a live migration measured.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// How long the move took, in milliseconds.
+    pub elapsed_ms: u64,
+    /// How long the guest was paused at the switch-over, in milliseconds, when known.
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Bytes sent (memory and disk), when known.
+    #[serde(default)]
+    pub bytes: Option<u64>,
+}
+
 /// What a bootstrap did.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct BootstrapReport {

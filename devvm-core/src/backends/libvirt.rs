@@ -30,7 +30,9 @@ use virt::error::ErrorNumber;
 use crate::error::{BackendError, Error, ErrorKind, Result};
 use crate::events::Progress;
 use crate::traits::Hypervisor;
-use crate::types::{Domain, DomainSpec, HostId, RequestId, Undone, UserName, VmName};
+use crate::types::{
+    Domain, DomainSpec, HostId, MigrationReport, RequestId, Undone, UserName, VmName,
+};
 
 const BACKEND: &str = "libvirt";
 
@@ -75,6 +77,8 @@ pub(crate) enum LibvirtError {
     Stopped { vm: VmName, console: PathBuf },
     #[error("the guest did not release its first-boot seed within {0}s")]
     SeedHeld(u64),
+    #[error("no domain {vm} on {host}")]
+    NotHere { vm: VmName, host: HostId },
     #[error("seed volume {name} appeared on {host} while this run uploaded it")]
     SeedExists { name: String, host: HostId },
 }
@@ -103,6 +107,7 @@ impl BackendError for LibvirtError {
             LibvirtError::ForeignDomain { .. } | LibvirtError::SeedExists { .. } => {
                 ErrorKind::AlreadyExists
             }
+            LibvirtError::NotHere { .. } => ErrorKind::NotFound,
             LibvirtError::CmdlineTooLong { .. }
             | LibvirtError::PathNotUtf8(_)
             | LibvirtError::KeyFile(..)
@@ -1007,6 +1012,94 @@ impl Hypervisor for LibvirtHypervisor {
         })
         .await?;
         self.drop_seed(vm, host, owner).await
+    }
+
+    /// Live migration without shared storage: `VIR_MIGRATE_LIVE | NON_SHARED_INC |
+    /// PERSIST_DEST | UNDEFINE_SOURCE`, copying only `vda` (the overlay; its template is on
+    /// the target already, and so is an empty overlay of the same path and size). The
+    /// source reports bytes copied about every second; the target's completed job gives
+    /// the downtime. The target's `migration_host` (qemu.conf) says where data is sent.
+    async fn migrate(
+        &self,
+        vm: &VmName,
+        from: &HostId,
+        to: &HostId,
+        owner: &RequestId,
+        progress: &Progress,
+    ) -> Result<MigrationReport> {
+        let (vm, from, to, owner, p) = (
+            vm.clone(),
+            from.clone(),
+            to.clone(),
+            owner.clone(),
+            progress.clone(),
+        );
+        blocking(move || {
+            let src = connect(&from)?;
+            let Some(dom) = lookup(&src, &from, &vm)? else {
+                return Err(LibvirtError::NotHere {
+                    vm: vm.clone(),
+                    host: from.clone(),
+                }
+                .into());
+            };
+            if metadata_of(&dom).request_id.as_ref() != Some(&owner) {
+                return Err(foreign_domain(&vm, &from));
+            }
+            let dst = connect(&to)?;
+            if crate::work::abandoned() {
+                return Err(crate::work::cancelled_before_commit("migrating the domain"));
+            }
+            let flags = virt::sys::VIR_MIGRATE_LIVE
+                | virt::sys::VIR_MIGRATE_NON_SHARED_INC
+                | virt::sys::VIR_MIGRATE_PERSIST_DEST
+                | virt::sys::VIR_MIGRATE_UNDEFINE_SOURCE;
+            let params = virt::domain::MigrateParameters {
+                migrate_disks: vec!["vda".to_owned()],
+                ..Default::default()
+            };
+            let start = Instant::now();
+            let done = std::sync::atomic::AtomicBool::new(false);
+            let moved = std::thread::scope(|s| {
+                s.spawn(|| {
+                    // Progress while the copy runs; the loop ends with the migration.
+                    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                        if let Ok(j) = dom.job_stats(0)
+                            && let (Some(done_b), Some(total)) = (j.data_processed, j.data_total)
+                            && total > 0
+                        {
+                            p.fraction(
+                                format!("migrating: {} of {} MiB", done_b >> 20, total >> 20),
+                                done_b as f64 / total as f64,
+                            );
+                        }
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                });
+                let r = dom.migrate3(&dst, params, flags);
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+                r
+            })
+            .map_err(|e| virt_err("cannot migrate the domain", &from, e))?;
+            let stats = moved
+                .job_stats(virt::sys::VIR_DOMAIN_JOB_STATS_COMPLETED)
+                .ok();
+            let report = MigrationReport {
+                elapsed_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+                downtime_ms: stats.as_ref().and_then(|s| s.downtime),
+                bytes: stats.as_ref().and_then(|s| s.data_total),
+            };
+            p.message(format!(
+                "{vm} runs on {to}: moved in {:.1}s, downtime {}",
+                report.elapsed_ms as f64 / 1000.0,
+                report
+                    .downtime_ms
+                    .map(|d| format!("{d} ms"))
+                    .unwrap_or_else(|| "unknown".into())
+            ));
+            Ok(report)
+        })
+        .await
     }
 
     async fn domain(&self, vm: &VmName, host: &HostId) -> Result<Option<Domain>> {

@@ -45,6 +45,10 @@ pub(crate) enum PlacementError {
     Full(VmSize),
     #[error("placement kept racing with other reservations")]
     Racing,
+    #[error("{0} is not a placement host")]
+    UnknownHost(HostId),
+    #[error("{0} holds no placement slot")]
+    NoSlot(VmName),
 }
 
 impl BackendError for PlacementError {
@@ -58,6 +62,7 @@ impl BackendError for PlacementError {
             PlacementError::Held { .. } => ErrorKind::AlreadyExists,
             PlacementError::NoHostReadable | PlacementError::Racing => ErrorKind::Unavailable,
             PlacementError::Full(_) => ErrorKind::Exhausted,
+            PlacementError::UnknownHost(_) | PlacementError::NoSlot(_) => ErrorKind::NotFound,
         }
     }
 }
@@ -480,6 +485,76 @@ impl Placement for LibvirtPlacement {
 
     async fn hosts(&self) -> Result<Vec<HostId>> {
         Ok(self.hosts.iter().map(|(h, _)| h.clone()).collect())
+    }
+
+    /// Checks `to`'s room with usage read live from `to` (its devvm domains and the
+    /// reservations not yet a domain there), then moves the row.
+    async fn relocate(&self, vm: &VmName, to: &HostId, owner: &RequestId) -> Result<()> {
+        let Some(cap) = self.hosts.iter().find(|(h, _)| h == to).map(|(_, c)| *c) else {
+            return Err(PlacementError::UnknownHost(to.clone()).into());
+        };
+        let (vm2, owner2) = (vm.clone(), owner.clone());
+        let row = self
+            .blocking(move |conn, path| {
+                conn.query_row(
+                    "SELECT host, owner, vcpus, memory_mib, disk_gib FROM reservations WHERE vm = ?1",
+                    params![vm2.as_str()],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, Option<String>>(1)?,
+                            VmSize {
+                                vcpus: r.get(2)?,
+                                memory_mib: r.get(3)?,
+                                disk_gib: r.get(4)?,
+                            },
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(db_err(path))
+            })
+            .await?;
+        let Some((host, holder, size)) = row else {
+            return Err(PlacementError::NoSlot(vm.clone()).into());
+        };
+        if holder.as_deref() != Some(owner2.as_str()) {
+            return Err(PlacementError::Held {
+                vm: vm.clone(),
+                host,
+                holder: holder_of(holder),
+            }
+            .into());
+        }
+        if host == to.as_str() {
+            return Ok(());
+        }
+        let (used, reachable) = self.usage().await?;
+        if !reachable.contains(to) {
+            return Err(PlacementError::NoHostReadable.into());
+        }
+        let zero = Capacity {
+            vcpus: 0,
+            memory_mib: 0,
+            disk_gib: 0,
+        };
+        if !cap.fits(used.get(to).unwrap_or(&zero), &size) {
+            return Err(PlacementError::Full(size).into());
+        }
+        let (vm3, to3, owner3) = (vm.clone(), to.clone(), owner.clone());
+        self.blocking(move |conn, path| {
+            let n = conn
+                .execute(
+                    "UPDATE reservations SET host = ?2 WHERE vm = ?1 AND owner = ?3",
+                    params![vm3.as_str(), to3.as_str(), owner3.as_str()],
+                )
+                .map_err(db_err(path))?;
+            if n == 0 {
+                return Err(PlacementError::NoSlot(vm3.clone()).into());
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn reservation(&self, vm: &VmName) -> Result<Option<HostId>> {

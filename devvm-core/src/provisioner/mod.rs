@@ -33,6 +33,7 @@ use crate::types::{
 
 mod builder;
 mod handle;
+mod migrate;
 mod record;
 mod recovery;
 mod run;

@@ -3,6 +3,7 @@
 //! or a run's end that `recover()` would not find in the journal.
 
 use super::*;
+use crate::journal::MigrationPhase;
 use run::Summary;
 
 /// Records the transitions of one run (a provision, a deprovision or a recovery).
@@ -160,6 +161,49 @@ impl Recorder {
         self.events.emit(EventKind::RunFailed {
             error: error.info(),
         });
+    }
+
+    /// Journals the start of a move of this run's VM from `from` to `to`.
+    pub(super) async fn migration_started(&self, from: &HostId, to: &HostId) -> Result<()> {
+        let (id, f, t) = (self.id.clone(), from.clone(), to.clone());
+        self.inner
+            .journal(move |j| j.begin_migration(&id, &f, &t))
+            .await
+    }
+
+    /// Journals that the move enters `phase`, then says `step_started` for `step`.
+    pub(super) async fn migration_phase(&self, phase: MigrationPhase, step: Step) -> Result<()> {
+        let id = self.id.clone();
+        self.inner
+            .journal(move |j| j.migration_phase(&id, phase))
+            .await?;
+        self.events.emit(EventKind::StepStarted { step });
+        Ok(())
+    }
+
+    /// Says `step_finished` for a step of a move (the migration row holds the state).
+    pub(super) fn migration_step_finished<T: Serialize + Summary>(&self, step: Step, value: &T) {
+        self.events.emit(EventKind::StepFinished {
+            step,
+            summary: value.summary(),
+            result: serde_json::to_value(value).unwrap_or_default(),
+        });
+    }
+
+    /// Journals the end of a move (the VM active on `vm.host`, or with `error` where it
+    /// was), then says `run_finished` or `run_failed`.
+    pub(super) async fn migration_ended(&self, vm: &Vm, error: Option<&Error>) -> Result<()> {
+        let (id, v, info) = (self.id.clone(), vm.clone(), error.map(Error::info));
+        self.inner
+            .journal(move |j| j.end_migration(&id, &v, info.as_ref()))
+            .await?;
+        match error {
+            None => self.events.emit(EventKind::RunFinished {
+                provisioned: Some(Box::new(vm.clone())),
+            }),
+            Some(e) => self.refused(e),
+        }
+        Ok(())
     }
 
     /// Says `run_finished` for a request the journal already holds as done (an idempotent

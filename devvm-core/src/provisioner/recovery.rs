@@ -86,6 +86,16 @@ impl Provisioner {
                 clean,
                 dirty,
             } => (claim, clean, dirty),
+            Plan::Migration => {
+                let (from, to, cid) = (run.owner.clone(), inner.owner.clone(), id.clone());
+                if !inner
+                    .journal(move |j| j.claim(&cid, &from, &to, RunState::Migrating))
+                    .await?
+                {
+                    return Ok(());
+                }
+                return self.recover_migration(&rec, &run, report).await;
+            }
             Plan::Complete(vm) => {
                 let vm = *vm;
                 let (from, to, cid) = (run.owner.clone(), inner.owner.clone(), id.clone());
@@ -177,6 +187,8 @@ pub(super) enum Plan {
     /// Every step of a provision finished and only the final record is missing: record
     /// the VM.
     Complete(Box<Vm>),
+    /// A live migration was interrupted: finish or undo it by where the guest runs.
+    Migration,
     /// Undo the recorded steps: claim the run in state `claim`, end it in `clean`, or in
     /// `dirty` when an undo fails (a later `recover()` tries again).
     Undo {
@@ -194,6 +206,7 @@ pub(super) fn plan(state: RunState, request: &ResolvedRequest, steps: &[StepReco
         return Plan::Complete(Box::new(vm));
     }
     match state {
+        RunState::Migrating => Plan::Migration,
         RunState::Deprovisioning => Plan::Undo {
             claim: RunState::Deprovisioning,
             clean: RunState::Removed,

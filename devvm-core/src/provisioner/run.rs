@@ -46,6 +46,22 @@ impl Summary for crate::types::Domain {
         format!("{} on {}", self.name, self.host)
     }
 }
+impl Summary for crate::types::MigrationReport {
+    fn summary(&self) -> String {
+        match self.downtime_ms {
+            Some(d) => format!(
+                "moved in {:.1}s, {d} ms downtime",
+                self.elapsed_ms as f64 / 1000.0
+            ),
+            None => format!("moved in {:.1}s", self.elapsed_ms as f64 / 1000.0),
+        }
+    }
+}
+impl Summary for () {
+    fn summary(&self) -> String {
+        String::new()
+    }
+}
 impl Summary for BootstrapReport {
     fn summary(&self) -> String {
         if self.summary.is_empty() {

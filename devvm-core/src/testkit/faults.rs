@@ -194,6 +194,9 @@ impl Placement for Faulty<dyn Placement> {
     async fn hosts(&self) -> Result<Vec<HostId>> {
         self.0.hosts().await
     }
+    async fn relocate(&self, vm: &VmName, to: &HostId, owner: &RequestId) -> Result<()> {
+        guarded_call!(self, false, self.0.relocate(vm, to, owner))
+    }
 }
 
 #[async_trait]
@@ -316,6 +319,16 @@ impl Hypervisor for Faulty<dyn Hypervisor> {
     }
     async fn discard_seed(&self, vm: &VmName, host: &HostId, owner: &RequestId) -> Result<()> {
         self.0.discard_seed(vm, host, owner).await
+    }
+    async fn migrate(
+        &self,
+        vm: &VmName,
+        from: &HostId,
+        to: &HostId,
+        owner: &RequestId,
+        progress: &Progress,
+    ) -> Result<crate::types::MigrationReport> {
+        guarded_call!(self, false, self.0.migrate(vm, from, to, owner, progress))
     }
 }
 

@@ -1,0 +1,333 @@
+//! Live migration as a journaled saga: the placement slot moves to the target, the
+//! template and an empty overlay of the same path and size are made there, the hypervisor
+//! moves the running guest (copying its overlay), and the source's overlay is removed.
+//! Each phase is journaled before it acts, so a failure or a kill at any point leaves the
+//! VM running on exactly one host, and `recover()` finishes or undoes the rest.
+
+use super::*;
+use crate::journal::{MigrationPhase, MigrationRecord};
+use crate::types::MigrationReport;
+
+impl Provisioner {
+    /// Moves the running VM `name` to host `to` while it runs (live migration without
+    /// shared storage). Its address, DNS records and owner stay; the returned VM names its
+    /// new host and disk. Already on `to`: nothing happens.
+    ///
+    /// An unknown name is [`ErrorKind::NotFound`]; a VM another run is working on is
+    /// [`ErrorKind::Conflict`]; no room on `to` is [`ErrorKind::Exhausted`]. On failure the
+    /// VM still runs where it was, and what was made on `to` is removed; when even that
+    /// fails, the error names what is still held and [`recover`](Self::recover) retries.
+    pub async fn migrate(&self, name: &VmName, to: &HostId) -> Result<Vm> {
+        let inner = &self.inner;
+        let n = name.clone();
+        let run = inner
+            .journal(move |j| j.live_run_of(&n))
+            .await?
+            .ok_or_else(|| Error::not_found(format!("no vm named {name}")))?;
+        let id = run.request.request_id.clone();
+        let Some(_guard) = RunningGuard::try_new(inner, &id) else {
+            return Err(in_progress(&id));
+        };
+        if run.state != RunState::Active {
+            return Err(in_progress(&id));
+        }
+        let vm = run
+            .vm
+            .clone()
+            .ok_or_else(|| Error::backend(format!("the journal has no record of vm {name}")))?;
+        if &vm.host == to {
+            return Ok(vm);
+        }
+        let (from_owner, me, cid) = (run.owner.clone(), inner.owner.clone(), id.clone());
+        if !inner
+            .journal(move |j| j.claim(&cid, &from_owner, &me, RunState::Migrating))
+            .await?
+        {
+            return Err(in_progress(&id));
+        }
+        let events = inner.start_run(&id, name, Operation::Migrate);
+        let rec = Recorder::new(inner.clone(), id.clone(), events);
+        if let Err(e) = rec.migration_started(&vm.host, to).await {
+            // Nothing was done: the run goes back to active as it was.
+            let _ = rec.migration_ended(&vm, Some(&e)).await;
+            return Err(e);
+        }
+        let record = MigrationRecord {
+            from: vm.host.clone(),
+            to: to.clone(),
+            phase: MigrationPhase::Started,
+        };
+        match self.move_vm(&rec, &run.request, &vm, &record).await {
+            Ok(moved) => {
+                rec.migration_ended(&moved, None).await?;
+                Ok(moved)
+            }
+            Err(e) => Err(self
+                .settle_migration(&rec, &run.request, &vm, &record, e)
+                .await),
+        }
+    }
+
+    /// The acts of a move, in order, each journaled first.
+    async fn move_vm(
+        &self,
+        rec: &Recorder,
+        req: &ResolvedRequest,
+        vm: &Vm,
+        m: &MigrationRecord,
+    ) -> Result<Vm> {
+        let b = &self.inner.backends;
+        let t = &self.inner.timeouts;
+        let (id, to) = (&req.request_id, &m.to);
+
+        rec.migration_phase(MigrationPhase::Placing, Step::Placement)
+            .await?;
+        let placement = b.placement.clone();
+        let (n, h, o) = (vm.name.clone(), to.clone(), id.clone());
+        guarded(
+            async move { placement.relocate(&n, &h, &o).await },
+            t.get(Step::Placement),
+            None,
+        )
+        .await
+        .map_err(|e| {
+            e.or_step(Step::Placement)
+                .or_backend(b.name_of(Step::Placement))
+        })?;
+        rec.migration_step_finished(Step::Placement, to);
+
+        rec.migration_phase(MigrationPhase::Preparing, Step::Image)
+            .await?;
+        let images = b.images.clone();
+        let (tname, h, p) = (req.template.clone(), to.clone(), rec.progress(Step::Image));
+        let template = guarded(
+            async move { images.prepare(&tname, &h, &p).await },
+            t.get(Step::Image),
+            None,
+        )
+        .await
+        .map_err(|e| e.or_step(Step::Image).or_backend(b.name_of(Step::Image)))?;
+        rec.migration_step_finished(Step::Image, &template);
+        let images = b.images.clone();
+        let (n, h, o, gib, p) = (
+            vm.name.clone(),
+            to.clone(),
+            id.clone(),
+            req.size.disk_gib,
+            rec.progress(Step::Disk),
+        );
+        let tpl = template.clone();
+        let disk = guarded(
+            async move { images.create_disk(&n, &h, &tpl, gib, &o, &p).await },
+            t.get(Step::Disk),
+            None,
+        )
+        .await
+        .map_err(|e| e.or_step(Step::Disk).or_backend(b.name_of(Step::Disk)))?;
+        if disk.path != vm.disk {
+            return Err(Error::invalid_input(format!(
+                "the disk on {to} would be {}, not {} as on {}: the hosts' pools must have the same path",
+                disk.path.display(),
+                vm.disk.display(),
+                m.from
+            ))
+            .with_step(Step::Disk));
+        }
+        rec.migration_step_finished(Step::Disk, &disk);
+
+        rec.migration_phase(MigrationPhase::Migrating, Step::Domain)
+            .await?;
+        let hv = b.hypervisor.clone();
+        let (n, f, h, o, p) = (
+            vm.name.clone(),
+            m.from.clone(),
+            to.clone(),
+            id.clone(),
+            rec.progress(Step::Domain),
+        );
+        let report: MigrationReport = guarded(
+            async move { hv.migrate(&n, &f, &h, &o, &p).await },
+            t.get(Step::Domain),
+            None,
+        )
+        .await
+        .map_err(|e| e.or_step(Step::Domain).or_backend(b.name_of(Step::Domain)))?;
+        rec.migration_step_finished(Step::Domain, &report);
+        self.finish_move(rec, req, vm, m).await
+    }
+
+    /// The guest runs on the target: remove the source's overlay, and the VM is on `to`.
+    async fn finish_move(
+        &self,
+        rec: &Recorder,
+        req: &ResolvedRequest,
+        vm: &Vm,
+        m: &MigrationRecord,
+    ) -> Result<Vm> {
+        let b = &self.inner.backends;
+        rec.migration_phase(MigrationPhase::Finishing, Step::Disk)
+            .await?;
+        let gone = b
+            .images
+            .delete_disk(&vm.name, &m.from, &req.request_id)
+            .await
+            .map_err(|e| e.or_step(Step::Disk).or_backend(b.name_of(Step::Disk)))?;
+        if let Undone::Foreign { holder } = gone {
+            rec.left_alone(
+                Step::Disk,
+                format!("disk of vm {} on {}", vm.name, m.from),
+                holder,
+            );
+        }
+        rec.progress(Step::Disk)
+            .message(format!("removed the disk of {} on {}", vm.name, m.from));
+        let moved = Vm {
+            host: m.to.clone(),
+            ..vm.clone()
+        };
+        rec.migration_step_finished(Step::Disk, &moved.host);
+        Ok(moved)
+    }
+
+    /// After a failed act: when the guest runs on the target after all, finish the move;
+    /// otherwise undo what was made there. Returns the error to give the caller.
+    async fn settle_migration(
+        &self,
+        rec: &Recorder,
+        req: &ResolvedRequest,
+        vm: &Vm,
+        m: &MigrationRecord,
+        mut error: Error,
+    ) -> Error {
+        rec.step_failed(error.step().unwrap_or(Step::Domain), &error);
+        match self.undo_move(rec, req, vm, m).await {
+            Ok(Settled::Moved(moved)) => match rec.migration_ended(&moved, None).await {
+                // The guest moved even though a later act failed: the move stands.
+                Ok(()) => error,
+                Err(e) => e,
+            },
+            Ok(Settled::Undone(failures)) if failures.is_empty() => {
+                if let Err(e) = rec.migration_ended(vm, Some(&error)).await {
+                    tracing::error!(error = %e, "cannot record the end of an undone migration; recover() will finish it");
+                }
+                error
+            }
+            Ok(Settled::Undone(failures)) => {
+                for f in failures {
+                    error.push_undo_failure(f);
+                }
+                // The run stays `migrating`: recover() tries the rest again.
+                rec.refused(&error);
+                error
+            }
+            Err(e) => {
+                rec.refused(&e);
+                e
+            }
+        }
+    }
+
+    /// Finishes or undoes a move, by where the guest is now.
+    async fn undo_move(
+        &self,
+        rec: &Recorder,
+        req: &ResolvedRequest,
+        vm: &Vm,
+        m: &MigrationRecord,
+    ) -> Result<Settled> {
+        let b = &self.inner.backends;
+        let on_target = b.hypervisor.domain(&vm.name, &m.to).await?.is_some();
+        let on_source = b.hypervisor.domain(&vm.name, &m.from).await?.is_some();
+        if on_target && !on_source {
+            return self.finish_move(rec, req, vm, m).await.map(Settled::Moved);
+        }
+        let mut failures = Vec::new();
+        let key = UndoKey {
+            vm: vm.name.clone(),
+            host: Some(m.to.clone()),
+            ip: None,
+        };
+        // The overlay made on the target (owner-checked: a disk that is not this run's
+        // stays, and is reported).
+        match b.images.delete_disk(&vm.name, &m.to, &req.request_id).await {
+            Ok(Undone::Foreign { holder }) => rec.left_alone(
+                Step::Disk,
+                format!("disk of vm {} on {}", vm.name, m.to),
+                holder,
+            ),
+            Ok(_) => rec
+                .progress(Step::Disk)
+                .message(format!("removed the disk made for {} on {}", vm.name, m.to)),
+            Err(e) => failures.push(UndoFailure {
+                step: Step::Disk,
+                resource: resource(Step::Disk, &key),
+                error: e.to_string(),
+                kind: e.kind(),
+            }),
+        }
+        // The slot goes back where the guest runs.
+        if let Err(e) = b
+            .placement
+            .relocate(&vm.name, &m.from, &req.request_id)
+            .await
+        {
+            failures.push(UndoFailure {
+                step: Step::Placement,
+                resource: format!("placement slot of vm {} (on {})", vm.name, m.to),
+                error: e.to_string(),
+                kind: e.kind(),
+            });
+        }
+        for f in &failures {
+            rec.undo_failed(f);
+        }
+        Ok(Settled::Undone(failures))
+    }
+
+    /// Finishes a migration a killed provisioner left (the run is claimed by this one).
+    pub(super) async fn recover_migration(
+        &self,
+        rec: &Recorder,
+        run: &RunRecord,
+        report: &mut RecoveryReport,
+    ) -> Result<()> {
+        let id = run.request.request_id.clone();
+        let rid = id.clone();
+        let vm = run.vm.clone().ok_or_else(|| {
+            Error::backend(format!(
+                "the journal has no record of vm {}",
+                run.request.name
+            ))
+        })?;
+        let Some(m) = self.inner.journal(move |j| j.migration(&rid)).await? else {
+            // Claimed before anything was recorded: nothing moved.
+            rec.migration_ended(&vm, None).await?;
+            return Ok(());
+        };
+        rec.recovery_started();
+        match self.undo_move(rec, &run.request, &vm, &m).await? {
+            Settled::Moved(moved) => {
+                rec.migration_ended(&moved, None).await?;
+                report.completed.push(moved);
+            }
+            Settled::Undone(failures) if failures.is_empty() => {
+                let e = Error::new(
+                    ErrorKind::Cancelled,
+                    "the migration was interrupted; the vm stays where it was",
+                );
+                rec.migration_ended(&vm, Some(&e)).await?;
+                report.rolled_back.push(id);
+            }
+            Settled::Undone(failures) => report.still_held.extend(failures),
+        }
+        Ok(())
+    }
+}
+
+/// Where a move ended up.
+enum Settled {
+    /// The guest runs on the target; the move is complete.
+    Moved(Vm),
+    /// The guest runs on the source; what was made for the move is undone, except these.
+    Undone(Vec<UndoFailure>),
+}

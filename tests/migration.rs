@@ -1,0 +1,216 @@
+//! Live migration's saga on the reference backends: a VM moves with its slot and disk and
+//! keeps its address and name; a fault at any act of the move leaves it running on its
+//! host with nothing made elsewhere; a full target is refused; and a deprovision after a
+//! move removes what is on the new host.
+
+use std::time::Duration;
+
+use devvm_core::testkit::faults::{self, Fault, FaultPlan};
+use devvm_core::{
+    ErrorKind, EventKind, HostId, Hypervisor, ImageStore, Operation, Placement, ProvisionRequest,
+    Provisioner, Retries, Step, Timeouts, VmName, VmSize,
+};
+use devvm_tests::{reference_backends, user};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    mem: devvm_core::memory::MemoryBackends,
+    p: Provisioner,
+}
+
+fn fixture(plan: Option<FaultPlan>) -> Fixture {
+    let mem = reference_backends(None);
+    let backends = match plan {
+        Some(plan) => faults::inject(mem.backends(), plan),
+        None => mem.backends(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut timeouts = Timeouts::default();
+    if plan.is_some_and(|p| p.fault == Fault::Hang) {
+        timeouts.set(
+            plan.map(|p| p.step).unwrap_or(Step::Domain),
+            Duration::from_millis(200),
+        );
+    }
+    let p = Provisioner::builder()
+        .state_dir(dir.path().join("state"))
+        .backends(backends)
+        .defaults(devvm_core::Defaults {
+            template: Some(devvm_core::TemplateName::new(devvm_tests::TEMPLATE).unwrap()),
+            size: VmSize::default(),
+            ..Default::default()
+        })
+        .timeouts(timeouts)
+        .retries(Retries::none())
+        .build()
+        .unwrap();
+    Fixture { _dir: dir, mem, p }
+}
+
+fn host(s: &str) -> HostId {
+    HostId::new(s).unwrap()
+}
+
+/// The other reference host.
+fn other(h: &HostId) -> HostId {
+    if h.as_str() == "host-a" {
+        host("host-b")
+    } else {
+        host("host-a")
+    }
+}
+
+/// Where the VM's domain, disk and slot are, asked of the backends.
+async fn whereabouts(f: &Fixture, vm: &VmName) -> (Vec<HostId>, Vec<HostId>, Option<HostId>) {
+    let mut domains = Vec::new();
+    let mut disks = Vec::new();
+    for h in [host("host-a"), host("host-b")] {
+        if f.mem.hypervisor.domain(vm, &h).await.unwrap().is_some() {
+            domains.push(h.clone());
+        }
+        if f.mem.images.disk(vm, &h).await.unwrap().is_some() {
+            disks.push(h);
+        }
+    }
+    (
+        domains,
+        disks,
+        f.mem.placement.reservation(vm).await.unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_vm_moves_with_its_slot_and_disk_and_keeps_its_address() {
+    let f = fixture(None);
+    let vm =
+        f.p.provision(ProvisionRequest::new(user("alice")))
+            .await
+            .unwrap();
+    let from = vm.host.clone();
+    let to = other(&from);
+    let mut sub = f.p.subscribe();
+
+    let moved = f.p.migrate(&vm.name, &to).await.unwrap();
+    assert_eq!(moved.host, to);
+    assert_eq!(
+        (moved.ip, &moved.fqdn),
+        (vm.ip, &vm.fqdn),
+        "address and name stay"
+    );
+    assert_eq!(
+        whereabouts(&f, &vm.name).await,
+        (vec![to.clone()], vec![to.clone()], Some(to.clone())),
+        "domain, disk and slot are on the target only"
+    );
+    assert_eq!(f.p.get(&vm.name).await.unwrap(), Some(moved.clone()));
+    let events = sub.drain();
+    assert!(matches!(
+        events.first().map(|e| &e.kind),
+        Some(EventKind::RunStarted {
+            operation: Operation::Migrate
+        })
+    ));
+    for step in [Step::Placement, Step::Image, Step::Disk, Step::Domain] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e.kind == EventKind::StepStarted { step }),
+            "{step} started"
+        );
+    }
+    assert!(matches!(
+        events.last().map(|e| &e.kind),
+        Some(EventKind::RunFinished { provisioned: Some(v) }) if v.host == to
+    ));
+
+    // Already there: nothing happens.
+    assert_eq!(f.p.migrate(&vm.name, &to).await.unwrap(), moved);
+    // And back again.
+    assert_eq!(f.p.migrate(&vm.name, &from).await.unwrap().host, from);
+    assert_eq!(f.p.migrate(&vm.name, &to).await.unwrap().host, to);
+
+    // A deprovision after the moves removes what is on the host the VM is on now.
+    f.p.deprovision(&vm.name).await.unwrap();
+    assert_eq!(f.mem.held_total().unwrap(), 0, "{:?}", f.mem.held());
+}
+
+#[tokio::test]
+async fn an_unknown_vm_or_a_full_target_is_refused_and_nothing_moves() {
+    let f = fixture(None);
+    let e =
+        f.p.migrate(&VmName::new("nope").unwrap(), &host("host-b"))
+            .await
+            .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+
+    // host-b has room for one VM: fill it, then try to move another one there.
+    let mut vms = Vec::new();
+    for _ in 0..3 {
+        vms.push(
+            f.p.provision(ProvisionRequest::new(user("alice")))
+                .await
+                .unwrap(),
+        );
+    }
+    let on_a = vms.iter().find(|v| v.host.as_str() == "host-a").unwrap();
+    let e = f.p.migrate(&on_a.name, &host("host-b")).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Exhausted, "{e}");
+    assert_eq!(
+        whereabouts(&f, &on_a.name).await,
+        (
+            vec![host("host-a")],
+            vec![host("host-a")],
+            Some(host("host-a"))
+        ),
+        "it stays where it was"
+    );
+    assert_eq!(
+        f.p.get(&on_a.name).await.unwrap().map(|v| v.host),
+        Some(host("host-a"))
+    );
+    for v in &vms {
+        f.p.deprovision(&v.name).await.unwrap();
+    }
+    assert_eq!(f.mem.held_total().unwrap(), 0, "{:?}", f.mem.held());
+}
+
+#[tokio::test]
+async fn a_fault_at_any_act_of_a_move_leaves_the_vm_where_it_was() {
+    // Each step's backend was called once by the provision; the move's call is the next.
+    for step in [Step::Placement, Step::Image, Step::Disk, Step::Domain] {
+        for fault in [
+            Fault::Error(ErrorKind::Unavailable),
+            Fault::Hang,
+            Fault::Panic,
+        ] {
+            let f = fixture(Some(FaultPlan::new(step, fault).after(1)));
+            let vm =
+                f.p.provision(ProvisionRequest::new(user("alice")))
+                    .await
+                    .unwrap();
+            let from = vm.host.clone();
+            let held = f.mem.held_total().unwrap();
+            let e = f.p.migrate(&vm.name, &other(&from)).await.unwrap_err();
+            let ctx = format!("{fault:?} at {step}: {e}");
+            assert_eq!(e.step(), Some(step), "{ctx}");
+            assert!(e.undo_failures().is_empty(), "{ctx}");
+            assert_eq!(
+                whereabouts(&f, &vm.name).await,
+                (vec![from.clone()], vec![from.clone()], Some(from.clone())),
+                "{ctx}: running where it was, with its disk and slot"
+            );
+            assert_eq!(
+                f.mem.held_total().unwrap(),
+                held,
+                "{ctx}: nothing made elsewhere"
+            );
+            let listed = f.p.get(&vm.name).await.unwrap().unwrap();
+            assert_eq!(listed.host, from, "{ctx}");
+            // The VM is active again: it can move (the fault fired once) and be removed.
+            let moved = f.p.migrate(&vm.name, &other(&from)).await.unwrap();
+            assert_eq!(moved.host, other(&from), "{ctx}");
+            f.p.deprovision(&vm.name).await.unwrap();
+            assert_eq!(f.mem.held_total().unwrap(), 0, "{ctx}: {:?}", f.mem.held());
+        }
+    }
+}
