@@ -85,6 +85,61 @@ async fn killed_at_every_step_boundary_then_recovered_leaks_nothing() {
     }
 }
 
+/// A provisioner killed before or after each act of a live migration: `recover()` in
+/// another process leaves the VM running on exactly one host, with its disk and slot
+/// there and nothing on the other host; it can then be removed without a trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_during_a_migration_then_recovered_leaves_the_vm_on_one_host() {
+    use devvm_core::{HostId, Hypervisor, ImageStore, Placement};
+    for step in [Step::Placement, Step::Image, Step::Disk, Step::Domain] {
+        for when in ["before", "after"] {
+            let dir = tempfile::tempdir().unwrap();
+            let config = write_config(dir.path());
+            let foreign = devvm_tests::plant_neighbour(&reference_backends(Some(dir.path()))).await;
+            run_child(&config, "migrate", step, when);
+            let ctx = format!("migration killed {when} {step}");
+            let p = Provisioner::from_config(&config).unwrap();
+            let report = p.recover().await.unwrap();
+            assert!(report.still_held.is_empty(), "{ctx}: {report:?}");
+            let vms = p.list().await.unwrap();
+            assert_eq!(vms.len(), 1, "{ctx}: the vm is still there: {report:?}");
+            let vm = &vms[0];
+            let mem = reference_backends(Some(dir.path()));
+            for h in ["host-a", "host-b"] {
+                let h = HostId::new(h).unwrap();
+                let here = h == vm.host;
+                assert_eq!(
+                    mem.hypervisor.domain(&vm.name, &h).await.unwrap().is_some(),
+                    here,
+                    "{ctx}: domain on {h}"
+                );
+                assert_eq!(
+                    mem.images.disk(&vm.name, &h).await.unwrap().is_some(),
+                    here,
+                    "{ctx}: disk on {h}"
+                );
+            }
+            assert_eq!(
+                mem.placement.reservation(&vm.name).await.unwrap(),
+                Some(vm.host.clone()),
+                "{ctx}: the slot is where the vm runs"
+            );
+            assert_eq!(held(dir.path()), 7 + foreign, "{ctx}: one complete vm");
+            p.deprovision(&vm.name).await.unwrap();
+            assert_eq!(
+                held(dir.path()),
+                foreign,
+                "{ctx}: nothing left but the neighbour's"
+            );
+            assert_eq!(
+                p.recover().await.unwrap(),
+                devvm_core::RecoveryReport::default(),
+                "{ctx}: recover is idempotent"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_during_deprovision_then_recovered_leaks_nothing() {
     // Steps that undo something real (user and image hold nothing to undo).

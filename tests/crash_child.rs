@@ -1,8 +1,8 @@
 //! A provisioner process for the crash tests: it runs one provision (or a provision and
-//! then a deprovision) from a config file, with a fault that kills it with SIGKILL at a
-//! chosen step boundary.
+//! then a deprovision, or a provision and then a live migration to the other host) from a
+//! config file, with a fault that kills it with SIGKILL at a chosen step boundary.
 //!
-//! Usage: `devvm-crash-child CONFIG provision|deprovision STEP before|after`
+//! Usage: `devvm-crash-child CONFIG provision|deprovision|migrate STEP before|after`
 
 use std::process::ExitCode;
 
@@ -24,7 +24,7 @@ async fn main() -> ExitCode {
 async fn run(args: &[String]) -> devvm_core::Result<()> {
     let [_, config, mode, step, when] = args else {
         return Err(devvm_core::Error::invalid_input(
-            "usage: devvm-crash-child CONFIG provision|deprovision STEP before|after",
+            "usage: devvm-crash-child CONFIG provision|deprovision|migrate STEP before|after",
         ));
     };
     let step: Step = step.parse()?;
@@ -58,6 +58,19 @@ async fn run(args: &[String]) -> devvm_core::Result<()> {
                 .build()?;
             let vm = p.provision(req).await?;
             p.deprovision(&vm.name).await?;
+        }
+        "migrate" => {
+            // Provisioned cleanly; the move's first call of STEP's backend kills.
+            let vm = config.builder()?.build()?.provision(req).await?;
+            let to = devvm_core::HostId::new(if vm.host.as_str() == "host-a" {
+                "host-b"
+            } else {
+                "host-a"
+            })?;
+            let p = builder
+                .backends(faults::inject(clean, FaultPlan::new(step, fault)))
+                .build()?;
+            p.migrate(&vm.name, &to).await?;
         }
         other => {
             return Err(devvm_core::Error::invalid_input(format!(
