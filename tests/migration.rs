@@ -24,7 +24,7 @@ fn fixture(plan: Option<FaultPlan>) -> Fixture {
         Some(plan) => faults::inject(mem.backends(), plan),
         None => mem.backends(),
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("temp dir");
     let mut timeouts = Timeouts::default();
     if plan.is_some_and(|p| p.fault == Fault::Hang) {
         timeouts.set(
@@ -36,19 +36,19 @@ fn fixture(plan: Option<FaultPlan>) -> Fixture {
         .state_dir(dir.path().join("state"))
         .backends(backends)
         .defaults(devvm_core::Defaults {
-            template: Some(devvm_core::TemplateName::new(devvm_tests::TEMPLATE).unwrap()),
+            template: Some(devvm_core::TemplateName::new(devvm_tests::TEMPLATE).expect("name")),
             size: VmSize::default(),
             ..Default::default()
         })
         .timeouts(timeouts)
         .retries(Retries::none())
         .build()
-        .unwrap();
+        .expect("provisioner");
     Fixture { _dir: dir, mem, p }
 }
 
 fn host(s: &str) -> HostId {
-    HostId::new(s).unwrap()
+    HostId::new(s).expect("host id")
 }
 
 /// The other reference host.
@@ -65,17 +65,23 @@ async fn whereabouts(f: &Fixture, vm: &VmName) -> (Vec<HostId>, Vec<HostId>, Opt
     let mut domains = Vec::new();
     let mut disks = Vec::new();
     for h in [host("host-a"), host("host-b")] {
-        if f.mem.hypervisor.domain(vm, &h).await.unwrap().is_some() {
+        if f.mem
+            .hypervisor
+            .domain(vm, &h)
+            .await
+            .expect("domain")
+            .is_some()
+        {
             domains.push(h.clone());
         }
-        if f.mem.images.disk(vm, &h).await.unwrap().is_some() {
+        if f.mem.images.disk(vm, &h).await.expect("disk").is_some() {
             disks.push(h);
         }
     }
     (
         domains,
         disks,
-        f.mem.placement.reservation(vm).await.unwrap(),
+        f.mem.placement.reservation(vm).await.expect("reservation"),
     )
 }
 

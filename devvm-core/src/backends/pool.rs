@@ -44,6 +44,7 @@ pub(crate) enum PoolError {
         expected: String,
         got: String,
     },
+    #[cfg(feature = "glance")]
     #[error("volume {name} on {host} is larger than the {max} bytes a record may have")]
     TooLarge {
         name: String,
@@ -72,10 +73,11 @@ impl BackendError for PoolError {
                 Enum::Known(ErrorNumber::StorageVolExist) => ErrorKind::AlreadyExists,
                 _ => ErrorKind::Backend,
             },
-            PoolError::Local(..)
-            | PoolError::Xml(_)
-            | PoolError::Mismatch { .. }
-            | PoolError::TooLarge { .. } => ErrorKind::Backend,
+            PoolError::Local(..) | PoolError::Xml(_) | PoolError::Mismatch { .. } => {
+                ErrorKind::Backend
+            }
+            #[cfg(feature = "glance")]
+            PoolError::TooLarge { .. } => ErrorKind::Backend,
         }
     }
 }
@@ -141,6 +143,7 @@ impl Pool {
         }
     }
 
+    #[cfg(feature = "glance")]
     /// The capacity (virtual size) of volume `vol` in bytes.
     pub(crate) fn capacity(&self, vol: &StorageVol, name: &str) -> Result<u64> {
         Ok(vol
@@ -170,6 +173,7 @@ impl Pool {
         }
     }
 
+    #[cfg(feature = "glance")]
     /// Creates the small volume `name` holding exactly `content`, exclusively: `false`
     /// when a volume of that name exists already (it is left as it is).
     pub(crate) fn create_record(&self, name: &str, content: &[u8]) -> Result<bool> {
@@ -183,6 +187,7 @@ impl Pool {
         Ok(true)
     }
 
+    #[cfg(feature = "glance")]
     /// The content of the small volume `name` (at most `max` bytes), if it exists.
     pub(crate) fn read_record(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>> {
         let Some(vol) = self.volume(name)? else {
@@ -217,6 +222,7 @@ impl Pool {
         }
     }
 
+    #[cfg(feature = "glance")]
     /// Creates the qcow2 overlay `name` of `capacity` bytes on `backing`, exclusively
     /// (`None`: a volume of that name exists and is left alone). libvirt makes it on the host.
     pub(crate) fn create_overlay(
@@ -293,6 +299,7 @@ impl Pool {
         }
     }
 
+    #[cfg(feature = "glance")]
     fn upload(&self, vol: &StorageVol, name: &str, content: &[u8]) -> Result<()> {
         let stream = Stream::new(&self.conn, 0).map_err(self.err("cannot open a stream"))?;
         vol.upload(&stream, 0, content.len() as u64, 0)

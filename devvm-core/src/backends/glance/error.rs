@@ -133,6 +133,7 @@ pub(crate) enum GlanceError {
     #[error("template {name} is not in the cache at {}; prepare it first", path.display())]
     NotCached { name: String, path: PathBuf },
 
+    #[cfg(feature = "libvirt")]
     #[error("another upload of {volume} to {host} is under way")]
     HostBusy { host: String, volume: String },
     #[error(
@@ -201,11 +202,11 @@ impl BackendError for GlanceError {
             | DiskTooLarge(_)
             | SmallerThanTemplate { .. } => ErrorKind::InvalidInput,
             Storage | PoolNotBuilt(_) | PoolCopy => ErrorKind::InvalidInput,
-            HttpTimeout { .. }
-            | Unreachable { .. }
-            | Overloaded { .. }
-            | BrokeOff { .. }
-            | HostBusy { .. } => ErrorKind::Unavailable,
+            HttpTimeout { .. } | Unreachable { .. } | Overloaded { .. } | BrokeOff { .. } => {
+                ErrorKind::Unavailable
+            }
+            #[cfg(feature = "libvirt")]
+            HostBusy { .. } => ErrorKind::Unavailable,
             ProcessTimeout { .. } => ErrorKind::Timeout,
             Refused { .. } => ErrorKind::Unauthorized,
             Missing { .. } | NoTemplate { .. } | NotCached { .. } => ErrorKind::NotFound,
