@@ -252,30 +252,37 @@ async fn provisions_land_on_both_hosts_and_leave_nothing_on_either() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    // Room for one such VM per host, so the second must go to the other host.
-    let text = std::fs::read_to_string(lab.write_config(dir.path()))
-        .unwrap()
-        .replace(
-            "capacity = { vcpus = 16, memory_mib = 4096, disk_gib = 64 }",
-            "capacity = { vcpus = 16, memory_mib = 4096, disk_gib = 3 }",
-        );
-    let config = dir.path().join("fleet.toml");
-    std::fs::write(&config, text).unwrap();
+    let config = lab.write_config(dir.path());
     let p = Provisioner::from_config(&config).unwrap();
-    let names = [unique_vm_name("fleet-a"), unique_vm_name("fleet-b")];
-    let mut vms = Vec::new();
-    for name in &names {
-        let req = ProvisionRequest::new(lab.member())
-            .with_name(name.clone())
-            .with_disk_gib(2);
-        vms.push(p.provision(req).await.expect("provision"));
-    }
-    let hosts: Vec<&str> = vms.iter().map(|v| v.host.as_str()).collect();
-    assert_ne!(hosts[0], hosts[1], "one VM on each host");
-    for vm in &vms {
+    let a = p
+        .provision(ProvisionRequest::new(lab.member()).with_name(unique_vm_name("fleet-a")))
+        .await
+        .expect("provision on any host");
+    // The second one on the other host: the same config, its placement limited to it
+    // (other tests share the lab's hosts, so free room alone cannot force the choice).
+    let mut table: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let placement = table["placement"].as_table_mut().unwrap();
+    let hosts = placement["hosts"].as_array_mut().unwrap();
+    hosts.retain(|h| h["uri"].as_str() != Some(a.host.as_str()));
+    assert_eq!(hosts.len(), env.host_uris.len() - 1);
+    let pinned = dir.path().join("pinned.toml");
+    std::fs::write(&pinned, toml::to_string(&table).unwrap()).unwrap();
+    let q = Provisioner::from_config(&pinned).unwrap();
+    let b = q
+        .provision(ProvisionRequest::new(lab.member()).with_name(unique_vm_name("fleet-b")))
+        .await
+        .expect("provision on the other host");
+    assert_ne!(a.host, b.host, "one VM on each host");
+    for (vm, prov) in [(&a, &p), (&b, &q)] {
         assert_eq!(
             env.domain_hosts(vm.name.as_str()),
             vec![vm.host.to_string()]
+        );
+        assert!(
+            env.local_path(vm.host.as_str(), &vm.disk).is_file(),
+            "{}: its disk is in its host's pool",
+            vm.name
         );
         assert!(
             ssh_answers(vm.ip, std::time::Duration::from_secs(60)),
@@ -283,10 +290,137 @@ async fn provisions_land_on_both_hosts_and_leave_nothing_on_either() {
             vm.ip
         );
         assert_eq!(env.dns_a(&vm.fqdn), vec![vm.ip.to_string()]);
-    }
-    for vm in &vms {
-        p.deprovision(&vm.name).await.expect("deprovision");
+        prov.deprovision(&vm.name).await.expect("deprovision");
         let left = env.leftovers(vm.name.as_str(), &vm.fqdn, Some(vm.ip));
         assert!(left.is_empty(), "{} leaked: {left:?}", vm.name);
     }
+}
+
+/// An `ssh` to the guest at `ip` as root with the lab's key, running `command`.
+fn ssh(lab: &Lab, ip: std::net::IpAddr, command: &str) -> Command {
+    let mut c = Command::new("ssh");
+    c.arg("-i")
+        .arg(lab.var("ssh_key"))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "ServerAliveInterval=5",
+        ])
+        .arg(format!("root@{ip}"))
+        .arg(command);
+    c
+}
+
+/// The guest's uptime in seconds, asked over SSH.
+fn uptime(lab: &Lab, ip: std::net::IpAddr) -> f64 {
+    let out = ssh(lab, ip, "cat /proc/uptime").output().expect("ssh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("an uptime")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_vm_moves_to_the_other_host_and_keeps_its_session() {
+    use std::io::{BufRead, BufReader};
+    let Some((lab, env)) = fleet("a_running_vm_moves_to_the_other_host_and_keeps_its_session")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let p = Provisioner::from_config(lab.write_config(dir.path())).unwrap();
+    let name = unique_vm_name("move");
+    let vm = p
+        .provision(ProvisionRequest::new(lab.member()).with_name(name.clone()))
+        .await
+        .expect("provision");
+    let from = vm.host.clone();
+    let to = host(
+        env.host_uris
+            .iter()
+            .find(|u| u.as_str() != from.as_str())
+            .expect("another host"),
+    );
+    let before = uptime(&lab, vm.ip);
+
+    // An SSH session that counts, one line a second, across the move.
+    let mut session = ssh(
+        &lab,
+        vm.ip,
+        "i=0; while true; do i=$((i+1)); echo $i; sleep 1; done",
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("ssh session");
+    let mut lines = BufReader::new(session.stdout.take().expect("stdout")).lines();
+    let first: u64 = lines
+        .next()
+        .expect("a first count")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    let mut events = p.subscribe();
+    let moved = p.migrate(&name, &to).await.expect("migrate");
+    assert_eq!(moved.host, to);
+    assert_eq!((moved.ip, &moved.fqdn), (vm.ip, &vm.fqdn));
+
+    // The same session goes on counting: read a few more lines after the move.
+    let mut last = first;
+    for _ in 0..3 {
+        let n: u64 = lines
+            .next()
+            .expect("the session still counts after the move")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(n, last + 1, "no count lost or repeated");
+        last = n;
+    }
+    let _ = session.kill();
+    let _ = session.wait();
+
+    // The guest did not reboot; it runs on the target only; the source's overlay is gone.
+    assert!(uptime(&lab, vm.ip) > before, "uptime goes on");
+    assert_eq!(env.domain_hosts(name.as_str()), vec![to.to_string()]);
+    assert!(
+        !env.local_path(from.as_str(), &vm.disk).exists(),
+        "the source's overlay is deleted"
+    );
+    assert!(env.local_path(to.as_str(), &moved.disk).is_file());
+    assert_eq!(env.dns_a(&vm.fqdn), vec![vm.ip.to_string()]);
+    assert_eq!(env.dns_ptr(vm.ip), vec![vm.fqdn.clone()]);
+    let report = events.drain().into_iter().find_map(|e| match e.kind {
+        devvm_core::EventKind::StepFinished {
+            step: devvm_core::Step::Domain,
+            result,
+            ..
+        } => Some(result),
+        _ => None,
+    });
+    let report = report.expect("the move's domain step reports");
+    assert!(
+        report["elapsed_ms"].as_u64().is_some_and(|ms| ms > 0),
+        "{report}"
+    );
+
+    p.deprovision(&name).await.expect("deprovision");
+    let left = env.leftovers(name.as_str(), &vm.fqdn, Some(vm.ip));
+    assert!(left.is_empty(), "leaked: {left:?}");
 }

@@ -597,6 +597,37 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| e.or_backend(BACKEND))
 }
 
+/// The counters `keys` of `dom`'s job statistics (`flags` 0: the running job;
+/// `VIR_DOMAIN_JOB_STATS_COMPLETED`: the last finished one), `None` where libvirt has none.
+/// (virt 0.5's `Domain::job_stats` makes a `Vec` from a null pointer when no job runs, so
+/// this asks libvirt directly and frees what libvirt allocated.)
+fn job_counters(dom: &VirtDomain, flags: u32, keys: &[&std::ffi::CStr]) -> Vec<Option<u64>> {
+    let mut kind: std::os::raw::c_int = 0;
+    let mut params: virt::sys::virTypedParameterPtr = std::ptr::null_mut();
+    let mut n: std::os::raw::c_int = 0;
+    // SAFETY: `dom` is a live domain handle for the whole call; libvirt either fails, or
+    // sets `params` to `n` parameters it allocated (or to null when there are none).
+    let rc = unsafe {
+        virt::sys::virDomainGetJobStats(dom.as_ptr(), &mut kind, &mut params, &mut n, flags)
+    };
+    if rc < 0 || params.is_null() {
+        return vec![None; keys.len()];
+    }
+    let out = keys
+        .iter()
+        .map(|k| {
+            let mut v: std::os::raw::c_ulonglong = 0;
+            // SAFETY: `params` holds `n` valid parameters; `k` is NUL-terminated.
+            let found =
+                unsafe { virt::sys::virTypedParamsGetULLong(params, n, k.as_ptr(), &mut v) };
+            (found == 1).then_some(v)
+        })
+        .collect();
+    // SAFETY: `params` and `n` are exactly what libvirt allocated above; not used after.
+    unsafe { virt::sys::virTypedParamsFree(params, n) };
+    out
+}
+
 /// Removes a seed image; an absent one is fine.
 fn remove_seed(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
@@ -1064,8 +1095,14 @@ impl Hypervisor for LibvirtHypervisor {
                 s.spawn(|| {
                     // Progress while the copy runs; the loop ends with the migration.
                     while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                        if let Ok(j) = dom.job_stats(0)
-                            && let (Some(done_b), Some(total)) = (j.data_processed, j.data_total)
+                        if let [Some(done_b), Some(total)] = job_counters(
+                            &dom,
+                            0,
+                            &[
+                                virt::sys::VIR_DOMAIN_JOB_DATA_PROCESSED,
+                                virt::sys::VIR_DOMAIN_JOB_DATA_TOTAL,
+                            ],
+                        )[..]
                             && total > 0
                         {
                             p.fraction(
@@ -1081,13 +1118,18 @@ impl Hypervisor for LibvirtHypervisor {
                 r
             })
             .map_err(|e| virt_err("cannot migrate the domain", &from, e))?;
-            let stats = moved
-                .job_stats(virt::sys::VIR_DOMAIN_JOB_STATS_COMPLETED)
-                .ok();
+            let stats = job_counters(
+                &moved,
+                virt::sys::VIR_DOMAIN_JOB_STATS_COMPLETED,
+                &[
+                    virt::sys::VIR_DOMAIN_JOB_DOWNTIME,
+                    virt::sys::VIR_DOMAIN_JOB_DATA_TOTAL,
+                ],
+            );
             let report = MigrationReport {
                 elapsed_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
-                downtime_ms: stats.as_ref().and_then(|s| s.downtime),
-                bytes: stats.as_ref().and_then(|s| s.data_total),
+                downtime_ms: stats.first().copied().flatten(),
+                bytes: stats.get(1).copied().flatten(),
             };
             p.message(format!(
                 "{vm} runs on {to}: moved in {:.1}s, downtime {}",
