@@ -220,3 +220,57 @@ async fn a_fault_at_any_act_of_a_move_leaves_the_vm_where_it_was() {
         }
     }
 }
+
+#[tokio::test]
+async fn drain_moves_every_vm_off_a_host_or_nothing_and_dry_run_only_plans() {
+    let f = fixture(None);
+    let vm =
+        f.p.provision(ProvisionRequest::new(user("alice")))
+            .await
+            .unwrap();
+    let from = vm.host.clone();
+    let hosts = f.p.hosts().await.unwrap();
+    assert_eq!(hosts.len(), 2);
+    assert!(
+        hosts
+            .iter()
+            .any(|h| h.host == from && h.vms == vec![vm.name.clone()])
+    );
+
+    let planned = f.p.drain(&from, true).await.unwrap();
+    assert_eq!(planned.len(), 1);
+    assert_eq!(planned[0].to, other(&from));
+    assert_eq!(
+        f.p.get(&vm.name).await.unwrap().map(|v| v.host),
+        Some(from.clone()),
+        "a dry run moves nothing"
+    );
+    let done = f.p.drain(&from, false).await.unwrap();
+    assert_eq!(done, planned);
+    assert_eq!(
+        whereabouts(&f, &vm.name).await,
+        (vec![other(&from)], vec![other(&from)], Some(other(&from)))
+    );
+
+    // host-b has room for one VM: with two on host-a, draining host-a plans nothing.
+    let f = fixture(None);
+    let mut on_a = Vec::new();
+    while on_a.len() < 2 {
+        let v =
+            f.p.provision(ProvisionRequest::new(user("alice")))
+                .await
+                .unwrap();
+        if v.host.as_str() == "host-a" {
+            on_a.push(v);
+        }
+    }
+    let e = f.p.drain(&host("host-a"), false).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Exhausted, "{e}");
+    for v in &on_a {
+        assert_eq!(
+            f.p.get(&v.name).await.unwrap().map(|v| v.host),
+            Some(host("host-a")),
+            "nothing moved"
+        );
+    }
+}

@@ -906,6 +906,17 @@ impl Journal {
             .transpose()
     }
 
+    /// The size of every VM that exists (readable rows only).
+    pub(crate) fn active_sizes(
+        &self,
+    ) -> Result<std::collections::BTreeMap<VmName, crate::types::VmSize>> {
+        let (runs, _) = split(self.runs_where("state = 'active'", None)?);
+        Ok(runs
+            .into_iter()
+            .map(|r| (r.request.name, r.request.size))
+            .collect())
+    }
+
     /// Every VM that exists, and the rows of VMs that cannot be read.
     pub(crate) fn active_vms(&self) -> Result<(Vec<Vm>, Vec<Unreadable>)> {
         let (runs, bad) = split(self.runs_where("state = 'active'", None)?);

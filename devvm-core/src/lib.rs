@@ -57,9 +57,9 @@ pub use traits::{
 };
 pub use types::{
     BootSpec, BootstrapReport, BootstrapSettings, BootstrapTarget, Disk, DiskFormat, DnsRecord,
-    Domain, DomainSpec, HostId, Lease, MigrationReport, ProvisionRequest, RequestId,
-    ResolvedRequest, SizeRequest, Step, Template, TemplateName, Undone, User, UserName, Vm, VmName,
-    VmSize,
+    Domain, DomainSpec, HostId, HostUsage, Lease, MigrationReport, Move, ProvisionRequest,
+    RequestId, ResolvedRequest, SizeRequest, Step, Template, TemplateName, Undone, User, UserName,
+    Vm, VmName, VmSize,
 };
 
 /// Re-exported so that implementors need not depend on `async-trait` themselves.

@@ -316,6 +316,32 @@ impl Placement for MemoryPlacement {
         Ok(self.hosts.iter().map(|h| h.id.clone()).collect())
     }
 
+    async fn usage(&self) -> Result<Vec<crate::types::HostUsage>> {
+        self.store.read(|res| {
+            self.hosts
+                .iter()
+                .map(|h| {
+                    let mine: Vec<_> = res.iter().filter(|(_, (id, _, _))| *id == h.id).collect();
+                    crate::types::HostUsage {
+                        host: h.id.clone(),
+                        reachable: true,
+                        capacity: VmSize {
+                            vcpus: h.vcpus,
+                            memory_mib: h.memory_mib,
+                            disk_gib: h.disk_gib,
+                        },
+                        used: VmSize {
+                            vcpus: mine.iter().map(|(_, (_, s, _))| s.vcpus).sum(),
+                            memory_mib: mine.iter().map(|(_, (_, s, _))| s.memory_mib).sum(),
+                            disk_gib: mine.iter().map(|(_, (_, s, _))| s.disk_gib).sum(),
+                        },
+                        vms: mine.iter().map(|(vm, _)| (*vm).clone()).collect(),
+                    }
+                })
+                .collect()
+        })
+    }
+
     async fn relocate(&self, vm: &VmName, to: &HostId, owner: &RequestId) -> Result<()> {
         self.store.update(|res| {
             let Some((host, size, holder)) = res.get(vm).cloned() else {

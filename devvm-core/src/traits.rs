@@ -78,6 +78,12 @@ pub trait Placement: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// Each host's capacity, use and VMs, read now (for `hosts`, `drain` and
+    /// `rebalance`). The default is none: a placement that cannot say.
+    async fn usage(&self) -> Result<Vec<crate::types::HostUsage>> {
+        Ok(Vec::new())
+    }
+
     /// Moves the slot `owner` holds for `vm` to host `to` (for a live migration), if `to`
     /// has room for it; the old host's room is given back. Moving it where it is changes
     /// nothing. No slot of `vm` is [`ErrorKind::NotFound`](crate::ErrorKind::NotFound), one

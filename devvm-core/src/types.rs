@@ -666,6 +666,41 @@ pub struct BootstrapTarget {
     pub host_key: Option<String>,
 }
 
+/// What one placement host has and gives out, as the placement backend sees it now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostUsage {
+    /// The host.
+    pub host: HostId,
+    /// Whether it answered (an unreachable host is skipped by placement).
+    pub reachable: bool,
+    /// What it can give out in total.
+    pub capacity: VmSize,
+    /// What its VMs (and reservations not yet a VM) use.
+    pub used: VmSize,
+    /// The VMs placed on it.
+    pub vms: Vec<VmName>,
+}
+
+impl HostUsage {
+    /// Whether a VM of `size` fits in what is left.
+    pub fn fits(&self, size: &VmSize) -> bool {
+        self.used.vcpus + size.vcpus <= self.capacity.vcpus
+            && self.used.memory_mib + size.memory_mib <= self.capacity.memory_mib
+            && self.used.disk_gib + size.disk_gib <= self.capacity.disk_gib
+    }
+}
+
+/// One planned live migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    /// The VM to move.
+    pub vm: VmName,
+    /// Where it runs.
+    pub from: HostId,
+    /// Where it goes.
+    pub to: HostId,
+}
+
 /// What a live migration measured.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct MigrationReport {

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use crate::backends::libvirt::DomainInfo;
 use crate::error::{BackendError, Error, ErrorKind, Result};
 use crate::traits::Placement;
-use crate::types::{HostId, RequestId, Undone, VmName, VmSize};
+use crate::types::{HostId, HostUsage, RequestId, Undone, VmName, VmSize};
 
 const BACKEND: &str = "libvirt";
 
@@ -145,6 +145,13 @@ pub fn choose_host(
         .map(|(h, _)| h.clone())
 }
 
+/// Per host: what is used, which hosts answered, and the VMs on each.
+type HostsNow = (
+    BTreeMap<HostId, Capacity>,
+    BTreeSet<HostId>,
+    BTreeMap<HostId, Vec<VmName>>,
+);
+
 /// Places VMs on libvirt hosts.
 #[derive(Clone)]
 pub struct LibvirtPlacement {
@@ -254,7 +261,7 @@ impl LibvirtPlacement {
 
     /// What each host has in use now: its devvm domains plus reservations not yet a
     /// domain there. Hosts that cannot be read are left out (and logged).
-    async fn usage(&self) -> Result<(BTreeMap<HostId, Capacity>, BTreeSet<HostId>)> {
+    async fn read_usage(&self) -> Result<HostsNow> {
         let mut used = BTreeMap::new();
         let mut reachable = BTreeSet::new();
         let mut domains: BTreeMap<HostId, Vec<DomainInfo>> = BTreeMap::new();
@@ -282,6 +289,7 @@ impl LibvirtPlacement {
             }
         }
         let reservations = self.reservations().await?;
+        let mut names: BTreeMap<HostId, Vec<VmName>> = BTreeMap::new();
         for (host, doms) in &domains {
             let mut u = Capacity {
                 vcpus: 0,
@@ -291,12 +299,14 @@ impl LibvirtPlacement {
             let mut counted = BTreeSet::new();
             for d in doms {
                 counted.insert(d.name.clone());
+                names.entry(host.clone()).or_default().push(d.name.clone());
                 u.vcpus += u64::from(d.vcpus);
                 u.memory_mib += d.memory_mib;
                 u.disk_gib += d.disk_gib;
             }
             for (vm, (h, size)) in &reservations {
                 if h == host && !counted.contains(vm) {
+                    names.entry(host.clone()).or_default().push(vm.clone());
                     u.vcpus += u64::from(size.vcpus);
                     u.memory_mib += size.memory_mib;
                     u.disk_gib += size.disk_gib;
@@ -304,7 +314,7 @@ impl LibvirtPlacement {
             }
             used.insert(host.clone(), u);
         }
-        Ok((used, reachable))
+        Ok((used, reachable, names))
     }
 
     async fn reservations(&self) -> Result<BTreeMap<VmName, (HostId, VmSize)>> {
@@ -402,7 +412,7 @@ impl Placement for LibvirtPlacement {
         // Usage is read outside the transaction (it talks to every host); the choice is
         // then recorded atomically, re-checked against reservations made meanwhile.
         for _attempt in 0..5 {
-            let (used, reachable) = self.usage().await?;
+            let (used, reachable, _) = self.read_usage().await?;
             if reachable.is_empty() {
                 return Err(PlacementError::NoHostReadable.into());
             }
@@ -487,6 +497,30 @@ impl Placement for LibvirtPlacement {
         Ok(self.hosts.iter().map(|(h, _)| h.clone()).collect())
     }
 
+    async fn usage(&self) -> Result<Vec<HostUsage>> {
+        let (used, reachable, mut names) = self.read_usage().await?;
+        let size = |c: &Capacity| VmSize {
+            vcpus: u32::try_from(c.vcpus).unwrap_or(u32::MAX),
+            memory_mib: c.memory_mib,
+            disk_gib: c.disk_gib,
+        };
+        Ok(self
+            .hosts
+            .iter()
+            .map(|(h, cap)| HostUsage {
+                host: h.clone(),
+                reachable: reachable.contains(h),
+                capacity: size(cap),
+                used: used.get(h).map(size).unwrap_or(VmSize {
+                    vcpus: 0,
+                    memory_mib: 0,
+                    disk_gib: 0,
+                }),
+                vms: names.remove(h).unwrap_or_default(),
+            })
+            .collect())
+    }
+
     /// Checks `to`'s room with usage read live from `to` (its devvm domains and the
     /// reservations not yet a domain there), then moves the row.
     async fn relocate(&self, vm: &VmName, to: &HostId, owner: &RequestId) -> Result<()> {
@@ -529,7 +563,7 @@ impl Placement for LibvirtPlacement {
         if host == to.as_str() {
             return Ok(());
         }
-        let (used, reachable) = self.usage().await?;
+        let (used, reachable, _) = self.read_usage().await?;
         if !reachable.contains(to) {
             return Err(PlacementError::NoHostReadable.into());
         }

@@ -32,6 +32,7 @@ use crate::types::{
 };
 
 mod builder;
+mod fleet;
 mod handle;
 mod migrate;
 mod record;

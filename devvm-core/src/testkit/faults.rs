@@ -194,6 +194,9 @@ impl Placement for Faulty<dyn Placement> {
     async fn hosts(&self) -> Result<Vec<HostId>> {
         self.0.hosts().await
     }
+    async fn usage(&self) -> Result<Vec<crate::types::HostUsage>> {
+        self.0.usage().await
+    }
     async fn relocate(&self, vm: &VmName, to: &HostId, owner: &RequestId) -> Result<()> {
         guarded_call!(self, false, self.0.relocate(vm, to, owner))
     }
