@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use devvm_core::{
-    CancelToken, Error, ErrorKind, Event, EventKind, ProvisionRequest, Provisioner, Step,
+    CancelToken, Error, ErrorKind, Event, EventKind, HostId, ProvisionRequest, Provisioner, Step,
     TemplateName, UserName, VmName,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -63,6 +63,30 @@ enum Command {
     },
     /// List the VMs that exist.
     List,
+    /// Move a running VM to another host (live migration; its address and name stay).
+    Migrate {
+        /// The VM name.
+        name: String,
+        /// The host to move it to (as the config's placement names it).
+        #[arg(long)]
+        to: String,
+    },
+    /// List the placement hosts: capacity, use and VMs.
+    Hosts,
+    /// Move every VM off a host (one live migration at a time).
+    Drain {
+        /// The host to empty.
+        host: String,
+        /// Only say which moves would be made.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Move VMs so that no host is above capacity and the hosts are evenly used.
+    Rebalance {
+        /// Only say which moves would be made.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Finish or roll back runs that a killed provisioner left.
     Recover,
     /// Template images.
@@ -247,6 +271,48 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 println!("{name} removed");
             }
         }
+        Command::Migrate { name, to } => {
+            let name = VmName::new(&name)?;
+            let mut run = p.start_migrate(name, HostId::new(&to)?);
+            while let Some(e) = run.next_event().await {
+                display.show(&e);
+            }
+            display.clear();
+            let vm = run.finish().await?;
+            if cli.json {
+                println!("{}", serde_json::json!(vm));
+            } else {
+                println!("{} runs on {} ({}, {})", vm.name, vm.host, vm.fqdn, vm.ip);
+            }
+        }
+        Command::Hosts => {
+            for h in p.hosts().await? {
+                if cli.json {
+                    println!("{}", serde_json::json!(h));
+                } else {
+                    println!(
+                        "{}  {}  vcpus {}/{}  memory {}/{} MiB  disk {}/{} GiB  vms {}",
+                        h.host,
+                        if h.reachable { "up" } else { "UNREACHABLE" },
+                        h.used.vcpus,
+                        h.capacity.vcpus,
+                        h.used.memory_mib,
+                        h.capacity.memory_mib,
+                        h.used.disk_gib,
+                        h.capacity.disk_gib,
+                        h.vms.len()
+                    );
+                }
+            }
+        }
+        Command::Drain { host, dry_run } => {
+            let moves = p.drain(&HostId::new(&host)?, dry_run).await?;
+            print_moves(&moves, dry_run, cli.json);
+        }
+        Command::Rebalance { dry_run } => {
+            let moves = p.rebalance(dry_run).await?;
+            print_moves(&moves, dry_run, cli.json);
+        }
         Command::List => {
             let vms = p.list().await?;
             if cli.json {
@@ -353,6 +419,20 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+fn print_moves(moves: &[devvm_core::Move], dry_run: bool, json: bool) {
+    for m in moves {
+        if json {
+            println!("{}", serde_json::json!({ "move": m, "done": !dry_run }));
+        } else {
+            let verb = if dry_run { "would move" } else { "moved" };
+            println!("{verb} {} from {} to {}", m.vm, m.from, m.to);
+        }
+    }
+    if moves.is_empty() && !json {
+        println!("nothing to move");
+    }
 }
 
 #[tokio::main]

@@ -4,39 +4,10 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+/// The reference backends' config every test suite shares, in `dir`.
 fn config(dir: &Path) -> std::path::PathBuf {
-    let text = r#"
-state_dir = "state"
-[defaults]
-template = "debian-12"
-[users]
-backend = "memory"
-accounts = [{ name = "alice" }, { name = "mallory", may_own_vms = false }]
-[placement]
-backend = "memory"
-state_file = "placement.json"
-hosts = [{ id = "h1", vcpus = 8, memory_mib = 20480, disk_gib = 200 }]
-[ip]
-backend = "memory"
-subnet = "10.20.0.0/28"
-state_file = "ip.json"
-[dns]
-backend = "memory"
-zone = "lab.example"
-state_file = "dns.json"
-[images]
-backend = "memory"
-templates = ["debian-12"]
-state_file = "disks.json"
-[hypervisor]
-backend = "memory"
-state_file = "domains.json"
-[bootstrap]
-backend = "memory"
-state_file = "bootstrap.json"
-"#;
     let p = dir.join("devvm.toml");
-    std::fs::write(&p, text).expect("write config");
+    std::fs::write(&p, devvm_core::testkit::REFERENCE_CONFIG).expect("write config");
     p
 }
 
@@ -136,4 +107,64 @@ fn recover_and_images_sync_report() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(json_lines(&out)[0]["template"], "debian-12");
+}
+
+#[test]
+fn hosts_migrate_drain_and_rebalance() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path());
+    let out = devvm(&c, &["provision", "--user", "alice", "--name", "mover"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = devvm(&c, &["--json", "hosts"]);
+    let hosts = json_lines(&out);
+    assert_eq!(hosts.len(), 2, "{hosts:?}");
+    let from = hosts
+        .iter()
+        .find(|h| h["vms"] == serde_json::json!(["mover"]))
+        .expect("a host holds it")["host"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let to = if from == "host-a" { "host-b" } else { "host-a" };
+
+    let out = devvm(&c, &["--json", "migrate", "mover", "--to", to]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&out);
+    assert_eq!(lines.last().unwrap()["host"], to);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["type"] == "run_started" && l["operation"] == "migrate"),
+        "{lines:?}"
+    );
+
+    let out = devvm(&c, &["drain", to, "--dry-run"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("would move mover from {to} to {from}")
+    );
+    let out = devvm(&c, &["rebalance", "--dry-run"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "nothing to move"
+    );
+    let out = devvm(&c, &["drain", to]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = devvm(&c, &["--json", "list"]);
+    assert_eq!(json_lines(&out)[0]["host"], from.as_str());
+
+    let out = devvm(&c, &["migrate", "nope", "--to", to]);
+    assert_eq!(out.status.code(), Some(3), "not found");
 }

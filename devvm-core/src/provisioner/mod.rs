@@ -359,6 +359,20 @@ impl Provisioner {
         }
     }
 
+    /// Starts [`migrate`](Self::migrate) of `name` to `to` in the background; the handle
+    /// yields the events of runs about that VM, then the moved VM.
+    pub fn start_migrate(&self, name: VmName, to: HostId) -> RunHandle<Vm> {
+        let events = self.subscribe();
+        let this = self.clone();
+        let vm = name.clone();
+        RunHandle {
+            events,
+            only: RunFilter::Vm(name),
+            task: Some(tokio::spawn(async move { this.migrate(&vm, &to).await })),
+            result: None,
+        }
+    }
+
     /// Removes the VM `name`: undoes every step of its provision in reverse order.
     ///
     /// An unknown name is [`ErrorKind::NotFound`]. If an undo fails the VM stays listed as
