@@ -213,6 +213,22 @@ devvm_status devvm_deprovision(devvm_provisioner *p,
                                devvm_event_cb cb,
                                void *user_data);
 
+// Moves the running VM `name` to host `to` while it runs (live migration; its address
+// and name stay); events go to `cb` (may be NULL) on this thread. On success `*out` is
+// the VM as it is now (free it with [`devvm_vm_free`]); on failure `*out` is NULL and the
+// VM still runs where it was. Unknown name: `DEVVM_ERR_NOT_FOUND`; no room on `to`:
+// `DEVVM_ERR_EXHAUSTED`.
+//
+// # Safety
+// `p` NULL or live; `name`, `to` NULL or NUL-terminated; `cb` NULL or valid; `out` NULL
+// or writable.
+devvm_status devvm_migrate(devvm_provisioner *p,
+                           const char *name,
+                           const char *to,
+                           devvm_event_cb cb,
+                           void *user_data,
+                           devvm_vm **out);
+
 // Lists the VMs that exist; free the list with [`devvm_vm_list_free`].
 //
 // # Safety

@@ -975,6 +975,50 @@ pub unsafe extern "C" fn devvm_deprovision(
     })
 }
 
+/// Moves the running VM `name` to host `to` while it runs (live migration; its address
+/// and name stay); events go to `cb` (may be NULL) on this thread. On success `*out` is
+/// the VM as it is now (free it with [`devvm_vm_free`]); on failure `*out` is NULL and the
+/// VM still runs where it was. Unknown name: `DEVVM_ERR_NOT_FOUND`; no room on `to`:
+/// `DEVVM_ERR_EXHAUSTED`.
+///
+/// # Safety
+/// `p` NULL or live; `name`, `to` NULL or NUL-terminated; `cb` NULL or valid; `out` NULL
+/// or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn devvm_migrate(
+    p: *mut devvm_provisioner,
+    name: *const c_char,
+    to: *const c_char,
+    cb: devvm_event_cb,
+    user_data: *mut c_void,
+    out: *mut *mut devvm_vm,
+) -> devvm_status {
+    guard(|| {
+        check_out!(out, "out");
+        // SAFETY: checked non-NULL.
+        unsafe { *out = std::ptr::null_mut() };
+        check_out!(p, "provisioner");
+        // SAFETY: non-NULL and live per the contract.
+        let p = unsafe { &*p };
+        // SAFETY: forwarded from the caller.
+        let name = try_status!(unsafe { req_str(name, "name") });
+        // SAFETY: forwarded from the caller.
+        let to = try_status!(unsafe { req_str(to, "to") });
+        let (name, to) = match (VmName::new(name), devvm_core::HostId::new(to)) {
+            (Ok(n), Ok(t)) => (n, t),
+            (Err(e), _) | (_, Err(e)) => return fail_with(&e),
+        };
+        match run_with_events(p, cb, user_data, move |prov| prov.start_migrate(name, to)) {
+            Ok(vm) => {
+                // SAFETY: checked non-NULL above.
+                unsafe { *out = Box::into_raw(Box::new(devvm_vm::from(&vm))) };
+                DEVVM_OK
+            }
+            Err(e) => fail_with(&e),
+        }
+    })
+}
+
 /// Lists the VMs that exist; free the list with [`devvm_vm_list_free`].
 ///
 /// # Safety

@@ -416,6 +416,71 @@ impl PyProvisioner {
         run(py, async move { p.deprovision(&name).await })
     }
 
+    /// Moves the running VM `name` to host `to` while it runs (live migration; its
+    /// address and name stay) and returns it (a `devvm.Vm` naming its new host).
+    /// `on_event(event)` sees the move's events as `provision`'s does. Unknown name:
+    /// `devvm.NotFound`; no room on `to`: `devvm.Exhausted`; on failure the VM still runs
+    /// where it was.
+    #[pyo3(signature = (name, to, on_event=None))]
+    fn migrate(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        to: &str,
+        on_event: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<PyVm> {
+        let p = self.get()?;
+        let name = parse::<VmName>(py, name)?;
+        let to = parse::<devvm_core::HostId>(py, to)?;
+        if let Some(cb) = &on_event
+            && !cb.is_callable()
+        {
+            return Err(PyTypeError::new_err("on_event must be callable"));
+        }
+        let vm = wait(
+            py,
+            Work::Run(Box::new(move || p.start_migrate(name, to))),
+            Watch {
+                cancel: None,
+                callback: on_event,
+            },
+        )?;
+        Ok(PyVm { vm })
+    }
+
+    /// Each placement host as a dict: `host`, `reachable`, `capacity` and `used`
+    /// (`vcpus`, `memory_mib`, `disk_gib`) and `vms` (names).
+    fn hosts<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let p = self.get()?;
+        let hosts = run(py, async move { p.hosts().await })?;
+        to_dicts(py, &hosts)
+    }
+
+    /// Moves every VM of this provisioner's off `host`, one live migration at a time,
+    /// and returns the moves (dicts `vm`, `from`, `to`); with `dry_run=True` only plans
+    /// them. When some VM fits nowhere else nothing moves (`devvm.Exhausted`).
+    #[pyo3(signature = (host, dry_run=false))]
+    fn drain<'py>(
+        &self,
+        py: Python<'py>,
+        host: &str,
+        dry_run: bool,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let p = self.get()?;
+        let host = parse::<devvm_core::HostId>(py, host)?;
+        let moves = run(py, async move { p.drain(&host, dry_run).await })?;
+        to_dicts(py, &moves)
+    }
+
+    /// Moves VMs so that no host is above capacity and the hosts are evenly used; returns
+    /// the moves (dicts `vm`, `from`, `to`); with `dry_run=True` only plans them.
+    #[pyo3(signature = (dry_run=false))]
+    fn rebalance<'py>(&self, py: Python<'py>, dry_run: bool) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let p = self.get()?;
+        let moves = run(py, async move { p.rebalance(dry_run).await })?;
+        to_dicts(py, &moves)
+    }
+
     /// Every VM that exists, oldest first.
     fn list(&self, py: Python<'_>) -> PyResult<Vec<PyVm>> {
         let p = self.get()?;
@@ -621,4 +686,19 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEvents>()?;
     m.add_class::<crate::custom::PyProgress>()?;
     Ok(())
+}
+
+/// Each item's serde form as a Python dict.
+fn to_dicts<'py, T: serde::Serialize>(
+    py: Python<'py>,
+    items: &[T],
+) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    items
+        .iter()
+        .map(|i| {
+            let v = serde_json::to_value(i)
+                .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+            crate::convert::json_to_py(py, &v)
+        })
+        .collect()
 }

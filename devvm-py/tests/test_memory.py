@@ -303,3 +303,30 @@ def test_python_image_store_and_hypervisor_in_the_pipeline(tmp_path: Path) -> No
 
     p.deprovision("pyhv")
     assert hv.domains == {} and images.disks == {}
+
+
+def test_a_vm_moves_between_hosts_and_a_host_drains(memory_config: Path) -> None:
+    with devvm.Provisioner.from_config(str(memory_config)) as p:
+        vm = p.provision("alice", name="mover")
+        hosts = p.hosts()
+        assert {h["host"] for h in hosts} == {"host-a", "host-b"}
+        assert any(h["vms"] == ["mover"] and h["host"] == vm.host for h in hosts)
+        to = "host-b" if vm.host == "host-a" else "host-a"
+
+        events: list[devvm.Event] = []
+        moved = p.migrate("mover", to, on_event=events.append)
+        assert moved.host == to and moved.ip == vm.ip and moved.fqdn == vm.fqdn
+        assert events[0].type == "run_started" and events[-1].type == "run_finished"
+        assert {e.step for e in events if e.type == "step_started"} >= {"placement", "disk", "domain"}
+        assert p.get_vm("mover").host == to
+
+        plan = p.drain(to, dry_run=True)
+        assert plan == [{"vm": "mover", "from": to, "to": vm.host}]
+        assert p.get_vm("mover").host == to, "a dry run moves nothing"
+        assert p.rebalance(dry_run=True) == []
+        assert p.drain(to) == plan
+        assert p.get_vm("mover").host == vm.host
+
+        with pytest.raises(devvm.NotFound):
+            p.migrate("nope", to)
+        p.deprovision("mover")

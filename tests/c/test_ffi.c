@@ -364,6 +364,21 @@ int main(int argc, char **argv) {
     CHECK(devvm_vm_list_get(list, 2) == NULL, "out of range is NULL");
     devvm_vm_list_free(list);
 
+    /* A live migration moves c-vm-1 to the other host; its address stays. */
+    const char *other = (vm && strcmp(devvm_vm_host(vm), "host-a") == 0) ? "host-b" : "host-a";
+    devvm_vm *moved = NULL;
+    struct seen seen_m = {0};
+    CHECK(devvm_migrate(p, "c-vm-1", other, on_event, &seen_m, &moved) == DEVVM_OK && moved != NULL, "migrate");
+    if (moved) {
+        CHECK(strcmp(devvm_vm_host(moved), other) == 0, "moved to %s", devvm_vm_host(moved));
+        CHECK(strcmp(devvm_vm_ip(moved), "10.77.0.10") == 0, "the same address: %s", devvm_vm_ip(moved));
+    }
+    CHECK(seen_m.events > 0 && strcmp(seen_m.last_kind, "run_finished") == 0, "migration events end with %s", seen_m.last_kind);
+    devvm_vm_free(moved);
+    devvm_vm *none = (devvm_vm *)&seen_m;
+    CHECK(devvm_migrate(p, "no-such-vm", other, NULL, NULL, &none) == DEVVM_ERR_NOT_FOUND && none == NULL, "unknown vm");
+    CHECK(devvm_migrate(p, NULL, other, NULL, NULL, &none) == DEVVM_ERR_NULL_ARGUMENT, "NULL name");
+
     /* Deprovision releases the C lease. */
     struct seen seen_d = {0};
     CHECK(devvm_deprovision(p, "c-vm-1", on_event, &seen_d) == DEVVM_OK, "deprovision");
