@@ -59,14 +59,19 @@ async function dnsA(name) {
 async function dnsPtr(ip) {
   try { return await resolver.reverse(ip); } catch { return []; }
 }
+// Whether any lab host (DEVVM_LAB_HOST_URIS; placement may choose any) has the domain.
 function domainExists(name) {
-  if (!process.env.DEVVM_LAB_LIBVIRT_URI) return null;
-  try {
-    execFileSync('virsh', ['-c', process.env.DEVVM_LAB_LIBVIRT_URI, 'dominfo', name], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
+  const uris = (process.env.DEVVM_LAB_HOST_URIS || process.env.DEVVM_LAB_LIBVIRT_URI || '')
+    .split(/\s+/).filter(Boolean);
+  if (uris.length === 0) return null;
+  return uris.some((uri) => {
+    try {
+      execFileSync('virsh', ['-c', uri, 'dominfo', name], { stdio: 'ignore' });
+      return true;
+    } catch {
+      return false;
+    }
+  });
 }
 
 const userDataDir = mkdtempSync(join(tmpdir(), 'devvm-web-chromium-'));
