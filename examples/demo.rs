@@ -4,12 +4,14 @@
 //! services themselves, what was left behind.
 //!
 //! ```text
-//! demo --config devvm.toml [--user alice] [--keep]
+//! demo --config devvm.toml [--user alice] [--keep] [--fleet]
 //! demo --config devvm.toml --remove NAME      # tear down a VM an earlier --keep left
 //! ```
 //! Prints progress lines, then one JSON line
 //! `{"name","fqdn","ip","host","dns_ok","reachable","bootstrapped","seconds"}`, and after
-//! teardown `{"leaked": N}`.
+//! teardown `{"leaked": N}`. With `--fleet` (two lab hosts) the VM is then moved live to
+//! the other host, and `{"migrated_to","dns_ok","reachable","seconds"}` is printed before
+//! the teardown counts what leaked on every host.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a terminal program
 
@@ -23,17 +25,20 @@ struct Args {
     config: String,
     user: String,
     keep: bool,
+    fleet: bool,
     remove: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let (mut config, mut user, mut keep, mut remove) = (None, "alice".to_owned(), false, None);
+    let mut fleet = false;
     while let Some(a) = it.next() {
         match a.as_str() {
             "--config" => config = it.next(),
             "--user" => user = it.next().ok_or("--user needs a name")?,
             "--keep" => keep = true,
+            "--fleet" => fleet = true,
             "--remove" => remove = Some(it.next().ok_or("--remove needs a vm name")?),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -42,6 +47,7 @@ fn parse_args() -> Result<Args, String> {
         config: config.ok_or("--config PATH is required")?,
         user,
         keep,
+        fleet,
         remove,
     })
 }
@@ -122,6 +128,43 @@ async fn run(args: Args) -> Result<bool, String> {
             "seconds": (seconds * 10.0).round() / 10.0,
         })
     );
+    let (mut dns_ok, mut reachable) = (dns_ok, reachable);
+    let mut vm = vm;
+    if args.fleet {
+        let to = env
+            .host_uris
+            .iter()
+            .find(|h| h.as_str() != vm.host.as_str())
+            .ok_or("--fleet needs two lab hosts (scripts/lab up --hosts 2)")?;
+        let to = devvm_core::HostId::new(to).map_err(|e| e.to_string())?;
+        let n = |h: &devvm_core::HostId| {
+            env.host_uris
+                .iter()
+                .position(|u| u == h.as_str())
+                .map_or(0, |i| i + 1)
+        };
+        println!(
+            "moving {} live from host {} to host {} ...",
+            vm.name,
+            n(&vm.host),
+            n(&to)
+        );
+        let t = Instant::now();
+        vm = p
+            .migrate(&vm.name, &to)
+            .await
+            .map_err(|e| format!("migration failed: {e}"))?;
+        dns_ok &= env.dns_a(&vm.fqdn) == vec![vm.ip.to_string()];
+        reachable &= ssh_answers(vm.ip, Duration::from_secs(60));
+        println!(
+            "{}",
+            serde_json::json!({
+                "migrated_to": vm.host, "host": n(&vm.host), "dns_ok": dns_ok,
+                "reachable": reachable, "on_hosts": env.domain_hosts(vm.name.as_str()),
+                "seconds": (t.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            })
+        );
+    }
     if args.keep {
         println!(
             "kept {name}: log in with `scripts/lab exec ssh -i $DEVVM_LAB_SSH_KEY root@{ip}`; \
