@@ -671,6 +671,10 @@ impl ImageStore for MemoryImages {
         self.store
             .read(|disks| disks.get(&host_key(vm, host)).map(|(d, _)| d.clone()))
     }
+
+    fn disks_per_host(&self) -> bool {
+        true
+    }
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]

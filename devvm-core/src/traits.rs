@@ -199,6 +199,13 @@ pub trait ImageStore: Send + Sync + 'static {
 
     /// The disk of `vm` on `host`, if it exists.
     async fn disk(&self, vm: &VmName, host: &HostId) -> Result<Option<Disk>>;
+
+    /// Whether each host has its own disks (a disk made on one host is a different one
+    /// from a disk of the same VM made on another), which live migration without shared
+    /// storage needs. The default is false: such a store's VMs are not migrated.
+    fn disks_per_host(&self) -> bool {
+        false
+    }
 }
 
 /// Defines, starts and removes VMs.

@@ -38,6 +38,13 @@ impl Provisioner {
         if &vm.host == to {
             return Ok(vm);
         }
+        if !inner.backends.images.disks_per_host() {
+            return Err(Error::invalid_input(format!(
+                "image backend {} keeps disks in one place for every host (disk_dir); a live \
+                 migration without shared storage needs each host's own (pool = ...)",
+                inner.backends.images.backend()
+            )));
+        }
         let (from_owner, me, cid) = (run.owner.clone(), inner.owner.clone(), id.clone());
         if !inner
             .journal(move |j| j.claim(&cid, &from_owner, &me, RunState::Migrating))

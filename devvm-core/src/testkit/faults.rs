@@ -304,6 +304,9 @@ impl ImageStore for FaultyImages {
     async fn disk(&self, vm: &VmName, host: &HostId) -> Result<Option<Disk>> {
         self.inner.disk(vm, host).await
     }
+    fn disks_per_host(&self) -> bool {
+        self.inner.disks_per_host()
+    }
 }
 
 #[async_trait]

@@ -462,6 +462,11 @@ impl ImageStore for GlanceImageStore {
         .await
     }
 
+    /// With `pool` each host's pool holds its own disks; `disk_dir` is one place for all.
+    fn disks_per_host(&self) -> bool {
+        self.inner.pool.is_some()
+    }
+
     async fn disk(&self, vm: &VmName, host: &HostId) -> Result<Option<Disk>> {
         #[cfg(feature = "libvirt")]
         if let Some(pool) = self.inner.pool.clone() {
@@ -859,5 +864,32 @@ mod tests {
         let s = GlanceImageStore::from_config(&secret, &base).unwrap();
         assert!(!format!("{s:?}").contains("s3cret"));
         assert!(base.join("c").is_dir() && base.join("d").is_dir());
+        assert!(!s.disks_per_host(), "disk_dir: one place for every host");
+
+        // Exactly one of disk_dir and pool; a pool's disks are per host, and overlays only.
+        let pooled = GlanceConfig {
+            disk_dir: None,
+            pool: Some("default".into()),
+            ..with("http://x:9292")
+        };
+        let s = GlanceImageStore::from_config(&pooled, &base).unwrap();
+        assert!(s.disks_per_host() && s.disk_dir().is_none() && s.pool() == Some("default"));
+        for bad in [
+            GlanceConfig {
+                pool: Some("default".into()),
+                ..with("http://x:9292")
+            },
+            GlanceConfig {
+                disk_dir: None,
+                ..with("http://x:9292")
+            },
+            GlanceConfig {
+                mode: DiskMode::Copy,
+                ..pooled.clone()
+            },
+        ] {
+            let e = GlanceImageStore::from_config(&bad, &base).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+        }
     }
 }
