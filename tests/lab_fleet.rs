@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use devvm_core::backends::glance::{GlanceConfig, GlanceImageStore};
+use devvm_core::backends::placement::DomainLister;
 use devvm_core::testkit::unique_vm_name;
 use devvm_core::{
     ErrorKind, HostId, ImageStore, Progress, ProvisionRequest, Provisioner, RequestId,
@@ -86,9 +87,18 @@ async fn a_template_reaches_each_host_once_verified() {
     let id = uploads.qcow2(&name, "64M", &[]);
     let t = TemplateName::new(&name).unwrap();
     let mut made = Vec::new();
+    let lister = devvm_core::backends::placement::LibvirtLister;
     for uri in &env.host_uris {
         let h = host(uri);
+        assert!(
+            !lister.has_template(&h, lab.var("pool"), &t).await,
+            "placement sees no copy on {h} yet"
+        );
         let on = s.prepare(&t, &h, &Progress::discard()).await.unwrap();
+        assert!(
+            lister.has_template(&h, lab.var("pool"), &t).await,
+            "placement sees the verified copy on {h}"
+        );
         assert!(
             on.path.starts_with(&env.pool_dir),
             "the template is in the host's pool: {}",

@@ -65,6 +65,19 @@ pub trait Placement: Send + Sync + 'static {
     /// [`ErrorKind::Exhausted`](crate::ErrorKind::Exhausted).
     async fn reserve(&self, vm: &VmName, size: &VmSize, owner: &RequestId) -> Result<HostId>;
 
+    /// [`reserve`](Self::reserve), preferring among the hosts with room one that already
+    /// holds `template` (so no copy of it has to be made). The default ignores `template`.
+    async fn reserve_for(
+        &self,
+        vm: &VmName,
+        size: &VmSize,
+        owner: &RequestId,
+        template: &crate::types::TemplateName,
+    ) -> Result<HostId> {
+        let _ = template;
+        self.reserve(vm, size, owner).await
+    }
+
     /// Releases the slot `owner` holds for `vm`. No slot is [`Undone::Absent`]; a slot of
     /// that `vm` held by another owner is left alone ([`Undone::Foreign`]).
     async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone>;

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use crate::backends::libvirt::DomainInfo;
 use crate::error::{BackendError, Error, ErrorKind, Result};
 use crate::traits::Placement;
-use crate::types::{HostId, HostUsage, RequestId, Undone, VmName, VmSize};
+use crate::types::{HostId, HostUsage, RequestId, TemplateName, Undone, VmName, VmSize};
 
 const BACKEND: &str = "libvirt";
 
@@ -116,6 +116,11 @@ pub struct PlacementConfig {
     /// The reservation database; default `placement.sqlite3` in the state directory.
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// The storage pool where the image store keeps each host's templates (its `pool`):
+    /// among the hosts with room, one that already holds the requested template there is
+    /// preferred. None: templates do not sway the choice.
+    #[serde(default)]
+    pub template_pool: Option<String>,
 }
 
 /// The seed's host: room for 11 guests of 2 vCPUs, 5 GB, 40 GB.
@@ -123,12 +128,14 @@ pub fn default_capacity() -> Capacity {
     Capacity::slots(11, VmSize::default())
 }
 
-/// Picks the host with the most free memory that has room for `size`, given each
-/// host's capacity and usage. Pure: the I/O is done by the caller.
+/// Picks, among the hosts with room for `size`, one in `preferred` (those that hold the
+/// template) if any, and of those the one with the most free memory, given each host's
+/// capacity and usage. Pure: the I/O is done by the caller.
 pub fn choose_host(
     hosts: &[(HostId, Capacity)],
     used: &BTreeMap<HostId, Capacity>,
     size: &VmSize,
+    preferred: &BTreeSet<HostId>,
 ) -> Option<HostId> {
     let zero = Capacity {
         vcpus: 0,
@@ -140,7 +147,7 @@ pub fn choose_host(
         .filter(|(h, cap)| cap.fits(used.get(h).unwrap_or(&zero), size))
         .max_by_key(|(h, cap)| {
             let u = used.get(h).unwrap_or(&zero);
-            cap.memory_mib - u.memory_mib
+            (preferred.contains(h), cap.memory_mib - u.memory_mib)
         })
         .map(|(h, _)| h.clone())
 }
@@ -156,6 +163,7 @@ type HostsNow = (
 #[derive(Clone)]
 pub struct LibvirtPlacement {
     hosts: Arc<Vec<(HostId, Capacity)>>,
+    template_pool: Option<Arc<str>>,
     reader: Arc<dyn DomainLister>,
     conn: Arc<Mutex<Connection>>,
     path: Arc<PathBuf>,
@@ -176,6 +184,13 @@ impl std::fmt::Debug for LibvirtPlacement {
 pub trait DomainLister: Send + Sync + 'static {
     /// devvm's domains on `host`.
     async fn list(&self, host: &HostId) -> Result<Vec<DomainInfo>>;
+
+    /// Whether `host`'s `pool` holds a verified copy of `template` (as the image store's
+    /// pool mode leaves it). The default says no.
+    async fn has_template(&self, host: &HostId, pool: &str, template: &TemplateName) -> bool {
+        let _ = (host, pool, template);
+        false
+    }
 }
 
 /// Reads usage from libvirt itself.
@@ -186,6 +201,24 @@ pub struct LibvirtLister;
 impl DomainLister for LibvirtLister {
     async fn list(&self, host: &HostId) -> Result<Vec<DomainInfo>> {
         crate::backends::libvirt::inventory(host).await
+    }
+
+    /// A volume `devvm-template-<template>-*.verified` in the pool.
+    async fn has_template(&self, host: &HostId, pool: &str, template: &TemplateName) -> bool {
+        let (host, pool) = (host.clone(), pool.to_owned());
+        let prefix = format!("devvm-template-{template}-");
+        crate::work::blocking(move || {
+            let conn = crate::backends::libvirt::connect(&host)?;
+            let names = conn
+                .lookup_storage_pool_by_name(&pool)
+                .and_then(|p| p.list_volumes())
+                .unwrap_or_default();
+            Ok(names
+                .iter()
+                .any(|n| n.starts_with(&prefix) && n.ends_with(".verified")))
+        })
+        .await
+        .unwrap_or(false)
     }
 }
 
@@ -239,6 +272,7 @@ impl LibvirtPlacement {
         )?;
         Ok(LibvirtPlacement {
             hosts: Arc::new(hosts),
+            template_pool: None,
             reader,
             conn: Arc::new(Mutex::new(conn)),
             path: Arc::new(path),
@@ -256,7 +290,45 @@ impl LibvirtPlacement {
             Some(p) => base_dir.join(p),
             None => state_dir.join("placement.sqlite3"),
         };
-        Self::open(hosts, Arc::new(LibvirtLister), path)
+        let mut p = Self::open(hosts, Arc::new(LibvirtLister), path)?;
+        p.template_pool = c.template_pool.as_deref().map(Arc::from);
+        Ok(p)
+    }
+
+    /// Prefers, for later reservations, hosts whose `pool` holds the requested template.
+    pub fn prefer_templates_in(mut self, pool: &str) -> Self {
+        self.template_pool = Some(Arc::from(pool));
+        self
+    }
+
+    /// The hosts among `hosts` that hold `template` (asked concurrently, each within the
+    /// host time limit); none without a template pool.
+    async fn holding(&self, hosts: &[HostId], template: Option<&TemplateName>) -> BTreeSet<HostId> {
+        let (Some(pool), Some(template)) = (&self.template_pool, template) else {
+            return BTreeSet::new();
+        };
+        let mut asks = tokio::task::JoinSet::new();
+        for h in hosts {
+            let (reader, h, pool, t) = (
+                self.reader.clone(),
+                h.clone(),
+                pool.clone(),
+                template.clone(),
+            );
+            asks.spawn(async move {
+                let has = tokio::time::timeout(HOST_TIMEOUT, reader.has_template(&h, &pool, &t))
+                    .await
+                    .unwrap_or(false);
+                (h, has)
+            });
+        }
+        let mut out = BTreeSet::new();
+        while let Some(Ok((h, has))) = asks.join_next().await {
+            if has {
+                out.insert(h);
+            }
+        }
+        out
     }
 
     /// What each host has in use now: its devvm domains plus reservations not yet a
@@ -388,13 +460,15 @@ impl LibvirtPlacement {
     }
 }
 
-#[async_trait]
-impl Placement for LibvirtPlacement {
-    fn backend(&self) -> &str {
-        BACKEND
-    }
-
-    async fn reserve(&self, vm: &VmName, size: &VmSize, owner: &RequestId) -> Result<HostId> {
+impl LibvirtPlacement {
+    /// Reserves for `vm`, preferring hosts that hold `template` when a template pool is set.
+    async fn reserve_in(
+        &self,
+        vm: &VmName,
+        size: &VmSize,
+        owner: &RequestId,
+        template: Option<&TemplateName>,
+    ) -> Result<HostId> {
         let held = |host: String, holder: Option<String>| -> Result<HostId> {
             match holder {
                 Some(o) if o == owner.as_str() => HostId::new(host),
@@ -422,7 +496,9 @@ impl Placement for LibvirtPlacement {
                 .filter(|(h, _)| reachable.contains(h))
                 .cloned()
                 .collect();
-            let Some(host) = choose_host(&candidates, &used, size) else {
+            let names: Vec<HostId> = candidates.iter().map(|(h, _)| h.clone()).collect();
+            let preferred = self.holding(&names, template).await;
+            let Some(host) = choose_host(&candidates, &used, size, &preferred) else {
                 return Err(PlacementError::Full(*size).into());
             };
             let before: usize = self.reservations().await?.len();
@@ -476,6 +552,27 @@ impl Placement for LibvirtPlacement {
             }
         }
         Err(PlacementError::Racing.into())
+    }
+}
+
+#[async_trait]
+impl Placement for LibvirtPlacement {
+    fn backend(&self) -> &str {
+        BACKEND
+    }
+
+    async fn reserve(&self, vm: &VmName, size: &VmSize, owner: &RequestId) -> Result<HostId> {
+        self.reserve_in(vm, size, owner, None).await
+    }
+
+    async fn reserve_for(
+        &self,
+        vm: &VmName,
+        size: &VmSize,
+        owner: &RequestId,
+        template: &TemplateName,
+    ) -> Result<HostId> {
+        self.reserve_in(vm, size, owner, Some(template)).await
     }
 
     async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
@@ -700,15 +797,73 @@ mod tests {
             (host("a"), Capacity::slots(2, size)),
             (host("b"), Capacity::slots(3, size)),
         ];
+        let none = BTreeSet::new();
         let mut used = BTreeMap::new();
-        assert_eq!(choose_host(&hosts, &used, &size), Some(host("b")));
+        assert_eq!(choose_host(&hosts, &used, &size, &none), Some(host("b")));
+        // A host that holds the template wins over more free memory, if it has room.
+        let a_has_it = BTreeSet::from([host("a")]);
+        assert_eq!(
+            choose_host(&hosts, &used, &size, &a_has_it),
+            Some(host("a"))
+        );
         used.insert(host("b"), Capacity::slots(2, size));
-        assert_eq!(choose_host(&hosts, &used, &size), Some(host("a")));
+        assert_eq!(choose_host(&hosts, &used, &size, &none), Some(host("a")));
         used.insert(host("a"), Capacity::slots(2, size));
+        assert_eq!(
+            choose_host(&hosts, &used, &size, &a_has_it),
+            Some(host("b")),
+            "but never one without room"
+        );
         used.insert(host("b"), Capacity::slots(3, size));
-        assert_eq!(choose_host(&hosts, &used, &size), None);
+        assert_eq!(choose_host(&hosts, &used, &size, &none), None);
         let big = VmSize { vcpus: 64, ..size };
-        assert_eq!(choose_host(&hosts, &BTreeMap::new(), &big), None);
+        assert_eq!(choose_host(&hosts, &BTreeMap::new(), &big, &none), None);
+    }
+
+    /// A lister whose hosts hold the templates named per host.
+    struct WithTemplates(Fixed, BTreeMap<HostId, Vec<&'static str>>);
+
+    #[async_trait]
+    impl DomainLister for WithTemplates {
+        async fn list(&self, host: &HostId) -> Result<Vec<DomainInfo>> {
+            self.0.list(host).await
+        }
+        async fn has_template(&self, host: &HostId, pool: &str, t: &TemplateName) -> bool {
+            pool == "p" && self.1.get(host).is_some_and(|ts| ts.contains(&t.as_str()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_host_that_holds_the_template_is_preferred() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = VmSize::default();
+        let lister = WithTemplates(
+            Fixed(BTreeMap::from([(host("a"), vec![]), (host("b"), vec![])])),
+            BTreeMap::from([(host("a"), vec!["debian"])]),
+        );
+        let hosts = vec![
+            (host("a"), Capacity::slots(1, size)),
+            (host("b"), Capacity::slots(3, size)),
+        ];
+        let p = LibvirtPlacement::open(hosts.clone(), Arc::new(lister), dir.path().join("p"))
+            .unwrap()
+            .prefer_templates_in("p");
+        let (vm, me) = (|s: &str| VmName::new(s).unwrap(), RequestId::random());
+        let debian = TemplateName::new("debian").unwrap();
+        let other = TemplateName::new("other").unwrap();
+        assert_eq!(
+            p.reserve_for(&vm("t1"), &size, &me, &debian).await.unwrap(),
+            host("a")
+        );
+        // a is full now: the template does not override room.
+        assert_eq!(
+            p.reserve_for(&vm("t2"), &size, &me, &debian).await.unwrap(),
+            host("b")
+        );
+        assert_eq!(
+            p.reserve_for(&vm("t3"), &size, &me, &other).await.unwrap(),
+            host("b")
+        );
     }
 
     #[tokio::test]

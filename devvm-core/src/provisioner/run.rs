@@ -241,11 +241,11 @@ impl Run {
         let storage = async {
             let placement = b.placement.clone();
             let (vm, size, owner) = (req.name.clone(), req.size, req.request_id.clone());
-            let r = retries.clone();
+            let (r, tpl) = (retries.clone(), req.template.clone());
             let host = self
                 .step(Step::Placement, self.key(), move |p| async move {
                     with_retries(&r, Step::Placement, &p, || {
-                        placement.reserve(&vm, &size, &owner)
+                        placement.reserve_for(&vm, &size, &owner, &tpl)
                     })
                     .await
                 })

@@ -185,6 +185,15 @@ impl Placement for Faulty<dyn Placement> {
     async fn reserve(&self, vm: &VmName, size: &VmSize, owner: &RequestId) -> Result<HostId> {
         guarded_call!(self, false, self.0.reserve(vm, size, owner))
     }
+    async fn reserve_for(
+        &self,
+        vm: &VmName,
+        size: &VmSize,
+        owner: &RequestId,
+        template: &crate::types::TemplateName,
+    ) -> Result<HostId> {
+        guarded_call!(self, false, self.0.reserve_for(vm, size, owner, template))
+    }
     async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
         guarded_call!(self, true, self.0.release(vm, owner))
     }
