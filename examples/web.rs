@@ -12,6 +12,7 @@
 //!
 //! ```text
 //! {"op":"provision","user":"alice"}   or   {"op":"deprovision","vm":"alice-3fa2b1"}
+//! {"op":"migrate","vm":"alice-3fa2b1","to":"qemu+ssh://vmhost2/system"}
 //! ```
 //!
 //! (and, while a provision runs, `{"op":"cancel"}`), and receives
@@ -40,8 +41,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use devvm_core::{
-    CancelToken, Error, Event, Operation, ProvisionRequest, Provisioner, RunHandle, UserName, Vm,
-    VmName,
+    CancelToken, Error, Event, HostId, Operation, ProvisionRequest, Provisioner, RunHandle,
+    UserName, Vm, VmName,
 };
 use serde::{Deserialize, Serialize};
 
@@ -105,6 +106,7 @@ struct App {
 enum Command {
     Provision { user: String },
     Deprovision { vm: String },
+    Migrate { vm: String, to: String },
     Cancel,
 }
 
@@ -175,6 +177,7 @@ async fn session(mut socket: WebSocket, app: App) {
     let outcome = match command {
         Command::Provision { user } => provision(&mut socket, &app, &user).await,
         Command::Deprovision { vm } => deprovision(&mut socket, &app, &vm).await,
+        Command::Migrate { vm, to } => migrate(&mut socket, &app, &vm, &to).await,
         Command::Cancel => Err(Error::invalid_input("no run to cancel on this connection")),
     };
     if let Err(error) = outcome {
@@ -213,6 +216,22 @@ async fn deprovision(socket: &mut WebSocket, app: &App, vm: &str) -> devvm_core:
     }
     let run = app.provisioner.start_deprovision(name);
     stream(socket, run, |()| None, None, Operation::Deprovision).await
+}
+
+async fn migrate(socket: &mut WebSocket, app: &App, vm: &str, to: &str) -> devvm_core::Result<()> {
+    let name = VmName::new(vm)?;
+    let to = HostId::new(to)?;
+    let request_id = app.provisioner.get(&name).await?.map(|vm| vm.request_id);
+    let accepted = Reply::Accepted {
+        operation: Operation::Migrate,
+        request_id: request_id.as_ref().map(|id| id.as_str()),
+        vm: &name,
+    };
+    if !send(socket, &accepted).await {
+        return Ok(());
+    }
+    let run = app.provisioner.start_migrate(name, to);
+    stream(socket, run, Some, None, Operation::Migrate).await
 }
 
 /// Forwards this run's events to the socket until the run ends, then its outcome. The
@@ -269,6 +288,17 @@ async fn ws(ws: WebSocketUpgrade, State(app): State<App>) -> Response {
 async fn list(State(app): State<App>) -> Response {
     match app.provisioner.list().await {
         Ok(vms) => axum::Json(vms).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(serde_json::json!({ "error": e.info() })),
+        )
+            .into_response(),
+    }
+}
+
+async fn hosts(State(app): State<App>) -> Response {
+    match app.provisioner.hosts().await {
+        Ok(hosts) => axum::Json(hosts).into_response(),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             axum::Json(serde_json::json!({ "error": e.info() })),
@@ -342,6 +372,7 @@ fn router(app: App) -> Router {
             get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
         )
         .route("/api/vms", get(list))
+        .route("/api/hosts", get(hosts))
         .route("/ws", get(ws))
         .layer(middleware::from_fn_with_state(app.clone(), guard))
         .with_state(app)

@@ -37,7 +37,8 @@ class Run {
     const head = el('div', 'run-head');
     this.icon = el('span', 'run-icon', ICONS.running);
     const title = el('h2', 'run-title');
-    this.titleText = document.createTextNode(operation === 'provision' ? 'Deploying a VM for ' : 'Removing ');
+    const titles = { provision: 'Deploying a VM for ', deprovision: 'Removing ', migrate: 'Moving ' };
+    this.titleText = document.createTextNode(titles[operation] || operation + ' ');
     title.append(this.titleText, el('span', 'subject', subject));
     this.vmName = el('span', 'vm-name');
     this.elapsed = el('span', 'elapsed', '0.0 s');
@@ -221,10 +222,12 @@ class Run {
     clearInterval(this.timer);
     this.elapsed.textContent = seconds(performance.now() - this.started);
     this.card.dataset.state = state;
-    const provision = this.operation === 'provision';
-    this.titleText.textContent = state === 'done'
-      ? (provision ? 'VM ready for ' : 'Removed ')
-      : (provision ? 'Deploy failed for ' : 'Removing failed: ');
+    const ended = {
+      provision: ['VM ready for ', 'Deploy failed for '],
+      deprovision: ['Removed ', 'Removing failed: '],
+      migrate: ['Moved ', 'Moving failed (it runs where it was): '],
+    }[this.operation] || ['Done: ', 'Failed: '];
+    this.titleText.textContent = state === 'done' ? ended[0] : ended[1];
     this.icon.textContent = state === 'done' ? '✓' : '✗';
     this.cancelButton.hidden = true;
     // Steps still waiting will not run now.
@@ -246,9 +249,9 @@ class Run {
       facts.append(
         el('span', 'ip', vm.ip),
         el('span', 'sep', '·'),
-        el('span', 'host', vm.host),
+        el('span', 'host', hostLabel(vm.host)),
         el('span', 'sep', '·'),
-        el('span', null, 'ready in ' + this.elapsed.textContent),
+        el('span', null, (this.operation === 'migrate' ? 'moved in ' : 'ready in ') + this.elapsed.textContent),
       );
       const ssh = el('code', 'ssh', 'ssh root@' + vm.fqdn);
       this.end.append(title, facts, ssh);
@@ -279,14 +282,47 @@ class Run {
 }
 
 const deleting = new Set();
+let hostList = []; // placement hosts, in the config's order (host 1, host 2, ...)
+
+function hostLabel(host) {
+  const i = hostList.indexOf(host);
+  return i < 0 ? host : 'host ' + (i + 1);
+}
 
 function vmItem(vm) {
   const li = el('li', 'vm');
   li.dataset.vm = vm.name;
+  li.dataset.host = vm.host;
   const main = el('div', 'vm-main');
   main.append(el('div', 'vm-title', vm.name), el('div', 'vm-fqdn', vm.fqdn));
   const created = new Date(vm.created);
-  main.append(el('div', 'vm-facts', vm.ip + ' · ' + vm.owner + ' · ' + created.toLocaleTimeString()));
+  const host = el('span', 'vm-host', hostLabel(vm.host));
+  host.title = vm.host;
+  const facts = el('div', 'vm-facts', vm.ip + ' · ' + vm.owner + ' · ' + created.toLocaleTimeString() + ' · ');
+  facts.append(host);
+  main.append(facts);
+  // Move it live to another host (shown only when there is one).
+  const others = hostList.filter((h) => h !== vm.host);
+  if (others.length > 0) {
+    const move = el('div', 'vm-move');
+    const select = el('select', 'move-to');
+    select.setAttribute('aria-label', 'move ' + vm.name + ' to');
+    for (const h of others) {
+      const o = el('option', null, hostLabel(h));
+      o.value = h;
+      select.append(o);
+    }
+    const go = el('button', 'quiet migrate', 'Move');
+    go.type = 'button';
+    go.addEventListener('click', () => {
+      go.disabled = true;
+      go.textContent = 'Moving…';
+      const run = new Run('migrate', vm.name);
+      run.open({ op: 'migrate', vm: vm.name, to: select.value });
+    });
+    move.append(select, go);
+    main.append(move);
+  }
   const del = el('button', 'danger delete', deleting.has(vm.name) ? 'Removing…' : 'Delete');
   del.type = 'button';
   del.disabled = deleting.has(vm.name);
@@ -322,6 +358,8 @@ async function loadVms() {
   const list = document.getElementById('vms');
   const status = document.getElementById('vms-status');
   try {
+    const hr = await fetch('/api/hosts', { cache: 'no-store' });
+    if (hr.ok) hostList = (await hr.json()).map((h) => h.host);
     const r = await fetch('/api/vms', { cache: 'no-store' });
     const body = await r.json();
     if (!r.ok) throw new Error((body.error && body.error.message) || r.statusText);

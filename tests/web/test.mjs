@@ -59,6 +59,21 @@ async function dnsA(name) {
 async function dnsPtr(ip) {
   try { return await resolver.reverse(ip); } catch { return []; }
 }
+// The lab hosts (DEVVM_LAB_HOST_URIS) where the domain is defined; null outside the lab.
+function domainHosts(name) {
+  const uris = (process.env.DEVVM_LAB_HOST_URIS || process.env.DEVVM_LAB_LIBVIRT_URI || '')
+    .split(/\s+/).filter(Boolean);
+  if (uris.length === 0) return null;
+  return uris.filter((uri) => {
+    try {
+      execFileSync('virsh', ['-c', uri, 'dominfo', name], { stdio: 'ignore' });
+      return true;
+    } catch {
+      return false;
+    }
+  });
+}
+
 // Whether any lab host (DEVVM_LAB_HOST_URIS; placement may choose any) has the domain.
 function domainExists(name) {
   const uris = (process.env.DEVVM_LAB_HOST_URIS || process.env.DEVVM_LAB_LIBVIRT_URI || '')
@@ -176,6 +191,24 @@ try {
     }
     if (domainExists(vm) !== null) check('libvirt runs the domain', domainExists(vm) === true);
     check('the list shows the VM', await page.locator(`#vms li[data-vm="${vm}"]`).isVisible());
+
+    // With a second host the list offers a live move; the VM keeps its address.
+    const item = page.locator(`#vms li[data-vm="${vm}"]`);
+    if (await item.locator('button.migrate').count() > 0) {
+      const from = await item.getAttribute('data-host');
+      const to = await item.locator('select.move-to').inputValue();
+      await item.locator('button.migrate').click();
+      const move = page.locator(`.run[data-op="migrate"][data-vm="${vm}"]`);
+      await move.waitFor({ timeout: 10_000 });
+      await finish(move);
+      check('the move ends in success', (await move.getAttribute('data-state')) === 'done',
+        await move.locator('.end').textContent());
+      check('the move streams its domain step', await move.locator('.step[data-step="domain"][data-state="done"]').count() === 1);
+      check('the moved VM keeps its address', (await move.locator('.end .ip').textContent()).trim() === ip);
+      await page.locator(`#vms li[data-vm="${vm}"][data-host="${to}"]`).waitFor({ timeout: 10_000 });
+      check('the list shows the VM on the other host', from !== to);
+      if (domainHosts(vm) !== null) check('libvirt runs it on that host only', JSON.stringify(domainHosts(vm)) === JSON.stringify([to]));
+    }
 
     const t1 = Date.now();
     const teardown = await deleteFromList(page, vm);
