@@ -434,3 +434,121 @@ async fn a_running_vm_moves_to_the_other_host_and_keeps_its_session() {
     let left = env.leftovers(name.as_str(), &vm.fqdn, Some(vm.ip));
     assert!(left.is_empty(), "leaked: {left:?}");
 }
+
+/// The lab's config in `dir` with each host's capacity set by `cap(host index)`.
+fn config_with_capacity(lab: &Lab, dir: &Path, cap: impl Fn(usize) -> toml::Table) -> PathBuf {
+    let config = lab.write_config(dir);
+    let mut table: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&config).expect("config")).expect("toml");
+    let hosts = table["placement"]["hosts"].clone();
+    let hosts: Vec<toml::Value> = hosts
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let mut h = h.as_table().expect("host").clone();
+            h.insert("capacity".into(), toml::Value::Table(cap(i)));
+            toml::Value::Table(h)
+        })
+        .collect();
+    table["placement"]
+        .as_table_mut()
+        .expect("placement")
+        .insert("hosts".into(), toml::Value::Array(hosts));
+    let path = dir.join("capacity.toml");
+    std::fs::write(&path, toml::to_string(&table).expect("toml")).expect("write");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_host_is_skipped() {
+    let Some((lab, env)) = fleet("a_full_host_is_skipped") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // Host 1 has no room at all; host 2 plenty.
+    let config = config_with_capacity(&lab, dir.path(), |i| {
+        let n = if i == 0 { 0 } else { 64 };
+        toml::toml! { vcpus = n memory_mib = 65536 disk_gib = 640 }
+    });
+    let p = Provisioner::from_config(&config).unwrap();
+    let vm = p
+        .provision(ProvisionRequest::new(lab.member()).with_name(unique_vm_name("full")))
+        .await
+        .expect("provision");
+    assert_eq!(vm.host.as_str(), env.host_uris[1], "host 1 is full");
+    p.deprovision(&vm.name).await.unwrap();
+    assert!(
+        env.leftovers(vm.name.as_str(), &vm.fqdn, Some(vm.ip))
+            .is_empty()
+    );
+}
+
+/// A fault at each act of a real live migration (the slot, the template, the target's
+/// disk, the move itself): the VM runs on its host with its disk, nothing of it is left
+/// on the other host, and it can then move and be removed without a trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_at_each_act_of_a_real_move_leaves_the_vm_on_its_host() {
+    use devvm_core::testkit::faults::{Fault, FaultPlan};
+    use devvm_core::{ErrorKind, Step};
+    let Some((lab, env)) = fleet("a_fault_at_each_act_of_a_real_move_leaves_the_vm_on_its_host")
+    else {
+        return;
+    };
+    for step in [Step::Placement, Step::Image, Step::Disk, Step::Domain] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = lab.write_config(dir.path());
+        let config = devvm_core::config::Config::load(&path).unwrap();
+        let p = config.builder().unwrap().build().unwrap();
+        let vm = p
+            .provision(ProvisionRequest::new(lab.member()).with_name(unique_vm_name("mvfault")))
+            .await
+            .expect("provision");
+        let from = vm.host.clone();
+        let to = host(
+            env.host_uris
+                .iter()
+                .find(|u| u.as_str() != from.as_str())
+                .unwrap(),
+        );
+        drop(p);
+        // Another provisioner on the same journal whose first call of `step` fails.
+        let plan = FaultPlan::new(step, Fault::Error(ErrorKind::Unavailable)).persistent();
+        let faulty = devvm_tests::with_fault(&config, plan).build().unwrap();
+        let e = faulty
+            .migrate(&vm.name, &to)
+            .await
+            .expect_err("the fault fails the move");
+        let ctx = format!("fault at {step}: {e}");
+        assert_eq!(e.step(), Some(step), "{ctx}");
+        assert!(e.undo_failures().is_empty(), "{ctx}");
+        assert_eq!(
+            env.domain_hosts(vm.name.as_str()),
+            vec![from.to_string()],
+            "{ctx}"
+        );
+        assert!(
+            env.local_path(from.as_str(), &vm.disk).is_file(),
+            "{ctx}: its disk stays"
+        );
+        assert!(
+            !env.local_path(to.as_str(), &vm.disk).exists(),
+            "{ctx}: nothing of it on the other host"
+        );
+        assert!(
+            ssh_answers(vm.ip, std::time::Duration::from_secs(60)),
+            "{ctx}: still answering"
+        );
+        drop(faulty);
+        let p = config.builder().unwrap().build().unwrap();
+        assert_eq!(
+            p.get(&vm.name).await.unwrap().map(|v| v.host),
+            Some(from.clone()),
+            "{ctx}"
+        );
+        p.deprovision(&vm.name).await.expect("deprovision");
+        let left = env.leftovers(vm.name.as_str(), &vm.fqdn, Some(vm.ip));
+        assert!(left.is_empty(), "{ctx}: leaked {left:?}");
+    }
+}

@@ -272,11 +272,13 @@ impl Provisioner {
                 kind: e.kind(),
             }),
         }
-        // The slot goes back where the guest runs.
-        if let Err(e) = b
-            .placement
-            .relocate(&vm.name, &m.from, &req.request_id)
-            .await
+        // The slot goes back where the guest runs, if it moved.
+        let slot = b.placement.reservation(&vm.name).await;
+        if !matches!(&slot, Ok(Some(h)) if *h == m.from)
+            && let Err(e) = b
+                .placement
+                .relocate(&vm.name, &m.from, &req.request_id)
+                .await
         {
             failures.push(UndoFailure {
                 step: Step::Placement,
