@@ -302,6 +302,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         h.capacity.disk_gib,
                         h.vms.len()
                     );
+                    for t in &h.templates {
+                        println!("    template {t}");
+                    }
                 }
             }
         }

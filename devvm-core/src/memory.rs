@@ -336,6 +336,7 @@ impl Placement for MemoryPlacement {
                             disk_gib: mine.iter().map(|(_, (_, s, _))| s.disk_gib).sum(),
                         },
                         vms: mine.iter().map(|(vm, _)| (*vm).clone()).collect(),
+                        templates: Vec::new(),
                     }
                 })
                 .collect()

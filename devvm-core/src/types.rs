@@ -679,6 +679,10 @@ pub struct HostUsage {
     pub used: VmSize,
     /// The VMs placed on it.
     pub vms: Vec<VmName>,
+    /// The template files it holds verified copies of (`<template>-<glance id>.<kind>`),
+    /// when the placement backend can see them; empty otherwise.
+    #[serde(default)]
+    pub templates: Vec<String>,
 }
 
 impl HostUsage {

@@ -185,11 +185,20 @@ pub trait DomainLister: Send + Sync + 'static {
     /// devvm's domains on `host`.
     async fn list(&self, host: &HostId) -> Result<Vec<DomainInfo>>;
 
-    /// Whether `host`'s `pool` holds a verified copy of `template` (as the image store's
-    /// pool mode leaves it). The default says no.
+    /// The template files `host`'s `pool` holds verified copies of, as the image store's
+    /// pool mode leaves them (`<template>-<glance id>.<kind>`). The default: none.
+    async fn templates(&self, host: &HostId, pool: &str) -> Vec<String> {
+        let _ = (host, pool);
+        Vec::new()
+    }
+
+    /// Whether `host`'s `pool` holds a verified copy of `template`.
     async fn has_template(&self, host: &HostId, pool: &str, template: &TemplateName) -> bool {
-        let _ = (host, pool, template);
-        false
+        let prefix = format!("{template}-");
+        self.templates(host, pool)
+            .await
+            .iter()
+            .any(|t| t.starts_with(&prefix))
     }
 }
 
@@ -203,22 +212,23 @@ impl DomainLister for LibvirtLister {
         crate::backends::libvirt::inventory(host).await
     }
 
-    /// A volume `devvm-template-<template>-*.verified` in the pool.
-    async fn has_template(&self, host: &HostId, pool: &str, template: &TemplateName) -> bool {
+    /// The volumes `devvm-template-*.verified` in the pool, without prefix and suffix.
+    async fn templates(&self, host: &HostId, pool: &str) -> Vec<String> {
         let (host, pool) = (host.clone(), pool.to_owned());
-        let prefix = format!("devvm-template-{template}-");
-        crate::work::blocking(move || {
+        let mut names = crate::work::blocking(move || {
             let conn = crate::backends::libvirt::connect(&host)?;
-            let names = conn
+            Ok(conn
                 .lookup_storage_pool_by_name(&pool)
                 .and_then(|p| p.list_volumes())
-                .unwrap_or_default();
-            Ok(names
-                .iter()
-                .any(|n| n.starts_with(&prefix) && n.ends_with(".verified")))
+                .unwrap_or_default())
         })
         .await
-        .unwrap_or(false)
+        .unwrap_or_default();
+        names.retain(|n| n.starts_with("devvm-template-") && n.ends_with(".verified"));
+        names
+            .iter()
+            .map(|n| n["devvm-template-".len()..n.len() - ".verified".len()].to_owned())
+            .collect()
     }
 }
 
@@ -596,6 +606,15 @@ impl Placement for LibvirtPlacement {
 
     async fn usage(&self) -> Result<Vec<HostUsage>> {
         let (used, reachable, mut names) = self.read_usage().await?;
+        let mut templates = BTreeMap::new();
+        if let Some(pool) = &self.template_pool {
+            for (h, _) in self.hosts.iter().filter(|(h, _)| reachable.contains(h)) {
+                let t = tokio::time::timeout(HOST_TIMEOUT, self.reader.templates(h, pool))
+                    .await
+                    .unwrap_or_default();
+                templates.insert(h.clone(), t);
+            }
+        }
         let size = |c: &Capacity| VmSize {
             vcpus: u32::try_from(c.vcpus).unwrap_or(u32::MAX),
             memory_mib: c.memory_mib,
@@ -614,6 +633,7 @@ impl Placement for LibvirtPlacement {
                     disk_gib: 0,
                 }),
                 vms: names.remove(h).unwrap_or_default(),
+                templates: templates.remove(h).unwrap_or_default(),
             })
             .collect())
     }
@@ -828,8 +848,12 @@ mod tests {
         async fn list(&self, host: &HostId) -> Result<Vec<DomainInfo>> {
             self.0.list(host).await
         }
-        async fn has_template(&self, host: &HostId, pool: &str, t: &TemplateName) -> bool {
-            pool == "p" && self.1.get(host).is_some_and(|ts| ts.contains(&t.as_str()))
+        async fn templates(&self, host: &HostId, pool: &str) -> Vec<String> {
+            if pool != "p" {
+                return Vec::new();
+            }
+            let ts = self.1.get(host).cloned().unwrap_or_default();
+            ts.iter().map(|t| format!("{t}-id.qcow2")).collect()
         }
     }
 

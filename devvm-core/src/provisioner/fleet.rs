@@ -199,6 +199,7 @@ mod tests {
                 disk_gib: 0,
             },
             vms: Vec::new(),
+            templates: Vec::new(),
         };
         for (v, m) in vms {
             put(&mut h, &vm(v), &size(*m));
