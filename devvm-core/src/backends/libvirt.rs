@@ -564,12 +564,7 @@ fn is_no_domain(e: &virt::error::Error) -> bool {
     matches!(e.code(), Enum::Known(ErrorNumber::NoDomain))
 }
 
-pub(crate) fn connect(host: &HostId) -> Result<Connect> {
-    // libvirt prints every error to stderr by default; devvm returns them instead.
-    static QUIET: std::sync::Once = std::sync::Once::new();
-    QUIET.call_once(virt::error::clear_error_callback);
-    Connect::open(Some(host.as_str())).map_err(|e| virt_err("cannot connect to libvirt", host, e))
-}
+use super::pool::connect;
 
 fn lookup(conn: &Connect, host: &HostId, vm: &VmName) -> Result<Option<VirtDomain>> {
     match conn.lookup_domain_by_name(vm.as_str()) {

@@ -216,7 +216,7 @@ impl DomainLister for LibvirtLister {
     async fn templates(&self, host: &HostId, pool: &str) -> Vec<String> {
         let (host, pool) = (host.clone(), pool.to_owned());
         let mut names = crate::work::blocking(move || {
-            let conn = crate::backends::libvirt::connect(&host)?;
+            let conn = crate::backends::pool::connect(&host)?;
             Ok(conn
                 .lookup_storage_pool_by_name(&pool)
                 .and_then(|p| p.list_volumes())

@@ -33,6 +33,12 @@ pub(crate) enum PoolError {
         #[source]
         source: virt::error::Error,
     },
+    #[error("cannot connect to libvirt on {host}")]
+    Connect {
+        host: HostId,
+        #[source]
+        source: virt::error::Error,
+    },
     #[error("cannot read {}", .0.display())]
     Local(std::path::PathBuf, #[source] std::io::Error),
     #[error("cannot write volume xml")]
@@ -58,21 +64,23 @@ impl BackendError for PoolError {
 
     fn kind(&self) -> ErrorKind {
         match self {
-            PoolError::Virt { source, .. } => match source.code() {
-                Enum::Known(
-                    ErrorNumber::NoConnect | ErrorNumber::SystemError | ErrorNumber::Rpc,
-                ) => ErrorKind::Unavailable,
-                Enum::Known(
-                    ErrorNumber::AuthFailed
-                    | ErrorNumber::AuthCancelled
-                    | ErrorNumber::AccessDenied,
-                ) => ErrorKind::Unauthorized,
-                Enum::Known(ErrorNumber::NoStoragePool | ErrorNumber::NoStorageVolume) => {
-                    ErrorKind::NotFound
+            PoolError::Virt { source, .. } | PoolError::Connect { source, .. } => {
+                match source.code() {
+                    Enum::Known(
+                        ErrorNumber::NoConnect | ErrorNumber::SystemError | ErrorNumber::Rpc,
+                    ) => ErrorKind::Unavailable,
+                    Enum::Known(
+                        ErrorNumber::AuthFailed
+                        | ErrorNumber::AuthCancelled
+                        | ErrorNumber::AccessDenied,
+                    ) => ErrorKind::Unauthorized,
+                    Enum::Known(ErrorNumber::NoStoragePool | ErrorNumber::NoStorageVolume) => {
+                        ErrorKind::NotFound
+                    }
+                    Enum::Known(ErrorNumber::StorageVolExist) => ErrorKind::AlreadyExists,
+                    _ => ErrorKind::Backend,
                 }
-                Enum::Known(ErrorNumber::StorageVolExist) => ErrorKind::AlreadyExists,
-                _ => ErrorKind::Backend,
-            },
+            }
             PoolError::Local(..) | PoolError::Xml(_) | PoolError::Mismatch { .. } => {
                 ErrorKind::Backend
             }
@@ -80,6 +88,20 @@ impl BackendError for PoolError {
             PoolError::TooLarge { .. } => ErrorKind::Backend,
         }
     }
+}
+
+/// A connection to the libvirt of `host` (every libvirt backend connects through here).
+pub(crate) fn connect(host: &HostId) -> Result<Connect> {
+    // libvirt prints every error to stderr by default; devvm returns them instead.
+    static QUIET: std::sync::Once = std::sync::Once::new();
+    QUIET.call_once(virt::error::clear_error_callback);
+    Connect::open(Some(host.as_str())).map_err(|source| {
+        PoolError::Connect {
+            host: host.clone(),
+            source,
+        }
+        .into()
+    })
 }
 
 /// A qcow2 overlay's backing file, as the host sees it.
@@ -104,7 +126,7 @@ const CHUNK: usize = 1 << 20;
 impl Pool {
     /// Opens the active pool `name` on `host`.
     pub(crate) fn open(host: &HostId, name: &str) -> Result<Pool> {
-        let conn = super::libvirt::connect(host)?;
+        let conn = connect(host)?;
         let pool = conn
             .lookup_storage_pool_by_name(name)
             .map_err(|source| PoolError::Virt {
