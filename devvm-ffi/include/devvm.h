@@ -235,6 +235,38 @@ devvm_status devvm_migrate(devvm_provisioner *p,
 // `p` NULL or live; `out` NULL or writable.
 devvm_status devvm_list(devvm_provisioner *p, devvm_vm_list **out);
 
+// The placement hosts as a JSON array (`host`, `reachable`, `capacity` and `used` with
+// `vcpus`/`memory_mib`/`disk_gib`, `vms`, `templates`) in `*out`; free it with
+// [`devvm_string_free`].
+//
+// # Safety
+// `p` NULL or live; `out` NULL or writable.
+devvm_status devvm_hosts(devvm_provisioner *p, char **out);
+
+// Moves every VM of this provisioner's off `host` (one live migration at a time), or with
+// `dry_run` only plans it; the moves as a JSON array (`vm`, `from`, `to`) in `*out`, free
+// it with [`devvm_string_free`]. A VM that fits nowhere else: `DEVVM_ERR_EXHAUSTED`,
+// nothing moved.
+//
+// # Safety
+// `p` NULL or live; `host` NULL or NUL-terminated; `out` NULL or writable.
+devvm_status devvm_drain(devvm_provisioner *p, const char *host, bool dry_run, char **out);
+
+// Moves VMs so that no host is above capacity and the hosts are evenly used, or with
+// `dry_run` only plans it; the moves as a JSON array (`vm`, `from`, `to`) in `*out`, free
+// it with [`devvm_string_free`].
+//
+// # Safety
+// `p` NULL or live; `out` NULL or writable.
+devvm_status devvm_rebalance(devvm_provisioner *p, bool dry_run, char **out);
+
+// Frees a string devvm returned (`devvm_hosts`, `devvm_drain`, `devvm_rebalance`). NULL
+// is a no-op.
+//
+// # Safety
+// `s` NULL or a string from one of those functions, not freed before.
+void devvm_string_free(char *s);
+
 // Finishes or rolls back runs a crashed provisioner left; writes how many runs were
 // cleaned up to `*cleaned` (may be NULL). Resources that still could not be removed make
 // it fail with their names in the message.

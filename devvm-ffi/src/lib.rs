@@ -1049,6 +1049,116 @@ pub unsafe extern "C" fn devvm_list(
     })
 }
 
+/// Writes `json` (encoded JSON text) to `*out` (free it with [`devvm_string_free`]).
+fn json_out(json: serde_json::Result<String>, out: *mut *mut c_char) -> devvm_status {
+    match json {
+        Ok(text) => {
+            // SAFETY: the callers checked `out` non-NULL and writable.
+            unsafe { *out = cstring(text).into_raw() };
+            DEVVM_OK
+        }
+        Err(e) => fail(DEVVM_ERR_BACKEND, &format!("cannot encode the result: {e}")),
+    }
+}
+
+/// The placement hosts as a JSON array (`host`, `reachable`, `capacity` and `used` with
+/// `vcpus`/`memory_mib`/`disk_gib`, `vms`, `templates`) in `*out`; free it with
+/// [`devvm_string_free`].
+///
+/// # Safety
+/// `p` NULL or live; `out` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn devvm_hosts(
+    p: *mut devvm_provisioner,
+    out: *mut *mut c_char,
+) -> devvm_status {
+    guard(|| {
+        check_out!(out, "out");
+        // SAFETY: checked non-NULL.
+        unsafe { *out = std::ptr::null_mut() };
+        check_out!(p, "provisioner");
+        // SAFETY: non-NULL and live per the contract.
+        let p = unsafe { &*p };
+        match p.rt.block_on(p.inner.hosts()) {
+            Ok(hosts) => json_out(serde_json::to_string(&hosts), out),
+            Err(e) => fail_with(&e),
+        }
+    })
+}
+
+/// Moves every VM of this provisioner's off `host` (one live migration at a time), or with
+/// `dry_run` only plans it; the moves as a JSON array (`vm`, `from`, `to`) in `*out`, free
+/// it with [`devvm_string_free`]. A VM that fits nowhere else: `DEVVM_ERR_EXHAUSTED`,
+/// nothing moved.
+///
+/// # Safety
+/// `p` NULL or live; `host` NULL or NUL-terminated; `out` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn devvm_drain(
+    p: *mut devvm_provisioner,
+    host: *const c_char,
+    dry_run: bool,
+    out: *mut *mut c_char,
+) -> devvm_status {
+    guard(|| {
+        check_out!(out, "out");
+        // SAFETY: checked non-NULL.
+        unsafe { *out = std::ptr::null_mut() };
+        check_out!(p, "provisioner");
+        // SAFETY: non-NULL and live per the contract.
+        let p = unsafe { &*p };
+        // SAFETY: forwarded from the caller.
+        let host = try_status!(unsafe { req_str(host, "host") });
+        let host = match devvm_core::HostId::new(host) {
+            Ok(h) => h,
+            Err(e) => return fail_with(&e),
+        };
+        match p.rt.block_on(p.inner.drain(&host, dry_run)) {
+            Ok(moves) => json_out(serde_json::to_string(&moves), out),
+            Err(e) => fail_with(&e),
+        }
+    })
+}
+
+/// Moves VMs so that no host is above capacity and the hosts are evenly used, or with
+/// `dry_run` only plans it; the moves as a JSON array (`vm`, `from`, `to`) in `*out`, free
+/// it with [`devvm_string_free`].
+///
+/// # Safety
+/// `p` NULL or live; `out` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn devvm_rebalance(
+    p: *mut devvm_provisioner,
+    dry_run: bool,
+    out: *mut *mut c_char,
+) -> devvm_status {
+    guard(|| {
+        check_out!(out, "out");
+        // SAFETY: checked non-NULL.
+        unsafe { *out = std::ptr::null_mut() };
+        check_out!(p, "provisioner");
+        // SAFETY: non-NULL and live per the contract.
+        let p = unsafe { &*p };
+        match p.rt.block_on(p.inner.rebalance(dry_run)) {
+            Ok(moves) => json_out(serde_json::to_string(&moves), out),
+            Err(e) => fail_with(&e),
+        }
+    })
+}
+
+/// Frees a string devvm returned (`devvm_hosts`, `devvm_drain`, `devvm_rebalance`). NULL
+/// is a no-op.
+///
+/// # Safety
+/// `s` NULL or a string from one of those functions, not freed before.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn devvm_string_free(s: *mut c_char) {
+    if !s.is_null() {
+        // SAFETY: made by CString::into_raw in json_out, per the contract.
+        drop(unsafe { CString::from_raw(s) });
+    }
+}
+
 /// Finishes or rolls back runs a crashed provisioner left; writes how many runs were
 /// cleaned up to `*cleaned` (may be NULL). Resources that still could not be removed make
 /// it fail with their names in the message.

@@ -375,6 +375,21 @@ int main(int argc, char **argv) {
     }
     CHECK(seen_m.events > 0 && strcmp(seen_m.last_kind, "run_finished") == 0, "migration events end with %s", seen_m.last_kind);
     devvm_vm_free(moved);
+    /* The fleet view and the planned moves come back as JSON text. */
+    char *json = NULL;
+    CHECK(devvm_hosts(p, &json) == DEVVM_OK && json != NULL, "hosts");
+    if (json) CHECK(strstr(json, "\"c-vm-1\"") != NULL && strstr(json, other) != NULL, "hosts names the vm and its host: %s", json);
+    devvm_string_free(json);
+    json = NULL;
+    CHECK(devvm_drain(p, other, true, &json) == DEVVM_OK && json != NULL, "drain, dry run");
+    if (json) CHECK(strstr(json, "\"vm\":\"c-vm-1\"") != NULL, "the plan moves c-vm-1: %s", json);
+    devvm_string_free(json);
+    json = NULL;
+    CHECK(devvm_rebalance(p, true, &json) == DEVVM_OK && json != NULL, "rebalance, dry run");
+    devvm_string_free(json);
+    CHECK(devvm_drain(p, "no-such-host", true, &json) == DEVVM_ERR_NOT_FOUND && json == NULL, "unknown host");
+    CHECK(devvm_hosts(p, NULL) == DEVVM_ERR_NULL_ARGUMENT, "NULL out");
+    devvm_string_free(NULL);
     devvm_vm *none = (devvm_vm *)&seen_m;
     CHECK(devvm_migrate(p, "no-such-vm", other, NULL, NULL, &none) == DEVVM_ERR_NOT_FOUND && none == NULL, "unknown vm");
     CHECK(devvm_migrate(p, NULL, other, NULL, NULL, &none) == DEVVM_ERR_NULL_ARGUMENT, "NULL name");
