@@ -50,21 +50,7 @@ async fn the_seed_alone_configures_the_guest() {
         .unwrap();
     assert!(vm.bootstrapped);
 
-    let out = Command::new("ssh")
-        .arg("-i")
-        .arg(&key)
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=10",
-        ])
-        .arg(format!("root@{}", vm.ip))
-        .arg("hostname; ls /dev/vd*")
+    let out = devvm_tests::ssh(&key, vm.ip, "hostname; ls /dev/vd*")
         .output()
         .expect("ssh");
     assert!(

@@ -308,24 +308,7 @@ async fn provisions_land_on_both_hosts_and_leave_nothing_on_either() {
 
 /// An `ssh` to the guest at `ip` as root with the lab's key, running `command`.
 fn ssh(lab: &Lab, ip: std::net::IpAddr, command: &str) -> Command {
-    let mut c = Command::new("ssh");
-    c.arg("-i")
-        .arg(lab.var("ssh_key"))
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=10",
-            "-o",
-            "ServerAliveInterval=5",
-        ])
-        .arg(format!("root@{ip}"))
-        .arg(command);
-    c
+    devvm_tests::ssh(lab.var("ssh_key"), ip, command)
 }
 
 /// The guest's uptime in seconds, asked over SSH.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use devvm_core::backends::glance::{GlanceConfig, GlanceImageStore};
 use devvm_core::testkit::conformance::{ImageStoreFixture, image_store};
 use devvm_core::{ErrorKind, HostId, ImageStore, Progress, TemplateName, VmName};
-use devvm_tests::{Lab, Uploads};
+use devvm_tests::{Lab, Uploads, run_ok};
 
 /// Temporary cache and disk directories, and a store on them.
 struct Setup {
@@ -65,21 +65,8 @@ fn vm(prefix: &str) -> VmName {
 }
 
 fn uuid_like() -> String {
-    let out = run("cat", &["/proc/sys/kernel/random/uuid"]);
+    let out = run_ok("cat", &["/proc/sys/kernel/random/uuid"]);
     String::from_utf8_lossy(&out).trim().replace('-', "")
-}
-
-fn run(program: &str, args: &[&str]) -> Vec<u8> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 fn json(bytes: &[u8]) -> serde_json::Value {
@@ -89,13 +76,13 @@ fn json(bytes: &[u8]) -> serde_json::Value {
 
 fn sha512sum(path: &Path) -> String {
     let p = path.to_string_lossy();
-    let out = String::from_utf8_lossy(&run("sha512sum", &[&p])).into_owned();
+    let out = String::from_utf8_lossy(&run_ok("sha512sum", &[&p])).into_owned();
     out.split_whitespace().next().unwrap_or_default().to_owned()
 }
 
 fn qemu_info(path: &Path) -> serde_json::Value {
     let p = path.to_string_lossy();
-    json(&run("qemu-img", &["info", "-U", "--output=json", &p]))
+    json(&run_ok("qemu-img", &["info", "-U", "--output=json", &p]))
 }
 
 /// Glance's own record of the newest active image named `name`.
@@ -104,7 +91,7 @@ fn glance_image(lab: &Lab, name: &str) -> serde_json::Value {
         "{}/v2/images?name={name}&status=active&sort_key=created_at&sort_dir=desc",
         lab.var("glance_url")
     );
-    let list = json(&run("curl", &["-sSf", "-m", "30", &url]));
+    let list = json(&run_ok("curl", &["-sSf", "-m", "30", &url]));
     list["images"][0].clone()
 }
 
@@ -174,7 +161,7 @@ async fn the_template_matches_glance_and_is_downloaded_once() {
     for (path, id) in [(&kernel, &g["kernel_id"]), (&initrd, &g["ramdisk_id"])] {
         let id = id.as_str().unwrap_or_default();
         let url = format!("{}/v2/images/{id}", lab.var("glance_url"));
-        let meta = json(&run("curl", &["-sSf", "-m", "30", &url]));
+        let meta = json(&run_ok("curl", &["-sSf", "-m", "30", &url]));
         assert_eq!(
             sha512sum(path),
             meta["os_hash_value"].as_str().unwrap_or_default()

@@ -158,21 +158,7 @@ async fn a_guest_boots_answers_ssh_and_leaves_nothing() {
     assert!(mine.active);
 
     // It really answers: an SSH login with the key handed over on the command line.
-    let out = Command::new("ssh")
-        .args([
-            "-i",
-            lab.var("ssh_key"),
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=10",
-            "root@10.99.0.232",
-            "hostname",
-        ])
+    let out = devvm_tests::ssh(lab.var("ssh_key"), "10.99.0.232", "hostname")
         .output()
         .expect("ssh");
     assert!(

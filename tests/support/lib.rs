@@ -314,3 +314,27 @@ impl Drop for Uploads {
         }
     }
 }
+
+/// An `ssh` as root to the guest at `ip` with the private key `key`, running `command`:
+/// host keys not checked (a test guest), no prompts, a 10 s connect limit.
+pub fn ssh(
+    key: impl AsRef<std::ffi::OsStr>,
+    ip: impl std::fmt::Display,
+    command: &str,
+) -> std::process::Command {
+    let mut c = std::process::Command::new("ssh");
+    c.arg("-i").arg(key).args([
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=10",
+        "-o",
+        "ServerAliveInterval=5",
+    ]);
+    c.arg(format!("root@{ip}")).arg(command);
+    c
+}

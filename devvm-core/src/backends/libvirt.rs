@@ -88,22 +88,7 @@ impl BackendError for LibvirtError {
 
     fn kind(&self) -> ErrorKind {
         match self {
-            LibvirtError::Virt { source, .. } => match source.code() {
-                Enum::Known(
-                    ErrorNumber::NoConnect | ErrorNumber::SystemError | ErrorNumber::Rpc,
-                ) => ErrorKind::Unavailable,
-                Enum::Known(
-                    ErrorNumber::AuthFailed
-                    | ErrorNumber::AuthCancelled
-                    | ErrorNumber::AccessDenied,
-                ) => ErrorKind::Unauthorized,
-                Enum::Known(ErrorNumber::NoDomain) => ErrorKind::NotFound,
-                Enum::Known(ErrorNumber::DomExist) => ErrorKind::AlreadyExists,
-                Enum::Known(
-                    ErrorNumber::XmlError | ErrorNumber::XmlDetail | ErrorNumber::InvalidArg,
-                ) => ErrorKind::InvalidInput,
-                _ => ErrorKind::Backend,
-            },
+            LibvirtError::Virt { source, .. } => super::pool::virt_kind(source),
             LibvirtError::ForeignDomain { .. } | LibvirtError::SeedExists { .. } => {
                 ErrorKind::AlreadyExists
             }

@@ -59,28 +59,34 @@ pub(crate) enum PoolError {
     },
 }
 
+/// What a libvirt error means for the caller, by its code (every libvirt backend's).
+pub(crate) fn virt_kind(e: &virt::error::Error) -> ErrorKind {
+    match e.code() {
+        Enum::Known(ErrorNumber::NoConnect | ErrorNumber::SystemError | ErrorNumber::Rpc) => {
+            ErrorKind::Unavailable
+        }
+        Enum::Known(
+            ErrorNumber::AuthFailed | ErrorNumber::AuthCancelled | ErrorNumber::AccessDenied,
+        ) => ErrorKind::Unauthorized,
+        Enum::Known(
+            ErrorNumber::NoDomain | ErrorNumber::NoStoragePool | ErrorNumber::NoStorageVolume,
+        ) => ErrorKind::NotFound,
+        Enum::Known(ErrorNumber::DomExist | ErrorNumber::StorageVolExist) => {
+            ErrorKind::AlreadyExists
+        }
+        Enum::Known(ErrorNumber::XmlError | ErrorNumber::XmlDetail | ErrorNumber::InvalidArg) => {
+            ErrorKind::InvalidInput
+        }
+        _ => ErrorKind::Backend,
+    }
+}
+
 impl BackendError for PoolError {
     const BACKEND: &'static str = "libvirt";
 
     fn kind(&self) -> ErrorKind {
         match self {
-            PoolError::Virt { source, .. } | PoolError::Connect { source, .. } => {
-                match source.code() {
-                    Enum::Known(
-                        ErrorNumber::NoConnect | ErrorNumber::SystemError | ErrorNumber::Rpc,
-                    ) => ErrorKind::Unavailable,
-                    Enum::Known(
-                        ErrorNumber::AuthFailed
-                        | ErrorNumber::AuthCancelled
-                        | ErrorNumber::AccessDenied,
-                    ) => ErrorKind::Unauthorized,
-                    Enum::Known(ErrorNumber::NoStoragePool | ErrorNumber::NoStorageVolume) => {
-                        ErrorKind::NotFound
-                    }
-                    Enum::Known(ErrorNumber::StorageVolExist) => ErrorKind::AlreadyExists,
-                    _ => ErrorKind::Backend,
-                }
-            }
+            PoolError::Virt { source, .. } | PoolError::Connect { source, .. } => virt_kind(source),
             PoolError::Local(..) | PoolError::Xml(_) | PoolError::Mismatch { .. } => {
                 ErrorKind::Backend
             }

@@ -75,6 +75,19 @@ impl Provisioner {
         }
     }
 
+    /// Runs one act of a move in its own task under `step`'s time limit; its error names
+    /// the step and its backend.
+    async fn act<T: Send + 'static>(
+        &self,
+        step: Step,
+        fut: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        let b = &self.inner.backends;
+        guarded(fut, self.inner.timeouts.get(step), None)
+            .await
+            .map_err(|e| e.or_step(step).or_backend(b.name_of(step)))
+    }
+
     /// The acts of a move, in order, each journaled first.
     async fn move_vm(
         &self,
@@ -84,36 +97,28 @@ impl Provisioner {
         m: &MigrationRecord,
     ) -> Result<Vm> {
         let b = &self.inner.backends;
-        let t = &self.inner.timeouts;
         let (id, to) = (&req.request_id, &m.to);
 
         rec.migration_phase(MigrationPhase::Placing, Step::Placement)
             .await?;
         let placement = b.placement.clone();
         let (n, h, o) = (vm.name.clone(), to.clone(), id.clone());
-        guarded(
-            async move { placement.relocate(&n, &h, &o).await },
-            t.get(Step::Placement),
-            None,
-        )
-        .await
-        .map_err(|e| {
-            e.or_step(Step::Placement)
-                .or_backend(b.name_of(Step::Placement))
-        })?;
+        self.act(Step::Placement, async move {
+            placement.relocate(&n, &h, &o).await
+        })
+        .await?;
         rec.migration_step_finished(Step::Placement, to);
 
         rec.migration_phase(MigrationPhase::Preparing, Step::Image)
             .await?;
         let images = b.images.clone();
         let (tname, h, p) = (req.template.clone(), to.clone(), rec.progress(Step::Image));
-        let template = guarded(
-            async move { images.prepare(&tname, &h, &p).await },
-            t.get(Step::Image),
-            None,
-        )
-        .await
-        .map_err(|e| e.or_step(Step::Image).or_backend(b.name_of(Step::Image)))?;
+        let template = self
+            .act(
+                Step::Image,
+                async move { images.prepare(&tname, &h, &p).await },
+            )
+            .await?;
         rec.migration_step_finished(Step::Image, &template);
         let images = b.images.clone();
         let (n, h, o, gib, p) = (
@@ -124,13 +129,11 @@ impl Provisioner {
             rec.progress(Step::Disk),
         );
         let tpl = template.clone();
-        let disk = guarded(
-            async move { images.create_disk(&n, &h, &tpl, gib, &o, &p).await },
-            t.get(Step::Disk),
-            None,
-        )
-        .await
-        .map_err(|e| e.or_step(Step::Disk).or_backend(b.name_of(Step::Disk)))?;
+        let disk = self
+            .act(Step::Disk, async move {
+                images.create_disk(&n, &h, &tpl, gib, &o, &p).await
+            })
+            .await?;
         if disk.path != vm.disk {
             return Err(Error::invalid_input(format!(
                 "the disk on {to} would be {}, not {} as on {}: the hosts' pools must have the same path",
@@ -152,13 +155,12 @@ impl Provisioner {
             id.clone(),
             rec.progress(Step::Domain),
         );
-        let report: MigrationReport = guarded(
-            async move { hv.migrate(&n, &f, &h, &o, &p).await },
-            t.get(Step::Domain),
-            None,
-        )
-        .await
-        .map_err(|e| e.or_step(Step::Domain).or_backend(b.name_of(Step::Domain)))?;
+        let report: MigrationReport = self
+            .act(
+                Step::Domain,
+                async move { hv.migrate(&n, &f, &h, &o, &p).await },
+            )
+            .await?;
         rec.migration_step_finished(Step::Domain, &report);
         self.finish_move(rec, req, vm, m).await
     }
