@@ -413,6 +413,7 @@ fn feature_of(step: Step, name: &str) -> Option<&'static str> {
     Some(match (step, name) {
         (Step::User, "ldap") => "ldap",
         (Step::Ip, "sqlite") => "sqlite",
+        (Step::Ip, "postgres") => "postgres",
         (Step::Dns, "rfc2136") => "rfc2136",
         (Step::Placement | Step::Domain, "libvirt") => "libvirt",
         (Step::Image | Step::Disk, "glance") => "glance",

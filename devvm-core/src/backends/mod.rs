@@ -17,12 +17,16 @@ pub mod libvirt;
 pub mod placement;
 #[cfg(feature = "libvirt")]
 pub(crate) mod pool;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "rfc2136")]
 pub mod rfc2136;
 #[cfg(feature = "sqlite")]
 pub mod sqlite_ip;
 #[cfg(feature = "ssh")]
 pub mod ssh;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub mod subnet;
 
 use async_trait::async_trait;
 
@@ -33,6 +37,8 @@ pub(crate) fn register(r: &mut crate::registry::Registry) {
     ldap::register(r);
     #[cfg(feature = "sqlite")]
     sqlite_ip::register(r);
+    #[cfg(feature = "postgres")]
+    postgres::register(r);
     #[cfg(feature = "rfc2136")]
     rfc2136::register(r);
     #[cfg(feature = "libvirt")]

@@ -28,15 +28,11 @@ use crate::types::{Lease, RequestId, Undone, VmName};
 
 const BACKEND: &str = "sqlite";
 
+pub use super::subnet::SubnetPlan;
+
 /// What can go wrong in the SQLite lease store; `?` turns it into the public [`Error`].
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum LeaseError {
-    #[error("gateway {gateway} is outside the subnet {subnet}")]
-    GatewayOutside { gateway: Ipv4Addr, subnet: Ipv4Net },
-    #[error("reserved range {first}-{last} ends before it starts")]
-    BackwardsRange { first: Ipv4Addr, last: Ipv4Addr },
-    #[error("reserved range {range:?}: {word:?} is not an IPv4 address")]
-    NotIpv4 { range: String, word: String },
     #[error("cannot create {}", .0.display())]
     CreateDir(PathBuf, #[source] std::io::Error),
     #[error("lease database {} was made for {made_for}, not {plan}", path.display())]
@@ -70,10 +66,7 @@ impl BackendError for LeaseError {
 
     fn kind(&self) -> ErrorKind {
         match self {
-            LeaseError::GatewayOutside { .. }
-            | LeaseError::BackwardsRange { .. }
-            | LeaseError::NotIpv4 { .. }
-            | LeaseError::CreateDir(..)
+            LeaseError::CreateDir(..)
             | LeaseError::Outside { .. }
             | LeaseError::Reserved { .. } => ErrorKind::InvalidInput,
             LeaseError::OtherPlan { .. } | LeaseError::Leased(_) | LeaseError::VmHolds { .. } => {
@@ -104,121 +97,6 @@ pub struct SqliteIpConfig {
     pub reserved: Vec<String>,
 }
 
-/// The addresses of a subnet that may be leased.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubnetPlan {
-    subnet: Ipv4Net,
-    gateway: Option<Ipv4Addr>,
-    reserved: Vec<(Ipv4Addr, Ipv4Addr)>,
-}
-
-impl SubnetPlan {
-    /// A plan for `subnet` (its host bits are cleared). A gateway outside it is invalid.
-    pub fn new(subnet: Ipv4Net, gateway: Option<Ipv4Addr>) -> Result<Self> {
-        let subnet = subnet.trunc();
-        if let Some(gw) = gateway
-            && !subnet.contains(&gw)
-        {
-            return Err(LeaseError::GatewayOutside {
-                gateway: gw,
-                subnet,
-            }
-            .into());
-        }
-        Ok(SubnetPlan {
-            subnet,
-            gateway,
-            reserved: Vec::new(),
-        })
-    }
-
-    /// Never hands out `first..=last`.
-    pub fn reserve(mut self, first: Ipv4Addr, last: Ipv4Addr) -> Result<Self> {
-        if first > last {
-            return Err(LeaseError::BackwardsRange { first, last }.into());
-        }
-        self.reserved.push((first, last));
-        Ok(self)
-    }
-
-    /// Parses `"a-b"` or `"a"` and reserves it.
-    pub fn reserve_str(self, range: &str) -> Result<Self> {
-        let parse = |s: &str| {
-            s.trim()
-                .parse::<Ipv4Addr>()
-                .map_err(|_| LeaseError::NotIpv4 {
-                    range: range.to_owned(),
-                    word: s.to_owned(),
-                })
-        };
-        let (a, z) = match range.split_once('-') {
-            Some((a, z)) => (parse(a)?, parse(z)?),
-            None => {
-                let a = parse(range)?;
-                (a, a)
-            }
-        };
-        self.reserve(a, z)
-    }
-
-    /// The subnet.
-    pub fn subnet(&self) -> Ipv4Net {
-        self.subnet
-    }
-
-    /// The first and last address that could ever be leased (before reservations).
-    fn bounds(&self) -> (u32, u32) {
-        let (net, bcast) = (
-            u32::from(self.subnet.network()),
-            u32::from(self.subnet.broadcast()),
-        );
-        if self.subnet.prefix_len() >= 31 {
-            (net, bcast)
-        } else {
-            (net + 1, bcast - 1)
-        }
-    }
-
-    /// Whether `ip` may be leased at all.
-    pub fn leasable(&self, ip: Ipv4Addr) -> bool {
-        let (lo, hi) = self.bounds();
-        let n = u32::from(ip);
-        n >= lo
-            && n <= hi
-            && Some(ip) != self.gateway
-            && !self.reserved.iter().any(|(a, b)| *a <= ip && ip <= *b)
-    }
-
-    /// A stable text form, stored in the database so that a file made for one subnet is
-    /// never used for another.
-    fn fingerprint(&self) -> String {
-        let mut reserved = self.reserved.clone();
-        reserved.sort();
-        let r: Vec<String> = reserved.iter().map(|(a, b)| format!("{a}-{b}")).collect();
-        format!(
-            "{} gw={} reserved=[{}]",
-            self.subnet,
-            self.gateway.map(|g| g.to_string()).unwrap_or_default(),
-            r.join(",")
-        )
-    }
-
-    /// Address ranges that are never leasable inside the bounds, as inclusive u32 pairs.
-    fn blocked(&self) -> Vec<(u32, u32)> {
-        let (lo, hi) = self.bounds();
-        let mut v: Vec<(u32, u32)> = self
-            .reserved
-            .iter()
-            .map(|(a, b)| (u32::from(*a).max(lo), u32::from(*b).min(hi)))
-            .filter(|(a, b)| a <= b)
-            .collect();
-        if let Some(g) = self.gateway {
-            v.push((u32::from(g), u32::from(g)));
-        }
-        v
-    }
-}
-
 /// Leases in an SQLite file. Cheap to clone; clones share one connection.
 #[derive(Clone)]
 pub struct SqliteIpAllocator {
@@ -231,7 +109,7 @@ impl std::fmt::Debug for SqliteIpAllocator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteIpAllocator")
             .field("path", &self.path)
-            .field("subnet", &self.plan.subnet)
+            .field("subnet", &self.plan.subnet())
             .finish()
     }
 }
@@ -341,8 +219,8 @@ impl SqliteIpAllocator {
         Lease {
             vm: vm.clone(),
             ip: IpAddr::V4(Ipv4Addr::from(ip)),
-            prefix_len: self.plan.subnet.prefix_len(),
-            gateway: self.plan.gateway.map(IpAddr::V4),
+            prefix_len: self.plan.subnet().prefix_len(),
+            gateway: self.plan.gateway().map(IpAddr::V4),
         }
     }
 
@@ -383,17 +261,17 @@ impl SqliteIpAllocator {
                     .prepare("INSERT INTO addresses (ip, vm) VALUES (?1, ?2)")
                     .map_err(&err)?;
                 for (vm, ip) in &leases {
-                    if !plan.subnet.contains(ip) {
+                    if !plan.subnet().contains(ip) {
                         return Err(LeaseError::Outside {
                             ip: *ip,
-                            subnet: plan.subnet,
+                            subnet: plan.subnet(),
                         }
                         .into());
                     }
                     if !plan.leasable(*ip) {
                         return Err(LeaseError::Reserved {
                             ip: *ip,
-                            subnet: plan.subnet,
+                            subnet: plan.subnet(),
                         }
                         .into());
                     }
@@ -543,7 +421,7 @@ impl IpAllocator for SqliteIpAllocator {
                     None => None,
                 };
                 let Some(ip) = found else {
-                    return Err(LeaseError::Exhausted(plan.subnet).into());
+                    return Err(LeaseError::Exhausted(plan.subnet()).into());
                 };
                 tx.execute(
                     "INSERT INTO addresses (ip, vm, owner) VALUES (?1, ?2, ?3)",
@@ -728,7 +606,10 @@ mod tests {
             .expect_err("gw outside");
         assert_eq!(e.kind(), ErrorKind::InvalidInput);
         assert!(
-            matches!(e.detail(), Some(LeaseError::GatewayOutside { .. })),
+            matches!(
+                e.detail(),
+                Some(super::super::subnet::SubnetError::GatewayOutside { .. })
+            ),
             "{e}"
         );
     }

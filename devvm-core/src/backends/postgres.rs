@@ -1,0 +1,528 @@
+//! [`IpAllocator`] on PostgreSQL, for provisioners on several machines sharing one subnet.
+//!
+//! One database may hold the leases of several subnets; each subnet's rows carry its
+//! CIDR. Every allocation is one transaction that first takes a transaction-scoped
+//! advisory lock for its subnet (`pg_advisory_xact_lock`), so allocations of one subnet
+//! are serialized across any number of processes and machines while other subnets go on;
+//! the address is unique by primary key besides. Addresses are handed out next-fit, like
+//! the SQLite store. The schema is versioned (`devvm_schema`) and migrated forward on
+//! start, under an advisory lock, by whichever process comes first.
+//!
+//! The connection is plain TCP (no TLS yet): keep the database on a trusted network.
+//!
+//! ```toml
+//! [ip]
+//! backend = "postgres"
+//! url = "postgres://devvm@db.example:5432/devvm"
+//! password = { file = "/etc/devvm/postgres.password" }
+//! subnet = "10.99.0.0/24"
+//! gateway = "10.99.0.1"
+//! reserved = ["10.99.0.2-10.99.0.99"]
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use ipnet::Ipv4Net;
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use super::subnet::SubnetPlan;
+use crate::error::{BackendError, ErrorKind, Result};
+use crate::secret::SecretSpec;
+use crate::traits::IpAllocator;
+use crate::types::{Lease, RequestId, Undone, VmName};
+
+const BACKEND: &str = "postgres";
+
+/// Who holds a lease without an owner, for messages.
+const UNOWNED: &str = "no request (imported, or leased before owners were recorded)";
+
+/// The `[ip]` section for `backend = "postgres"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresIpConfig {
+    /// The database, as a URL without the password: `postgres://USER@HOST:PORT/DB`.
+    pub url: String,
+    /// The password (`{ file = ".." }` or `{ env = ".." }`).
+    #[serde(default)]
+    pub password: Option<SecretSpec>,
+    /// The subnet, in CIDR notation.
+    pub subnet: Ipv4Net,
+    /// The gateway; never handed out.
+    #[serde(default)]
+    pub gateway: Option<Ipv4Addr>,
+    /// Ranges never handed out: `"10.99.0.2-10.99.0.19"` or a single address.
+    #[serde(default)]
+    pub reserved: Vec<String>,
+    /// Connections this process keeps at most (default 8).
+    #[serde(default = "default_connections")]
+    pub max_connections: usize,
+    /// Seconds to wait for a connection (default 10).
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_connections() -> usize {
+    8
+}
+fn default_timeout() -> u64 {
+    10
+}
+
+/// What can go wrong with the PostgreSQL lease store.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PgError {
+    #[error("postgres url is not valid (it must not hold the password: give `password`)")]
+    Url(#[source] tokio_postgres::Error),
+    #[error("the postgres url holds a password; give it with `password = {{ file = .. }}`")]
+    PasswordInUrl,
+    #[error("cannot make the postgres connection pool")]
+    Pool(#[source] deadpool_postgres::BuildError),
+    #[error("cannot get a postgres connection")]
+    Connect(#[source] deadpool_postgres::PoolError),
+    #[error("postgres {what}")]
+    Db {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("the lease database holds subnet {subnet} made for {made_for}, not {plan}")]
+    OtherPlan {
+        subnet: Ipv4Net,
+        made_for: String,
+        plan: String,
+    },
+    #[error("the lease database's schema is version {0}, newer than this devvm knows")]
+    NewerSchema(i32),
+    #[error("{vm} already holds {ip} for {holder}")]
+    HeldByOther {
+        vm: VmName,
+        ip: Ipv4Addr,
+        holder: String,
+    },
+    #[error("no free address in {0}")]
+    Exhausted(Ipv4Net),
+}
+
+fn db_kind(e: &tokio_postgres::Error) -> ErrorKind {
+    match e.code() {
+        Some(c)
+            if *c == SqlState::INVALID_PASSWORD
+                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
+        {
+            ErrorKind::Unauthorized
+        }
+        Some(c)
+            if *c == SqlState::T_R_SERIALIZATION_FAILURE
+                || *c == SqlState::T_R_DEADLOCK_DETECTED =>
+        {
+            ErrorKind::Unavailable
+        }
+        Some(_) => ErrorKind::Backend,
+        // No SQLSTATE: the connection itself failed.
+        None => ErrorKind::Unavailable,
+    }
+}
+
+impl BackendError for PgError {
+    const BACKEND: &'static str = BACKEND;
+
+    fn kind(&self) -> ErrorKind {
+        match self {
+            PgError::Url(_) | PgError::PasswordInUrl | PgError::Pool(_) => ErrorKind::InvalidInput,
+            PgError::Connect(deadpool_postgres::PoolError::Backend(e)) => db_kind(e),
+            PgError::Connect(_) => ErrorKind::Unavailable,
+            PgError::Db { source, .. } => db_kind(source),
+            PgError::OtherPlan { .. } => ErrorKind::Conflict,
+            PgError::NewerSchema(_) => ErrorKind::Backend,
+            PgError::HeldByOther { .. } => ErrorKind::AlreadyExists,
+            PgError::Exhausted(_) => ErrorKind::Exhausted,
+        }
+    }
+}
+
+fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
+    move |source| PgError::Db { what, source }
+}
+
+/// The schema, one step per version; a step is never edited once released, only appended.
+const SCHEMA: &[&str] = &["
+CREATE TABLE devvm_ip_plans (
+    subnet TEXT PRIMARY KEY,
+    plan   TEXT NOT NULL,
+    cursor BIGINT
+);
+CREATE TABLE devvm_ip_addresses (
+    subnet  TEXT NOT NULL REFERENCES devvm_ip_plans(subnet),
+    ip      BIGINT NOT NULL,
+    vm      TEXT,
+    owner   TEXT,
+    created TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (subnet, ip),
+    UNIQUE (subnet, vm)
+);
+"];
+
+/// The advisory lock key of the schema migration (any fixed number devvm owns).
+const SCHEMA_LOCK: i64 = 0x6465_766d_0001;
+
+/// Leases in PostgreSQL. Cheap to clone; clones share one connection pool.
+#[derive(Clone)]
+pub struct PostgresIpAllocator {
+    pool: Pool,
+    plan: Arc<SubnetPlan>,
+    subnet: Arc<str>,
+    lock: i64,
+}
+
+impl std::fmt::Debug for PostgresIpAllocator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresIpAllocator")
+            .field("subnet", &self.subnet)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresIpAllocator {
+    /// Connects to the database `c` names (nothing is contacted yet: connections are made
+    /// as needed) for the plan it describes; relative secret files are resolved against
+    /// `base_dir`. Call [`migrate`](Self::migrate) before use (the registry does).
+    pub fn from_config(c: &PostgresIpConfig, base_dir: &Path) -> Result<Self> {
+        let mut plan = SubnetPlan::new(c.subnet, c.gateway)?;
+        for r in &c.reserved {
+            plan = plan.reserve_str(r)?;
+        }
+        let mut pg: tokio_postgres::Config = c.url.parse().map_err(PgError::Url)?;
+        if pg.get_password().is_some() {
+            return Err(PgError::PasswordInUrl.into());
+        }
+        if let Some(p) = &c.password {
+            pg.password(p.resolve(base_dir)?.expose_secret());
+        }
+        let timeout = Duration::from_secs(c.timeout_secs.max(1));
+        pg.connect_timeout(timeout);
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(c.max_connections.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .build()
+            .map_err(PgError::Pool)?;
+        let subnet = plan.subnet().to_string();
+        // One advisory lock per subnet: the hash of its text, in devvm's own key space.
+        let lock = subnet.bytes().fold(0x6465_766d_1000_i64, |h, b| {
+            h.wrapping_mul(31).wrapping_add(i64::from(b))
+        });
+        Ok(PostgresIpAllocator {
+            pool,
+            plan: Arc::new(plan),
+            subnet: Arc::from(subnet),
+            lock,
+        })
+    }
+
+    /// Brings the schema up to this devvm's version (each step in one transaction, under
+    /// an advisory lock), and records this subnet's plan with its blocked addresses, or
+    /// checks that the recorded plan is this one ([`ErrorKind::Conflict`] otherwise).
+    pub async fn migrate(&self) -> Result<()> {
+        let mut client = self.pool.get().await.map_err(PgError::Connect)?;
+        let tx = client.transaction().await.map_err(db("begin"))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+            .await
+            .map_err(db("lock the schema"))?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS devvm_schema (part TEXT PRIMARY KEY, version INT NOT NULL)",
+        )
+        .await
+        .map_err(db("create the schema table"))?;
+        let version: i32 = tx
+            .query_opt("SELECT version FROM devvm_schema WHERE part = 'ip'", &[])
+            .await
+            .map_err(db("read the schema version"))?
+            .map_or(0, |r| r.get(0));
+        let known = i32::try_from(SCHEMA.len()).unwrap_or(i32::MAX);
+        if version > known {
+            return Err(PgError::NewerSchema(version).into());
+        }
+        for step in &SCHEMA[usize::try_from(version).unwrap_or(0)..] {
+            tx.batch_execute(step)
+                .await
+                .map_err(db("migrate the schema"))?;
+        }
+        tx.execute(
+            "INSERT INTO devvm_schema (part, version) VALUES ('ip', $1)
+             ON CONFLICT (part) DO UPDATE SET version = excluded.version",
+            &[&known],
+        )
+        .await
+        .map_err(db("record the schema version"))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&self.lock])
+            .await
+            .map_err(db("lock the subnet"))?;
+        let fingerprint = self.plan.fingerprint();
+        let stored: Option<String> = tx
+            .query_opt(
+                "SELECT plan FROM devvm_ip_plans WHERE subnet = $1",
+                &[&&*self.subnet],
+            )
+            .await
+            .map_err(db("read the plan"))?
+            .map(|r| r.get(0));
+        match stored {
+            Some(s) if s == fingerprint => {}
+            Some(s) => {
+                return Err(PgError::OtherPlan {
+                    subnet: self.plan.subnet(),
+                    made_for: s,
+                    plan: fingerprint,
+                }
+                .into());
+            }
+            None => {
+                tx.execute(
+                    "INSERT INTO devvm_ip_plans (subnet, plan) VALUES ($1, $2)",
+                    &[&&*self.subnet, &fingerprint],
+                )
+                .await
+                .map_err(db("record the plan"))?;
+                let blocked: Vec<i64> = self
+                    .plan
+                    .blocked()
+                    .into_iter()
+                    .flat_map(|(a, b)| a..=b)
+                    .map(i64::from)
+                    .collect();
+                tx.execute(
+                    "INSERT INTO devvm_ip_addresses (subnet, ip)
+                     SELECT $1, unnest($2::BIGINT[]) ON CONFLICT DO NOTHING",
+                    &[&&*self.subnet, &blocked],
+                )
+                .await
+                .map_err(db("block the reserved addresses"))?;
+            }
+        }
+        tx.commit().await.map_err(db("commit the schema"))?;
+        Ok(())
+    }
+
+    /// The subnet plan.
+    pub fn plan(&self) -> &SubnetPlan {
+        &self.plan
+    }
+
+    /// How many addresses of this subnet are leased.
+    pub async fn count(&self) -> Result<usize> {
+        let client = self.pool.get().await.map_err(PgError::Connect)?;
+        let n: i64 = client
+            .query_one(
+                "SELECT COUNT(*) FROM devvm_ip_addresses WHERE subnet = $1 AND vm IS NOT NULL",
+                &[&&*self.subnet],
+            )
+            .await
+            .map_err(db("count leases"))?
+            .get(0);
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    fn lease_of(&self, vm: &VmName, ip: i64) -> Lease {
+        Lease {
+            vm: vm.clone(),
+            ip: IpAddr::V4(Ipv4Addr::from(u32::try_from(ip).unwrap_or(0))),
+            prefix_len: self.plan.subnet().prefix_len(),
+            gateway: self.plan.gateway().map(IpAddr::V4),
+        }
+    }
+}
+
+/// The first address of `from..=hi` that no row of `subnet` holds.
+async fn first_free(
+    tx: &deadpool_postgres::Transaction<'_>,
+    subnet: &str,
+    from: i64,
+    hi: i64,
+) -> Result<Option<i64>> {
+    if from > hi {
+        return Ok(None);
+    }
+    Ok(tx
+        .query_opt(
+            "SELECT s.ip FROM generate_series($2::BIGINT, $3::BIGINT) AS s(ip)
+             WHERE NOT EXISTS (SELECT 1 FROM devvm_ip_addresses a WHERE a.subnet = $1 AND a.ip = s.ip)
+             ORDER BY s.ip LIMIT 1",
+            &[&subnet, &from, &hi],
+        )
+        .await
+        .map_err(db("find a free address"))?
+        .map(|r| r.get(0)))
+}
+
+#[async_trait]
+impl IpAllocator for PostgresIpAllocator {
+    fn backend(&self) -> &str {
+        BACKEND
+    }
+
+    async fn allocate(&self, vm: &VmName, owner: &RequestId) -> Result<Lease> {
+        let mut client = self.pool.get().await.map_err(PgError::Connect)?;
+        let tx = client.transaction().await.map_err(db("begin"))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&self.lock])
+            .await
+            .map_err(db("lock the subnet"))?;
+        let subnet: &str = &self.subnet;
+        if let Some(row) = tx
+            .query_opt(
+                "SELECT ip, owner FROM devvm_ip_addresses WHERE subnet = $1 AND vm = $2",
+                &[&subnet, &vm.as_str()],
+            )
+            .await
+            .map_err(db("read a lease"))?
+        {
+            let (ip, holder): (i64, Option<String>) = (row.get(0), row.get(1));
+            return match holder {
+                Some(o) if o == owner.as_str() => Ok(self.lease_of(vm, ip)),
+                other => Err(PgError::HeldByOther {
+                    vm: vm.clone(),
+                    ip: Ipv4Addr::from(u32::try_from(ip).unwrap_or(0)),
+                    holder: other.unwrap_or_else(|| UNOWNED.into()),
+                }
+                .into()),
+            };
+        }
+        let (lo, hi) = self.plan.bounds();
+        let (lo, hi) = (i64::from(lo), i64::from(hi));
+        let cursor: Option<i64> = tx
+            .query_opt(
+                "SELECT cursor FROM devvm_ip_plans WHERE subnet = $1",
+                &[&subnet],
+            )
+            .await
+            .map_err(db("read the cursor"))?
+            .and_then(|r| r.get(0))
+            .filter(|c| (lo..=hi).contains(c));
+        let start = cursor.map_or(lo, |c| if c >= hi { lo } else { c + 1 });
+        let found = match first_free(&tx, subnet, start, hi).await? {
+            Some(ip) => Some(ip),
+            None => first_free(&tx, subnet, lo, start - 1).await?,
+        };
+        let Some(ip) = found else {
+            return Err(PgError::Exhausted(self.plan.subnet()).into());
+        };
+        tx.execute(
+            "INSERT INTO devvm_ip_addresses (subnet, ip, vm, owner) VALUES ($1, $2, $3, $4)",
+            &[&subnet, &ip, &vm.as_str(), &owner.as_str()],
+        )
+        .await
+        .map_err(db("record a lease"))?;
+        tx.execute(
+            "UPDATE devvm_ip_plans SET cursor = $2 WHERE subnet = $1",
+            &[&subnet, &ip],
+        )
+        .await
+        .map_err(db("move the cursor"))?;
+        tx.commit().await.map_err(db("commit a lease"))?;
+        Ok(self.lease_of(vm, ip))
+    }
+
+    async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
+        let client = self.pool.get().await.map_err(PgError::Connect)?;
+        let subnet: &str = &self.subnet;
+        let n = client
+            .execute(
+                "DELETE FROM devvm_ip_addresses WHERE subnet = $1 AND vm = $2 AND owner = $3",
+                &[&subnet, &vm.as_str(), &owner.as_str()],
+            )
+            .await
+            .map_err(db("release a lease"))?;
+        if n > 0 {
+            return Ok(Undone::Removed);
+        }
+        // Not ours: another request's lease of that name stays, and is named.
+        let holder: Option<Option<String>> = client
+            .query_opt(
+                "SELECT owner FROM devvm_ip_addresses WHERE subnet = $1 AND vm = $2",
+                &[&subnet, &vm.as_str()],
+            )
+            .await
+            .map_err(db("read a lease"))?
+            .map(|r| r.get(0));
+        Ok(match holder {
+            None => Undone::Absent,
+            Some(h) => Undone::foreign(h.unwrap_or_else(|| UNOWNED.into())),
+        })
+    }
+
+    async fn lease(&self, vm: &VmName) -> Result<Option<Lease>> {
+        let client = self.pool.get().await.map_err(PgError::Connect)?;
+        let subnet: &str = &self.subnet;
+        Ok(client
+            .query_opt(
+                "SELECT ip FROM devvm_ip_addresses WHERE subnet = $1 AND vm = $2",
+                &[&subnet, &vm.as_str()],
+            )
+            .await
+            .map_err(db("read a lease"))?
+            .map(|r| self.lease_of(vm, r.get(0))))
+    }
+}
+
+/// Registers this backend as `postgres` in the `[ip]` section. The schema is migrated
+/// when the first call needs the database, not here: building a provisioner contacts
+/// nothing.
+pub(crate) fn register(r: &mut crate::registry::Registry) {
+    r.register_ip("postgres", |ctx| {
+        let o: PostgresIpConfig = ctx.options()?;
+        Ok(std::sync::Arc::new(Migrating::new(
+            PostgresIpAllocator::from_config(&o, ctx.base_dir)?,
+        )))
+    });
+}
+
+/// The allocator, migrated on first use (once; a failed migration is tried again).
+struct Migrating {
+    inner: PostgresIpAllocator,
+    ready: tokio::sync::OnceCell<()>,
+}
+
+impl Migrating {
+    fn new(inner: PostgresIpAllocator) -> Self {
+        Migrating {
+            inner,
+            ready: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    async fn ready(&self) -> Result<&PostgresIpAllocator> {
+        self.ready.get_or_try_init(|| self.inner.migrate()).await?;
+        Ok(&self.inner)
+    }
+}
+
+#[async_trait]
+impl IpAllocator for Migrating {
+    fn backend(&self) -> &str {
+        BACKEND
+    }
+    async fn allocate(&self, vm: &VmName, owner: &RequestId) -> Result<Lease> {
+        self.ready().await?.allocate(vm, owner).await
+    }
+    async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
+        self.ready().await?.release(vm, owner).await
+    }
+    async fn lease(&self, vm: &VmName) -> Result<Option<Lease>> {
+        self.ready().await?.lease(vm).await
+    }
+}

@@ -1,0 +1,272 @@
+//! The PostgreSQL lease store against the lab's PostgreSQL: the allocator conformance
+//! suite (the foreign-lease cases included), 4 allocators (each its own connection pool,
+//! as separate processes would be) × 8 tasks racing for a subnet that fits them exactly,
+//! a wrong password and a database that is down, a plan that changed, and the store
+//! selected by a config in the real pipeline.
+//!
+//! Each test works in a subnet of its own (random), so tests and runs never share rows;
+//! the rows are deleted afterwards with psql.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use devvm_core::backends::postgres::{PostgresIpAllocator, PostgresIpConfig};
+use devvm_core::testkit::conformance::{IpAllocatorFixture, ip_allocator};
+use devvm_core::{ErrorKind, IpAllocator, RequestId, VmName};
+use devvm_tests::{Lab, run_ok};
+
+/// A random /`prefix` subnet of 10.128.0.0/9 no other test run uses.
+fn random_subnet(prefix: u8) -> String {
+    let r = u32::from_le_bytes(*uuid_bytes().first_chunk::<4>().expect("4 bytes"));
+    let base = 0x0a80_0000u32 | (r & 0x007f_ffff);
+    let mask = u32::MAX << (32 - prefix);
+    format!("{}/{prefix}", std::net::Ipv4Addr::from(base & mask))
+}
+
+fn uuid_bytes() -> Vec<u8> {
+    std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .expect("a random uuid")
+        .bytes()
+        .collect()
+}
+
+fn config(lab: &Lab, subnet: &str, extra: &str) -> PostgresIpConfig {
+    toml::from_str(&format!(
+        "url = \"{}\"\npassword = {{ file = \"{}\" }}\nsubnet = \"{subnet}\"\n{extra}",
+        lab.var("pg_url"),
+        lab.var("pg_password_file"),
+    ))
+    .expect("postgres config")
+}
+
+async fn store(c: &PostgresIpConfig) -> PostgresIpAllocator {
+    let s = PostgresIpAllocator::from_config(c, Path::new("/")).expect("store");
+    s.migrate().await.expect("migrate");
+    s
+}
+
+/// Deletes what a test left of `subnet` (with psql, not the store).
+fn forget(lab: &Lab, subnet: &str) {
+    let pw = std::fs::read_to_string(lab.var("pg_password_file")).expect("password");
+    let sql = format!(
+        "DELETE FROM devvm_ip_addresses WHERE subnet = '{subnet}'; DELETE FROM devvm_ip_plans WHERE subnet = '{subnet}';"
+    );
+    let out = std::process::Command::new("/usr/lib/postgresql/15/bin/psql")
+        .env("PGPASSWORD", pw.trim())
+        .args(["-qAt", "-d", lab.var("pg_url"), "-c", &sql])
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_postgres_allocator_conforms() {
+    let Some(lab) = Lab::get("the_postgres_allocator_conforms") else {
+        return;
+    };
+    let subnet = random_subnet(28);
+    // A /28: 14 hosts, minus the gateway (the first) and two reserved: 11.
+    let first = |n: u32| {
+        let net: ipnet::Ipv4Net = subnet.parse().expect("subnet");
+        std::net::Ipv4Addr::from(u32::from(net.network()) + n)
+    };
+    let c = config(
+        &lab,
+        &subnet,
+        &format!(
+            "gateway = \"{}\"\nreserved = [\"{}-{}\"]\n",
+            first(1),
+            first(2),
+            first(3)
+        ),
+    );
+    let s = store(&c).await;
+    ip_allocator(
+        Arc::new(s.clone()),
+        IpAllocatorFixture {
+            capacity: Some(11),
+            concurrency: 8,
+        },
+    )
+    .await;
+    forget(&lab, &subnet);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_allocators_times_eight_tasks_fill_the_subnet_exactly() {
+    let Some(lab) = Lab::get("four_allocators_times_eight_tasks_fill_the_subnet_exactly") else {
+        return;
+    };
+    let subnet = random_subnet(26);
+    let net: ipnet::Ipv4Net = subnet.parse().unwrap();
+    let in_net = |ip: std::net::IpAddr| matches!(ip, std::net::IpAddr::V4(v4) if net.contains(&v4));
+    let at = |n: u32| std::net::Ipv4Addr::from(u32::from(net.network()) + n);
+    // 62 hosts, minus the gateway and 29 reserved: exactly 32.
+    let c = config(
+        &lab,
+        &subnet,
+        &format!(
+            "gateway = \"{}\"\nreserved = [\"{}-{}\"]\n",
+            at(1),
+            at(2),
+            at(30)
+        ),
+    );
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(store(&c).await);
+    }
+    let owner = RequestId::new("race").unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, s) in stores.iter().enumerate() {
+        for j in 0..8 {
+            let (s, owner) = (s.clone(), owner.clone());
+            tasks.spawn(async move {
+                let vm = VmName::new(format!("race-{i}-{j}")).unwrap();
+                s.allocate(&vm, &owner).await
+            });
+        }
+    }
+    let mut ips = std::collections::BTreeSet::new();
+    while let Some(r) = tasks.join_next().await {
+        let lease = r.unwrap().expect("every one of the 32 gets an address");
+        assert!(in_net(lease.ip), "{lease:?}");
+        assert!(ips.insert(lease.ip), "{} handed out twice", lease.ip);
+    }
+    assert_eq!(ips.len(), 32);
+    assert_eq!(stores[0].count().await.unwrap(), 32);
+    let e = stores[1]
+        .allocate(&VmName::new("race-one-more").unwrap(), &owner)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Exhausted, "{e}");
+    forget(&lab, &subnet);
+}
+
+#[tokio::test]
+async fn bad_credentials_a_database_down_and_a_changed_plan_are_clear_errors() {
+    let Some(lab) = Lab::get("bad_credentials_a_database_down_and_a_changed_plan_are_clear_errors")
+    else {
+        return;
+    };
+    let subnet = random_subnet(28);
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong.password");
+    std::fs::write(&wrong, "not-the-password\n").unwrap();
+    let mut c = config(&lab, &subnet, "");
+    c.password = Some(devvm_core::config::SecretSpec::File(wrong));
+    let s = PostgresIpAllocator::from_config(&c, Path::new("/")).unwrap();
+    let e = s.migrate().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
+    assert!(!format!("{e:?}").contains("not-the-password"));
+
+    let mut down = config(&lab, &subnet, "timeout_secs = 2\n");
+    down.url = lab.var("pg_url").replace(":5433/", ":1/");
+    let s = PostgresIpAllocator::from_config(&down, Path::new("/")).unwrap();
+    let e = s.migrate().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable());
+
+    let mut inline = config(&lab, &subnet, "");
+    inline.url = lab.var("pg_url").replace("devvm@", "devvm:secret@");
+    let e = PostgresIpAllocator::from_config(&inline, Path::new("/")).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+
+    // The same subnet with another plan is refused, and the first plan's leases stay.
+    let s = store(&config(&lab, &subnet, "")).await;
+    let vm = VmName::new("planned").unwrap();
+    let owner = RequestId::new("plan-test").unwrap();
+    s.allocate(&vm, &owner).await.unwrap();
+    let net: ipnet::Ipv4Net = subnet.parse().unwrap();
+    let gw = std::net::Ipv4Addr::from(u32::from(net.network()) + 1);
+    let other = PostgresIpAllocator::from_config(
+        &config(&lab, &subnet, &format!("gateway = \"{gw}\"\n")),
+        Path::new("/"),
+    )
+    .unwrap();
+    let e = other.migrate().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    assert!(s.lease(&vm).await.unwrap().is_some());
+    forget(&lab, &subnet);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_selects_it_in_the_pipeline() {
+    let Some(lab) = Lab::get("a_config_selects_it_in_the_pipeline") else {
+        return;
+    };
+    let subnet = random_subnet(28);
+    let dir = tempfile::tempdir().unwrap();
+    let text = devvm_tests::REFERENCE_CONFIG.replace(
+        "[ip]\nbackend = \"memory\"\nsubnet = \"10.20.0.0/28\"\ngateway = \"10.20.0.1\"\nstate_file = \"ip.json\"",
+        &format!(
+            "[ip]\nbackend = \"postgres\"\nurl = \"{}\"\npassword = {{ file = \"{}\" }}\nsubnet = \"{subnet}\"",
+            lab.var("pg_url"),
+            lab.var("pg_password_file")
+        ),
+    );
+    assert!(
+        text.contains("backend = \"postgres\""),
+        "the reference [ip] section changed"
+    );
+    let path = dir.path().join("devvm.toml");
+    std::fs::write(&path, text).unwrap();
+    let p = devvm_core::Provisioner::from_config(&path).unwrap();
+    assert_eq!(p.backends().ip.backend(), "postgres");
+    let vm = p
+        .provision(devvm_core::ProvisionRequest::new(devvm_tests::user(
+            "alice",
+        )))
+        .await
+        .unwrap();
+    let net: ipnet::Ipv4Net = subnet.parse().unwrap();
+    assert!(
+        matches!(vm.ip, std::net::IpAddr::V4(v4) if net.contains(&v4)),
+        "{vm:?}"
+    );
+    let pw = std::fs::read_to_string(lab.var("pg_password_file")).unwrap();
+    let held = run_ok(
+        "env",
+        &[
+            &format!("PGPASSWORD={}", pw.trim()),
+            "/usr/lib/postgresql/15/bin/psql",
+            "-qAt",
+            "-d",
+            lab.var("pg_url"),
+            "-c",
+            &format!(
+                "SELECT vm FROM devvm_ip_addresses WHERE subnet = '{subnet}' AND vm IS NOT NULL"
+            ),
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&held).trim(),
+        vm.name.as_str(),
+        "asked of PostgreSQL"
+    );
+    p.deprovision(&vm.name).await.unwrap();
+    let held = run_ok(
+        "env",
+        &[
+            &format!("PGPASSWORD={}", pw.trim()),
+            "/usr/lib/postgresql/15/bin/psql",
+            "-qAt",
+            "-d",
+            lab.var("pg_url"),
+            "-c",
+            &format!(
+                "SELECT count(*) FROM devvm_ip_addresses WHERE subnet = '{subnet}' AND vm IS NOT NULL"
+            ),
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&held).trim(),
+        "0",
+        "the lease is released"
+    );
+    forget(&lab, &subnet);
+}
