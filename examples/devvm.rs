@@ -94,6 +94,24 @@ enum Command {
         #[command(subcommand)]
         command: ImagesCommand,
     },
+    /// The shared database of `[ip] backend = "postgres"`.
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DbCommand {
+    /// Copy the leases of an SQLite lease database (same subnet) into PostgreSQL, keeping
+    /// each lease's VM, address and owning request; all or nothing, and again is a no-op.
+    Import {
+        /// The kind of store to import from (only `sqlite`).
+        #[arg(long, value_parser = ["sqlite"])]
+        from: String,
+        /// The SQLite lease database (`leases.sqlite3`).
+        path: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -359,6 +377,55 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             if let Some(f) = r.still_held.first() {
                 return Err(Error::new(f.kind, "some resources are still held"));
+            }
+        }
+        Command::Db {
+            command: DbCommand::Import { from: _, path },
+        } => {
+            use devvm_core::backends::postgres::{PostgresIpAllocator, PostgresIpConfig};
+            use devvm_core::backends::sqlite_ip::{SqliteIpAllocator, SqliteIpConfig};
+            let c = devvm_core::config::Config::load(&config)?;
+            let ip = c.section(Step::Ip).map(|s| s.backend.as_str());
+            if ip != Some("postgres") {
+                return Err(Error::invalid_input(format!(
+                    "db import needs [ip] backend = \"postgres\" in {}, not {:?}",
+                    config.display(),
+                    ip.unwrap_or("none")
+                )));
+            }
+            if !path.is_file() {
+                return Err(Error::not_found(format!(
+                    "no SQLite lease database at {}",
+                    path.display()
+                )));
+            }
+            let pg_config: PostgresIpConfig = c.options(Step::Ip)?;
+            let pg = PostgresIpAllocator::from_config(&pg_config, c.base_dir())?;
+            pg.migrate().await?;
+            // The SQLite file must have been made for the same subnet plan.
+            let lite = SqliteIpAllocator::from_config(
+                &SqliteIpConfig {
+                    path: Some(path.clone()),
+                    subnet: pg_config.subnet,
+                    gateway: pg_config.gateway,
+                    reserved: pg_config.reserved.clone(),
+                },
+                std::path::Path::new("."),
+                std::path::Path::new("."),
+            )?;
+            let leases = lite.leases().await?;
+            let added = pg.import(&leases).await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "leases": leases.len(), "added": added })
+                );
+            } else {
+                println!(
+                    "{} lease(s) in {}, {added} added to PostgreSQL",
+                    leases.len(),
+                    path.display()
+                );
             }
         }
         Command::Images {

@@ -270,3 +270,71 @@ async fn a_config_selects_it_in_the_pipeline() {
     );
     forget(&lab, &subnet);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_leases_move_to_postgres_with_their_owners_all_or_nothing() {
+    use devvm_core::backends::sqlite_ip::{SqliteIpAllocator, SubnetPlan};
+    let Some(lab) = Lab::get("sqlite_leases_move_to_postgres_with_their_owners_all_or_nothing")
+    else {
+        return;
+    };
+    let subnet = random_subnet(28);
+    let dir = tempfile::tempdir().unwrap();
+    let plan = SubnetPlan::new(subnet.parse().unwrap(), None).unwrap();
+    let lite = SqliteIpAllocator::open(dir.path().join("leases.sqlite3"), plan).unwrap();
+    let (a, b) = (
+        VmName::new("moved-a").unwrap(),
+        VmName::new("moved-b").unwrap(),
+    );
+    let (ra, rb) = (
+        RequestId::new("run-a").unwrap(),
+        RequestId::new("run-b").unwrap(),
+    );
+    let la = lite.allocate(&a, &ra).await.unwrap();
+    let lb = lite.allocate(&b, &rb).await.unwrap();
+    let leases = lite.leases().await.unwrap();
+    assert_eq!(leases.len(), 2);
+
+    let pg = store(&config(&lab, &subnet, "")).await;
+    // Someone else holds b's address in PostgreSQL already: nothing is imported.
+    let squatter = VmName::new("squatter").unwrap();
+    let std::net::IpAddr::V4(b_ip) = lb.ip else {
+        panic!("an IPv4 lease")
+    };
+    let clash = vec![(squatter.clone(), b_ip, None)];
+    assert_eq!(pg.import(&clash).await.unwrap(), 1);
+    let e = pg.import(&leases).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    assert!(pg.lease(&a).await.unwrap().is_none(), "all or nothing");
+    let them = RequestId::new("someone").unwrap();
+    assert!(matches!(
+        pg.release(&squatter, &them).await.unwrap(),
+        devvm_core::Undone::Foreign { .. }
+    ));
+    forget(&lab, &subnet);
+
+    let pg = store(&config(&lab, &subnet, "")).await;
+    assert_eq!(pg.import(&leases).await.unwrap(), 2);
+    assert_eq!(
+        pg.import(&leases).await.unwrap(),
+        0,
+        "importing again changes nothing"
+    );
+    assert_eq!(pg.lease(&a).await.unwrap().map(|l| l.ip), Some(la.ip));
+    // The owners came along: only the run that made a lease releases it.
+    assert!(matches!(
+        pg.release(&a, &rb).await.unwrap(),
+        devvm_core::Undone::Foreign { .. }
+    ));
+    assert_eq!(
+        pg.release(&a, &ra).await.unwrap(),
+        devvm_core::Undone::Removed
+    );
+    // A new allocation does not reuse an imported address.
+    let c = pg
+        .allocate(&VmName::new("moved-c").unwrap(), &ra)
+        .await
+        .unwrap();
+    assert_ne!(c.ip, lb.ip);
+    forget(&lab, &subnet);
+}

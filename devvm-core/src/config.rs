@@ -301,7 +301,9 @@ impl Config {
         self.sections.get(&step)
     }
 
-    fn base_dir(&self) -> &Path {
+    /// The directory relative paths in the config are resolved against (the config
+    /// file's own).
+    pub fn base_dir(&self) -> &Path {
         self.path.parent().unwrap_or(Path::new("."))
     }
 

@@ -109,6 +109,10 @@ pub(crate) enum PgError {
     },
     #[error("no free address in {0}")]
     Exhausted(Ipv4Net),
+    #[error("{ip} is not leasable in {subnet} (outside it, the gateway, or reserved)")]
+    NotLeasable { ip: Ipv4Addr, subnet: Ipv4Net },
+    #[error("{ip} is leased to {holder} already")]
+    Taken { ip: Ipv4Addr, holder: String },
 }
 
 fn db_kind(e: &tokio_postgres::Error) -> ErrorKind {
@@ -144,6 +148,8 @@ impl BackendError for PgError {
             PgError::NewerSchema(_) => ErrorKind::Backend,
             PgError::HeldByOther { .. } => ErrorKind::AlreadyExists,
             PgError::Exhausted(_) => ErrorKind::Exhausted,
+            PgError::NotLeasable { .. } => ErrorKind::InvalidInput,
+            PgError::Taken { .. } => ErrorKind::Conflict,
         }
     }
 }
@@ -317,6 +323,82 @@ impl PostgresIpAllocator {
         }
         tx.commit().await.map_err(db("commit the schema"))?;
         Ok(())
+    }
+
+    /// Records existing leases (for example an SQLite lease database's, moving to
+    /// PostgreSQL) in one transaction: all or none. The VM, address and owning request
+    /// are kept, so the runs that made them can still release them. An address that is
+    /// not leasable here is [`ErrorKind::InvalidInput`], one held by another VM
+    /// [`ErrorKind::Conflict`], a VM that holds another address here
+    /// [`ErrorKind::AlreadyExists`]; an identical lease is skipped.
+    /// Returns how many leases were added.
+    pub async fn import(&self, leases: &[(VmName, Ipv4Addr, Option<RequestId>)]) -> Result<usize> {
+        let mut client = self.pool.get().await.map_err(PgError::Connect)?;
+        let tx = client.transaction().await.map_err(db("begin"))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&self.lock])
+            .await
+            .map_err(db("lock the subnet"))?;
+        let subnet: &str = &self.subnet;
+        let mut added = 0;
+        for (vm, ip, owner) in leases {
+            if !self.plan.leasable(*ip) {
+                return Err(PgError::NotLeasable {
+                    ip: *ip,
+                    subnet: self.plan.subnet(),
+                }
+                .into());
+            }
+            let n = i64::from(u32::from(*ip));
+            let by_ip: Option<Option<String>> = tx
+                .query_opt(
+                    "SELECT vm FROM devvm_ip_addresses WHERE subnet = $1 AND ip = $2",
+                    &[&subnet, &n],
+                )
+                .await
+                .map_err(db("read a lease"))?
+                .map(|r| r.get(0));
+            match by_ip {
+                Some(Some(v)) if v == vm.as_str() => continue,
+                Some(holder) => {
+                    return Err(PgError::Taken {
+                        ip: *ip,
+                        holder: holder.unwrap_or_else(|| "a blocked address".into()),
+                    }
+                    .into());
+                }
+                None => {}
+            }
+            if let Some(row) = tx
+                .query_opt(
+                    "SELECT ip FROM devvm_ip_addresses WHERE subnet = $1 AND vm = $2",
+                    &[&subnet, &vm.as_str()],
+                )
+                .await
+                .map_err(db("read a lease"))?
+            {
+                let other: i64 = row.get(0);
+                return Err(PgError::HeldByOther {
+                    vm: vm.clone(),
+                    ip: Ipv4Addr::from(u32::try_from(other).unwrap_or(0)),
+                    holder: "this database".into(),
+                }
+                .into());
+            }
+            tx.execute(
+                "INSERT INTO devvm_ip_addresses (subnet, ip, vm, owner) VALUES ($1, $2, $3, $4)",
+                &[
+                    &subnet,
+                    &n,
+                    &vm.as_str(),
+                    &owner.as_ref().map(RequestId::as_str),
+                ],
+            )
+            .await
+            .map_err(db("record a lease"))?;
+            added += 1;
+        }
+        tx.commit().await.map_err(db("commit the import"))?;
+        Ok(added)
     }
 
     /// The subnet plan.

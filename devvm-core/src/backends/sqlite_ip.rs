@@ -240,6 +240,37 @@ impl SqliteIpAllocator {
         .map_err(LeaseError::Task)?
     }
 
+    /// Every lease in the database: the VM, its address and the request that holds it
+    /// (none for imported leases and ones from before owners were recorded).
+    pub async fn leases(&self) -> Result<Vec<(VmName, Ipv4Addr, Option<RequestId>)>> {
+        self.blocking(|conn, _, path| {
+            let err = db_err(path);
+            let mut stmt = conn
+                .prepare("SELECT vm, ip, owner FROM addresses WHERE vm IS NOT NULL ORDER BY ip")
+                .map_err(&err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, u32>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                    ))
+                })
+                .map_err(&err)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (vm, ip, owner) = row.map_err(&err)?;
+                out.push((
+                    VmName::new(vm)?,
+                    Ipv4Addr::from(ip),
+                    owner.map(RequestId::new).transpose()?,
+                ));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Records existing leases (for example, imported from another IPAM) in one
     /// transaction: all or none. An address outside the subnet, a blocked one, or one
     /// already leased to another VM is refused with [`InvalidInput`](crate::ErrorKind::InvalidInput) or
