@@ -359,7 +359,16 @@ async fn a_running_vm_moves_to_the_other_host_and_keeps_its_session() {
     .stderr(std::process::Stdio::null())
     .spawn()
     .expect("ssh session");
+    // Ended by pid when the test ends, passed or not.
+    struct Session(std::process::Child);
+    impl Drop for Session {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut lines = BufReader::new(session.stdout.take().expect("stdout")).lines();
+    let session = Session(session);
     let first: u64 = lines
         .next()
         .expect("a first count")
@@ -386,8 +395,7 @@ async fn a_running_vm_moves_to_the_other_host_and_keeps_its_session() {
         assert_eq!(n, last + 1, "no count lost or repeated");
         last = n;
     }
-    let _ = session.kill();
-    let _ = session.wait();
+    drop(session);
 
     // The guest did not reboot; it runs on the target only; the source's overlay is gone.
     assert!(uptime(&lab, vm.ip) > before, "uptime goes on");
