@@ -13,7 +13,7 @@ use std::sync::Arc;
 use devvm_core::backends::postgres::{PostgresIpAllocator, PostgresIpConfig};
 use devvm_core::testkit::conformance::{IpAllocatorFixture, ip_allocator};
 use devvm_core::{ErrorKind, IpAllocator, RequestId, VmName};
-use devvm_tests::{Lab, run_ok};
+use devvm_tests::Lab;
 
 /// A random /`prefix` subnet of 10.128.0.0/9 no other test run uses.
 fn random_subnet(prefix: u8) -> String {
@@ -45,21 +45,29 @@ async fn store(c: &PostgresIpConfig) -> PostgresIpAllocator {
     s
 }
 
-/// Deletes what a test left of `subnet` (with psql, not the store).
-fn forget(lab: &Lab, subnet: &str) {
+/// Runs `sql` with psql (not the store) and returns its output.
+fn psql(lab: &Lab, sql: &str) -> String {
     let pw = std::fs::read_to_string(lab.var("pg_password_file")).expect("password");
-    let sql = format!(
-        "DELETE FROM devvm_ip_addresses WHERE subnet = '{subnet}'; DELETE FROM devvm_ip_plans WHERE subnet = '{subnet}';"
-    );
     let out = std::process::Command::new("/usr/lib/postgresql/15/bin/psql")
         .env("PGPASSWORD", pw.trim())
-        .args(["-qAt", "-d", lab.var("pg_url"), "-c", &sql])
+        .args(["-qAt", "-d", lab.var("pg_url"), "-c", sql])
         .output()
         .expect("psql");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Deletes what a test left of `subnet`.
+fn forget(lab: &Lab, subnet: &str) {
+    psql(
+        lab,
+        &format!(
+            "DELETE FROM devvm_ip_addresses WHERE subnet = '{subnet}'; DELETE FROM devvm_ip_plans WHERE subnet = '{subnet}';"
+        ),
     );
 }
 
@@ -228,46 +236,19 @@ async fn a_config_selects_it_in_the_pipeline() {
         matches!(vm.ip, std::net::IpAddr::V4(v4) if net.contains(&v4)),
         "{vm:?}"
     );
-    let pw = std::fs::read_to_string(lab.var("pg_password_file")).unwrap();
-    let held = run_ok(
-        "env",
-        &[
-            &format!("PGPASSWORD={}", pw.trim()),
-            "/usr/lib/postgresql/15/bin/psql",
-            "-qAt",
-            "-d",
-            lab.var("pg_url"),
-            "-c",
-            &format!(
-                "SELECT vm FROM devvm_ip_addresses WHERE subnet = '{subnet}' AND vm IS NOT NULL"
-            ),
-        ],
+    let held = psql(
+        &lab,
+        &format!("SELECT vm FROM devvm_ip_addresses WHERE subnet = '{subnet}' AND vm IS NOT NULL"),
     );
-    assert_eq!(
-        String::from_utf8_lossy(&held).trim(),
-        vm.name.as_str(),
-        "asked of PostgreSQL"
-    );
+    assert_eq!(held, vm.name.as_str(), "asked of PostgreSQL");
     p.deprovision(&vm.name).await.unwrap();
-    let held = run_ok(
-        "env",
-        &[
-            &format!("PGPASSWORD={}", pw.trim()),
-            "/usr/lib/postgresql/15/bin/psql",
-            "-qAt",
-            "-d",
-            lab.var("pg_url"),
-            "-c",
-            &format!(
-                "SELECT count(*) FROM devvm_ip_addresses WHERE subnet = '{subnet}' AND vm IS NOT NULL"
-            ),
-        ],
+    let held = psql(
+        &lab,
+        &format!(
+            "SELECT count(*) FROM devvm_ip_addresses WHERE subnet = '{subnet}' AND vm IS NOT NULL"
+        ),
     );
-    assert_eq!(
-        String::from_utf8_lossy(&held).trim(),
-        "0",
-        "the lease is released"
-    );
+    assert_eq!(held, "0", "the lease is released");
     forget(&lab, &subnet);
 }
 
