@@ -319,3 +319,138 @@ async fn sqlite_leases_move_to_postgres_with_their_owners_all_or_nothing() {
     assert_ne!(c.ip, lb.ip);
     forget(&lab, &subnet);
 }
+
+/// Placement reservations in PostgreSQL: the placement conformance suite (a slot of
+/// another owner survives, and so on), over the lab's hosts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_reservations_in_postgres_conform() {
+    use devvm_core::backends::placement::{Capacity, LibvirtLister, LibvirtPlacement};
+    use devvm_core::backends::postgres::PostgresDatabase;
+    use devvm_core::backends::postgres::reservations::PostgresReservations;
+    use devvm_core::testkit::conformance::{PlacementFixture, placement};
+    let Some(lab) = Lab::get("placement_reservations_in_postgres_conform") else {
+        return;
+    };
+    let db = PostgresDatabase {
+        url: lab.var("pg_url").to_owned(),
+        password: Some(devvm_core::config::SecretSpec::File(
+            lab.var("pg_password_file").into(),
+        )),
+        max_connections: 4,
+        timeout_secs: 10,
+    };
+    let size = devvm_core::VmSize {
+        vcpus: 1,
+        memory_mib: 64,
+        disk_gib: 1,
+    };
+    let hosts = lab
+        .var("host_uris")
+        .split_whitespace()
+        .map(|u| {
+            (
+                devvm_core::HostId::new(u).unwrap(),
+                Capacity::slots(500, size),
+            )
+        })
+        .collect();
+    let store = PostgresReservations::new(&db, Path::new("/")).unwrap();
+    let p = LibvirtPlacement::with_store(hosts, Arc::new(LibvirtLister), Arc::new(store)).unwrap();
+    placement(
+        Arc::new(p),
+        PlacementFixture {
+            capacity: None,
+            size,
+        },
+    )
+    .await;
+}
+
+/// Two provisioners with state directories of their own share leases and placement in
+/// PostgreSQL and provision into the lab's hosts at the same time: distinct addresses,
+/// both VMs answer, and both are removed without a trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_provisioners_share_one_postgres() {
+    use devvm_examples::lab::{LabEnv, ssh_answers};
+    let Some(lab) = Lab::get("two_provisioners_share_one_postgres") else {
+        return;
+    };
+    let env = LabEnv::from_env().expect("lab env");
+    let url = lab.var("pg_url");
+    let pw = lab.var("pg_password_file");
+    let mut provisioners = Vec::new();
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    for dir in &dirs {
+        let config = lab.write_config(dir.path());
+        let mut table: toml::Table =
+            toml::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+        // Leases of the lab's subnet and placement slots in the lab's PostgreSQL.
+        let ip = table["ip"].as_table_mut().unwrap();
+        ip.insert("backend".into(), "postgres".into());
+        ip.remove("path");
+        // Only .50-.59 of the lab's subnet: no other test (nor the lab's SQLite leases,
+        // which reserve .2-.99) hands those out, so the two stores never collide.
+        ip.insert(
+            "reserved".into(),
+            toml::Value::Array(vec![
+                "10.99.0.2-10.99.0.49".into(),
+                "10.99.0.60-10.99.0.254".into(),
+            ]),
+        );
+        ip.insert("url".into(), url.into());
+        let password: toml::Table = toml::from_str(&format!("file = \"{pw}\"")).unwrap();
+        ip.insert("password".into(), toml::Value::Table(password.clone()));
+        let placement = table["placement"].as_table_mut().unwrap();
+        placement.remove("path");
+        let mut database = toml::Table::new();
+        database.insert("url".into(), url.into());
+        database.insert("password".into(), toml::Value::Table(password));
+        placement.insert("database".into(), toml::Value::Table(database));
+        let path = dir.path().join("shared.toml");
+        std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
+        provisioners.push(devvm_core::Provisioner::from_config(&path).unwrap());
+    }
+    let (a, b) = (provisioners[0].clone(), provisioners[1].clone());
+    let (na, nb) = (
+        devvm_core::testkit::unique_vm_name("shared-a"),
+        devvm_core::testkit::unique_vm_name("shared-b"),
+    );
+    let (ra, rb) = tokio::join!(
+        a.provision(devvm_core::ProvisionRequest::new(lab.member()).with_name(na.clone())),
+        b.provision(devvm_core::ProvisionRequest::new(lab.member()).with_name(nb.clone())),
+    );
+    let (va, vb) = (ra.expect("provision a"), rb.expect("provision b"));
+    assert_ne!(
+        va.ip, vb.ip,
+        "one subnet, two provisioners, distinct addresses"
+    );
+    for v in [&va, &vb] {
+        assert!(
+            ssh_answers(v.ip, std::time::Duration::from_secs(60)),
+            "ssh on {}",
+            v.ip
+        );
+        assert_eq!(env.dns_a(&v.fqdn), vec![v.ip.to_string()]);
+    }
+    // Each sees the other's slot and lease in the shared database, not in its journal.
+    assert!(a.get(&nb).await.unwrap().is_none() && b.get(&na).await.unwrap().is_none());
+    let held = psql(
+        &lab,
+        &format!("SELECT count(*) FROM devvm_placement WHERE vm IN ('{na}', '{nb}')"),
+    );
+    assert_eq!(held, "2", "both slots in PostgreSQL");
+    a.deprovision(&na).await.unwrap();
+    b.deprovision(&nb).await.unwrap();
+    for v in [&va, &vb] {
+        let left: Vec<String> = env
+            .leftovers(v.name.as_str(), &v.fqdn, None)
+            .into_iter()
+            .collect();
+        assert!(left.is_empty(), "{} leaked: {left:?}", v.name);
+    }
+    let held = psql(
+        &lab,
+        &format!("SELECT count(*) FROM devvm_placement WHERE vm IN ('{na}', '{nb}')"),
+    );
+    assert_eq!(held, "0");
+}

@@ -116,6 +116,11 @@ pub struct PlacementConfig {
     /// The reservation database; default `placement.sqlite3` in the state directory.
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// Keep the reservations in this PostgreSQL database instead of `path` (shared by
+    /// provisioners on several machines; feature `postgres`).
+    #[cfg(feature = "postgres")]
+    #[serde(default)]
+    pub database: Option<crate::backends::postgres::PostgresDatabase>,
     /// The storage pool where the image store keeps each host's templates (its `pool`):
     /// among the hosts with room, one that already holds the requested template there is
     /// preferred. None: templates do not sway the choice.
@@ -165,15 +170,14 @@ pub struct LibvirtPlacement {
     hosts: Arc<Vec<(HostId, Capacity)>>,
     template_pool: Option<Arc<str>>,
     reader: Arc<dyn DomainLister>,
-    conn: Arc<Mutex<Connection>>,
-    path: Arc<PathBuf>,
+    store: Arc<dyn ReservationStore>,
 }
 
 impl std::fmt::Debug for LibvirtPlacement {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LibvirtPlacement")
             .field("hosts", &self.hosts)
-            .field("path", &self.path)
+            .field("store", &self.store.describe())
             .finish()
     }
 }
@@ -258,6 +262,220 @@ fn holder_of(owner: Option<String>) -> String {
     owner.unwrap_or_else(|| UNOWNED.into())
 }
 
+/// One VM's placement slot, as a reservation store holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    /// The host (its id as text).
+    pub host: String,
+    /// The request that holds it (none for slots from before owners were recorded).
+    pub owner: Option<String>,
+    /// The room it takes.
+    pub size: VmSize,
+}
+
+/// Where placement keeps its reservations: one slot per VM name, with its owner. The
+/// embedded default is an SQLite file; a database shared by provisioners on several
+/// machines (PostgreSQL, feature `postgres`) is another.
+#[async_trait]
+pub trait ReservationStore: Send + Sync + 'static {
+    /// Where it is, for `Debug` (never a secret).
+    fn describe(&self) -> String;
+    /// Every slot, by VM name.
+    async fn all(&self) -> Result<BTreeMap<VmName, (HostId, VmSize)>>;
+    /// The slot of `vm`.
+    async fn slot(&self, vm: &VmName) -> Result<Option<Slot>>;
+    /// Records `owner`'s slot for `vm` on `host` atomically, unless `vm` holds one (that
+    /// one's host and owner are returned) or the number of slots is no longer
+    /// `expected` (someone reserved meanwhile: `None`, the caller chooses again).
+    async fn insert(
+        &self,
+        vm: &VmName,
+        host: &HostId,
+        size: &VmSize,
+        owner: &RequestId,
+        expected: usize,
+    ) -> Result<Option<(String, Option<String>)>>;
+    /// Removes the slot of `vm` if `owner` holds it; another's is left alone.
+    async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone>;
+    /// Moves `owner`'s slot of `vm` to `to`; false when `owner` holds none.
+    async fn move_slot(&self, vm: &VmName, to: &HostId, owner: &RequestId) -> Result<bool>;
+}
+
+/// Reservations in an SQLite file (the embedded default).
+struct SqliteReservations {
+    conn: Arc<Mutex<Connection>>,
+    path: Arc<PathBuf>,
+}
+
+impl SqliteReservations {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection, &Path) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (conn, path) = (self.conn.clone(), self.path.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            f(&mut conn, &path)
+        })
+        .await
+        .map_err(PlacementError::Task)?
+    }
+}
+
+#[async_trait]
+impl ReservationStore for SqliteReservations {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    async fn all(&self) -> Result<BTreeMap<VmName, (HostId, VmSize)>> {
+        self.blocking(|conn, path| {
+            let err = db_err(path);
+            let mut stmt = conn
+                .prepare("SELECT vm, host, vcpus, memory_mib, disk_gib FROM reservations")
+                .map_err(&err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, u32>(2)?,
+                        r.get::<_, u64>(3)?,
+                        r.get::<_, u64>(4)?,
+                    ))
+                })
+                .map_err(&err)?;
+            let mut out = BTreeMap::new();
+            for row in rows {
+                let (vm, host, vcpus, memory_mib, disk_gib) = row.map_err(&err)?;
+                if let (Ok(vm), Ok(host)) = (VmName::new(vm), HostId::new(host)) {
+                    out.insert(
+                        vm,
+                        (
+                            host,
+                            VmSize {
+                                vcpus,
+                                memory_mib,
+                                disk_gib,
+                            },
+                        ),
+                    );
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn slot(&self, vm: &VmName) -> Result<Option<Slot>> {
+        let vm = vm.clone();
+        self.blocking(move |conn, path| {
+            conn.query_row(
+                "SELECT host, owner, vcpus, memory_mib, disk_gib FROM reservations WHERE vm = ?1",
+                params![vm.as_str()],
+                |r| {
+                    Ok(Slot {
+                        host: r.get(0)?,
+                        owner: r.get(1)?,
+                        size: VmSize {
+                            vcpus: r.get(2)?,
+                            memory_mib: r.get(3)?,
+                            disk_gib: r.get(4)?,
+                        },
+                    })
+                },
+            )
+            .optional()
+            .map_err(db_err(path))
+        })
+        .await
+    }
+
+    async fn insert(
+        &self,
+        vm: &VmName,
+        host: &HostId,
+        size: &VmSize,
+        owner: &RequestId,
+        expected: usize,
+    ) -> Result<Option<(String, Option<String>)>> {
+        let (vm2, host2, size2, owner2) = (vm.clone(), host.clone(), *size, owner.clone());
+        self.blocking(move |conn, path| {
+            let err = db_err(path);
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(&err)?;
+            if let Some(existing) = tx
+                .query_row(
+                    "SELECT host, owner FROM reservations WHERE vm = ?1",
+                    params![vm2.as_str()],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)),
+                )
+                .optional()
+                .map_err(&err)?
+            {
+                return Ok(Some(existing));
+            }
+            let now: i64 = tx
+                .query_row("SELECT COUNT(*) FROM reservations", [], |r| r.get(0))
+                .map_err(&err)?;
+            if usize::try_from(now).unwrap_or(usize::MAX) != expected {
+                return Ok(None);
+            }
+            tx.execute(
+                "INSERT INTO reservations (vm, host, vcpus, memory_mib, disk_gib, owner)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    vm2.as_str(),
+                    host2.as_str(),
+                    size2.vcpus,
+                    size2.memory_mib,
+                    size2.disk_gib,
+                    owner2.as_str()
+                ],
+            )
+            .map_err(&err)?;
+            tx.commit().map_err(&err)?;
+            Ok(Some((
+                host2.as_str().to_owned(),
+                Some(owner2.as_str().to_owned()),
+            )))
+        })
+        .await
+    }
+
+    async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
+        let (vm, owner) = (vm.clone(), owner.clone());
+        self.blocking(move |conn, path| {
+            crate::sqlite::release_owned(
+                conn,
+                "reservations",
+                vm.as_str(),
+                owner.as_str(),
+                UNOWNED,
+                &db_err(path),
+            )
+        })
+        .await
+    }
+
+    async fn move_slot(&self, vm: &VmName, to: &HostId, owner: &RequestId) -> Result<bool> {
+        let (vm, to, owner) = (vm.clone(), to.clone(), owner.clone());
+        self.blocking(move |conn, path| {
+            let n = conn
+                .execute(
+                    "UPDATE reservations SET host = ?2 WHERE vm = ?1 AND owner = ?3",
+                    params![vm.as_str(), to.as_str(), owner.as_str()],
+                )
+                .map_err(db_err(path))?;
+            Ok(n > 0)
+        })
+        .await
+    }
+}
+
 impl LibvirtPlacement {
     /// Placement over `hosts`, reading usage through `reader`, reservations in `path`.
     pub fn open(
@@ -280,12 +498,28 @@ impl LibvirtPlacement {
             format!("placement database {}", path.display()),
             BACKEND,
         )?;
+        let store = SqliteReservations {
+            conn: Arc::new(Mutex::new(conn)),
+            path: Arc::new(path),
+        };
+        Self::with_store(hosts, reader, Arc::new(store))
+    }
+
+    /// Placement over `hosts`, reading usage through `reader`, reservations in `store`
+    /// (for example a database shared by provisioners on several machines).
+    pub fn with_store(
+        hosts: Vec<(HostId, Capacity)>,
+        reader: Arc<dyn DomainLister>,
+        store: Arc<dyn ReservationStore>,
+    ) -> Result<Self> {
+        if hosts.is_empty() {
+            return Err(PlacementError::NoHosts.into());
+        }
         Ok(LibvirtPlacement {
             hosts: Arc::new(hosts),
             template_pool: None,
             reader,
-            conn: Arc::new(Mutex::new(conn)),
-            path: Arc::new(path),
+            store,
         })
     }
 
@@ -296,6 +530,14 @@ impl LibvirtPlacement {
             .iter()
             .map(|h| (h.uri.clone(), h.capacity.unwrap_or_else(default_capacity)))
             .collect();
+        #[cfg(feature = "postgres")]
+        if let Some(db) = &c.database {
+            let store =
+                crate::backends::postgres::reservations::PostgresReservations::new(db, base_dir)?;
+            let mut p = Self::with_store(hosts, Arc::new(LibvirtLister), Arc::new(store))?;
+            p.template_pool = c.template_pool.as_deref().map(Arc::from);
+            return Ok(p);
+        }
         let path = match &c.path {
             Some(p) => base_dir.join(p),
             None => state_dir.join("placement.sqlite3"),
@@ -400,73 +642,12 @@ impl LibvirtPlacement {
     }
 
     async fn reservations(&self) -> Result<BTreeMap<VmName, (HostId, VmSize)>> {
-        self.blocking(|conn, path| {
-            let err = db_err(path);
-            let mut stmt = conn
-                .prepare("SELECT vm, host, vcpus, memory_mib, disk_gib FROM reservations")
-                .map_err(&err)?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, u32>(2)?,
-                        r.get::<_, u64>(3)?,
-                        r.get::<_, u64>(4)?,
-                    ))
-                })
-                .map_err(&err)?;
-            let mut out = BTreeMap::new();
-            for row in rows {
-                let (vm, host, vcpus, memory_mib, disk_gib) = row.map_err(&err)?;
-                if let (Ok(vm), Ok(host)) = (VmName::new(vm), HostId::new(host)) {
-                    out.insert(
-                        vm,
-                        (
-                            host,
-                            VmSize {
-                                vcpus,
-                                memory_mib,
-                                disk_gib,
-                            },
-                        ),
-                    );
-                }
-            }
-            Ok(out)
-        })
-        .await
+        self.store.all().await
     }
 
     /// The slot of `vm`: its host and owner.
     async fn slot(&self, vm: &VmName) -> Result<Option<(String, Option<String>)>> {
-        let vm = vm.clone();
-        self.blocking(move |conn, path| {
-            conn.query_row(
-                "SELECT host, owner FROM reservations WHERE vm = ?1",
-                params![vm.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(db_err(path))
-        })
-        .await
-    }
-
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Connection, &Path) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = this
-                .conn
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            f(&mut conn, &this.path)
-        })
-        .await
-        .map_err(PlacementError::Task)?
+        Ok(self.store.slot(vm).await?.map(|s| (s.host, s.owner)))
     }
 }
 
@@ -512,51 +693,7 @@ impl LibvirtPlacement {
                 return Err(PlacementError::Full(*size).into());
             };
             let before: usize = self.reservations().await?.len();
-            let (vm2, host2, size2, owner2) = (vm.clone(), host.clone(), *size, owner.clone());
-            let placed = self
-                .blocking(move |conn, path| {
-                    let err = db_err(path);
-                    let tx = conn
-                        .transaction_with_behavior(TransactionBehavior::Immediate)
-                        .map_err(&err)?;
-                    if let Some(existing) = tx
-                        .query_row(
-                            "SELECT host, owner FROM reservations WHERE vm = ?1",
-                            params![vm2.as_str()],
-                            |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)),
-                        )
-                        .optional()
-                        .map_err(&err)?
-                    {
-                        return Ok(Some(existing));
-                    }
-                    let now: i64 = tx
-                        .query_row("SELECT COUNT(*) FROM reservations", [], |r| r.get(0))
-                        .map_err(&err)?;
-                    if usize::try_from(now).unwrap_or(usize::MAX) != before {
-                        // Someone reserved meanwhile: choose again with fresh usage.
-                        return Ok(None);
-                    }
-                    tx.execute(
-                        "INSERT INTO reservations (vm, host, vcpus, memory_mib, disk_gib, owner)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                        params![
-                            vm2.as_str(),
-                            host2.as_str(),
-                            size2.vcpus,
-                            size2.memory_mib,
-                            size2.disk_gib,
-                            owner2.as_str()
-                        ],
-                    )
-                    .map_err(&err)?;
-                    tx.commit().map_err(&err)?;
-                    Ok(Some((
-                        host2.as_str().to_owned(),
-                        Some(owner2.as_str().to_owned()),
-                    )))
-                })
-                .await?;
+            let placed = self.store.insert(vm, &host, size, owner, before).await?;
             if let Some((h, holder)) = placed {
                 return held(h, holder);
             }
@@ -586,18 +723,7 @@ impl Placement for LibvirtPlacement {
     }
 
     async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
-        let (vm, owner) = (vm.clone(), owner.clone());
-        self.blocking(move |conn, path| {
-            crate::sqlite::release_owned(
-                conn,
-                "reservations",
-                vm.as_str(),
-                owner.as_str(),
-                UNOWNED,
-                &db_err(path),
-            )
-        })
-        .await
+        self.store.release(vm, owner).await
     }
 
     async fn hosts(&self) -> Result<Vec<HostId>> {
@@ -644,28 +770,12 @@ impl Placement for LibvirtPlacement {
         let Some(cap) = self.hosts.iter().find(|(h, _)| h == to).map(|(_, c)| *c) else {
             return Err(PlacementError::UnknownHost(to.clone()).into());
         };
-        let (vm2, owner2) = (vm.clone(), owner.clone());
+        let owner2 = owner.clone();
         let row = self
-            .blocking(move |conn, path| {
-                conn.query_row(
-                    "SELECT host, owner, vcpus, memory_mib, disk_gib FROM reservations WHERE vm = ?1",
-                    params![vm2.as_str()],
-                    |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, Option<String>>(1)?,
-                            VmSize {
-                                vcpus: r.get(2)?,
-                                memory_mib: r.get(3)?,
-                                disk_gib: r.get(4)?,
-                            },
-                        ))
-                    },
-                )
-                .optional()
-                .map_err(db_err(path))
-            })
-            .await?;
+            .store
+            .slot(vm)
+            .await?
+            .map(|s| (s.host, s.owner, s.size));
         let Some((host, holder, size)) = row else {
             return Err(PlacementError::NoSlot(vm.clone()).into());
         };
@@ -692,36 +802,18 @@ impl Placement for LibvirtPlacement {
         if !cap.fits(used.get(to).unwrap_or(&zero), &size) {
             return Err(PlacementError::Full(size).into());
         }
-        let (vm3, to3, owner3) = (vm.clone(), to.clone(), owner.clone());
-        self.blocking(move |conn, path| {
-            let n = conn
-                .execute(
-                    "UPDATE reservations SET host = ?2 WHERE vm = ?1 AND owner = ?3",
-                    params![vm3.as_str(), to3.as_str(), owner3.as_str()],
-                )
-                .map_err(db_err(path))?;
-            if n == 0 {
-                return Err(PlacementError::NoSlot(vm3.clone()).into());
-            }
-            Ok(())
-        })
-        .await
+        if !self.store.move_slot(vm, to, owner).await? {
+            return Err(PlacementError::NoSlot(vm.clone()).into());
+        }
+        Ok(())
     }
 
     async fn reservation(&self, vm: &VmName) -> Result<Option<HostId>> {
-        let vm = vm.clone();
-        self.blocking(move |conn, path| {
-            conn.query_row(
-                "SELECT host FROM reservations WHERE vm = ?1",
-                params![vm.as_str()],
-                |r| r.get::<_, String>(0),
-            )
-            .optional()
-            .map_err(db_err(path))?
-            .map(HostId::new)
+        self.store
+            .slot(vm)
+            .await?
+            .map(|s| HostId::new(s.host))
             .transpose()
-        })
-        .await
     }
 }
 

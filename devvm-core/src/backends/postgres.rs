@@ -158,6 +158,96 @@ fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
     move |source| PgError::Db { what, source }
 }
 
+/// A PostgreSQL database devvm keeps shared state in (`url` without the password).
+///
+/// ```toml
+/// database = { url = "postgres://devvm@db.example:5432/devvm", password = { file = "pg.password" } }
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresDatabase {
+    /// `postgres://USER@HOST:PORT/DB`, without a password.
+    pub url: String,
+    /// The password (`{ file = ".." }` or `{ env = ".." }`).
+    #[serde(default)]
+    pub password: Option<SecretSpec>,
+    /// Connections this process keeps at most (default 8).
+    #[serde(default = "default_connections")]
+    pub max_connections: usize,
+    /// Seconds to wait for a connection (default 10).
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+impl PostgresDatabase {
+    /// A connection pool for it (nothing is contacted yet); relative secret files are
+    /// resolved against `base_dir`.
+    pub(crate) fn pool(&self, base_dir: &Path) -> Result<Pool> {
+        let mut pg: tokio_postgres::Config = self.url.parse().map_err(PgError::Url)?;
+        if pg.get_password().is_some() {
+            return Err(PgError::PasswordInUrl.into());
+        }
+        if let Some(p) = &self.password {
+            pg.password(p.resolve(base_dir)?.expose_secret());
+        }
+        let timeout = Duration::from_secs(self.timeout_secs.max(1));
+        pg.connect_timeout(timeout);
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        Ok(Pool::builder(manager)
+            .max_size(self.max_connections.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .build()
+            .map_err(PgError::Pool)?)
+    }
+}
+
+/// Brings devvm's schema `part` up to `steps` in `tx` (under an advisory lock, with the
+/// version recorded in `devvm_schema`).
+async fn migrate_part(
+    tx: &deadpool_postgres::Transaction<'_>,
+    part: &str,
+    steps: &[&str],
+) -> Result<()> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+        .await
+        .map_err(db("lock the schema"))?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS devvm_schema (part TEXT PRIMARY KEY, version INT NOT NULL)",
+    )
+    .await
+    .map_err(db("create the schema table"))?;
+    let version: i32 = tx
+        .query_opt("SELECT version FROM devvm_schema WHERE part = $1", &[&part])
+        .await
+        .map_err(db("read the schema version"))?
+        .map_or(0, |r| r.get(0));
+    let known = i32::try_from(steps.len()).unwrap_or(i32::MAX);
+    if version > known {
+        return Err(PgError::NewerSchema(version).into());
+    }
+    for step in &steps[usize::try_from(version).unwrap_or(0)..] {
+        tx.batch_execute(step)
+            .await
+            .map_err(db("migrate the schema"))?;
+    }
+    tx.execute(
+        "INSERT INTO devvm_schema (part, version) VALUES ($1, $2)
+         ON CONFLICT (part) DO UPDATE SET version = excluded.version",
+        &[&part, &known],
+    )
+    .await
+    .map_err(db("record the schema version"))?;
+    Ok(())
+}
+
 /// The schema, one step per version; a step is never edited once released, only appended.
 const SCHEMA: &[&str] = &["
 CREATE TABLE devvm_ip_plans (
@@ -205,29 +295,13 @@ impl PostgresIpAllocator {
         for r in &c.reserved {
             plan = plan.reserve_str(r)?;
         }
-        let mut pg: tokio_postgres::Config = c.url.parse().map_err(PgError::Url)?;
-        if pg.get_password().is_some() {
-            return Err(PgError::PasswordInUrl.into());
+        let pool = PostgresDatabase {
+            url: c.url.clone(),
+            password: c.password.clone(),
+            max_connections: c.max_connections,
+            timeout_secs: c.timeout_secs,
         }
-        if let Some(p) = &c.password {
-            pg.password(p.resolve(base_dir)?.expose_secret());
-        }
-        let timeout = Duration::from_secs(c.timeout_secs.max(1));
-        pg.connect_timeout(timeout);
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(c.max_connections.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(timeout))
-            .create_timeout(Some(timeout))
-            .build()
-            .map_err(PgError::Pool)?;
+        .pool(base_dir)?;
         let subnet = plan.subnet().to_string();
         // One advisory lock per subnet: the hash of its text, in devvm's own key space.
         let lock = subnet.bytes().fold(0x6465_766d_1000_i64, |h, b| {
@@ -247,35 +321,7 @@ impl PostgresIpAllocator {
     pub async fn migrate(&self) -> Result<()> {
         let mut client = self.pool.get().await.map_err(PgError::Connect)?;
         let tx = client.transaction().await.map_err(db("begin"))?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
-            .await
-            .map_err(db("lock the schema"))?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS devvm_schema (part TEXT PRIMARY KEY, version INT NOT NULL)",
-        )
-        .await
-        .map_err(db("create the schema table"))?;
-        let version: i32 = tx
-            .query_opt("SELECT version FROM devvm_schema WHERE part = 'ip'", &[])
-            .await
-            .map_err(db("read the schema version"))?
-            .map_or(0, |r| r.get(0));
-        let known = i32::try_from(SCHEMA.len()).unwrap_or(i32::MAX);
-        if version > known {
-            return Err(PgError::NewerSchema(version).into());
-        }
-        for step in &SCHEMA[usize::try_from(version).unwrap_or(0)..] {
-            tx.batch_execute(step)
-                .await
-                .map_err(db("migrate the schema"))?;
-        }
-        tx.execute(
-            "INSERT INTO devvm_schema (part, version) VALUES ('ip', $1)
-             ON CONFLICT (part) DO UPDATE SET version = excluded.version",
-            &[&known],
-        )
-        .await
-        .map_err(db("record the schema version"))?;
+        migrate_part(&tx, "ip", SCHEMA).await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&self.lock])
             .await
             .map_err(db("lock the subnet"))?;
@@ -606,5 +652,209 @@ impl IpAllocator for Migrating {
     }
     async fn lease(&self, vm: &VmName) -> Result<Option<Lease>> {
         self.ready().await?.lease(vm).await
+    }
+}
+
+/// Placement reservations in PostgreSQL, shared by provisioners on several machines
+/// (`[placement] database = { .. }`). Slots are inserted under a transaction-scoped
+/// advisory lock, so concurrent reservations anywhere see each other.
+#[cfg(feature = "libvirt")]
+pub mod reservations {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::backends::placement::{ReservationStore, Slot};
+    use crate::types::{HostId, VmSize};
+
+    const PLACEMENT: &[&str] = &["
+CREATE TABLE devvm_placement (
+    vm         TEXT PRIMARY KEY,
+    host       TEXT NOT NULL,
+    vcpus      INT NOT NULL,
+    memory_mib BIGINT NOT NULL,
+    disk_gib   BIGINT NOT NULL,
+    owner      TEXT
+);
+"];
+
+    /// The advisory lock of placement's inserts.
+    const PLACEMENT_LOCK: i64 = 0x6465_766d_0002;
+
+    /// Slots in a PostgreSQL table; the schema is migrated on first use.
+    pub struct PostgresReservations {
+        pool: Pool,
+        ready: tokio::sync::OnceCell<()>,
+    }
+
+    impl PostgresReservations {
+        /// Reservations in `db` (nothing is contacted yet).
+        pub fn new(db: &PostgresDatabase, base_dir: &Path) -> Result<Self> {
+            Ok(PostgresReservations {
+                pool: db.pool(base_dir)?,
+                ready: tokio::sync::OnceCell::new(),
+            })
+        }
+
+        async fn client(&self) -> Result<deadpool_postgres::Object> {
+            self.ready
+                .get_or_try_init(|| async {
+                    let mut client = self.pool.get().await.map_err(PgError::Connect)?;
+                    let tx = client.transaction().await.map_err(db("begin"))?;
+                    migrate_part(&tx, "placement", PLACEMENT).await?;
+                    tx.commit().await.map_err(db("commit the schema"))?;
+                    Ok::<(), crate::Error>(())
+                })
+                .await?;
+            Ok(self.pool.get().await.map_err(PgError::Connect)?)
+        }
+    }
+
+    fn size_of(r: &tokio_postgres::Row, at: usize) -> VmSize {
+        VmSize {
+            vcpus: u32::try_from(r.get::<_, i32>(at)).unwrap_or(0),
+            memory_mib: u64::try_from(r.get::<_, i64>(at + 1)).unwrap_or(0),
+            disk_gib: u64::try_from(r.get::<_, i64>(at + 2)).unwrap_or(0),
+        }
+    }
+
+    #[async_trait]
+    impl ReservationStore for PostgresReservations {
+        fn describe(&self) -> String {
+            "postgres".to_owned()
+        }
+
+        async fn all(&self) -> Result<BTreeMap<VmName, (HostId, VmSize)>> {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT vm, host, vcpus, memory_mib, disk_gib FROM devvm_placement",
+                    &[],
+                )
+                .await
+                .map_err(db("read the reservations"))?;
+            Ok(rows
+                .iter()
+                .filter_map(|r| {
+                    let vm = VmName::new(r.get::<_, String>(0)).ok()?;
+                    let host = HostId::new(r.get::<_, String>(1)).ok()?;
+                    Some((vm, (host, size_of(r, 2))))
+                })
+                .collect())
+        }
+
+        async fn slot(&self, vm: &VmName) -> Result<Option<Slot>> {
+            let client = self.client().await?;
+            Ok(client
+                .query_opt(
+                    "SELECT host, owner, vcpus, memory_mib, disk_gib FROM devvm_placement WHERE vm = $1",
+                    &[&vm.as_str()],
+                )
+                .await
+                .map_err(db("read a reservation"))?
+                .map(|r| Slot {
+                    host: r.get(0),
+                    owner: r.get(1),
+                    size: size_of(&r, 2),
+                }))
+        }
+
+        async fn insert(
+            &self,
+            vm: &VmName,
+            host: &HostId,
+            size: &VmSize,
+            owner: &RequestId,
+            expected: usize,
+        ) -> Result<Option<(String, Option<String>)>> {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db("begin"))?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PLACEMENT_LOCK])
+                .await
+                .map_err(db("lock the reservations"))?;
+            if let Some(r) = tx
+                .query_opt(
+                    "SELECT host, owner FROM devvm_placement WHERE vm = $1",
+                    &[&vm.as_str()],
+                )
+                .await
+                .map_err(db("read a reservation"))?
+            {
+                return Ok(Some((r.get(0), r.get(1))));
+            }
+            let now: i64 = tx
+                .query_one("SELECT COUNT(*) FROM devvm_placement", &[])
+                .await
+                .map_err(db("count the reservations"))?
+                .get(0);
+            if usize::try_from(now).unwrap_or(usize::MAX) != expected {
+                return Ok(None);
+            }
+            let (vcpus, mem, disk) = (
+                i32::try_from(size.vcpus).unwrap_or(i32::MAX),
+                i64::try_from(size.memory_mib).unwrap_or(i64::MAX),
+                i64::try_from(size.disk_gib).unwrap_or(i64::MAX),
+            );
+            tx.execute(
+                "INSERT INTO devvm_placement (vm, host, vcpus, memory_mib, disk_gib, owner)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &vm.as_str(),
+                    &host.as_str(),
+                    &vcpus,
+                    &mem,
+                    &disk,
+                    &owner.as_str(),
+                ],
+            )
+            .await
+            .map_err(db("record a reservation"))?;
+            tx.commit().await.map_err(db("commit a reservation"))?;
+            Ok(Some((
+                host.as_str().to_owned(),
+                Some(owner.as_str().to_owned()),
+            )))
+        }
+
+        async fn release(&self, vm: &VmName, owner: &RequestId) -> Result<Undone> {
+            let client = self.client().await?;
+            let n = client
+                .execute(
+                    "DELETE FROM devvm_placement WHERE vm = $1 AND owner = $2",
+                    &[&vm.as_str(), &owner.as_str()],
+                )
+                .await
+                .map_err(db("release a reservation"))?;
+            if n > 0 {
+                return Ok(Undone::Removed);
+            }
+            let holder: Option<Option<String>> = client
+                .query_opt(
+                    "SELECT owner FROM devvm_placement WHERE vm = $1",
+                    &[&vm.as_str()],
+                )
+                .await
+                .map_err(db("read a reservation"))?
+                .map(|r| r.get(0));
+            Ok(match holder {
+                None => Undone::Absent,
+                Some(h) => {
+                    Undone::foreign(h.unwrap_or_else(|| {
+                        "no request (reserved before owners were recorded)".into()
+                    }))
+                }
+            })
+        }
+
+        async fn move_slot(&self, vm: &VmName, to: &HostId, owner: &RequestId) -> Result<bool> {
+            let client = self.client().await?;
+            let n = client
+                .execute(
+                    "UPDATE devvm_placement SET host = $2 WHERE vm = $1 AND owner = $3",
+                    &[&vm.as_str(), &to.as_str(), &owner.as_str()],
+                )
+                .await
+                .map_err(db("move a reservation"))?;
+            Ok(n > 0)
+        }
     }
 }
