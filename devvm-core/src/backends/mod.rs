@@ -19,6 +19,8 @@ pub mod placement;
 pub(crate) mod pool;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "libvirt")]
+pub mod reservations;
 #[cfg(feature = "rfc2136")]
 pub mod rfc2136;
 #[cfg(feature = "sqlite")]

@@ -663,7 +663,7 @@ pub mod reservations {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::backends::placement::{ReservationStore, Slot};
+    use crate::backends::reservations::{ReservationStore, Slot};
     use crate::types::{HostId, VmSize};
 
     const PLACEMENT: &[&str] = &["
