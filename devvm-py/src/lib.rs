@@ -29,7 +29,7 @@ static WAITERS: AtomicUsize = AtomicUsize::new(0);
 /// devvm-core's backend features (devvm-py's cargo features of the same names) and
 /// whether this build has each; `devvm.FEATURES` lists those it has. The default wheel has
 /// all of them; the portable one is built without `libvirt`.
-pub(crate) const BACKEND_FEATURES: [(&str, bool); 7] = [
+pub(crate) const BACKEND_FEATURES: [(&str, bool); 8] = [
     ("ldap", cfg!(feature = "ldap")),
     ("rfc2136", cfg!(feature = "rfc2136")),
     ("glance", cfg!(feature = "glance")),
@@ -37,6 +37,7 @@ pub(crate) const BACKEND_FEATURES: [(&str, bool); 7] = [
     ("ssh", cfg!(feature = "ssh")),
     ("cloud-init", cfg!(feature = "cloud-init")),
     ("sqlite", cfg!(feature = "sqlite")),
+    ("postgres", cfg!(feature = "postgres")),
 ];
 
 /// How long `_shutdown()` waits for work still running (a Python backend's call that has

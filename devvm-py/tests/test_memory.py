@@ -152,7 +152,7 @@ def test_features_and_a_backend_the_wheel_lacks(tmp_path: Path) -> None:
     in the portable manylinux wheel) is ``InvalidInput`` saying so."""
     from conftest import replace_section
 
-    known = {"ldap", "rfc2136", "glance", "libvirt", "ssh", "cloud-init", "sqlite"}
+    known = {"ldap", "rfc2136", "glance", "libvirt", "ssh", "cloud-init", "sqlite", "postgres"}
     assert isinstance(devvm.FEATURES, tuple) and set(devvm.FEATURES) <= known
     cfg = write_memory_config(tmp_path)
     cfg.write_text(replace_section(cfg.read_text(), "hypervisor", 'backend = "libvirt"'))

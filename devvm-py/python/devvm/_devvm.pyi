@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, U
 __version__: str
 FEATURES: Tuple[str, ...]
 """devvm-core's backend features this wheel was built with: ``ldap``, ``rfc2136``,
-``glance``, ``libvirt``, ``ssh``, ``cloud-init``, ``sqlite`` (all of them in the default
+``glance``, ``libvirt``, ``ssh``, ``cloud-init``, ``sqlite``, ``postgres`` (all of them in the default
 wheel; the portable manylinux wheel lacks ``libvirt``). A config naming a backend whose
 feature is missing raises ``InvalidInput``."""
 
