@@ -108,6 +108,7 @@ async fn a_template_reaches_each_host_once_verified() {
         assert_eq!(vol, format!("devvm-template-{name}-{id}.qcow2"));
         made.push(vol.clone());
         made.push(format!("{vol}.verified"));
+        made.push(format!("{vol}.devvm"));
         let (local, born) = on_host(&env, &h, &on.path);
         let cached = s.sync(&t, &Progress::discard()).await.unwrap();
         assert_eq!(
@@ -542,4 +543,65 @@ async fn a_fault_at_each_act_of_a_real_move_leaves_the_vm_on_its_host() {
         let left = env.leftovers(vm.name.as_str(), &vm.fqdn, Some(vm.ip));
         assert!(left.is_empty(), "{ctx}: leaked {left:?}");
     }
+}
+
+/// A volume with a template file's name that devvm did not upload (no claim, no verified
+/// record) is refused and left as it is; once it is gone, the template goes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_made_volume_of_a_template_name_is_left_alone() {
+    let Some((lab, env)) = fleet("a_hand_made_volume_of_a_template_name_is_left_alone") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&lab, dir.path());
+    let name = format!("fleet-hand-{}", unique_vm_name("t"));
+    let mut uploads = Uploads::new(&lab);
+    let id = uploads.qcow2(&name, "64M", &[]);
+    let t = TemplateName::new(&name).unwrap();
+    let (uri, pool) = (env.host_uris[1].clone(), lab.var("pool"));
+    let vol = format!("devvm-template-{name}-{id}.qcow2");
+    let made = virsh(
+        &uri,
+        &["vol-create-as", pool, &vol, "1M", "--format", "raw"],
+    );
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let file = env.host_pool_dirs[1].join(&vol);
+    let before = std::fs::metadata(&file).unwrap().created().unwrap();
+
+    let e = s
+        .prepare(&t, &host(&uri), &Progress::discard())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().created().unwrap(),
+        before,
+        "the hand-made volume is the same file"
+    );
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 1 << 20);
+
+    let gone = virsh(&uri, &["vol-delete", "--pool", pool, &vol]);
+    assert!(gone.status.success());
+    let on = s
+        .prepare(&t, &host(&uri), &Progress::discard())
+        .await
+        .unwrap();
+    assert!(env.local_path(&uri, &on.path).is_file());
+    assert!(
+        env.host_pool_dirs[1].join(format!("{vol}.devvm")).is_file(),
+        "devvm's upload carries its record"
+    );
+    delete_volumes(
+        &env,
+        pool,
+        &[
+            vol.clone(),
+            format!("{vol}.verified"),
+            format!("{vol}.devvm"),
+        ],
+    );
 }

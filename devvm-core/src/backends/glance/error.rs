@@ -134,6 +134,9 @@ pub(crate) enum GlanceError {
     NotCached { name: String, path: PathBuf },
 
     #[cfg(feature = "libvirt")]
+    #[error("volume {volume} on {host} is not devvm's upload (no .devvm record); left alone")]
+    ForeignTemplate { host: String, volume: String },
+    #[cfg(feature = "libvirt")]
     #[error("another upload of {volume} to {host} is under way")]
     HostBusy { host: String, volume: String },
     #[error(
@@ -207,6 +210,8 @@ impl BackendError for GlanceError {
             }
             #[cfg(feature = "libvirt")]
             HostBusy { .. } => ErrorKind::Unavailable,
+            #[cfg(feature = "libvirt")]
+            ForeignTemplate { .. } => ErrorKind::AlreadyExists,
             ProcessTimeout { .. } => ErrorKind::Timeout,
             Refused { .. } => ErrorKind::Unauthorized,
             Missing { .. } | NoTemplate { .. } | NotCached { .. } => ErrorKind::NotFound,

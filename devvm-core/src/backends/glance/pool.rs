@@ -4,9 +4,12 @@
 //! * A template's files (image, kernel, initrd) are uploaded into the host's pool as
 //!   `devvm-template-<template>-<file>` through libvirt's volume stream, read back and
 //!   compared (sha256 of both sides), and only then marked done with the record
-//!   `devvm-template-<template>-<file>.verified`. File names carry the Glance image id, so a host that
-//!   has the marker has the current file; anything else is uploaded again. Uploads of one
-//!   file to one host from this machine are serialized by a lock file in the cache.
+//!   `devvm-template-<template>-<file>.verified`. File names carry the Glance image id,
+//!   so a host that has the marker has the current file. An upload first claims the name
+//!   with the record `….devvm`, so an unfinished upload of devvm's (or one whose marker
+//!   is gone) is recognized and made again; a volume of that name without that record is
+//!   not devvm's and is left alone ([`ErrorKind::AlreadyExists`]). Uploads of one file to
+//!   one host from this machine are serialized by a lock file in the cache.
 //! * A disk is the qcow2 overlay `<vm>.qcow2` on the host's template volume, made by
 //!   libvirt (`<backingStore>`), with the record `<vm>.qcow2.owner` holding the request id
 //!   of the run that made it. The record is made first and exclusively; a disk is never
@@ -17,6 +20,8 @@ use crate::backends::pool::{Backing, Pool};
 
 const TEMPLATE_PREFIX: &str = "devvm-template-";
 const VERIFIED: &str = ".verified";
+/// The record that says a template volume is devvm's upload.
+const OURS: &str = ".devvm";
 const OWNER: &str = ".owner";
 /// A request id is far shorter; a larger record is not devvm's.
 const MAX_RECORD: u64 = 4096;
@@ -69,11 +74,25 @@ impl Inner {
             short_hash(&format!("{host}\n{vol_name}"))
         );
         let _lock = lock(&contained(&self.cache_dir, &lock_name)?)?;
-        if let (Some(_), Some(vol)) = (p.read_record(&marker, MAX_RECORD)?, p.volume(&vol_name)?) {
-            return p.path_of(&vol);
+        let claim = format!("{vol_name}{OURS}");
+        match (p.volume(&marker)?, p.volume(&vol_name)?) {
+            (Some(_), Some(vol)) => return p.path_of(&vol),
+            // No marker but our record: ours, unfinished or no longer trusted; start over.
+            (None, Some(_)) if p.volume(&claim)?.is_some() => {
+                p.delete(&vol_name)?;
+            }
+            // Neither: not devvm's upload. It stays, and is reported.
+            (None, Some(_)) => {
+                return Err(GlanceError::ForeignTemplate {
+                    volume: vol_name,
+                    host: host.to_string(),
+                }
+                .into());
+            }
+            (_, None) => {}
         }
-        // No marker: an upload that did not finish (ours, under this lock); start over.
-        p.delete(&vol_name)?;
+        // The record says the volume about to appear is devvm's (it stays with it).
+        p.create_record(&claim, b"devvm upload\n")?;
         progress.message(format!("uploading {file} to {host}"));
         let size = fs::metadata(local).map(|m| m.len()).unwrap_or(0);
         let mut reporter = Reporter::new(progress, format!("{file} to {host}"), Some(size));
