@@ -274,3 +274,191 @@ async fn drain_moves_every_vm_off_a_host_or_nothing_and_dry_run_only_plans() {
         );
     }
 }
+
+/// A hypervisor whose live migration lands late: its blocking work goes on after the
+/// move's act was given up (as libvirt's migrate3 can, past its point of no return),
+/// and moves the guest only when `release` says so.
+struct LateMove {
+    inner: std::sync::Arc<devvm_core::memory::MemoryHypervisor>,
+    /// The move waits for a message here; a closed channel lets it go at once.
+    release: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+#[devvm_core::async_trait]
+impl Hypervisor for LateMove {
+    fn backend(&self) -> &str {
+        "late-move"
+    }
+    async fn create(
+        &self,
+        spec: &devvm_core::DomainSpec,
+        p: &devvm_core::Progress,
+    ) -> devvm_core::Result<devvm_core::Domain> {
+        self.inner.create(spec, p).await
+    }
+    async fn destroy(
+        &self,
+        vm: &VmName,
+        host: &HostId,
+        owner: &devvm_core::RequestId,
+    ) -> devvm_core::Result<devvm_core::Undone> {
+        self.inner.destroy(vm, host, owner).await
+    }
+    async fn domain(
+        &self,
+        vm: &VmName,
+        host: &HostId,
+    ) -> devvm_core::Result<Option<devvm_core::Domain>> {
+        self.inner.domain(vm, host).await
+    }
+    async fn migrate(
+        &self,
+        vm: &VmName,
+        from: &HostId,
+        to: &HostId,
+        owner: &devvm_core::RequestId,
+        p: &devvm_core::Progress,
+    ) -> devvm_core::Result<devvm_core::MigrationReport> {
+        let release = self
+            .release
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let (inner, vm, from, to, owner, p) = (
+            self.inner.clone(),
+            vm.clone(),
+            from.clone(),
+            to.clone(),
+            owner.clone(),
+            p.clone(),
+        );
+        let rt = tokio::runtime::Handle::current();
+        devvm_core::work::blocking(move || {
+            // Past the point of no return: wait until the act is given up (its time limit
+            // passed), then for the test's word, and move the guest all the same. (If
+            // the pipeline never says so, the move lands after 60 s anyway, and the test
+            // fails on what the rollback did meanwhile instead of hanging.)
+            let give_up = std::time::Instant::now() + Duration::from_secs(60);
+            while !devvm_core::work::abandoned() && std::time::Instant::now() < give_up {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if let Some(r) = release {
+                let _ = r.recv();
+            }
+            rt.block_on(inner.migrate(&vm, &from, &to, &owner, &p))
+        })
+        .await
+    }
+}
+
+fn late_move_fixture(
+    release: Option<std::sync::mpsc::Receiver<()>>,
+) -> (Fixture, std::sync::Arc<LateMove>) {
+    let mem = reference_backends(None);
+    let late = std::sync::Arc::new(LateMove {
+        inner: mem.hypervisor.clone(),
+        release: std::sync::Mutex::new(release),
+    });
+    let mut backends = mem.backends();
+    backends.hypervisor = late.clone();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut timeouts = Timeouts::default();
+    timeouts.set(Step::Domain, Duration::from_millis(200));
+    let p = Provisioner::builder()
+        .state_dir(dir.path().join("state"))
+        .backends(backends)
+        .defaults(devvm_core::Defaults {
+            template: Some(devvm_core::TemplateName::new(devvm_tests::TEMPLATE).expect("name")),
+            size: VmSize::default(),
+            ..Default::default()
+        })
+        .timeouts(timeouts)
+        .retries(Retries::none())
+        .build()
+        .expect("provisioner");
+    (Fixture { _dir: dir, mem, p }, late)
+}
+
+/// A move whose act times out but whose blocking work still lands the guest on the
+/// target: the rollback waits for that work, sees the guest on the target, and finishes
+/// the move instead of deleting the disk the guest now runs from.
+#[tokio::test]
+async fn a_move_that_lands_after_its_time_limit_is_finished_not_undone() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    drop(tx); // the move goes on as soon as the act is given up
+    let (f, _late) = late_move_fixture(Some(rx));
+    let vm =
+        f.p.provision(ProvisionRequest::new(user("alice")))
+            .await
+            .unwrap();
+    let to = other(&vm.host);
+    let e = f.p.migrate(&vm.name, &to).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert_eq!(
+        whereabouts(&f, &vm.name).await,
+        (vec![to.clone()], vec![to.clone()], Some(to.clone())),
+        "the guest landed on the target with its disk and slot"
+    );
+    assert_eq!(
+        f.p.get(&vm.name).await.unwrap().map(|v| v.host),
+        Some(to.clone())
+    );
+    f.p.deprovision(&vm.name).await.unwrap();
+    assert_eq!(f.mem.held_total().unwrap(), 0, "{:?}", f.mem.held());
+}
+
+/// A move whose blocking work is still running after the rollback's wait: nothing is
+/// undone (the target disk stays, the guest still runs on the source), the error says
+/// what is held, and once the work has ended recover() finishes the move.
+#[tokio::test]
+async fn a_move_still_running_after_its_wait_is_left_for_recover() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (f, _late) = late_move_fixture(Some(rx));
+    let vm =
+        f.p.provision(ProvisionRequest::new(user("alice")))
+            .await
+            .unwrap();
+    let (from, to) = (vm.host.clone(), other(&vm.host));
+    let e = f.p.migrate(&vm.name, &to).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert_eq!(e.undo_failures().len(), 1, "{e}");
+    assert_eq!(e.undo_failures()[0].step, Step::Domain, "{e}");
+    assert_eq!(
+        whereabouts(&f, &vm.name).await,
+        (
+            vec![from.clone()],
+            vec![from.clone(), to.clone()],
+            Some(to.clone())
+        ),
+        "nothing was undone while the move could still land"
+    );
+    // The move lands now; recover() sees the guest on the target and finishes it.
+    tx.send(()).unwrap();
+    let landed = async {
+        while f
+            .mem
+            .hypervisor
+            .domain(&vm.name, &to)
+            .await
+            .unwrap()
+            .is_none()
+        {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), landed)
+        .await
+        .expect("the late move landed");
+    let report = f.p.recover().await.unwrap();
+    assert_eq!(
+        report.completed.iter().map(|v| &v.host).collect::<Vec<_>>(),
+        vec![&to],
+        "{report:?}"
+    );
+    assert_eq!(
+        whereabouts(&f, &vm.name).await,
+        (vec![to.clone()], vec![to.clone()], Some(to.clone()))
+    );
+    f.p.deprovision(&vm.name).await.unwrap();
+    assert_eq!(f.mem.held_total().unwrap(), 0, "{:?}", f.mem.held());
+}

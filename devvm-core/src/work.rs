@@ -64,6 +64,11 @@ impl StepWork {
         self.0.abandoned.store(true, Ordering::SeqCst);
     }
 
+    /// Whether the step was given up (see [`abandon`](Self::abandon)).
+    pub(crate) fn is_abandoned(&self) -> bool {
+        self.0.abandoned.load(Ordering::SeqCst)
+    }
+
     /// Whether some blocking work of this step is running now.
     pub(crate) fn busy(&self) -> bool {
         self.0.running.load(Ordering::SeqCst) > 0
@@ -117,6 +122,12 @@ pub fn abandoned() -> bool {
             .as_ref()
             .is_some_and(|w| w.0.abandoned.load(Ordering::SeqCst))
     })
+}
+
+/// Inside [`blocking`] work: the step it belongs to, for a thread of its own that must
+/// watch for [`abandoned`] (a long libvirt job it can abort). None outside a step.
+pub(crate) fn current() -> Option<StepWork> {
+    THREAD.with(|t| t.borrow().clone())
 }
 
 /// The error blocking work returns when it stops because its step was abandoned.

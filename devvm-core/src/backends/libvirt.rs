@@ -857,24 +857,16 @@ impl Hypervisor for LibvirtHypervisor {
         }
         let mut seed_image = None;
         if let Some(seed) = &spec.seed {
-            let user_data = seed.user_data();
-            let meta = seed.meta_data();
-            let l = &spec.lease;
-            let net = crate::seed::network_config(
-                l.ip,
-                l.prefix_len,
-                l.gateway,
-                &self.config.dns_servers,
-            );
+            let f = seed.nocloud_files(&spec.lease, &self.config.dns_servers);
             let files = vec![
-                ("meta-data", meta.into_bytes()),
+                ("meta-data", f.meta_data.into_bytes()),
                 (
                     "user-data",
-                    secrecy::ExposeSecret::expose_secret(&user_data)
+                    secrecy::ExposeSecret::expose_secret(&f.user_data)
                         .as_bytes()
                         .to_vec(),
                 ),
-                ("network-config", net.into_bytes()),
+                ("network-config", f.network_config.into_bytes()),
             ];
             seed_image = Some(self.put_seed(spec, files).await?);
             progress.message("first-boot seed written (cidata)");
@@ -1071,10 +1063,25 @@ impl Hypervisor for LibvirtHypervisor {
             };
             let start = Instant::now();
             let done = std::sync::atomic::AtomicBool::new(false);
+            let step = crate::work::current();
             let moved = std::thread::scope(|s| {
                 s.spawn(|| {
+                    let mut aborted = false;
                     // Progress while the copy runs; the loop ends with the migration.
                     while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                        if !aborted && step.as_ref().is_some_and(|w| w.is_abandoned()) {
+                            // The act was given up (timed out): abort the job, so the
+                            // guest stays on the source and migrate3 returns.
+                            aborted = true;
+                            p.message("the migration was given up: aborting its job");
+                            // SAFETY: `dom` is a live domain handle for the whole scope;
+                            // aborting a job from another thread is what libvirt's API is
+                            // for (`Domain` is Send + Sync).
+                            let rc = unsafe { virt::sys::virDomainAbortJob(dom.as_ptr()) };
+                            if rc < 0 {
+                                tracing::warn!(%vm, "cannot abort the migration job");
+                            }
+                        }
                         if let [Some(done_b), Some(total)] = job_counters(
                             &dom,
                             0,

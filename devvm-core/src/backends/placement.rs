@@ -549,6 +549,12 @@ impl LibvirtPlacement {
     /// What each host has in use now: its devvm domains plus reservations not yet a
     /// domain there. Hosts that cannot be read are left out (and logged).
     async fn read_usage(&self) -> Result<HostsNow> {
+        self.read_usage_except(None).await
+    }
+
+    /// [`read_usage`](Self::read_usage) without `except`'s own domain and reservation:
+    /// the use a move of `except` must fit beside, wherever its guest runs now.
+    async fn read_usage_except(&self, except: Option<&VmName>) -> Result<HostsNow> {
         let mut used = BTreeMap::new();
         let mut reachable = BTreeSet::new();
         let mut domains: BTreeMap<HostId, Vec<DomainInfo>> = BTreeMap::new();
@@ -585,6 +591,9 @@ impl LibvirtPlacement {
             };
             let mut counted = BTreeSet::new();
             for d in doms {
+                if Some(&d.name) == except {
+                    continue;
+                }
                 counted.insert(d.name.clone());
                 names.entry(host.clone()).or_default().push(d.name.clone());
                 u.vcpus += u64::from(d.vcpus);
@@ -592,7 +601,7 @@ impl LibvirtPlacement {
                 u.disk_gib += d.disk_gib;
             }
             for (vm, (h, size)) in &reservations {
-                if h == host && !counted.contains(vm) {
+                if h == host && !counted.contains(vm) && Some(vm) != except {
                     names.entry(host.clone()).or_default().push(vm.clone());
                     u.vcpus += u64::from(size.vcpus);
                     u.memory_mib += size.memory_mib;
@@ -753,7 +762,9 @@ impl Placement for LibvirtPlacement {
         if host == to.as_str() {
             return Ok(());
         }
-        let (used, reachable, _) = self.read_usage().await?;
+        // Without the vm itself: moving its slot back to the host its guest still runs on
+        // (the undo of a move off a full host) must not count it twice.
+        let (used, reachable, _) = self.read_usage_except(Some(vm)).await?;
         if !reachable.contains(to) {
             return Err(PlacementError::NoHostReadable.into());
         }
@@ -978,6 +989,46 @@ mod tests {
         assert!(matches!(e.detail(), Some(PlacementError::Full(_))), "{e}");
         p.release(&vm("n1"), &me).await.unwrap();
         assert_eq!(p.reserve(&vm("n3"), &size, &me).await.ok(), Some(first));
+    }
+
+    /// The undo of a move off a full host: the slot goes back to the host the guest still
+    /// runs on, which counts that guest's domain once, not twice.
+    #[tokio::test]
+    async fn a_slot_moves_back_to_the_full_host_its_guest_runs_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = VmSize::default();
+        let lister = Fixed(BTreeMap::from([
+            (host("a"), vec![domain("m1"), domain("m2")]),
+            (host("b"), vec![]),
+        ]));
+        let p = LibvirtPlacement::open(
+            vec![
+                (host("a"), Capacity::slots(2, size)),
+                (host("b"), Capacity::slots(2, size)),
+            ],
+            Arc::new(lister),
+            dir.path().join("p.sqlite3"),
+        )
+        .unwrap();
+        let (m1, me) = (VmName::new("m1").unwrap(), RequestId::random());
+        // a is full with the domains of m1 and m2, so m1's reservation lands on b; moving
+        // it to a, where m1's guest runs, fits.
+        let first = p.reserve(&m1, &size, &me).await.unwrap();
+        assert_eq!(first, host("b"), "a is full");
+        p.relocate(&m1, &host("a"), &me).await.unwrap();
+        assert_eq!(p.reservation(&m1).await.unwrap(), Some(host("a")));
+        p.relocate(&m1, &host("b"), &me).await.unwrap();
+        p.relocate(&m1, &host("a"), &me)
+            .await
+            .expect("back to a, where m1's guest runs: counted once");
+        // Another vm does not fit on a.
+        let other = VmName::new("m3").unwrap();
+        p.reserve(&other, &size, &me).await.unwrap();
+        let e = p
+            .relocate(&other, &host("a"), &me)
+            .await
+            .expect_err("a is full for a vm not running there");
+        assert_eq!(e.kind(), ErrorKind::Exhausted);
     }
 
     #[tokio::test]

@@ -84,6 +84,12 @@ pub(super) fn plan_drain(
     let Some(src) = hosts.iter().position(|h| &h.host == host) else {
         return Err(Error::not_found(format!("{host} is not a placement host")));
     };
+    if !hosts[src].reachable {
+        // Its VMs cannot be read: "nothing to move" would be a guess.
+        return Err(Error::unavailable(format!(
+            "{host} does not answer; cannot tell which vms to move off it"
+        )));
+    }
     let mut moves = Vec::new();
     for vm in hosts[src].vms.clone() {
         let Some(size) = sizes.get(&vm) else {
@@ -232,6 +238,12 @@ mod tests {
         let s = sizes(&usage, &[("big", 900)]);
         let e = plan_drain(&usage, &s, &HostId::new("a").unwrap()).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Exhausted);
+        // A host that does not answer: its vms are unknown, so no plan either.
+        let mut down = host("a", 1000, &[]);
+        down.reachable = false;
+        let usage = vec![down, host("b", 1000, &[])];
+        let e = plan_drain(&usage, &s, &HostId::new("a").unwrap()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
         // Not ours (not in sizes): left where it is.
         let usage = vec![host("a", 1000, &[("theirs", 100)]), host("b", 1000, &[])];
         assert!(

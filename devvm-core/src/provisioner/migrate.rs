@@ -77,15 +77,40 @@ impl Provisioner {
 
     /// Runs one act of a move in its own task under `step`'s time limit; its error names
     /// the step and its backend.
+    ///
+    /// The act's blocking work is tracked as a pipeline step's is: when the act fails or
+    /// runs out of time, the work is told it was abandoned (a live migration aborts its
+    /// job) and waited for, at most the step's limit again, so that nothing is undone
+    /// while a copy may still land. Work still running then makes the error carry an
+    /// [`UndoFailure`]: the move is left as it is for [`recover`](Self::recover).
     async fn act<T: Send + 'static>(
         &self,
         step: Step,
         fut: impl Future<Output = Result<T>> + Send + 'static,
     ) -> Result<T> {
         let b = &self.inner.backends;
-        guarded(fut, self.inner.timeouts.get(step), None)
-            .await
-            .map_err(|e| e.or_step(step).or_backend(b.name_of(step)))
+        let limit = self.inner.timeouts.get(step);
+        let work = crate::work::StepWork::default();
+        let scoped = work.clone().scope(fut);
+        match guarded(scoped, limit, None).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                work.abandon();
+                let mut e = e.or_step(step).or_backend(b.name_of(step));
+                if !work.settle(limit).await {
+                    e.push_undo_failure(UndoFailure {
+                        step,
+                        resource: format!("the {step} act of a live migration"),
+                        error: format!(
+                            "its blocking work was still running {}s after it was given up;                              recover() settles the move once it ends",
+                            limit.as_secs_f64()
+                        ),
+                        kind: ErrorKind::Timeout,
+                    });
+                }
+                Err(e)
+            }
+        }
     }
 
     /// The acts of a move, in order, each journaled first.
@@ -209,6 +234,15 @@ impl Provisioner {
         mut error: Error,
     ) -> Error {
         rec.step_failed(error.step().unwrap_or(Step::Domain), &error);
+        if !error.undo_failures().is_empty() {
+            // An act's blocking work may still be moving the guest: undoing now could
+            // delete the disk it lands on. The run stays `migrating` for recover().
+            for f in error.undo_failures() {
+                rec.undo_failed(f);
+            }
+            rec.refused(&error);
+            return error;
+        }
         match self.undo_move(rec, req, vm, m).await {
             Ok(Settled::Moved(moved)) => match rec.migration_ended(&moved, None).await {
                 // The guest moved even though a later act failed: the move stands.
@@ -249,6 +283,21 @@ impl Provisioner {
         let on_source = b.hypervisor.domain(&vm.name, &m.from).await?.is_some();
         if on_target && !on_source {
             return self.finish_move(rec, req, vm, m).await.map(Settled::Moved);
+        }
+        if on_target && on_source {
+            // Defined on both (a provisioner killed between the target's start and the
+            // source's end): which copy holds the guest's latest state cannot be proven
+            // here, so nothing is deleted and the move is reported as still held.
+            let f = UndoFailure {
+                step: Step::Domain,
+                resource: format!("domain of vm {} (on {} and on {})", vm.name, m.from, m.to),
+                error: "the domain is defined on both hosts; nothing was removed, decide which \
+                        one runs the guest and remove the other, then run recover()"
+                    .into(),
+                kind: ErrorKind::Conflict,
+            };
+            rec.undo_failed(&f);
+            return Ok(Settled::Undone(vec![f]));
         }
         let mut failures = Vec::new();
         let key = UndoKey {
