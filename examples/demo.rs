@@ -180,6 +180,21 @@ async fn run(args: Args) -> Result<bool, String> {
         for l in &left {
             eprintln!("leaked: {l}");
         }
+        if args.fleet {
+            // Counted host by host too: nothing on the host it left, nothing where it went.
+            let per_host: serde_json::Map<String, serde_json::Value> = env
+                .leftovers_per_host(vm.name.as_str())
+                .into_iter()
+                .enumerate()
+                .map(|(i, (uri, l))| {
+                    for x in &l {
+                        eprintln!("leaked on host {}: {x}", i + 1);
+                    }
+                    (format!("host{} {uri}", i + 1), l.len().into())
+                })
+                .collect();
+            println!("{}", serde_json::json!({ "leaked_per_host": per_host }));
+        }
         println!("{}", serde_json::json!({ "leaked": left.len() }));
         if !left.is_empty() {
             return Ok(false);

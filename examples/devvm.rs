@@ -304,21 +304,29 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Hosts => {
+            let slot = p.defaults().size;
             for h in p.hosts().await? {
                 if cli.json {
-                    println!("{}", serde_json::json!(h));
+                    let mut v = serde_json::json!(h);
+                    v["free_slots"] = h.free_slots(&slot).into();
+                    println!("{v}");
                 } else {
                     println!(
-                        "{}  {}  vcpus {}/{}  memory {}/{} MiB  disk {}/{} GiB  vms {}",
+                        "{}  {}  vms {}  free slots {} (of {} vCPU / {} MiB / {} GiB)  \
+                         vcpus {}/{}  memory {}/{} MiB  disk {}/{} GiB",
                         h.host,
                         if h.reachable { "up" } else { "UNREACHABLE" },
+                        h.vms.len(),
+                        h.free_slots(&slot),
+                        slot.vcpus,
+                        slot.memory_mib,
+                        slot.disk_gib,
                         h.used.vcpus,
                         h.capacity.vcpus,
                         h.used.memory_mib,
                         h.capacity.memory_mib,
                         h.used.disk_gib,
                         h.capacity.disk_gib,
-                        h.vms.len()
                     );
                     for t in &h.templates {
                         println!("    template {t}");

@@ -171,6 +171,38 @@ pub mod lab {
             })
         }
 
+        /// What of `vm` each host still holds (a domain, files in its pool: a disk, its
+        /// owner record, a seed), host by host in the order of
+        /// [`host_uris`](Self::host_uris).
+        pub fn leftovers_per_host(&self, vm: &str) -> Vec<(String, Vec<String>)> {
+            let (prefix, hidden) = (format!("{vm}."), format!(".{vm}."));
+            let seed = format!("{vm}-");
+            self.host_uris
+                .iter()
+                .enumerate()
+                .map(|(i, uri)| {
+                    let mut left = Vec::new();
+                    let on = Command::new("virsh")
+                        .args(["-c", uri, "dominfo", vm])
+                        .output()
+                        .map(|o| o.status.success())
+                        .unwrap_or(false);
+                    if on {
+                        left.push(format!("libvirt domain {vm}"));
+                    }
+                    let dir = self.host_pool_dirs.get(i).unwrap_or(&self.pool_dir);
+                    for f in Self::files_in(std::slice::from_ref(dir), |n| {
+                        n.starts_with(&prefix)
+                            || n.starts_with(&hidden)
+                            || (n.starts_with(&seed) && n.ends_with("-cidata.img"))
+                    }) {
+                        left.push(format!("file {}", f.display()));
+                    }
+                    (uri.clone(), left)
+                })
+                .collect()
+        }
+
         /// The address leased to `vm` in the lease database, read with plain SQL.
         pub fn lease(&self, vm: &str) -> Option<IpAddr> {
             lease_in(&self.lease_db(), vm)

@@ -477,6 +477,85 @@ async fn a_full_host_is_skipped() {
     );
 }
 
+/// Drain in the lab: two VMs on host 1 (host 2 full while they are made), then, with
+/// room on host 2, a dry run plans both moves and moves nothing, and the drain moves both
+/// live: host 1 holds no domain and no overlay of theirs, and both answer from host 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_empties_a_real_host() {
+    let Some((lab, env)) = fleet("drain_empties_a_real_host") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (h1, h2) = (host(&env.host_uris[0]), host(&env.host_uris[1]));
+    let roomy = || toml::toml! { vcpus = 64 memory_mib = 65536 disk_gib = 640 };
+    let only_first = config_with_capacity(&lab, dir.path(), |i| {
+        if i == 0 {
+            roomy()
+        } else {
+            toml::toml! { vcpus = 0 memory_mib = 0 disk_gib = 0 }
+        }
+    });
+    let p = Provisioner::from_config(&only_first).unwrap();
+    let mut vms = Vec::new();
+    for _ in 0..2 {
+        vms.push(
+            p.provision(ProvisionRequest::new(lab.member()).with_name(unique_vm_name("drain")))
+                .await
+                .expect("provision on host 1"),
+        );
+    }
+    drop(p);
+    for vm in &vms {
+        assert_eq!(vm.host, h1, "{}: host 2 had no room", vm.name);
+    }
+    // The same journal and placement, now with room on every host.
+    let both = config_with_capacity(&lab, dir.path(), |_| roomy());
+    let p = Provisioner::from_config(&both).unwrap();
+
+    let plan = p.drain(&h1, true).await.expect("dry run");
+    let mut planned: Vec<_> = plan.iter().map(|m| (m.vm.clone(), m.to.clone())).collect();
+    planned.sort();
+    let mut want: Vec<_> = vms.iter().map(|v| (v.name.clone(), h2.clone())).collect();
+    want.sort();
+    assert_eq!(planned, want, "both vms would move to host 2");
+    for vm in &vms {
+        assert_eq!(
+            env.domain_hosts(vm.name.as_str()),
+            vec![h1.to_string()],
+            "a dry run moves nothing"
+        );
+    }
+
+    let moved = p.drain(&h1, false).await.expect("drain");
+    assert_eq!(moved.len(), 2);
+    for vm in &vms {
+        assert_eq!(env.domain_hosts(vm.name.as_str()), vec![h2.to_string()]);
+        assert!(
+            !env.local_path(h1.as_str(), &vm.disk).exists(),
+            "{}: no overlay left on host 1",
+            vm.name
+        );
+        assert_eq!(
+            p.get(&vm.name).await.unwrap().map(|v| v.host),
+            Some(h2.clone())
+        );
+        assert!(
+            ssh_answers(vm.ip, std::time::Duration::from_secs(60)),
+            "{} answers after the move",
+            vm.name
+        );
+    }
+    assert!(
+        p.drain(&h1, false).await.expect("drained").is_empty(),
+        "nothing of this provisioner's is left on host 1"
+    );
+    for vm in &vms {
+        p.deprovision(&vm.name).await.expect("deprovision");
+        let left = env.leftovers(vm.name.as_str(), &vm.fqdn, Some(vm.ip));
+        assert!(left.is_empty(), "{} leaked: {left:?}", vm.name);
+    }
+}
+
 /// A fault at each act of a real live migration (the slot, the template, the target's
 /// disk, the move itself): the VM runs on its host with its disk, nothing of it is left
 /// on the other host, and it can then move and be removed without a trace.

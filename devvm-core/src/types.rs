@@ -692,6 +692,31 @@ impl HostUsage {
             && self.used.memory_mib + size.memory_mib <= self.capacity.memory_mib
             && self.used.disk_gib + size.disk_gib <= self.capacity.disk_gib
     }
+
+    /// How many more VMs of `size` fit in what is left (the host's free slots of that
+    /// size); a size of all zeros fits `u64::MAX` times.
+    pub fn free_slots(&self, size: &VmSize) -> u64 {
+        let left = |cap: u64, used: u64, each: u64| {
+            cap.saturating_sub(used)
+                .checked_div(each)
+                .unwrap_or(u64::MAX)
+        };
+        left(
+            u64::from(self.capacity.vcpus),
+            u64::from(self.used.vcpus),
+            u64::from(size.vcpus),
+        )
+        .min(left(
+            self.capacity.memory_mib,
+            self.used.memory_mib,
+            size.memory_mib,
+        ))
+        .min(left(
+            self.capacity.disk_gib,
+            self.used.disk_gib,
+            size.disk_gib,
+        ))
+    }
 }
 
 /// One planned live migration.

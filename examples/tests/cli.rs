@@ -122,6 +122,11 @@ fn hosts_migrate_drain_and_rebalance() {
     let out = devvm(&c, &["--json", "hosts"]);
     let hosts = json_lines(&out);
     assert_eq!(hosts.len(), 2, "{hosts:?}");
+    let free: u64 = hosts
+        .iter()
+        .map(|h| h["free_slots"].as_u64().unwrap())
+        .sum();
+    assert_eq!(free, 2, "3 slots of the default size, one taken: {hosts:?}");
     let from = hosts
         .iter()
         .find(|h| h["vms"] == serde_json::json!(["mover"]))

@@ -192,6 +192,11 @@ impl Provisioner {
         ProvisionerBuilder::new()
     }
 
+    /// What an unset field of a request falls back to (the config's `[defaults]`).
+    pub fn defaults(&self) -> &Defaults {
+        &self.inner.defaults
+    }
+
     /// The backends in use.
     pub fn backends(&self) -> &Backends {
         &self.inner.backends
