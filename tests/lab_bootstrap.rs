@@ -501,6 +501,24 @@ async fn a_shell_bootstrap_runs_and_a_wrong_host_key_is_refused_before_anything_
     );
     s.close().await;
 
+    // A command that never ends is given up at the session's command time limit (it
+    // never ends, so any limit is reached), and a new session works as before.
+    let check = HostKeyCheck::expect_line(&console_host_key(&lab, name.as_str())).unwrap();
+    let mut o = ssh_options(&lab, vm.ip, check.clone());
+    o.command_timeout = std::time::Duration::from_secs(1);
+    let s = SshSession::connect(&o).await.expect("ssh");
+    let e = s
+        .run("while true; do sleep 1; done", None, &mut |_, _| {})
+        .await
+        .expect_err("a command that never ends");
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    s.close().await;
+    let s = SshSession::connect(&ssh_options(&lab, vm.ip, check))
+        .await
+        .expect("ssh");
+    assert_eq!(guest_output(&s, "echo ok").await.trim(), "ok");
+    s.close().await;
+
     p.deprovision(&vm.name).await.expect("deprovision");
     let left = env.leftovers(name.as_str(), &vm.fqdn, Some(vm.ip));
     assert!(left.is_empty(), "leaked: {left:?}");

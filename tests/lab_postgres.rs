@@ -202,6 +202,58 @@ async fn bad_credentials_a_database_down_and_a_changed_plan_are_clear_errors() {
     forget(&lab, &subnet);
 }
 
+/// A statement that waits on a lock another session holds (and never gives back) is
+/// ended by the store's statement time limit: a retryable timeout, and the lease it was
+/// making is not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_stuck_on_a_lock_times_out_and_changes_nothing() {
+    use std::io::{BufRead, BufReader, Write};
+    let Some(lab) = Lab::get("a_statement_stuck_on_a_lock_times_out_and_changes_nothing") else {
+        return;
+    };
+    let subnet = random_subnet(28);
+    let s = store(&config(&lab, &subnet, "timeout_secs = 1\n")).await;
+    let owner = RequestId::new("stuck-test").unwrap();
+    s.allocate(&VmName::new("first").unwrap(), &owner)
+        .await
+        .unwrap();
+    // Another session locks this subnet's plan row and holds it until it is ended.
+    let pw = std::fs::read_to_string(lab.var("pg_password_file")).expect("password");
+    let mut holder = std::process::Command::new("/usr/lib/postgresql/15/bin/psql")
+        .env("PGPASSWORD", pw.trim())
+        .args(["-qAt", "-d", lab.var("pg_url")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("psql");
+    let mut input = holder.stdin.take().expect("stdin");
+    writeln!(
+        input,
+        "BEGIN; SELECT 'locked' FROM devvm_ip_plans WHERE subnet = '{subnet}' FOR UPDATE;"
+    )
+    .unwrap();
+    input.flush().unwrap();
+    let mut lines = BufReader::new(holder.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("psql answers").unwrap(), "locked");
+
+    let second = VmName::new("second").unwrap();
+    let e = s
+        .allocate(&second, &owner)
+        .await
+        .expect_err("stuck on the lock");
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.is_retryable());
+    // Ended by pid; its transaction is rolled back with it.
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(s.lease(&second).await.unwrap(), None, "nothing was leased");
+    assert!(
+        s.allocate(&second, &owner).await.is_ok(),
+        "and it works again"
+    );
+    forget(&lab, &subnet);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_selects_it_in_the_pipeline() {
     let Some(lab) = Lab::get("a_config_selects_it_in_the_pipeline") else {

@@ -342,6 +342,30 @@ impl Config {
         self.builder_with(&Registry::builtin())
     }
 
+    /// [`builder_with`](Self::builder_with) `registry` plus backend objects the caller made
+    /// (a binding's Python or C backends): each serves its step under the name its section
+    /// gives (`[dns] backend = "in-house-dns"`), or is set directly when the section says
+    /// `backend = "custom"`. A backend whose step's section names a built-in backend
+    /// replaces that one under its name.
+    pub fn builder_with_backends(
+        &self,
+        mut registry: Registry,
+        backends: impl IntoIterator<Item = crate::registry::StepBackend>,
+    ) -> Result<ProvisionerBuilder> {
+        let mut direct = Vec::new();
+        for b in backends {
+            match self.section(b.step()).map(|s| s.backend.as_str()) {
+                Some(name) if name != "custom" => b.register(&mut registry, name),
+                _ => direct.push(b),
+            }
+        }
+        let mut builder = self.builder_with(&registry)?;
+        for b in direct {
+            builder = b.apply(builder);
+        }
+        Ok(builder)
+    }
+
     /// [`builder`](Self::builder) with the backends of `registry` (the built-in ones plus
     /// the program's own, selected by the names they were registered under).
     pub fn builder_with(&self, registry: &Registry) -> Result<ProvisionerBuilder> {
@@ -369,7 +393,7 @@ impl Config {
             b = match registry.build(&ctx, b)? {
                 Some(b) => b,
                 None => {
-                    return Err(match feature_of(step, name) {
+                    return Err(match crate::registry::feature_of(step, name) {
                         Some(feature) => config_err(
                             &self.path,
                             format_args!(
@@ -408,21 +432,6 @@ impl crate::Provisioner {
     pub fn from_config(path: impl AsRef<Path>) -> Result<crate::Provisioner> {
         Config::load(path.as_ref())?.builder()?.build()
     }
-}
-
-/// The cargo feature a real backend is built with, if `name` is one.
-fn feature_of(step: Step, name: &str) -> Option<&'static str> {
-    Some(match (step, name) {
-        (Step::User, "ldap") => "ldap",
-        (Step::Ip, "sqlite") => "sqlite",
-        (Step::Ip, "postgres") => "postgres",
-        (Step::Dns, "rfc2136") => "rfc2136",
-        (Step::Placement | Step::Domain, "libvirt") => "libvirt",
-        (Step::Image | Step::Disk, "glance") => "glance",
-        (Step::Bootstrap, "cloud-init") => "cloud-init",
-        (Step::Bootstrap, "chef" | "shell") => "ssh",
-        _ => return None,
-    })
 }
 
 pub use crate::secret::{SecretSpec, read_secret_file, take_secret_warnings};
@@ -564,6 +573,38 @@ mod tests {
         let vm = crate::VmName::new("web-1").expect("name");
         assert_eq!(dns.fqdn(&vm), "web-1.mine.example");
         assert!(registry.names(Step::Dns).contains(&"mydns".to_owned()));
+    }
+
+    /// Backend objects a binding made: one serves its section by the name the section
+    /// gives, another a `custom` section directly.
+    #[test]
+    fn backend_objects_serve_by_the_sections_name_or_as_custom() {
+        use crate::registry::{Registry, StepBackend};
+        let named = base().replace(
+            "[dns]\nbackend = \"memory\"\nzone = \"lab.example\"\nstate_file = \"dns.json\"",
+            "[dns]\nbackend = \"in-house-dns\"",
+        );
+        let custom = base().replace(
+            "[dns]\nbackend = \"memory\"\nzone = \"lab.example\"\nstate_file = \"dns.json\"",
+            "[dns]\nbackend = \"custom\"",
+        );
+        let vm = crate::VmName::new("web-1").expect("name");
+        for text in [named, custom] {
+            let c = parse(&text).expect("parses");
+            let mine = StepBackend::Dns(std::sync::Arc::new(crate::memory::MemoryDns::new(
+                "mine.example",
+            )));
+            let b = c
+                .builder_with_backends(Registry::builtin(), [mine])
+                .expect("builds");
+            let dns = b.current_backends().expect("every backend set").dns;
+            assert_eq!(dns.fqdn(&vm), "web-1.mine.example", "{text}");
+        }
+        assert_eq!(
+            crate::registry::feature_of(Step::Ip, "postgres"),
+            Some("postgres")
+        );
+        assert_eq!(crate::registry::feature_of(Step::Ip, "mine"), None);
     }
 
     #[test]

@@ -200,6 +200,101 @@ impl Registry {
     }
 }
 
+/// One step's backend object, made by the caller (a binding's Python or C backend, a
+/// program's own): [`Config::builder_with_backends`](crate::config::Config::builder_with_backends)
+/// selects it by the name its section gives, or sets it for a `backend = "custom"` section.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum StepBackend {
+    /// For `[users]`.
+    Users(Arc<dyn UserDirectory>),
+    /// For `[placement]`.
+    Placement(Arc<dyn Placement>),
+    /// For `[ip]`.
+    Ip(Arc<dyn IpAllocator>),
+    /// For `[dns]`.
+    Dns(Arc<dyn DnsUpdater>),
+    /// For `[images]`.
+    Images(Arc<dyn ImageStore>),
+    /// For `[hypervisor]`.
+    Hypervisor(Arc<dyn Hypervisor>),
+    /// For `[bootstrap]`.
+    Bootstrap(Arc<dyn Bootstrapper>),
+}
+
+impl fmt::Debug for StepBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            StepBackend::Users(b) => b.backend(),
+            StepBackend::Placement(b) => b.backend(),
+            StepBackend::Ip(b) => b.backend(),
+            StepBackend::Dns(b) => b.backend(),
+            StepBackend::Images(b) => b.backend(),
+            StepBackend::Hypervisor(b) => b.backend(),
+            StepBackend::Bootstrap(b) => b.backend(),
+        };
+        write!(f, "StepBackend([{}] {name})", section_name(self.step()))
+    }
+}
+
+impl StepBackend {
+    /// The step (the section) this backend serves.
+    pub fn step(&self) -> Step {
+        match self {
+            StepBackend::Users(_) => Step::User,
+            StepBackend::Placement(_) => Step::Placement,
+            StepBackend::Ip(_) => Step::Ip,
+            StepBackend::Dns(_) => Step::Dns,
+            StepBackend::Images(_) => Step::Image,
+            StepBackend::Hypervisor(_) => Step::Domain,
+            StepBackend::Bootstrap(_) => Step::Bootstrap,
+        }
+    }
+
+    /// Registers it in `r` under `name` for its step.
+    pub fn register(self, r: &mut Registry, name: impl Into<String>) {
+        match self {
+            StepBackend::Users(b) => r.register_users(name, move |_| Ok(b.clone())),
+            StepBackend::Placement(b) => r.register_placement(name, move |_| Ok(b.clone())),
+            StepBackend::Ip(b) => r.register_ip(name, move |_| Ok(b.clone())),
+            StepBackend::Dns(b) => r.register_dns(name, move |_| Ok(b.clone())),
+            StepBackend::Images(b) => r.register_images(name, move |_| Ok(b.clone())),
+            StepBackend::Hypervisor(b) => r.register_hypervisor(name, move |_| Ok(b.clone())),
+            StepBackend::Bootstrap(b) => r.register_bootstrap(name, move |_| Ok(b.clone())),
+        };
+    }
+
+    /// Sets it on `b` for its step.
+    pub fn apply(self, b: ProvisionerBuilder) -> ProvisionerBuilder {
+        match self {
+            StepBackend::Users(x) => b.users(x),
+            StepBackend::Placement(x) => b.placement(x),
+            StepBackend::Ip(x) => b.ip(x),
+            StepBackend::Dns(x) => b.dns(x),
+            StepBackend::Images(x) => b.images(x),
+            StepBackend::Hypervisor(x) => b.hypervisor(x),
+            StepBackend::Bootstrap(x) => b.bootstrap(x),
+        }
+    }
+}
+
+/// The cargo feature of `devvm-core` that the built-in backend `name` of `step` needs, if
+/// `name` is one (`("libvirt")` for `[hypervisor] backend = "libvirt"`), whether or not
+/// this build has it. A binding uses it to say which of its builds has a backend.
+pub fn feature_of(step: Step, name: &str) -> Option<&'static str> {
+    Some(match (step, name) {
+        (Step::User, "ldap") => "ldap",
+        (Step::Ip, "sqlite") => "sqlite",
+        (Step::Ip, "postgres") => "postgres",
+        (Step::Dns, "rfc2136") => "rfc2136",
+        (Step::Placement | Step::Domain, "libvirt") => "libvirt",
+        (Step::Image | Step::Disk, "glance") => "glance",
+        (Step::Bootstrap, "cloud-init") => "cloud-init",
+        (Step::Bootstrap, "chef" | "shell") => "ssh",
+        _ => return None,
+    })
+}
+
 /// The config section that configures `step`.
 pub fn section_name(step: Step) -> &'static str {
     match step {

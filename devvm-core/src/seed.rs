@@ -290,6 +290,43 @@ impl GuestSeed {
     }
 }
 
+/// The files of a NoCloud seed (`meta-data`, `user-data`, `network-config`) for `seed` at
+/// `lease`, with `nameservers` for the guest's resolver: what every hypervisor puts on the
+/// first-boot disk, rendered one way. The `user-data` holds the private host key.
+pub struct NoCloudFiles {
+    /// `meta-data`.
+    pub meta_data: String,
+    /// `user-data` (`#cloud-config`); secret.
+    pub user_data: SecretString,
+    /// `network-config` (version 2).
+    pub network_config: String,
+}
+
+impl std::fmt::Debug for NoCloudFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NoCloudFiles")
+            .field("meta_data", &self.meta_data)
+            .field("user_data", &"[secret]")
+            .field("network_config", &self.network_config)
+            .finish()
+    }
+}
+
+impl GuestSeed {
+    /// The seed's NoCloud files for a guest at `lease` using `nameservers`.
+    pub fn nocloud_files(
+        &self,
+        lease: &crate::types::Lease,
+        nameservers: &[IpAddr],
+    ) -> NoCloudFiles {
+        NoCloudFiles {
+            meta_data: self.meta_data(),
+            user_data: self.user_data(),
+            network_config: network_config(lease.ip, lease.prefix_len, lease.gateway, nameservers),
+        }
+    }
+}
+
 /// The `network-config` file (version 2) for a guest at `ip/prefix_len` (a lease's
 /// fields), with its gateway and name servers.
 pub fn network_config(

@@ -25,8 +25,8 @@ use std::sync::{Arc, Mutex};
 
 use devvm_core::{
     DnsRecord, DnsUpdater, Error, ErrorKind, Event, EventKind, IpAllocator, Lease,
-    ProvisionRequest, Provisioner, RequestId, SizeRequest, Step, TemplateName, Undone, UserName,
-    Vm, VmName, async_trait,
+    ProvisionRequest, Provisioner, RequestId, SizeRequest, TemplateName, Undone, UserName, Vm,
+    VmName, async_trait,
 };
 
 /// Result of every call.
@@ -782,43 +782,17 @@ pub unsafe extern "C" fn devvm_provisioner_new(
                 }));
             }
         }
-        // A C backend serves its section under the name the section gives it, through the
-        // same registry as the built-in backends; a `backend = "custom"` section gets it
-        // directly.
-        let named = |step: Step| {
-            config
-                .section(step)
-                .map(|s| s.backend.clone())
-                .filter(|n| n != "custom")
-        };
-        let mut registry = devvm_core::registry::Registry::builtin();
-        let (mut ip_direct, mut dns_direct) = (None, None);
-        if let Some(b) = ip {
-            match named(Step::Ip) {
-                Some(name) => {
-                    registry.register_ip(name, move |_| Ok(b.clone()));
-                }
-                None => ip_direct = Some(b),
-            }
-        }
-        if let Some(b) = dns {
-            match named(Step::Dns) {
-                Some(name) => {
-                    registry.register_dns(name, move |_| Ok(b.clone()));
-                }
-                None => dns_direct = Some(b),
-            }
-        }
-        let mut builder = match config.builder_with(&registry) {
-            Ok(b) => b,
-            Err(e) => return fail_with(&e),
-        };
-        if let Some(b) = ip_direct {
-            builder = builder.ip(b);
-        }
-        if let Some(b) = dns_direct {
-            builder = builder.dns(b);
-        }
+        // A C backend serves its section under the name the section gives it, or directly
+        // for `backend = "custom"` (devvm-core decides which).
+        let mine = ip
+            .map(devvm_core::registry::StepBackend::Ip)
+            .into_iter()
+            .chain(dns.map(devvm_core::registry::StepBackend::Dns));
+        let builder =
+            match config.builder_with_backends(devvm_core::registry::Registry::builtin(), mine) {
+                Ok(b) => b,
+                Err(e) => return fail_with(&e),
+            };
         let rt = match tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("devvm")

@@ -399,15 +399,12 @@ impl ImageStore for PyImages {
 /// user-data holds the guest's private host key: the object is the user's own backend.
 fn spec_json(spec: &DomainSpec) -> Value {
     let seed = spec.seed.as_ref().map(|seed| {
+        // No name servers: a Python hypervisor knows its own network's.
+        let f = seed.nocloud_files(&spec.lease, &[]);
         serde_json::json!({
-            "meta_data": seed.meta_data(),
-            "user_data": secrecy::ExposeSecret::expose_secret(&seed.user_data()),
-            "network_config": devvm_core::seed::network_config(
-                spec.lease.ip,
-                spec.lease.prefix_len,
-                spec.lease.gateway,
-                &[],
-            ),
+            "meta_data": f.meta_data,
+            "user_data": secrecy::ExposeSecret::expose_secret(&f.user_data),
+            "network_config": f.network_config,
             "host_key": seed.host_key.as_ref().map(|k| k.public.clone()),
         })
     });

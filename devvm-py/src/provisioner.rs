@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use devvm_core::config::Config;
+use devvm_core::registry::StepBackend;
 use devvm_core::{
     CancelToken, Event, ProvisionRequest, Provisioner, RequestId, Step, Subscription, TemplateName,
     UserName, VmName,
@@ -34,19 +35,10 @@ fn core<T>(py: Python<'_>, r: devvm_core::Result<T>) -> PyResult<T> {
     r.map_err(|e| to_py_err(py, &e))
 }
 
-/// The feature that the built-in backend `name` of `step` needs, when this build was made
+/// The feature that the built-in backend `name` of `step` needs, when this wheel was built
 /// without it (a wheel built without `libvirt` has no `libvirt` hypervisor or placement).
 fn missing_feature(step: Step, name: &str) -> Option<&'static str> {
-    let feature = match (step, name) {
-        (Step::User, "ldap") => "ldap",
-        (Step::Ip, "sqlite") => "sqlite",
-        (Step::Dns, "rfc2136") => "rfc2136",
-        (Step::Placement | Step::Domain, "libvirt") => "libvirt",
-        (Step::Image | Step::Disk, "glance") => "glance",
-        (Step::Bootstrap, "cloud-init") => "cloud-init",
-        (Step::Bootstrap, "chef" | "shell") => "ssh",
-        _ => return None,
-    };
+    let feature = devvm_core::registry::feature_of(step, name)?;
     crate::BACKEND_FEATURES
         .iter()
         .any(|&(f, built)| f == feature && !built)
@@ -57,57 +49,6 @@ fn missing_feature(step: Step, name: &str) -> Option<&'static str> {
 enum Wake<T> {
     Done(Result<devvm_core::Result<T>, tokio::task::JoinError>),
     Event(Event),
-}
-
-/// A step backend written in Python, given to `Provisioner.from_config`.
-enum Custom {
-    Users(Arc<PyUsers>),
-    Placement(Arc<PyPlacement>),
-    Ip(Arc<PyIpAllocator>),
-    Dns(Arc<PyDns>),
-    Images(Arc<PyImages>),
-    Hypervisor(Arc<PyHypervisor>),
-    Bootstrap(Arc<PyBootstrapper>),
-}
-
-impl Custom {
-    fn step(&self) -> Step {
-        match self {
-            Custom::Users(_) => Step::User,
-            Custom::Placement(_) => Step::Placement,
-            Custom::Ip(_) => Step::Ip,
-            Custom::Dns(_) => Step::Dns,
-            Custom::Images(_) => Step::Image,
-            Custom::Hypervisor(_) => Step::Domain,
-            Custom::Bootstrap(_) => Step::Bootstrap,
-        }
-    }
-
-    /// Registers the backend under `name` for its step.
-    fn register(self, r: &mut devvm_core::registry::Registry, name: String) {
-        match self {
-            Custom::Users(b) => r.register_users(name, move |_| Ok(b.clone())),
-            Custom::Placement(b) => r.register_placement(name, move |_| Ok(b.clone())),
-            Custom::Ip(b) => r.register_ip(name, move |_| Ok(b.clone())),
-            Custom::Dns(b) => r.register_dns(name, move |_| Ok(b.clone())),
-            Custom::Images(b) => r.register_images(name, move |_| Ok(b.clone())),
-            Custom::Hypervisor(b) => r.register_hypervisor(name, move |_| Ok(b.clone())),
-            Custom::Bootstrap(b) => r.register_bootstrap(name, move |_| Ok(b.clone())),
-        };
-    }
-
-    /// Sets the backend on the builder directly (a `backend = "custom"` section).
-    fn apply(self, b: devvm_core::ProvisionerBuilder) -> devvm_core::ProvisionerBuilder {
-        match self {
-            Custom::Users(x) => b.users(x),
-            Custom::Placement(x) => b.placement(x),
-            Custom::Ip(x) => b.ip(x),
-            Custom::Dns(x) => b.dns(x),
-            Custom::Images(x) => b.images(x),
-            Custom::Hypervisor(x) => b.hypervisor(x),
-            Custom::Bootstrap(x) => b.bootstrap(x),
-        }
-    }
 }
 
 /// What a waiting call runs: plain work, or a run whose events are delivered.
@@ -273,18 +214,18 @@ impl PyProvisioner {
         path: PathBuf,
         custom_backends: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
-        let mut custom: Vec<Custom> = Vec::new();
+        let mut custom: Vec<StepBackend> = Vec::new();
         if let Some(kw) = custom_backends {
             for (k, v) in kw.iter() {
                 let key: String = k.extract()?;
                 custom.push(match key.as_str() {
-                    "users" => Custom::Users(Arc::new(PyUsers::new(&v)?)),
-                    "placement" => Custom::Placement(Arc::new(PyPlacement::new(&v)?)),
-                    "ip" => Custom::Ip(Arc::new(PyIpAllocator::new(&v)?)),
-                    "dns" => Custom::Dns(Arc::new(PyDns::new(&v)?)),
-                    "images" => Custom::Images(Arc::new(PyImages::new(&v)?)),
-                    "hypervisor" => Custom::Hypervisor(Arc::new(PyHypervisor::new(&v)?)),
-                    "bootstrap" => Custom::Bootstrap(Arc::new(PyBootstrapper::new(&v)?)),
+                    "users" => StepBackend::Users(Arc::new(PyUsers::new(&v)?)),
+                    "placement" => StepBackend::Placement(Arc::new(PyPlacement::new(&v)?)),
+                    "ip" => StepBackend::Ip(Arc::new(PyIpAllocator::new(&v)?)),
+                    "dns" => StepBackend::Dns(Arc::new(PyDns::new(&v)?)),
+                    "images" => StepBackend::Images(Arc::new(PyImages::new(&v)?)),
+                    "hypervisor" => StepBackend::Hypervisor(Arc::new(PyHypervisor::new(&v)?)),
+                    "bootstrap" => StepBackend::Bootstrap(Arc::new(PyBootstrapper::new(&v)?)),
                     other => {
                         return Err(PyTypeError::new_err(format!(
                             "unknown custom backend {other:?}; known: users, placement, ip, dns, images, hypervisor, bootstrap"
@@ -297,25 +238,21 @@ impl PyProvisioner {
         let built = py.detach(move || {
             let _enter = rt.enter();
             let config = Config::load(&path)?;
-            // A Python backend serves its section under the name the section gives it
-            // (`backend = "my-dns"`), through the same registry as every built-in backend;
-            // a section that says `backend = "custom"` gets it directly.
-            let mut registry = devvm_core::registry::Registry::builtin();
-            let mut direct = Vec::new();
-            for c in custom {
-                match config.section(c.step()).map(|s| s.backend.clone()) {
-                    Some(name) if name != "custom" => c.register(&mut registry, name),
-                    _ => direct.push(c),
-                }
-            }
             // A built-in backend this wheel lacks: say so in terms of the wheel (devvm-core
-            // would name its own cargo feature).
+            // would name its own cargo feature). A section a Python backend serves is not
+            // one of them.
+            let served: Vec<&str> = custom
+                .iter()
+                .map(|c| devvm_core::registry::section_name(c.step()))
+                .collect();
+            let registry = devvm_core::registry::Registry::builtin();
             for &step in Step::ALL.iter() {
                 let Some(section) = config.section(step) else {
                     continue;
                 };
                 let name = section.backend.as_str();
-                if registry.names(step).iter().any(|n| n == name) {
+                if served.contains(&devvm_core::registry::section_name(step))
+                    || registry.names(step).iter().any(|n| n == name) {
                     continue;
                 }
                 if let Some(feature) = missing_feature(step, name) {
@@ -331,11 +268,11 @@ impl PyProvisioner {
                     )));
                 }
             }
-            let mut builder = config.builder_with(&registry)?;
-            for c in direct {
-                builder = c.apply(builder);
-            }
-            builder.build()
+            // A Python backend serves its section under the name the section gives it
+            // (`backend = "my-dns"`), or directly for `backend = "custom"`.
+            config
+                .builder_with_backends(registry, custom)?
+                .build()
         });
         Ok(PyProvisioner {
             inner: Mutex::new(Some(core(py, built)?)),

@@ -39,6 +39,10 @@ pub(crate) enum PoolError {
         #[source]
         source: virt::error::Error,
     },
+    #[error("libvirt on {host} did not answer within {secs}s")]
+    ConnectTimeout { host: HostId, secs: u64 },
+    #[error("cannot start a thread to connect from")]
+    Thread(#[source] std::io::Error),
     #[error("cannot read {}", .0.display())]
     Local(std::path::PathBuf, #[source] std::io::Error),
     #[error("cannot write volume xml")]
@@ -87,27 +91,58 @@ impl BackendError for PoolError {
     fn kind(&self) -> ErrorKind {
         match self {
             PoolError::Virt { source, .. } | PoolError::Connect { source, .. } => virt_kind(source),
-            PoolError::Local(..) | PoolError::Xml(_) | PoolError::Mismatch { .. } => {
-                ErrorKind::Backend
-            }
+            PoolError::ConnectTimeout { .. } => ErrorKind::Unavailable,
+            PoolError::Local(..)
+            | PoolError::Thread(_)
+            | PoolError::Xml(_)
+            | PoolError::Mismatch { .. } => ErrorKind::Backend,
             #[cfg(feature = "glance")]
             PoolError::TooLarge { .. } => ErrorKind::Backend,
         }
     }
 }
 
-/// A connection to the libvirt of `host` (every libvirt backend connects through here).
+/// How long opening a connection to a host's libvirt may take (a remote host's SSH or
+/// TCP handshake included) before the host counts as not answering.
+pub(crate) const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// A connection to the libvirt of `host` (every libvirt backend connects through here),
+/// opened within [`CONNECT_TIMEOUT`]: a host that does not answer is
+/// [`ErrorKind::Unavailable`] (retryable), not a call that hangs.
 pub(crate) fn connect(host: &HostId) -> Result<Connect> {
+    connect_within(host, CONNECT_TIMEOUT)
+}
+
+fn connect_within(host: &HostId, limit: std::time::Duration) -> Result<Connect> {
     // libvirt prints every error to stderr by default; devvm returns them instead.
     static QUIET: std::sync::Once = std::sync::Once::new();
     QUIET.call_once(virt::error::clear_error_callback);
-    Connect::open(Some(host.as_str())).map_err(|source| {
-        PoolError::Connect {
+    // libvirt's open has no time limit of its own: it runs on a thread of its own, which,
+    // given up, closes the connection it may still get.
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let uri = host.as_str().to_owned();
+    let spawned = std::thread::Builder::new()
+        .name("devvm-libvirt-connect".into())
+        .spawn(move || {
+            let _ = tx.send(Connect::open(Some(&uri)));
+        });
+    if let Err(e) = spawned {
+        return Err(PoolError::Thread(e).into());
+    }
+    match rx.recv_timeout(limit) {
+        Ok(r) => r.map_err(|source| {
+            PoolError::Connect {
+                host: host.clone(),
+                source,
+            }
+            .into()
+        }),
+        Err(_) => Err(PoolError::ConnectTimeout {
             host: host.clone(),
-            source,
+            secs: limit.as_secs(),
         }
-        .into()
-    })
+        .into()),
+    }
 }
 
 /// A qcow2 overlay's backing file, as the host sees it.
@@ -420,6 +455,33 @@ fn volume_xml(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A libvirt that accepts the connection and never answers: the open is given up
+    /// at its time limit as a retryable "not answering", whatever the limit is.
+    #[test]
+    fn a_libvirt_that_never_answers_is_given_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("mute.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        // Accepts and holds the connections, answers nothing.
+        let held = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            for c in listener.incoming().take(1) {
+                conns.push(c);
+            }
+            conns
+        });
+        let uri = format!("qemu+unix:///system?socket={}", sock.display());
+        let host = HostId::new(uri).unwrap();
+        let e = connect_within(&host, std::time::Duration::from_millis(300)).unwrap_err();
+        assert!(
+            matches!(e.detail(), Some(PoolError::ConnectTimeout { .. })),
+            "{e}"
+        );
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert!(e.is_retryable());
+        drop(held);
+    }
 
     #[test]
     fn volume_xml_escapes_every_value() {

@@ -64,7 +64,9 @@ pub struct PostgresIpConfig {
     /// Connections this process keeps at most (default 8).
     #[serde(default = "default_connections")]
     pub max_connections: usize,
-    /// Seconds to wait for a connection (default 10).
+    /// Seconds to wait for a connection, and the longest a statement may run (lock waits
+    /// included: PostgreSQL's `statement_timeout`) before it is a retryable
+    /// [`ErrorKind::Timeout`] (default 10).
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
 }
@@ -129,6 +131,8 @@ fn db_kind(e: &tokio_postgres::Error) -> ErrorKind {
         {
             ErrorKind::Unavailable
         }
+        // statement_timeout (or a cancel) ended the statement.
+        Some(c) if *c == SqlState::QUERY_CANCELED => ErrorKind::Timeout,
         Some(_) => ErrorKind::Backend,
         // No SQLSTATE: the connection itself failed.
         None => ErrorKind::Unavailable,
@@ -174,7 +178,9 @@ pub struct PostgresDatabase {
     /// Connections this process keeps at most (default 8).
     #[serde(default = "default_connections")]
     pub max_connections: usize,
-    /// Seconds to wait for a connection (default 10).
+    /// Seconds to wait for a connection, and the longest a statement may run (lock waits
+    /// included: PostgreSQL's `statement_timeout`) before it is a retryable
+    /// [`ErrorKind::Timeout`] (default 10).
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
 }
@@ -192,6 +198,8 @@ impl PostgresDatabase {
         }
         let timeout = Duration::from_secs(self.timeout_secs.max(1));
         pg.connect_timeout(timeout);
+        // Every statement is bounded too, waits for a lock included.
+        pg.options(format!("-c statement_timeout={}", timeout.as_millis()));
         let manager = Manager::from_config(
             pg,
             NoTls,

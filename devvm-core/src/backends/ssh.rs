@@ -69,6 +69,8 @@ pub(crate) enum SshError {
     Failed(SocketAddr),
     #[error("ssh to {0}: the guest refused to run a command")]
     CommandRefused(SocketAddr),
+    #[error("ssh to {addr}: a command did not end within {limit:?}")]
+    CommandTimeout { addr: SocketAddr, limit: Duration },
     #[error("file mode {0:o} is not a file mode")]
     FileMode(u32),
     #[error("a guest file path must be one line")]
@@ -97,7 +99,7 @@ impl SshError {
                 }
             }
             HostKeyRefused { .. } | LoginRefused { .. } => ErrorKind::Unauthorized,
-            LoginTimeout { .. } => ErrorKind::Timeout,
+            LoginTimeout { .. } | CommandTimeout { .. } => ErrorKind::Timeout,
             Failed(_) => ErrorKind::Unavailable,
             PublicKey(_) | CommandRefused(_) | Upload { .. } => ErrorKind::Backend,
         }
@@ -197,10 +199,17 @@ pub struct SshOptions {
     pub attempts: u32,
     /// Pause between attempts.
     pub retry_delay: Duration,
+    /// Time limit of one command run over the session ([`SshSession::run`], uploads
+    /// included), from its start to its end.
+    pub command_timeout: Duration,
 }
 
+/// The default [`SshOptions::command_timeout`]: a chef-client run on a slow guest fits.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(1800);
+
 impl SshOptions {
-    /// Options with 5 attempts, 2 s apart, and a 15 s limit per attempt.
+    /// Options with 5 attempts, 2 s apart, a 15 s limit per attempt, and
+    /// [`DEFAULT_COMMAND_TIMEOUT`] per command.
     pub fn new(
         addr: SocketAddr,
         user: impl Into<String>,
@@ -215,6 +224,7 @@ impl SshOptions {
             connect_timeout: Duration::from_secs(15),
             attempts: 5,
             retry_delay: Duration::from_secs(2),
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
         }
     }
 }
@@ -228,6 +238,8 @@ impl fmt::Debug for SshOptions {
             .field("host_key", &self.host_key)
             .field("connect_timeout", &self.connect_timeout)
             .field("attempts", &self.attempts)
+            .field("retry_delay", &self.retry_delay)
+            .field("command_timeout", &self.command_timeout)
             .finish()
     }
 }
@@ -331,6 +343,7 @@ impl client::Handler for Checker {
 pub struct SshSession {
     handle: Handle<Checker>,
     addr: SocketAddr,
+    command_timeout: Duration,
 }
 
 impl fmt::Debug for SshSession {
@@ -479,7 +492,11 @@ impl SshSession {
             }
             .into());
         }
-        Ok(SshSession { handle, addr })
+        Ok(SshSession {
+            handle,
+            addr,
+            command_timeout: opts.command_timeout,
+        })
     }
 
     /// The address this session is connected to.
@@ -492,7 +509,28 @@ impl SshSession {
     /// a non-zero exit is not an error here (see [`CommandOutcome::success`]).
     ///
     /// The command is never logged; never put a secret in it (pass secrets on `stdin`).
+    ///
+    /// A command still running after the session's
+    /// [`command_timeout`](SshOptions::command_timeout) is [`ErrorKind::Timeout`]; its
+    /// channel is closed.
     pub async fn run(
+        &self,
+        command: &str,
+        stdin: Option<&[u8]>,
+        on_line: &mut (dyn FnMut(OutputStream, &str) + Send),
+    ) -> Result<CommandOutcome> {
+        let limit = self.command_timeout;
+        match tokio::time::timeout(limit, self.run_unbounded(command, stdin, on_line)).await {
+            Ok(r) => r,
+            Err(_) => Err(SshError::CommandTimeout {
+                addr: self.addr,
+                limit,
+            }
+            .into()),
+        }
+    }
+
+    async fn run_unbounded(
         &self,
         command: &str,
         stdin: Option<&[u8]>,
