@@ -381,7 +381,7 @@ fn late_move_fixture(
 
 /// A move whose act times out but whose blocking work still lands the guest on the
 /// target: the rollback waits for that work, sees the guest on the target, and finishes
-/// the move instead of deleting the disk the guest now runs from.
+/// the move (returning the moved VM) instead of deleting the disk the guest now runs from.
 #[tokio::test]
 async fn a_move_that_lands_after_its_time_limit_is_finished_not_undone() {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -392,8 +392,8 @@ async fn a_move_that_lands_after_its_time_limit_is_finished_not_undone() {
             .await
             .unwrap();
     let to = other(&vm.host);
-    let e = f.p.migrate(&vm.name, &to).await.unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    let moved = f.p.migrate(&vm.name, &to).await.expect("the move stands");
+    assert_eq!(moved.host, to);
     assert_eq!(
         whereabouts(&f, &vm.name).await,
         (vec![to.clone()], vec![to.clone()], Some(to.clone())),
@@ -461,4 +461,47 @@ async fn a_move_still_running_after_its_wait_is_left_for_recover() {
     );
     f.p.deprovision(&vm.name).await.unwrap();
     assert_eq!(f.mem.held_total().unwrap(), 0, "{:?}", f.mem.held());
+}
+
+/// The last act of a move, removing the source's overlay, fails once: the guest runs on
+/// the target, so the move is finished (the removal tried again), not undone, and the
+/// moved VM is returned. When the removal keeps failing, the error says so, and the
+/// guest still runs on the target with its slot; only the source's overlay is left.
+#[tokio::test]
+async fn a_move_whose_source_disk_removal_fails_stands() {
+    for persistent in [false, true] {
+        let mut plan = FaultPlan::new(Step::Disk, Fault::Error(ErrorKind::Unavailable)).on_undo();
+        if persistent {
+            plan = plan.persistent();
+        }
+        let f = fixture(Some(plan));
+        let vm =
+            f.p.provision(ProvisionRequest::new(user("alice")))
+                .await
+                .unwrap();
+        let (from, to) = (vm.host.clone(), other(&vm.host));
+        let got = f.p.migrate(&vm.name, &to).await;
+        if persistent {
+            let e = got.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+            assert_eq!(e.step(), Some(Step::Disk), "{e}");
+            assert_eq!(
+                whereabouts(&f, &vm.name).await,
+                (
+                    vec![to.clone()],
+                    vec![from.clone(), to.clone()],
+                    Some(to.clone())
+                ),
+                "the guest runs on the target; only the source's overlay is left"
+            );
+        } else {
+            assert_eq!(got.unwrap().host, to, "the move stands");
+            assert_eq!(
+                whereabouts(&f, &vm.name).await,
+                (vec![to.clone()], vec![to.clone()], Some(to.clone()))
+            );
+            f.p.deprovision(&vm.name).await.unwrap();
+            assert_eq!(f.mem.held_total().unwrap(), 0, "{:?}", f.mem.held());
+        }
+    }
 }

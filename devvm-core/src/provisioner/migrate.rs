@@ -17,6 +17,8 @@ impl Provisioner {
     /// [`ErrorKind::Conflict`]; no room on `to` is [`ErrorKind::Exhausted`]. On failure the
     /// VM still runs where it was, and what was made on `to` is removed; when even that
     /// fails, the error names what is still held and [`recover`](Self::recover) retries.
+    /// An act that failed after the guest had moved after all (a copy that landed past its
+    /// time limit) does not undo the move: the moved VM is returned.
     pub async fn migrate(&self, name: &VmName, to: &HostId) -> Result<Vm> {
         let inner = &self.inner;
         let n = name.clone();
@@ -69,9 +71,10 @@ impl Provisioner {
                 rec.migration_ended(&moved, None).await?;
                 Ok(moved)
             }
-            Err(e) => Err(self
-                .settle_migration(&rec, &run.request, &vm, &record, e)
-                .await),
+            Err(e) => {
+                self.settle_migration(&rec, &run.request, &vm, &record, e)
+                    .await
+            }
         }
     }
 
@@ -223,8 +226,9 @@ impl Provisioner {
         Ok(moved)
     }
 
-    /// After a failed act: when the guest runs on the target after all, finish the move;
-    /// otherwise undo what was made there. Returns the error to give the caller.
+    /// After a failed act: when the guest runs on the target after all, finish the move
+    /// (and it stands: the moved VM); otherwise undo what was made there (the error to
+    /// give the caller).
     async fn settle_migration(
         &self,
         rec: &Recorder,
@@ -232,7 +236,7 @@ impl Provisioner {
         vm: &Vm,
         m: &MigrationRecord,
         mut error: Error,
-    ) -> Error {
+    ) -> Result<Vm> {
         rec.step_failed(error.step().unwrap_or(Step::Domain), &error);
         if !error.undo_failures().is_empty() {
             // An act's blocking work may still be moving the guest: undoing now could
@@ -241,19 +245,20 @@ impl Provisioner {
                 rec.undo_failed(f);
             }
             rec.refused(&error);
-            return error;
+            return Err(error);
         }
         match self.undo_move(rec, req, vm, m).await {
-            Ok(Settled::Moved(moved)) => match rec.migration_ended(&moved, None).await {
-                // The guest moved even though a later act failed: the move stands.
-                Ok(()) => error,
-                Err(e) => e,
-            },
+            Ok(Settled::Moved(moved)) => {
+                // The guest moved even though an act failed (a copy that landed after its
+                // time limit, a removal that worked the second time): the move stands.
+                rec.migration_ended(&moved, None).await?;
+                Ok(moved)
+            }
             Ok(Settled::Undone(failures)) if failures.is_empty() => {
                 if let Err(e) = rec.migration_ended(vm, Some(&error)).await {
                     tracing::error!(error = %e, "cannot record the end of an undone migration; recover() will finish it");
                 }
-                error
+                Err(error)
             }
             Ok(Settled::Undone(failures)) => {
                 for f in failures {
@@ -261,11 +266,11 @@ impl Provisioner {
                 }
                 // The run stays `migrating`: recover() tries the rest again.
                 rec.refused(&error);
-                error
+                Err(error)
             }
             Err(e) => {
                 rec.refused(&e);
-                e
+                Err(e)
             }
         }
     }
