@@ -624,6 +624,98 @@ async fn a_fault_at_each_act_of_a_real_move_leaves_the_vm_on_its_host() {
     }
 }
 
+/// A real move given up part-way (its domain act has one second, the copy takes longer
+/// on a loaded machine, or not): whichever way it ends, the VM runs on exactly one host
+/// with its disk, nothing of it is left on the other, and it answers. When the act is
+/// given up mid-copy, libvirt's migration job is aborted and the guest stays where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_given_up_part_way_leaves_the_vm_on_one_host() {
+    let Some((lab, env)) = fleet("a_move_given_up_part_way_leaves_the_vm_on_one_host") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = lab.write_config(dir.path());
+    let config = devvm_core::config::Config::load(&path).unwrap();
+    let p = config.builder().unwrap().build().unwrap();
+    let vm = p
+        .provision(ProvisionRequest::new(lab.member()).with_name(unique_vm_name("mvcut")))
+        .await
+        .expect("provision");
+    drop(p);
+    let from = vm.host.clone();
+    let to = host(
+        env.host_uris
+            .iter()
+            .find(|u| u.as_str() != from.as_str())
+            .unwrap(),
+    );
+    // The same journal; the move's domain act (the copy) has one second.
+    let mut t = config.timeouts.clone();
+    t.set(devvm_core::Step::Domain, std::time::Duration::from_secs(1));
+    let q = config.builder().unwrap().timeouts(t).build().unwrap();
+    let mut events = q.subscribe();
+    let outcome = q.migrate(&vm.name, &to).await;
+    let mut report = None;
+    if let Err(e) = &outcome
+        && !e.undo_failures().is_empty()
+    {
+        // Its work was still running after the wait: recover() settles it once it ends.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let r = q.recover().await.expect("recover");
+            if !r.completed.is_empty() || !r.rolled_back.is_empty() {
+                report = Some(r);
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the move never settled"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
+    let now = q
+        .get(&vm.name)
+        .await
+        .unwrap()
+        .map(|v| v.host)
+        .expect("the vm is known");
+    let aborted = events.drain().iter().any(|e| {
+        matches!(&e.kind, devvm_core::EventKind::StepProgress { message, .. }
+            if message.contains("aborting its job"))
+    });
+    eprintln!(
+        "outcome: {:?}; on {now}; job aborted: {aborted}; recovery: {report:?}",
+        outcome.as_ref().map(|v| &v.host).map_err(|e| e.to_string())
+    );
+    let (here, there) = if now == to {
+        (&to, &from)
+    } else {
+        (&from, &to)
+    };
+    match (&outcome, &report) {
+        // Settled by recover(): it says which way.
+        (Err(_), Some(r)) => assert_eq!(!r.completed.is_empty(), now == to, "{r:?}"),
+        _ => assert_eq!(outcome.is_ok(), now == to, "ok exactly when it moved"),
+    }
+    assert_eq!(env.domain_hosts(vm.name.as_str()), vec![here.to_string()]);
+    assert!(
+        env.local_path(here.as_str(), &vm.disk).is_file(),
+        "its disk"
+    );
+    assert!(
+        !env.local_path(there.as_str(), &vm.disk).exists(),
+        "nothing on the other host"
+    );
+    assert!(
+        ssh_answers(vm.ip, std::time::Duration::from_secs(60)),
+        "it answers"
+    );
+    q.deprovision(&vm.name).await.expect("deprovision");
+    let left = env.leftovers(vm.name.as_str(), &vm.fqdn, Some(vm.ip));
+    assert!(left.is_empty(), "leaked: {left:?}");
+}
+
 /// A volume with a template file's name that devvm did not upload (no claim, no verified
 /// record) is refused and left as it is; once it is gone, the template goes up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -1062,21 +1063,24 @@ impl Hypervisor for LibvirtHypervisor {
                 ..Default::default()
             };
             let start = Instant::now();
-            let done = std::sync::atomic::AtomicBool::new(false);
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let step = crate::work::current();
-            let moved = std::thread::scope(|s| {
-                s.spawn(|| {
+            // Progress while the copy runs, and the abort of a given-up move, from a
+            // thread of its own that migrate3's return never waits for (an abort or a
+            // statistics call can be held up by libvirt's job lock).
+            let watcher = {
+                let (done, dom, p, vm) = (done.clone(), dom.clone(), p.clone(), vm.clone());
+                move || {
                     let mut aborted = false;
-                    // Progress while the copy runs; the loop ends with the migration.
                     while !done.load(std::sync::atomic::Ordering::SeqCst) {
                         if !aborted && step.as_ref().is_some_and(|w| w.is_abandoned()) {
                             // The act was given up (timed out): abort the job, so the
                             // guest stays on the source and migrate3 returns.
                             aborted = true;
                             p.message("the migration was given up: aborting its job");
-                            // SAFETY: `dom` is a live domain handle for the whole scope;
-                            // aborting a job from another thread is what libvirt's API is
-                            // for (`Domain` is Send + Sync).
+                            // SAFETY: `dom` is this thread's own reference to a live
+                            // domain; aborting a job from another thread is what libvirt's
+                            // API is for (`Domain` is Send + Sync).
                             let rc = unsafe { virt::sys::virDomainAbortJob(dom.as_ptr()) };
                             if rc < 0 {
                                 tracing::warn!(%vm, "cannot abort the migration job");
@@ -1091,6 +1095,7 @@ impl Hypervisor for LibvirtHypervisor {
                             ],
                         )[..]
                             && total > 0
+                            && !done.load(std::sync::atomic::Ordering::SeqCst)
                         {
                             p.fraction(
                                 format!("migrating: {} of {} MiB", done_b >> 20, total >> 20),
@@ -1099,11 +1104,17 @@ impl Hypervisor for LibvirtHypervisor {
                         }
                         std::thread::sleep(Duration::from_millis(500));
                     }
-                });
-                let r = dom.migrate3(&dst, params, flags);
-                done.store(true, std::sync::atomic::Ordering::SeqCst);
-                r
-            })
+                }
+            };
+            if let Err(e) = std::thread::Builder::new()
+                .name("devvm-migrate-watch".into())
+                .spawn(watcher)
+            {
+                tracing::warn!(%vm, error = %e, "no progress for this migration: cannot start its watcher");
+            }
+            let moved = dom.migrate3(&dst, params, flags);
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            let moved = moved
             .map_err(|e| virt_err("cannot migrate the domain", &from, e))?;
             let stats = job_counters(
                 &moved,

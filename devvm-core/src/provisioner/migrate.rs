@@ -83,7 +83,7 @@ impl Provisioner {
     ///
     /// The act's blocking work is tracked as a pipeline step's is: when the act fails or
     /// runs out of time, the work is told it was abandoned (a live migration aborts its
-    /// job) and waited for, at most the step's limit again, so that nothing is undone
+    /// job) and waited for, the step's limit again but at least 30 s, so that nothing is undone
     /// while a copy may still land. Work still running then makes the error carry an
     /// [`UndoFailure`]: the move is left as it is for [`recover`](Self::recover).
     async fn act<T: Send + 'static>(
@@ -100,13 +100,16 @@ impl Provisioner {
             Err(e) => {
                 work.abandon();
                 let mut e = e.or_step(step).or_backend(b.name_of(step));
-                if !work.settle(limit).await {
+                // An aborted migration job takes a few seconds to end, whatever the
+                // act's own limit was.
+                let wait = limit.max(SETTLE_AT_LEAST);
+                if !work.settle(wait).await {
                     e.push_undo_failure(UndoFailure {
                         step,
                         resource: format!("the {step} act of a live migration"),
                         error: format!(
-                            "its blocking work was still running {}s after it was given up;                              recover() settles the move once it ends",
-                            limit.as_secs_f64()
+                            "its blocking work was still running {}s after it was given up; recover() settles the move once it ends",
+                            wait.as_secs_f64()
                         ),
                         kind: ErrorKind::Timeout,
                     });
@@ -388,6 +391,10 @@ impl Provisioner {
         Ok(())
     }
 }
+
+/// The least time a given-up act of a move is waited for before the move is left to
+/// `recover()`: enough for libvirt to end an aborted migration job.
+const SETTLE_AT_LEAST: Duration = Duration::from_secs(30);
 
 /// Where a move ended up.
 enum Settled {
