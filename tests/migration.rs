@@ -432,24 +432,27 @@ async fn a_move_still_running_after_its_wait_is_left_for_recover() {
         ),
         "nothing was undone while the move could still land"
     );
-    // The move lands now; recover() sees the guest on the target and finishes it.
+    // While that work runs, the run stays this provisioner's: recover() leaves it alone.
+    let early = f.p.recover().await.unwrap();
+    assert!(
+        early.completed.is_empty() && early.rolled_back.is_empty(),
+        "{early:?}"
+    );
+    // The move lands now; once its work has ended, recover() sees the guest on the
+    // target and finishes the move.
     tx.send(()).unwrap();
-    let landed = async {
-        while f
-            .mem
-            .hypervisor
-            .domain(&vm.name, &to)
-            .await
-            .unwrap()
-            .is_none()
-        {
+    let settled = async {
+        loop {
+            let r = f.p.recover().await.unwrap();
+            if !r.completed.is_empty() || !r.rolled_back.is_empty() {
+                return r;
+            }
             tokio::task::yield_now().await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(120), landed)
+    let report = tokio::time::timeout(Duration::from_secs(120), settled)
         .await
-        .expect("the late move landed");
-    let report = f.p.recover().await.unwrap();
+        .expect("the late move settled");
     assert_eq!(
         report.completed.iter().map(|v| &v.host).collect::<Vec<_>>(),
         vec![&to],

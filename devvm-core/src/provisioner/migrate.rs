@@ -27,7 +27,7 @@ impl Provisioner {
             .await?
             .ok_or_else(|| Error::not_found(format!("no vm named {name}")))?;
         let id = run.request.request_id.clone();
-        let Some(_guard) = RunningGuard::try_new(inner, &id) else {
+        let Some(guard) = RunningGuard::try_new(inner, &id) else {
             return Err(in_progress(&id));
         };
         if run.state != RunState::Active {
@@ -66,16 +66,30 @@ impl Provisioner {
             to: to.clone(),
             phase: MigrationPhase::Started,
         };
-        match self.move_vm(&rec, &run.request, &vm, &record).await {
-            Ok(moved) => {
-                rec.migration_ended(&moved, None).await?;
-                Ok(moved)
-            }
+        let pending = Mutex::new(None);
+        let result = match self
+            .move_vm(&rec, &run.request, &vm, &record, &pending)
+            .await
+        {
+            Ok(moved) => rec.migration_ended(&moved, None).await.map(|()| moved),
             Err(e) => {
                 self.settle_migration(&rec, &run.request, &vm, &record, e)
                     .await
             }
+        };
+        let still_running = pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(work) = still_running {
+            // An act's blocking work outlived its wait: this run stays this provisioner's
+            // (recover() here leaves it alone) until that work has ended.
+            tokio::spawn(async move {
+                while !work.settle(Duration::from_secs(3600)).await {}
+                drop(guard);
+            });
         }
+        result
     }
 
     /// Runs one act of a move in its own task under `step`'s time limit; its error names
@@ -89,6 +103,7 @@ impl Provisioner {
     async fn act<T: Send + 'static>(
         &self,
         step: Step,
+        pending: &Mutex<Option<crate::work::StepWork>>,
         fut: impl Future<Output = Result<T>> + Send + 'static,
     ) -> Result<T> {
         let b = &self.inner.backends;
@@ -104,6 +119,9 @@ impl Provisioner {
                 // act's own limit was.
                 let wait = limit.max(SETTLE_AT_LEAST);
                 if !work.settle(wait).await {
+                    *pending
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(work.clone());
                     e.push_undo_failure(UndoFailure {
                         step,
                         resource: format!("the {step} act of a live migration"),
@@ -126,6 +144,7 @@ impl Provisioner {
         req: &ResolvedRequest,
         vm: &Vm,
         m: &MigrationRecord,
+        pending: &Mutex<Option<crate::work::StepWork>>,
     ) -> Result<Vm> {
         let b = &self.inner.backends;
         let (id, to) = (&req.request_id, &m.to);
@@ -134,7 +153,7 @@ impl Provisioner {
             .await?;
         let placement = b.placement.clone();
         let (n, h, o) = (vm.name.clone(), to.clone(), id.clone());
-        self.act(Step::Placement, async move {
+        self.act(Step::Placement, pending, async move {
             placement.relocate(&n, &h, &o).await
         })
         .await?;
@@ -145,10 +164,9 @@ impl Provisioner {
         let images = b.images.clone();
         let (tname, h, p) = (req.template.clone(), to.clone(), rec.progress(Step::Image));
         let template = self
-            .act(
-                Step::Image,
-                async move { images.prepare(&tname, &h, &p).await },
-            )
+            .act(Step::Image, pending, async move {
+                images.prepare(&tname, &h, &p).await
+            })
             .await?;
         rec.migration_step_finished(Step::Image, &template);
         let images = b.images.clone();
@@ -161,7 +179,7 @@ impl Provisioner {
         );
         let tpl = template.clone();
         let disk = self
-            .act(Step::Disk, async move {
+            .act(Step::Disk, pending, async move {
                 images.create_disk(&n, &h, &tpl, gib, &o, &p).await
             })
             .await?;
@@ -187,10 +205,9 @@ impl Provisioner {
             rec.progress(Step::Domain),
         );
         let report: MigrationReport = self
-            .act(
-                Step::Domain,
-                async move { hv.migrate(&n, &f, &h, &o, &p).await },
-            )
+            .act(Step::Domain, pending, async move {
+                hv.migrate(&n, &f, &h, &o, &p).await
+            })
             .await?;
         rec.migration_step_finished(Step::Domain, &report);
         self.finish_move(rec, req, vm, m).await
