@@ -60,6 +60,9 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Retries of transient failures.
     pub retries: Retries,
+    /// The `[journal]` section, if any (where the journal lives when not in `state_dir`:
+    /// see [`ProvisionerBuilder::journal`]).
+    pub journal: Option<toml::Table>,
     sections: BTreeMap<Step, BackendSection>,
 }
 
@@ -93,6 +96,7 @@ struct RawConfig {
     timeouts: RawTimeouts,
     #[serde(default)]
     retries: RawRetries,
+    journal: Option<toml::Table>,
     users: toml::Table,
     placement: toml::Table,
     ip: toml::Table,
@@ -287,6 +291,7 @@ impl Config {
             defaults,
             timeouts,
             retries,
+            journal: raw.journal,
             sections,
         })
     }
@@ -374,6 +379,9 @@ impl Config {
             .defaults(self.defaults.clone())
             .timeouts(self.timeouts.clone())
             .retries(self.retries.clone());
+        if let Some(j) = &self.journal {
+            b = b.journal(j.clone(), self.base_dir());
+        }
         for step in crate::registry::SECTION_STEPS {
             let section = self
                 .section(step)

@@ -65,6 +65,7 @@ impl StepWork {
     }
 
     /// Whether the step was given up (see [`abandon`](Self::abandon)).
+    #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
     pub(crate) fn is_abandoned(&self) -> bool {
         self.0.abandoned.load(Ordering::SeqCst)
     }
@@ -126,6 +127,7 @@ pub fn abandoned() -> bool {
 
 /// Inside [`blocking`] work: the step it belongs to, for a thread of its own that must
 /// watch for [`abandoned`] (a long libvirt job it can abort). None outside a step.
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 pub(crate) fn current() -> Option<StepWork> {
     THREAD.with(|t| t.borrow().clone())
 }

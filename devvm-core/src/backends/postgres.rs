@@ -158,7 +158,7 @@ impl BackendError for PgError {
     }
 }
 
-fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
+pub(crate) fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
     move |source| PgError::Db { what, source }
 }
 
@@ -219,7 +219,7 @@ impl PostgresDatabase {
 
 /// Brings devvm's schema `part` up to `steps` in `tx` (under an advisory lock, with the
 /// version recorded in `devvm_schema`).
-async fn migrate_part(
+pub(crate) async fn migrate_part(
     tx: &deadpool_postgres::Transaction<'_>,
     part: &str,
     steps: &[&str],

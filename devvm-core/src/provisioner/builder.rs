@@ -6,6 +6,7 @@ use super::*;
 #[derive(Default)]
 pub struct ProvisionerBuilder {
     state_dir: Option<PathBuf>,
+    journal: Option<(toml::Table, PathBuf)>,
     users: Option<Arc<dyn UserDirectory>>,
     placement: Option<Arc<dyn Placement>>,
     ip: Option<Arc<dyn IpAllocator>>,
@@ -35,9 +36,20 @@ impl ProvisionerBuilder {
         Self::default()
     }
 
-    /// Where the journal lives.
+    /// The provisioner's local state directory, and where the journal lives unless
+    /// [`journal`](Self::journal) puts it elsewhere.
     pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.state_dir = Some(dir.into());
+        self
+    }
+    /// Where the journal lives, as the config's `[journal]` section says:
+    /// `database = { url = "postgres://...", password = { file = "..." } }` puts it in
+    /// PostgreSQL (feature `postgres`), shared by provisioners on several machines, with
+    /// `owner_ttl_secs` (default 30) for how long a silent provisioner counts as alive.
+    /// Relative secret files are relative to `base_dir`. Without it: SQLite in the state
+    /// directory.
+    pub fn journal(mut self, section: toml::Table, base_dir: impl Into<PathBuf>) -> Self {
+        self.journal = Some((section, base_dir.into()));
         self
     }
     /// The user directory.
@@ -132,7 +144,10 @@ impl ProvisionerBuilder {
         let state_dir = need(self.state_dir, "state directory")?;
         let warnings = crate::secret::take_secret_warnings();
         let owner = uuid::Uuid::new_v4().to_string();
-        let journal = Journal::open(&state_dir, &owner)?;
+        let journal = match &self.journal {
+            Some((section, base)) => Journal::open(&state_dir, &owner, Some(section), base)?,
+            None => Journal::open(&state_dir, &owner, None, &state_dir)?,
+        };
         let owner_lock = journal.register_owner()?;
         Ok(Provisioner {
             inner: Arc::new(Inner {

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use crate::error::{Error, ErrorKind, Result, UndoFailure};
 use crate::events::{EventBus, EventKind, Operation, Progress, RunEvents, Subscription};
 use crate::journal::{
-    Begin, Journal, OwnerLock, RunRecord, RunState, StepRecord, StepState, UndoKey, Unreadable,
+    Begin, Journal, OwnerGuard, RunRecord, RunState, StepRecord, StepState, UndoKey, Unreadable,
 };
 use crate::traits::{
     Bootstrapper, DnsUpdater, Hypervisor, ImageStore, IpAllocator, Placement, UserDirectory,
@@ -125,7 +125,7 @@ struct Inner {
     timeouts: Timeouts,
     retries: Retries,
     owner: String,
-    _owner_lock: OwnerLock,
+    _owner_lock: OwnerGuard,
     /// Runs this provisioner is executing right now.
     running: Mutex<HashSet<RequestId>>,
     state_dir: PathBuf,

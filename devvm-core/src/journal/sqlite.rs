@@ -1,152 +1,18 @@
-//! The durable journal: an SQLite database under the state directory.
-//!
-//! Before a step acts, its intent (with what is needed to undo it) is committed; after it
-//! acts, its result. Every change is one SQLite transaction in WAL mode with
-//! `synchronous=FULL`, so a crash leaves either the old or the new state, never half of
-//! one. The journal is also the inventory of finished VMs and the idempotency store of
-//! request ids. Several processes may share one journal.
+//! The journal in SQLite under the state directory, the embedded default. Every change
+//! is one SQLite transaction in WAL mode with `synchronous=FULL`, so a crash leaves
+//! either the old or the new state, never half of one. The processes of one machine may
+//! share it; an owner is alive while it holds an OS lock on its file in `owners/`.
 
 use std::fs::{File, OpenOptions, TryLockError};
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::{Deserialize, Serialize};
-use time::OffsetDateTime;
 
-use crate::error::{Error, ErrorInfo, Result};
-use crate::types::{HostId, RequestId, ResolvedRequest, Step, Vm, VmName};
-
-/// What undoing a step needs, recorded with its intent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct UndoKey {
-    pub(crate) vm: VmName,
-    #[serde(default)]
-    pub(crate) host: Option<HostId>,
-    #[serde(default)]
-    pub(crate) ip: Option<IpAddr>,
-}
-
-/// The state of a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum RunState {
-    /// A provision is under way (or crashed while under way).
-    Running,
-    /// A failed provision is being (or could not be completely) undone.
-    RollingBack,
-    /// The VM exists.
-    Active,
-    /// The VM is being (or could not be completely) removed.
-    Deprovisioning,
-    /// The provision failed and everything was undone.
-    Failed,
-    /// The VM was deprovisioned.
-    Removed,
-    /// The VM is being (or crashed while being) moved to another host; its migration row
-    /// says how far that got.
-    Migrating,
-}
-
-impl RunState {
-    fn as_str(self) -> &'static str {
-        match self {
-            RunState::Running => "running",
-            RunState::RollingBack => "rolling_back",
-            RunState::Active => "active",
-            RunState::Deprovisioning => "deprovisioning",
-            RunState::Failed => "failed",
-            RunState::Removed => "removed",
-            RunState::Migrating => "migrating",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "running" => RunState::Running,
-            "rolling_back" => RunState::RollingBack,
-            "active" => RunState::Active,
-            "deprovisioning" => RunState::Deprovisioning,
-            "failed" => RunState::Failed,
-            "removed" => RunState::Removed,
-            "migrating" => RunState::Migrating,
-            other => return Err(journal_err(format!("unknown run state {other:?}"))),
-        })
-    }
-}
-
-/// The state of one step of a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StepState {
-    Intent,
-    Done,
-    Undone,
-    UndoFailed,
-}
-
-impl StepState {
-    fn as_str(self) -> &'static str {
-        match self {
-            StepState::Intent => "intent",
-            StepState::Done => "done",
-            StepState::Undone => "undone",
-            StepState::UndoFailed => "undo_failed",
-        }
-    }
-    fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "intent" => StepState::Intent,
-            "done" => StepState::Done,
-            "undone" => StepState::Undone,
-            "undo_failed" => StepState::UndoFailed,
-            other => return Err(journal_err(format!("unknown step state {other:?}"))),
-        })
-    }
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct StepRecord {
-    pub(crate) step: Step,
-    pub(crate) state: StepState,
-    pub(crate) key: UndoKey,
-    pub(crate) output: Option<serde_json::Value>,
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct RunRecord {
-    pub(crate) request: ResolvedRequest,
-    pub(crate) state: RunState,
-    pub(crate) owner: String,
-    pub(crate) vm: Option<Vm>,
-}
-
-/// What `begin` found.
-#[derive(Debug)]
-pub(crate) enum Begin {
-    /// A new run was recorded; go ahead.
-    Started,
-    /// The request already produced this VM.
-    Finished(Box<Vm>),
-    /// The request is recorded in an unfinished state under `owner`.
-    Unfinished { owner: String },
-}
-
-fn journal_err(message: impl Into<String>) -> Error {
-    Error::backend(message).with_backend("journal")
-}
+use super::*;
 
 fn sql_err(context: &str) -> impl Fn(rusqlite::Error) -> Error {
     crate::sqlite::err(format!("journal: {context}"), "journal")
-}
-
-fn json_err(context: &str) -> impl FnOnce(serde_json::Error) -> Error + '_ {
-    move |e| journal_err(format!("journal: {context}")).with_source(e)
-}
-
-fn now() -> String {
-    OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 /// The schema, one step per version (SQLite's `user_version`, migrated forward with
@@ -207,56 +73,6 @@ CREATE TABLE IF NOT EXISTS migrations (
 ",
 ];
 
-/// How far a live migration got; each phase is recorded before its act starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum MigrationPhase {
-    /// Recorded; nothing done yet.
-    Started,
-    /// Moving the placement slot to the target.
-    Placing,
-    /// Making the template and the disk on the target.
-    Preparing,
-    /// The hypervisor is moving the running guest.
-    Migrating,
-    /// The guest runs on the target; the source's disk is being removed.
-    Finishing,
-}
-
-impl MigrationPhase {
-    fn as_str(self) -> &'static str {
-        match self {
-            MigrationPhase::Started => "started",
-            MigrationPhase::Placing => "placing",
-            MigrationPhase::Preparing => "preparing",
-            MigrationPhase::Migrating => "migrating",
-            MigrationPhase::Finishing => "finishing",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "started" => MigrationPhase::Started,
-            "placing" => MigrationPhase::Placing,
-            "preparing" => MigrationPhase::Preparing,
-            "migrating" => MigrationPhase::Migrating,
-            "finishing" => MigrationPhase::Finishing,
-            other => return Err(journal_err(format!("unknown migration phase {other:?}"))),
-        })
-    }
-}
-
-/// A run's migration as the journal holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct MigrationRecord {
-    pub(crate) from: HostId,
-    pub(crate) to: HostId,
-    pub(crate) phase: MigrationPhase,
-}
-
-/// The version of the JSON this build writes into a run's row; a row with another
-/// version is reported as unreadable, never guessed at.
-const JSON_VERSION: i64 = 1;
-
 /// A handle on the journal database for one provisioner (`owner`). Cheap to clone;
 /// calls block (use `spawn_blocking`).
 ///
@@ -264,7 +80,7 @@ const JSON_VERSION: i64 = 1;
 /// owner, so a process that was paused while `recover()` elsewhere claimed its run cannot
 /// write into it afterwards.
 #[derive(Debug, Clone)]
-pub(crate) struct Journal {
+pub(crate) struct SqliteJournal {
     conn: Arc<Mutex<Connection>>,
     owners_dir: PathBuf,
     owner: Arc<str>,
@@ -301,18 +117,10 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// The error of a fenced write: the run belongs to another owner now.
-fn fenced(request_id: &RequestId) -> Error {
-    Error::conflict(format!(
-        "run {request_id} was taken over by another provisioner (recover()); this one no longer writes to it"
-    ))
-    .with_backend("journal")
-}
-
-impl Journal {
+impl SqliteJournal {
     /// Opens (creating if needed) the journal in `state_dir` for the provisioner
     /// `owner`. The directory is created 0700, the database files 0600.
-    pub(crate) fn open(state_dir: &Path, owner: &str) -> Result<Journal> {
+    pub(crate) fn open(state_dir: &Path, owner: &str) -> Result<SqliteJournal> {
         private_dir(state_dir).map_err(|e| {
             Error::invalid_input(format!(
                 "cannot create state directory {}",
@@ -334,7 +142,7 @@ impl Journal {
             format!("the journal {}", path.display()),
             "journal",
         )?;
-        Ok(Journal {
+        Ok(SqliteJournal {
             conn: Arc::new(Mutex::new(conn)),
             owners_dir,
             owner: owner.into(),
@@ -375,7 +183,12 @@ impl Journal {
             )
             .map_err(sql_err("register owner"))
         })?;
-        Ok(OwnerLock { path, file })
+        Ok(OwnerLock {
+            path,
+            file,
+            conn: self.conn.clone(),
+            owner: self.owner.clone(),
+        })
     }
 
     /// Whether the process that registered `owner` is still alive: its lock file is
@@ -546,29 +359,6 @@ impl Journal {
         })
     }
 
-    /// Records that `step` acted, with its result.
-    pub(crate) fn done(
-        &self,
-        request_id: &RequestId,
-        step: Step,
-        output: &serde_json::Value,
-    ) -> Result<()> {
-        self.set_step(request_id, step, StepState::Done, Some(output), None)
-    }
-
-    /// Records that `step` was undone, or that undoing it failed.
-    pub(crate) fn undone(
-        &self,
-        request_id: &RequestId,
-        step: Step,
-        failure: Option<&ErrorInfo>,
-    ) -> Result<()> {
-        match failure {
-            None => self.set_step(request_id, step, StepState::Undone, None, None),
-            Some(e) => self.set_step(request_id, step, StepState::UndoFailed, None, Some(e)),
-        }
-    }
-
     fn set_step(
         &self,
         request_id: &RequestId,
@@ -673,11 +463,22 @@ impl Journal {
 
     /// The runs matching `condition`; a row that cannot be decoded is returned as
     /// [`Unreadable`] in its place, so one bad row never hides the others.
-    fn runs_where(
+    fn runs(
         &self,
-        condition: &str,
-        arg: Option<&str>,
+        filter: RunFilter<'_>,
     ) -> Result<Vec<std::result::Result<RunRecord, Unreadable>>> {
+        let (condition, arg) = match filter {
+            RunFilter::Unfinished => (
+                "state IN ('running', 'rolling_back', 'deprovisioning', 'migrating')",
+                None,
+            ),
+            RunFilter::Active => ("state = 'active'", None),
+            RunFilter::LiveVm(vm) => (
+                "vm = ?1 AND state IN ('running', 'rolling_back', 'active', 'deprovisioning')",
+                Some(vm.as_str()),
+            ),
+            RunFilter::Id(id) => ("request_id = ?1", Some(id.as_str())),
+        };
         self.with(|conn| {
             let sql = format!(
                 "SELECT request_id, vm, request, state, owner, vm_record, json_version
@@ -730,15 +531,6 @@ impl Journal {
                 })
                 .collect())
         })
-    }
-
-    /// Runs that are not in a final state (running, rolling back, deprovisioning,
-    /// migrating), and the rows of such runs that cannot be read.
-    pub(crate) fn unfinished(&self) -> Result<(Vec<RunRecord>, Vec<Unreadable>)> {
-        Ok(split(self.runs_where(
-            "state IN ('running', 'rolling_back', 'deprovisioning', 'migrating')",
-            None,
-        )?))
     }
 
     /// Records the start of a migration of the run `request_id` (which this owner holds,
@@ -883,88 +675,72 @@ impl Journal {
             .transpose()
         })
     }
+}
 
-    /// The run that currently holds the VM name, if any. A row that cannot be read is an
-    /// error naming that run.
-    pub(crate) fn live_run_of(&self, vm: &VmName) -> Result<Option<RunRecord>> {
-        self.runs_where(
-            "vm = ?1 AND state IN ('running', 'rolling_back', 'active', 'deprovisioning')",
-            Some(vm.as_str()),
-        )?
-        .into_iter()
-        .next()
-        .map(|r| r.map_err(Unreadable::into_error))
-        .transpose()
+impl JournalStore for SqliteJournal {
+    fn register_owner(&self) -> Result<OwnerGuard> {
+        Ok(Box::new(SqliteJournal::register_owner(self)?))
     }
-
-    /// The run of a request id, if any. A row that cannot be read is an error naming it.
-    pub(crate) fn run(&self, request_id: &RequestId) -> Result<Option<RunRecord>> {
-        self.runs_where("request_id = ?1", Some(request_id.as_str()))?
-            .into_iter()
-            .next()
-            .map(|r| r.map_err(Unreadable::into_error))
-            .transpose()
+    fn owner_alive(&self, owner: &str) -> bool {
+        SqliteJournal::owner_alive(self, owner)
     }
-
-    /// The size of every VM that exists (readable rows only).
-    pub(crate) fn active_sizes(
+    fn forget_owner(&self, owner: &str) {
+        SqliteJournal::forget_owner(self, owner)
+    }
+    fn begin(&self, req: &ResolvedRequest, owner: &str) -> Result<Begin> {
+        SqliteJournal::begin(self, req, owner)
+    }
+    fn claim(&self, request_id: &RequestId, from: &str, to: &str, state: RunState) -> Result<bool> {
+        SqliteJournal::claim(self, request_id, from, to, state)
+    }
+    fn intent(&self, request_id: &RequestId, step: Step, key: &UndoKey) -> Result<()> {
+        SqliteJournal::intent(self, request_id, step, key)
+    }
+    fn set_step(
         &self,
-    ) -> Result<std::collections::BTreeMap<VmName, crate::types::VmSize>> {
-        let (runs, _) = split(self.runs_where("state = 'active'", None)?);
-        Ok(runs
-            .into_iter()
-            .map(|r| (r.request.name, r.request.size))
-            .collect())
+        request_id: &RequestId,
+        step: Step,
+        state: StepState,
+        output: Option<&serde_json::Value>,
+        error: Option<&ErrorInfo>,
+    ) -> Result<()> {
+        SqliteJournal::set_step(self, request_id, step, state, output, error)
     }
-
-    /// Every VM that exists, and the rows of VMs that cannot be read.
-    pub(crate) fn active_vms(&self) -> Result<(Vec<Vm>, Vec<Unreadable>)> {
-        let (runs, bad) = split(self.runs_where("state = 'active'", None)?);
-        Ok((runs.into_iter().filter_map(|r| r.vm).collect(), bad))
+    fn set_run(
+        &self,
+        request_id: &RequestId,
+        state: RunState,
+        vm: Option<&Vm>,
+        error: Option<&ErrorInfo>,
+    ) -> Result<()> {
+        SqliteJournal::set_run(self, request_id, state, vm, error)
     }
-}
-
-/// A journal row that cannot be decoded (corrupted, or written by another devvm version).
-/// It is reported and left as it is: never rolled back, never rewritten.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Unreadable {
-    /// The run's request id, as stored.
-    pub request_id: String,
-    /// The VM name, as stored.
-    pub vm: String,
-    /// Why it cannot be read.
-    pub error: String,
-}
-
-impl Unreadable {
-    fn into_error(self) -> Error {
-        journal_err(format!(
-            "the journal row of run {} (vm {}) cannot be read: {}",
-            self.request_id, self.vm, self.error
-        ))
+    fn steps(&self, request_id: &RequestId) -> Result<Vec<StepRecord>> {
+        SqliteJournal::steps(self, request_id)
     }
-}
-
-impl std::fmt::Display for Unreadable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "run {} (vm {}): {}",
-            self.request_id, self.vm, self.error
-        )
+    fn runs(
+        &self,
+        filter: RunFilter<'_>,
+    ) -> Result<Vec<std::result::Result<RunRecord, Unreadable>>> {
+        SqliteJournal::runs(self, filter)
     }
-}
-
-fn split<T, E>(rows: Vec<std::result::Result<T, E>>) -> (Vec<T>, Vec<E>) {
-    let mut good = Vec::new();
-    let mut bad = Vec::new();
-    for r in rows {
-        match r {
-            Ok(t) => good.push(t),
-            Err(e) => bad.push(e),
-        }
+    fn begin_migration(&self, request_id: &RequestId, from: &HostId, to: &HostId) -> Result<()> {
+        SqliteJournal::begin_migration(self, request_id, from, to)
     }
-    (good, bad)
+    fn migration_phase(&self, request_id: &RequestId, phase: MigrationPhase) -> Result<()> {
+        SqliteJournal::migration_phase(self, request_id, phase)
+    }
+    fn end_migration(
+        &self,
+        request_id: &RequestId,
+        vm: &Vm,
+        error: Option<&ErrorInfo>,
+    ) -> Result<()> {
+        SqliteJournal::end_migration(self, request_id, vm, error)
+    }
+    fn migration(&self, request_id: &RequestId) -> Result<Option<MigrationRecord>> {
+        SqliteJournal::migration(self, request_id)
+    }
 }
 
 fn name_taken(e: rusqlite::Error, vm: &VmName) -> Error {
@@ -977,15 +753,23 @@ fn name_taken(e: rusqlite::Error, vm: &VmName) -> Error {
 
 /// Held for as long as a provisioner lives; proves to other processes that its runs are
 /// not abandoned. The OS releases it when the process dies, even on SIGKILL.
-#[derive(Debug)]
 pub(crate) struct OwnerLock {
     path: PathBuf,
     file: File,
+    conn: Arc<Mutex<Connection>>,
+    owner: Arc<str>,
 }
 
 impl Drop for OwnerLock {
     fn drop(&mut self) {
-        // Remove the file while still holding the lock, then release it.
+        // The owner's record goes first (so its still-running process does not keep it
+        // alive), then the file, while still holding the lock; then the lock.
+        let conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = conn.execute("DELETE FROM owners WHERE owner = ?1", params![&*self.owner]);
+        drop(conn);
         let _ = std::fs::remove_file(&self.path);
         let _ = self.file.unlock();
     }
@@ -1020,8 +804,8 @@ mod tests {
     #[test]
     fn a_claimed_run_refuses_the_old_owners_writes() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Journal::open(dir.path(), "owner-a").unwrap();
-        let b = Journal::open(dir.path(), "owner-b").unwrap();
+        let a = SqliteJournal::open(dir.path(), "owner-a").unwrap();
+        let b = SqliteJournal::open(dir.path(), "owner-b").unwrap();
         let req = request("fenced");
         let id = req.request_id.clone();
         assert!(matches!(a.begin(&req, "owner-a"), Ok(Begin::Started)));
@@ -1061,9 +845,9 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().unwrap();
         let state = tmp.path().join("state");
-        let a = Journal::open(&state, "owner-a").unwrap();
+        let a = SqliteJournal::open(&state, "owner-a").unwrap();
         let lock = a.register_owner().unwrap();
-        let b = Journal::open(&state, "owner-b").unwrap();
+        let b = SqliteJournal::open(&state, "owner-b").unwrap();
         let mode = |p: &Path| {
             std::fs::metadata(p)
                 .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
