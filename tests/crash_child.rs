@@ -3,6 +3,7 @@
 //! config file, with a fault that kills it with SIGKILL at a chosen step boundary.
 //!
 //! Usage: `devvm-crash-child CONFIG provision|deprovision|migrate STEP before|after`
+//! (`DEVVM_CRASH_RUN=S` names the VM `crashy-S` and its request `crash-run-S`).
 
 use std::process::ExitCode;
 
@@ -42,9 +43,13 @@ async fn run(args: &[String]) -> devvm_core::Result<()> {
     let clean = builder
         .current_backends()
         .ok_or_else(|| devvm_core::Error::invalid_input("config leaves a backend unset"))?;
+    // A run of its own (for a journal several test runs share): DEVVM_CRASH_RUN=suffix.
+    let suffix = std::env::var("DEVVM_CRASH_RUN")
+        .map(|s| format!("-{s}"))
+        .unwrap_or_default();
     let req = ProvisionRequest::new(UserName::new("alice")?)
-        .with_name(VmName::new("crashy")?)
-        .with_request_id(RequestId::new("crash-run")?);
+        .with_name(VmName::new(format!("crashy{suffix}"))?)
+        .with_request_id(RequestId::new(format!("crash-run{suffix}"))?);
     match mode.as_str() {
         "provision" => {
             let p = builder

@@ -2,7 +2,10 @@
 //! suite (the foreign-lease cases included), 4 allocators (each its own connection pool,
 //! as separate processes would be) × 8 tasks racing for a subnet that fits them exactly,
 //! a wrong password and a database that is down, a plan that changed, and the store
-//! selected by a config in the real pipeline.
+//! selected by a config in the real pipeline. With the journal there too: two
+//! provisioners with local state of their own share leases, slots and runs while they
+//! provision into the lab's hosts, and a provisioner SIGKILLed mid-run is recovered by
+//! another process.
 //!
 //! Each test works in a subnet of its own (random), so tests and runs never share rows;
 //! the rows are deleted afterwards with psql.
@@ -12,7 +15,7 @@ use std::sync::Arc;
 
 use devvm_core::backends::postgres::{PostgresIpAllocator, PostgresIpConfig};
 use devvm_core::testkit::conformance::{IpAllocatorFixture, ip_allocator};
-use devvm_core::{ErrorKind, IpAllocator, RequestId, VmName};
+use devvm_core::{ErrorKind, IpAllocator, Provisioner, RequestId, VmName};
 use devvm_tests::Lab;
 
 /// A random /`prefix` subnet of 10.128.0.0/9 no other test run uses.
@@ -457,7 +460,11 @@ async fn two_provisioners_share_one_postgres() {
         let mut database = toml::Table::new();
         database.insert("url".into(), url.into());
         database.insert("password".into(), toml::Value::Table(password));
-        placement.insert("database".into(), toml::Value::Table(database));
+        placement.insert("database".into(), toml::Value::Table(database.clone()));
+        // And one journal: each sees the other's runs; only their local state differs.
+        let mut journal = toml::Table::new();
+        journal.insert("database".into(), toml::Value::Table(database));
+        table.insert("journal".into(), toml::Value::Table(journal));
         let path = dir.path().join("shared.toml");
         std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
         provisioners.push(devvm_core::Provisioner::from_config(&path).unwrap());
@@ -484,15 +491,23 @@ async fn two_provisioners_share_one_postgres() {
         );
         assert_eq!(env.dns_a(&v.fqdn), vec![v.ip.to_string()]);
     }
-    // Each sees the other's slot and lease in the shared database, not in its journal.
-    assert!(a.get(&nb).await.unwrap().is_none() && b.get(&na).await.unwrap().is_none());
+    // One journal: each lists the other's VM, and a name held by one is refused by the
+    // other.
+    assert_eq!(a.get(&nb).await.unwrap().map(|v| v.ip), Some(vb.ip));
+    assert_eq!(b.get(&na).await.unwrap().map(|v| v.ip), Some(va.ip));
+    let e = b
+        .provision(devvm_core::ProvisionRequest::new(lab.member()).with_name(na.clone()))
+        .await
+        .expect_err("the name is a's");
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
     let held = psql(
         &lab,
         &format!("SELECT count(*) FROM devvm_placement WHERE vm IN ('{na}', '{nb}')"),
     );
     assert_eq!(held, "2", "both slots in PostgreSQL");
-    a.deprovision(&na).await.unwrap();
-    b.deprovision(&nb).await.unwrap();
+    // Either may remove either VM: b removes a's.
+    b.deprovision(&na).await.unwrap();
+    a.deprovision(&nb).await.unwrap();
     for v in [&va, &vb] {
         let left: Vec<String> = env
             .leftovers(v.name.as_str(), &v.fqdn, None)
@@ -505,4 +520,91 @@ async fn two_provisioners_share_one_postgres() {
         &format!("SELECT count(*) FROM devvm_placement WHERE vm IN ('{na}', '{nb}')"),
     );
     assert_eq!(held, "0");
+}
+
+/// A provisioner process SIGKILLed at every step boundary of a provision, its journal in
+/// the lab's PostgreSQL, is recovered by *another* process with a local state directory
+/// of its own: once the dead one's heartbeat row expires (its time to live is 1 s here),
+/// recover() claims the run and rolls it back, or completes it if every step had
+/// finished; nothing is left held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provisioner_killed_mid_run_is_recovered_by_another_process() {
+    use std::os::unix::process::ExitStatusExt;
+    let Some(lab) = Lab::get("a_provisioner_killed_mid_run_is_recovered_by_another_process") else {
+        return;
+    };
+    let journal = format!(
+        "\n[journal]\nowner_ttl_secs = 1\ndatabase = {{ url = \"{}\", password = {{ file = \"{}\" }} }}\n",
+        lab.var("pg_url"),
+        lab.var("pg_password_file")
+    );
+    for step in devvm_core::Step::ALL {
+        for when in ["before", "after"] {
+            let ctx = format!("killed {when} {step}");
+            let dir = tempfile::tempdir().unwrap();
+            // One set of (reference) backends, two machines' worth of local state.
+            let base = std::fs::read_to_string(devvm_tests::write_config(dir.path())).unwrap();
+            assert!(
+                base.contains("state_dir = \"state\""),
+                "the reference config changed"
+            );
+            let config_for = |state: &str| {
+                let path = dir.path().join(format!("{state}.toml"));
+                let text =
+                    base.replace("state_dir = \"state\"", &format!("state_dir = \"{state}\""));
+                std::fs::write(&path, text + &journal).unwrap();
+                path
+            };
+            let (child_config, other_config) = (config_for("machine-a"), config_for("machine-b"));
+            let run = uuid_bytes()[..8]
+                .iter()
+                .map(|b| char::from(*b))
+                .collect::<String>();
+            let status = std::process::Command::new(env!("CARGO_BIN_EXE_devvm-crash-child"))
+                .env("DEVVM_CRASH_RUN", &run)
+                .args([
+                    child_config.as_os_str(),
+                    "provision".as_ref(),
+                    step.as_str().as_ref(),
+                    when.as_ref(),
+                ])
+                .status()
+                .expect("spawn child");
+            assert_eq!(status.signal(), Some(libc::SIGKILL), "{ctx}: {status}");
+
+            let p = Provisioner::from_config(&other_config).unwrap();
+            // The dead process's run is left alone until its heartbeat expires.
+            let settle = async {
+                loop {
+                    let r = p.recover().await.unwrap();
+                    assert!(
+                        r.still_held.is_empty() && r.unreadable.is_empty(),
+                        "{ctx}: {r:?}"
+                    );
+                    if !r.completed.is_empty() || !r.rolled_back.is_empty() {
+                        return r;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            };
+            let report = tokio::time::timeout(std::time::Duration::from_secs(120), settle)
+                .await
+                .unwrap_or_else(|_| panic!("{ctx}: never recovered"));
+            let held = || {
+                devvm_tests::reference_backends(Some(dir.path()))
+                    .held_total()
+                    .unwrap()
+            };
+            let vms = p.list().await.unwrap();
+            if report.completed.is_empty() {
+                assert!(vms.is_empty(), "{ctx}: {report:?}");
+                assert_eq!(held(), 0, "{ctx}: rolled back: nothing held");
+            } else {
+                assert_eq!(vms.len(), 1, "{ctx}: {report:?}");
+                assert_eq!(held(), 7, "{ctx}: one complete vm");
+                p.deprovision(&vms[0].name).await.unwrap();
+                assert_eq!(held(), 0, "{ctx}: removed");
+            }
+        }
+    }
 }
