@@ -103,14 +103,23 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum DbCommand {
-    /// Copy the leases of an SQLite lease database (same subnet) into PostgreSQL, keeping
-    /// each lease's VM, address and owning request; all or nothing, and again is a no-op.
+    /// Move an embedded (SQLite) state into PostgreSQL so a team can grow without
+    /// re-provisioning: the leases of an SQLite lease database (same subnet; needs
+    /// `[ip] backend = "postgres"`), the slots of a placement database (`--placement`;
+    /// needs `[placement] database`), and the VMs of a journal (`--journal STATE_DIR`;
+    /// needs `[journal] database`). Each part is all or nothing, and again is a no-op.
     Import {
         /// The kind of store to import from (only `sqlite`).
         #[arg(long, value_parser = ["sqlite"])]
         from: String,
         /// The SQLite lease database (`leases.sqlite3`).
-        path: std::path::PathBuf,
+        path: Option<std::path::PathBuf>,
+        /// The SQLite placement database (`placement.sqlite3` in the old state directory).
+        #[arg(long)]
+        placement: Option<std::path::PathBuf>,
+        /// The old state directory whose journal (`journal.sqlite3`) holds the VMs.
+        #[arg(long)]
+        journal: Option<std::path::PathBuf>,
     },
 }
 
@@ -388,52 +397,82 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Db {
-            command: DbCommand::Import { from: _, path },
-        } => {
-            use devvm_core::backends::postgres::{PostgresIpAllocator, PostgresIpConfig};
-            use devvm_core::backends::sqlite_ip::{SqliteIpAllocator, SqliteIpConfig};
-            let c = devvm_core::config::Config::load(&config)?;
-            let ip = c.section(Step::Ip).map(|s| s.backend.as_str());
-            if ip != Some("postgres") {
-                return Err(Error::invalid_input(format!(
-                    "db import needs [ip] backend = \"postgres\" in {}, not {:?}",
-                    config.display(),
-                    ip.unwrap_or("none")
-                )));
-            }
-            if !path.is_file() {
-                return Err(Error::not_found(format!(
-                    "no SQLite lease database at {}",
-                    path.display()
-                )));
-            }
-            let pg_config: PostgresIpConfig = c.options(Step::Ip)?;
-            let pg = PostgresIpAllocator::from_config(&pg_config, c.base_dir())?;
-            pg.migrate().await?;
-            // The SQLite file must have been made for the same subnet plan.
-            let lite = SqliteIpAllocator::from_config(
-                &SqliteIpConfig {
-                    path: Some(path.clone()),
-                    subnet: pg_config.subnet,
-                    gateway: pg_config.gateway,
-                    reserved: pg_config.reserved.clone(),
+            command:
+                DbCommand::Import {
+                    from: _,
+                    path,
+                    placement,
+                    journal,
                 },
-                std::path::Path::new("."),
-                std::path::Path::new("."),
-            )?;
-            let leases = lite.leases().await?;
-            let added = pg.import(&leases).await?;
+        } => {
+            let c = devvm_core::config::Config::load(&config)?;
+            if path.is_none() && placement.is_none() && journal.is_none() {
+                return Err(Error::invalid_input(
+                    "db import: name what to import: a lease database, --placement FILE or --journal STATE_DIR",
+                ));
+            }
+            let mut report = serde_json::Map::new();
+            if let Some(path) = path {
+                let (n, added) = import_leases(&c, &config, &path).await?;
+                report.insert("leases".into(), n.into());
+                report.insert("added".into(), added.into());
+                if !cli.json {
+                    println!(
+                        "{n} lease(s) in {}, {added} added to PostgreSQL",
+                        path.display()
+                    );
+                }
+            }
+            if let Some(file) = placement {
+                #[derive(serde::Deserialize)]
+                struct Shared {
+                    database: Option<devvm_core::backends::postgres::PostgresDatabase>,
+                }
+                let db = c.options::<Shared>(Step::Placement)?.database.ok_or_else(|| {
+                    Error::invalid_input(format!(
+                        "db import --placement needs [placement] database = {{ url, password }} in {}",
+                        config.display()
+                    ))
+                })?;
+                let to = devvm_core::backends::postgres::reservations::PostgresReservations::new(
+                    &db,
+                    c.base_dir(),
+                )?;
+                let r = devvm_core::backends::placement::import_reservations(&file, &to).await?;
+                report.insert("placement".into(), serde_json::json!(r));
+                if !cli.json {
+                    println!(
+                        "{} slot(s) in {}, {} added to PostgreSQL, {} without an owner left out",
+                        r.slots,
+                        file.display(),
+                        r.added,
+                        r.unowned
+                    );
+                }
+            }
+            if let Some(dir) = journal {
+                let section = c.journal.clone().ok_or_else(|| {
+                    Error::invalid_input(format!(
+                        "db import --journal needs a [journal] database = {{ url, password }} in {}",
+                        config.display()
+                    ))
+                })?;
+                let base = c.base_dir().to_owned();
+                let r = tokio::task::spawn_blocking(move || {
+                    devvm_core::import_sqlite_journal(&dir, &section, &base)
+                })
+                .await
+                .map_err(|e| Error::backend("the import stopped").with_source(e))??;
+                report.insert("journal".into(), serde_json::json!(r));
+                if !cli.json {
+                    println!(
+                        "{} vm(s) in the journal, {} added to PostgreSQL",
+                        r.vms, r.added
+                    );
+                }
+            }
             if cli.json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "leases": leases.len(), "added": added })
-                );
-            } else {
-                println!(
-                    "{} lease(s) in {}, {added} added to PostgreSQL",
-                    leases.len(),
-                    path.display()
-                );
+                println!("{}", serde_json::Value::Object(report));
             }
         }
         Command::Images {
@@ -527,4 +566,46 @@ async fn main() -> ExitCode {
             ExitCode::from(exit_code(e.kind()))
         }
     }
+}
+
+/// `db import`'s lease part: the SQLite lease database at `path` into the `[ip]`
+/// PostgreSQL store. Returns how many leases it held and how many were added.
+async fn import_leases(
+    c: &devvm_core::config::Config,
+    config: &std::path::Path,
+    path: &std::path::Path,
+) -> Result<(usize, usize), Error> {
+    use devvm_core::backends::postgres::{PostgresIpAllocator, PostgresIpConfig};
+    use devvm_core::backends::sqlite_ip::{SqliteIpAllocator, SqliteIpConfig};
+    let ip = c.section(Step::Ip).map(|s| s.backend.as_str());
+    if ip != Some("postgres") {
+        return Err(Error::invalid_input(format!(
+            "db import needs [ip] backend = \"postgres\" in {}, not {:?}",
+            config.display(),
+            ip.unwrap_or("none")
+        )));
+    }
+    if !path.is_file() {
+        return Err(Error::not_found(format!(
+            "no SQLite lease database at {}",
+            path.display()
+        )));
+    }
+    let pg_config: PostgresIpConfig = c.options(Step::Ip)?;
+    let pg = PostgresIpAllocator::from_config(&pg_config, c.base_dir())?;
+    pg.migrate().await?;
+    // The SQLite file must have been made for the same subnet plan.
+    let lite = SqliteIpAllocator::from_config(
+        &SqliteIpConfig {
+            path: Some(path.to_owned()),
+            subnet: pg_config.subnet,
+            gateway: pg_config.gateway,
+            reserved: pg_config.reserved.clone(),
+        },
+        std::path::Path::new("."),
+        std::path::Path::new("."),
+    )?;
+    let leases = lite.leases().await?;
+    let added = pg.import(&leases).await?;
+    Ok((leases.len(), added))
 }

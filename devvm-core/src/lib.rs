@@ -48,6 +48,8 @@ pub mod work;
 pub use error::{Error, ErrorInfo, ErrorKind, Result, UndoFailure};
 pub use events::{Event, EventKind, Operation, Progress, Subscription};
 pub use journal::Unreadable;
+#[cfg(feature = "postgres")]
+pub use journal::{JournalImport, import_sqlite_journal};
 pub use provisioner::{
     Backends, CancelToken, Defaults, Provisioner, ProvisionerBuilder, RecoveryReport, Retries,
     RunHandle, Timeouts, WAITING_FOR_BLOCKING_WORK,

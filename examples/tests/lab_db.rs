@@ -1,6 +1,7 @@
 //! `devvm db import --from sqlite`, as a program, against the lab's PostgreSQL: the leases
 //! of an SQLite lease database arrive with their owners, a second import adds nothing,
-//! and a config whose `[ip]` is not `postgres` is refused.
+//! and a config whose `[ip]` is not `postgres` is refused; a real VM's journal and
+//! placement slot move too, and a provisioner sharing PostgreSQL then removes it.
 //!
 //! Needs the lab (run inside `scripts/lab exec`, as scripts/test does); skips otherwise,
 //! and fails instead of skipping when `DEVVM_REQUIRE_LAB=1`.
@@ -111,4 +112,144 @@ async fn db_import_moves_sqlite_leases_into_postgres() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A team grows without re-provisioning: a real VM made with the embedded state (SQLite
+/// journal and placement database) moves into PostgreSQL with `devvm db import --journal
+/// DIR --placement FILE`; a provisioner with a state directory of its own and everything
+/// shared in PostgreSQL then lists it and removes it without a trace. Importing again
+/// adds nothing; a journal with an unfinished run is refused.
+#[test]
+fn db_import_moves_a_real_vm_with_its_journal_and_slot() {
+    let Some(env) = devvm_examples::lab::LabEnv::from_env() else {
+        assert!(
+            std::env::var("DEVVM_REQUIRE_LAB").as_deref() != Ok("1"),
+            "the lab is required but its environment is missing"
+        );
+        eprintln!("SKIPPED: the lab is not up (run inside scripts/lab exec)");
+        return;
+    };
+    let (Some(url), Some(pw)) = (var("PG_URL"), var("PG_PASSWORD_FILE")) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let lab_config = std::fs::read_to_string(env.write_config(dir.path()).unwrap()).unwrap();
+    let shared_placement = format!(
+        "path = \"{}\"",
+        env.dir.join("devvm-shared/placement.sqlite3").display()
+    );
+    assert!(
+        lab_config.contains(&shared_placement),
+        "lab-config's placement path changed"
+    );
+    let db = format!("{{ url = \"{url}\", password = {{ file = \"{pw}\" }} }}");
+    let old_placement = dir.path().join("old-placement.sqlite3");
+    let old = dir.path().join("old.toml");
+    std::fs::write(
+        &old,
+        lab_config.replace(
+            &shared_placement,
+            &format!("path = \"{}\"", old_placement.display()),
+        ),
+    )
+    .unwrap();
+    let new = dir.path().join("new.toml");
+    let new_state = dir.path().join("new-state");
+    std::fs::write(
+        &new,
+        lab_config
+            .replace(&shared_placement, &format!("database = {db}"))
+            .replace(
+                &format!("state_dir = \"{}\"", dir.path().join("state").display()),
+                &format!("state_dir = \"{}\"", new_state.display()),
+            )
+            + &format!("\n[journal]\ndatabase = {db}\n"),
+    )
+    .unwrap();
+    let devvm = |config: &std::path::Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_devvm"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .output()
+            .expect("run devvm")
+    };
+    let ok = |out: &std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let name = format!("imported-{}", std::process::id());
+    let made = ok(&devvm(
+        &old,
+        &["--json", "provision", "--user", "alice", "--name", &name],
+    ));
+    let vm: serde_json::Value = made
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| match v.get("type") {
+            None if v.get("fqdn").is_some() => Some(v),
+            Some(t) if t == "run_finished" => v.get("provisioned").cloned(),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no vm in {made}"));
+    let (fqdn, ip) = (
+        vm["fqdn"].as_str().unwrap().to_owned(),
+        vm["ip"].as_str().unwrap().parse().unwrap(),
+    );
+
+    let import = |extra: &[&str]| {
+        let journal = dir.path().join("state");
+        let mut args = vec!["--json", "db", "import", "--from", "sqlite", "--journal"];
+        args.push(journal.to_str().unwrap());
+        args.extend(["--placement", old_placement.to_str().unwrap()]);
+        args.extend(extra);
+        devvm(&new, &args)
+    };
+    let first: serde_json::Value = serde_json::from_str(&ok(&import(&[]))).unwrap();
+    assert_eq!(
+        first["journal"],
+        serde_json::json!({"vms": 1, "added": 1}),
+        "{first}"
+    );
+    assert_eq!(first["placement"]["added"], 1, "{first}");
+    let again: serde_json::Value = serde_json::from_str(&ok(&import(&[]))).unwrap();
+    assert_eq!(again["journal"]["added"], 0, "{again}");
+    assert_eq!(again["placement"]["added"], 0, "{again}");
+
+    // The new provisioner (its own, empty local state) knows the VM from PostgreSQL.
+    let listed = ok(&devvm(&new, &["--json", "list"]));
+    assert!(listed.contains(&name), "{listed}");
+    assert!(
+        !new_state.join("journal.sqlite3").exists(),
+        "no local journal is used"
+    );
+    ok(&devvm(&new, &["deprovision", &name]));
+    let left = env.leftovers(&name, &fqdn, Some(ip));
+    assert!(left.is_empty(), "leaked: {left:?}");
+    let listed = ok(&devvm(&new, &["--json", "list"]));
+    assert!(!listed.contains(&name), "{listed}");
+
+    // A journal with an unfinished run is refused, and nothing is imported from it.
+    let out = Command::new("sqlite3")
+        .arg(dir.path().join("state/journal.sqlite3"))
+        .arg("UPDATE runs SET state = 'running'")
+        .output()
+        .expect("sqlite3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = import(&[]);
+    assert_eq!(
+        out.status.code(),
+        Some(8),
+        "a conflict: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("recover"));
 }

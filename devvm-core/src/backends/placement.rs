@@ -271,6 +271,24 @@ struct SqliteReservations {
 }
 
 impl SqliteReservations {
+    fn open(path: PathBuf) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            crate::sqlite::private_dir(dir)
+                .map_err(|e| PlacementError::CreateDir(dir.to_owned(), e))?;
+        }
+        let mut conn = crate::sqlite::open(&path, BACKEND)?;
+        crate::sqlite::migrate(
+            &mut conn,
+            SCHEMA,
+            format!("placement database {}", path.display()),
+            BACKEND,
+        )?;
+        Ok(SqliteReservations {
+            conn: Arc::new(Mutex::new(conn)),
+            path: Arc::new(path),
+        })
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection, &Path) -> Result<T> + Send + 'static,
@@ -449,22 +467,7 @@ impl LibvirtPlacement {
         if hosts.is_empty() {
             return Err(PlacementError::NoHosts.into());
         }
-        let path = path.into();
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            crate::sqlite::private_dir(dir)
-                .map_err(|e| PlacementError::CreateDir(dir.to_owned(), e))?;
-        }
-        let mut conn = crate::sqlite::open(&path, BACKEND)?;
-        crate::sqlite::migrate(
-            &mut conn,
-            SCHEMA,
-            format!("placement database {}", path.display()),
-            BACKEND,
-        )?;
-        let store = SqliteReservations {
-            conn: Arc::new(Mutex::new(conn)),
-            path: Arc::new(path),
-        };
+        let store = SqliteReservations::open(path.into())?;
         Self::with_store(hosts, reader, Arc::new(store))
     }
 
@@ -789,6 +792,84 @@ impl Placement for LibvirtPlacement {
             .map(|s| HostId::new(s.host))
             .transpose()
     }
+}
+
+/// What [`import_reservations`] found and moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ReservationImport {
+    /// The slots the SQLite placement database holds.
+    pub slots: usize,
+    /// How many were added (the others were there already, held by the same request).
+    pub added: usize,
+    /// Slots from before owners were recorded: no request can be proven to hold them,
+    /// so they are not moved (the VM's domain still counts on its host).
+    pub unowned: usize,
+}
+
+/// Copies the placement slots of the SQLite placement database at `from` (each with its
+/// host, size and owning request) into `to` (a shared store, PostgreSQL say). Every slot
+/// is checked first: when `to` holds one of the same VM for another request or host,
+/// nothing is added (`Conflict`); run again, it adds nothing. `from` does not change.
+pub async fn import_reservations(
+    from: &Path,
+    to: &dyn ReservationStore,
+) -> Result<ReservationImport> {
+    if !from.is_file() {
+        return Err(Error::not_found(format!(
+            "no SQLite placement database at {}",
+            from.display()
+        )));
+    }
+    let lite = SqliteReservations::open(from.to_owned())?;
+    let all = lite.all().await?;
+    let mut moving = Vec::new();
+    let mut unowned = 0;
+    for (vm, (host, size)) in &all {
+        let owner = match lite.slot(vm).await?.and_then(|s| s.owner) {
+            Some(o) => RequestId::new(o)?,
+            None => {
+                unowned += 1;
+                continue;
+            }
+        };
+        match to.slot(vm).await? {
+            Some(s) if s.host == host.as_str() && s.owner.as_deref() == Some(owner.as_str()) => {}
+            Some(s) => {
+                return Err(Error::conflict(format!(
+                    "{} already holds a slot of vm {vm} on {} for {}; nothing was imported",
+                    to.describe(),
+                    s.host,
+                    holder_of(s.owner)
+                )));
+            }
+            None => moving.push((vm.clone(), host.clone(), *size, owner)),
+        }
+    }
+    let mut added = 0;
+    for (vm, host, size, owner) in moving {
+        loop {
+            let expected = to.all().await?.len();
+            match to.insert(&vm, &host, &size, &owner, expected).await? {
+                None if to.slot(&vm).await?.is_none() => continue,
+                None => break,
+                Some((h, o)) if h == host.as_str() && o.as_deref() == Some(owner.as_str()) => {
+                    added += 1;
+                    break;
+                }
+                Some((h, o)) => {
+                    return Err(Error::conflict(format!(
+                        "vm {vm} was given a slot on {h} for {} meanwhile",
+                        holder_of(o)
+                    )));
+                }
+            }
+        }
+    }
+    Ok(ReservationImport {
+        slots: all.len(),
+        added,
+        unowned,
+    })
 }
 
 /// Registers this backend as `libvirt` in the `[placement]` section.

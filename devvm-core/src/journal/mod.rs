@@ -472,3 +472,71 @@ impl Journal {
         Self::open(state_dir, owner, None, state_dir)
     }
 }
+
+/// What [`import_sqlite_journal`] found and moved.
+#[cfg(feature = "postgres")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct JournalImport {
+    /// The VMs the SQLite journal holds (its runs in state active).
+    pub vms: usize,
+    /// How many of them were added (the others were there already).
+    pub added: usize,
+}
+
+/// Copies the VMs of the SQLite journal in `state_dir` (every run whose VM exists, with
+/// its steps, so that a deprovision undoes them as usual) into the PostgreSQL journal
+/// that the `[journal]` `section` names, all or nothing; run again, it adds nothing. A
+/// journal with unfinished runs is refused (`recover()` them first), as is one with rows
+/// this devvm cannot read, and a VM name held there by another live run
+/// (`AlreadyExists`). Nothing in the SQLite journal changes.
+#[cfg(feature = "postgres")]
+pub fn import_sqlite_journal(
+    state_dir: &Path,
+    section: &toml::Table,
+    base_dir: &Path,
+) -> Result<JournalImport> {
+    if !state_dir.join("journal.sqlite3").is_file() {
+        return Err(Error::not_found(format!(
+            "no SQLite journal in {}",
+            state_dir.display()
+        )));
+    }
+    let owner = format!("importer-{}", RequestId::random());
+    let lite = sqlite::SqliteJournal::open(state_dir, &owner)?;
+    let (unfinished, bad) = JournalStore::unfinished(&lite)?;
+    if let Some(r) = unfinished.first() {
+        return Err(Error::conflict(format!(
+            "the SQLite journal has {} unfinished run(s) (vm {} first): run `devvm recover` with it first",
+            unfinished.len(),
+            r.request.name
+        )));
+    }
+    let (active, more_bad) = split(lite.runs(RunFilter::Active)?);
+    if let Some(u) = bad.iter().chain(&more_bad).next() {
+        return Err(Error::invalid_input(format!(
+            "the SQLite journal has rows this devvm cannot read ({u}); nothing was imported"
+        )));
+    }
+    let mut runs = Vec::new();
+    for r in active {
+        let steps = lite.steps(&r.request.request_id)?;
+        runs.push((r, steps));
+    }
+    let vms = runs.len();
+    let section = match section.get("database") {
+        Some(toml::Value::Table(db)) => db.clone(),
+        _ => {
+            return Err(Error::invalid_input(
+                "[journal] has no `database = { url, password }` to import into",
+            ));
+        }
+    };
+    let pg = postgres::PgJournal::open(
+        &section,
+        &owner,
+        std::time::Duration::from_secs(30),
+        base_dir,
+    )?;
+    let added = pg.import(runs)?;
+    Ok(JournalImport { vms, added })
+}

@@ -775,6 +775,73 @@ impl JournalStore for PgJournal {
     }
 }
 
+impl PgJournal {
+    /// Adds the finished VMs `runs` (each with its steps, from another journal) that this
+    /// journal lacks, in one transaction, recorded under the owner `imported` (never
+    /// alive; a finished run is never recovered, and whoever removes it takes it over).
+    /// A request id already here is skipped; a VM name held by another live run here is
+    /// `AlreadyExists` and adds nothing. Returns how many were added.
+    pub(crate) fn import(&self, runs: Vec<(RunRecord, Vec<StepRecord>)>) -> Result<usize> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let mut client = pool.get().await.map_err(PgError::Connect)?;
+            let tx = client.transaction().await.map_err(db("begin"))?;
+            let mut added = 0;
+            for (run, steps) in runs {
+                let id = run.request.request_id.as_str().to_owned();
+                let exists = tx
+                    .query_opt(
+                        "SELECT 1 FROM devvm_journal_runs WHERE request_id = $1",
+                        &[&id],
+                    )
+                    .await
+                    .map_err(db("read a run"))?
+                    .is_some();
+                if exists {
+                    continue;
+                }
+                let request =
+                    serde_json::to_string(&run.request).map_err(json_err("encode request"))?;
+                let vm = run
+                    .vm
+                    .as_ref()
+                    .map(serde_json::to_string)
+                    .transpose()
+                    .map_err(json_err("encode vm"))?;
+                tx.execute(
+                    "INSERT INTO devvm_journal_runs
+                     (request_id, vm, request, state, owner, vm_record, json_version)
+                     VALUES ($1, $2, $3, $4, 'imported', $5, $6)",
+                    &[
+                        &id,
+                        &run.request.name.as_str(),
+                        &request,
+                        &run.state.as_str(),
+                        &vm,
+                        &JSON_VERSION,
+                    ],
+                )
+                .await
+                .map_err(|e| name_taken(e, &run.request.name))?;
+                for s in steps {
+                    let key = serde_json::to_string(&s.key).map_err(json_err("encode undo key"))?;
+                    let output = s.output.as_ref().map(serde_json::Value::to_string);
+                    tx.execute(
+                        "INSERT INTO devvm_journal_steps (request_id, step, state, undo_key, output)
+                         VALUES ($1, $2, $3, $4, $5)",
+                        &[&id, &s.step.as_str(), &s.state.as_str(), &key, &output],
+                    )
+                    .await
+                    .map_err(db("record a step"))?;
+                }
+                added += 1;
+            }
+            tx.commit().await.map_err(db("commit the import"))?;
+            Ok(added)
+        })
+    }
+}
+
 /// A run's row, decoded; another JSON version is refused, never guessed at.
 fn decode_run(
     request: String,
