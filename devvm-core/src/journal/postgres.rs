@@ -23,7 +23,8 @@ use super::*;
 use crate::backends::postgres::{PgError, PostgresDatabase, db, migrate_part};
 
 /// The journal's schema, one step per version; a step is never edited once released.
-const SCHEMA: &[&str] = &["
+const SCHEMA: &[&str] = &[
+    "
 CREATE TABLE devvm_journal_runs (
     request_id   TEXT PRIMARY KEY,
     vm           TEXT NOT NULL,
@@ -63,7 +64,13 @@ CREATE TABLE devvm_journal_owners (
     registered TIMESTAMPTZ NOT NULL DEFAULT now(),
     expires    TIMESTAMPTZ NOT NULL
 );
-"];
+",
+    "
+-- 2: what recover() and list() scan, indexed (a fleet's journal keeps every run).
+CREATE INDEX devvm_journal_runs_state ON devvm_journal_runs (state);
+CREATE INDEX devvm_journal_owners_expires ON devvm_journal_owners (expires);
+",
+];
 
 /// The journal of one provisioner in PostgreSQL.
 pub(crate) struct PgJournal {
@@ -876,5 +883,168 @@ fn name_taken(e: tokio_postgres::Error, vm: &VmName) -> Error {
             source: e,
         }
         .into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::conformance::lab_database;
+
+    /// A database of its own in the lab's PostgreSQL, dropped at the end: the `[journal]
+    /// database` table naming it, and a client on the lab's own database to make and
+    /// drop it.
+    struct Scratch {
+        db: toml::Table,
+        admin: PgJournal,
+        name: String,
+    }
+
+    impl Scratch {
+        fn new(lab: &toml::Table) -> Scratch {
+            let lab_db = lab["database"].as_table().unwrap().clone();
+            let admin = PgJournal::open(
+                &lab_db,
+                "scratch-admin",
+                Duration::from_secs(30),
+                Path::new("/"),
+            )
+            .unwrap();
+            let name = format!("devvm_scratch_{}", &RequestId::random().to_string()[..8]);
+            let pool = admin.pool.clone();
+            let n = name.clone();
+            admin
+                .run(async move {
+                    let c = pool.get().await.map_err(PgError::Connect)?;
+                    c.batch_execute(&format!("CREATE DATABASE {n}"))
+                        .await
+                        .map_err(db("create a database"))?;
+                    Ok(())
+                })
+                .unwrap();
+            let mut db = lab_db;
+            let url = db["url"].as_str().unwrap().to_owned();
+            let base = url.rsplit_once('/').unwrap().0;
+            db.insert("url".into(), format!("{base}/{name}").into());
+            Scratch { db, admin, name }
+        }
+
+        fn sql(&self, j: &PgJournal, sql: &str) -> Vec<String> {
+            let (pool, sql) = (j.pool.clone(), sql.to_owned());
+            j.run(async move {
+                let c = pool.get().await.map_err(PgError::Connect)?;
+                let rows = c.simple_query(&sql).await.map_err(db("query"))?;
+                Ok(rows
+                    .into_iter()
+                    .filter_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                        _ => None,
+                    })
+                    .collect())
+            })
+            .unwrap()
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let (pool, n) = (self.admin.pool.clone(), self.name.clone());
+            let _ = self.admin.run(async move {
+                let c = pool.get().await.map_err(PgError::Connect)?;
+                c.batch_execute(&format!("DROP DATABASE IF EXISTS {n} WITH (FORCE)"))
+                    .await
+                    .map_err(db("drop a database"))?;
+                Ok(())
+            });
+        }
+    }
+
+    /// The journal's schema from an empty database, and from the previous version with a
+    /// run in it (which survives, readable); a database whose schema is newer than this
+    /// devvm knows is refused and left as it is.
+    #[test]
+    fn the_schema_migrates_from_empty_and_from_the_previous_version() {
+        let Some(lab) = lab_database() else {
+            return;
+        };
+        let ttl = Duration::from_secs(30);
+        let open = |db: &toml::Table| PgJournal::open(db, "migrator", ttl, Path::new("/"));
+
+        // Empty: every version at once.
+        let empty = Scratch::new(&lab);
+        let j = open(&empty.db).unwrap();
+        assert_eq!(
+            empty.sql(
+                &j,
+                "SELECT version FROM devvm_schema WHERE part = 'journal'"
+            ),
+            vec![SCHEMA.len().to_string()]
+        );
+        drop(j);
+
+        // The previous version, holding a run: brought forward, the run intact.
+        let prev = Scratch::new(&lab);
+        let v1 = SCHEMA.len() - 1;
+        {
+            // A journal of the previous version: its steps only, applied by the migrator.
+            let database: PostgresDatabase =
+                toml::Value::Table(prev.db.clone()).try_into().unwrap();
+            let admin = &prev.admin;
+            let pool = {
+                let _e = admin.rt.as_ref().unwrap().enter();
+                database.pool(Path::new("/")).unwrap()
+            };
+            admin
+                .run(async move {
+                    let mut c = pool.get().await.map_err(PgError::Connect)?;
+                    let tx = c.transaction().await.map_err(db("begin"))?;
+                    migrate_part(&tx, "journal", &SCHEMA[..v1]).await?;
+                    tx.execute(
+                        "INSERT INTO devvm_journal_runs
+                         (request_id, vm, request, state, owner, json_version)
+                         VALUES ('old-run', 'old-vm', '{}', 'failed', 'someone', 1)",
+                        &[],
+                    )
+                    .await
+                    .map_err(db("insert a run"))?;
+                    tx.commit().await.map_err(db("commit"))?;
+                    Ok(())
+                })
+                .unwrap();
+        }
+        let j = open(&prev.db).unwrap();
+        assert_eq!(
+            prev.sql(
+                &j,
+                "SELECT version FROM devvm_schema WHERE part = 'journal'"
+            ),
+            vec![SCHEMA.len().to_string()],
+            "from version {v1}"
+        );
+        assert_eq!(
+            prev.sql(
+                &j,
+                "SELECT owner FROM devvm_journal_runs WHERE request_id = 'old-run'"
+            ),
+            vec!["someone".to_owned()],
+            "the run survives"
+        );
+        assert_eq!(
+            prev.sql(
+                &j,
+                "SELECT count(*) FROM pg_indexes WHERE indexname = 'devvm_journal_runs_state'"
+            ),
+            vec!["1".to_owned()],
+            "the new version's index is there"
+        );
+
+        // Newer than this devvm: refused, nothing changed.
+        prev.sql(
+            &j,
+            "UPDATE devvm_schema SET version = 99 WHERE part = 'journal'",
+        );
+        drop(j);
+        let e = open(&prev.db).map(|_| ()).expect_err("a newer schema");
+        assert!(matches!(e.detail(), Some(PgError::NewerSchema(99))), "{e}");
     }
 }
