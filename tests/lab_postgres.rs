@@ -608,3 +608,75 @@ async fn a_provisioner_killed_mid_run_is_recovered_by_another_process() {
         }
     }
 }
+
+/// 4 processes × 8 tasks (each task its own connection pool) race for the addresses of
+/// a /24 whose plan leaves exactly 32 of them: every task gets one, no address twice,
+/// never the gateway, and the next allocation is `Exhausted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_processes_times_eight_tasks_fill_a_24_exactly() {
+    use std::io::{BufRead, BufReader};
+    let Some(lab) = Lab::get("four_processes_times_eight_tasks_fill_a_24_exactly") else {
+        return;
+    };
+    let subnet = random_subnet(24);
+    let net: ipnet::Ipv4Net = subnet.parse().unwrap();
+    let at = |n: u32| std::net::Ipv4Addr::from(u32::from(net.network()) + n);
+    // The gateway is .1; .2-.33 (32 addresses) are leasable; the rest is reserved.
+    let reserved = format!("{}-{}", at(34), at(254));
+    let mut children = Vec::new();
+    for p in 0..4 {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_devvm-ip-child"))
+            .env("DEVVM_LAB_PG_PASSWORD_FILE", lab.var("pg_password_file"))
+            .args([
+                lab.var("pg_url"),
+                &subnet,
+                &at(1).to_string(),
+                "8",
+                "1",
+                &format!("p{p}"),
+                &reserved,
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "child {p} did not start");
+        children.push((child, out));
+    }
+    // Go: every child's stdin closes at once.
+    for (child, _) in &mut children {
+        drop(child.stdin.take());
+    }
+    let mut leases = std::collections::BTreeMap::new();
+    for (mut child, out) in children {
+        for line in out.lines() {
+            let line = line.unwrap();
+            let (vm, ip) = line.split_once(' ').expect("vm ip");
+            assert!(
+                leases.insert(vm.to_owned(), ip.to_owned()).is_none(),
+                "{vm} twice"
+            );
+        }
+        assert!(child.wait().unwrap().success(), "a child failed");
+    }
+    assert_eq!(leases.len(), 32);
+    let distinct: std::collections::BTreeSet<&String> = leases.values().collect();
+    assert_eq!(distinct.len(), 32, "no address twice");
+    assert!(!distinct.contains(&at(1).to_string()), "never the gateway");
+    let s = store(&config(
+        &lab,
+        &subnet,
+        &format!("gateway = \"{}\"\nreserved = [\"{reserved}\"]\n", at(1)),
+    ))
+    .await;
+    assert_eq!(s.count().await.unwrap(), 32, "the database agrees");
+    let e = s
+        .allocate(&VmName::new("one-too-many").unwrap(), &RequestId::random())
+        .await
+        .expect_err("full");
+    assert_eq!(e.kind(), ErrorKind::Exhausted, "{e}");
+    forget(&lab, &subnet);
+}
