@@ -253,3 +253,135 @@ fn db_import_moves_a_real_vm_with_its_journal_and_slot() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("recover"));
 }
+
+/// Two provisioner processes (the CLI, each with a local state directory of its own)
+/// sharing leases, placement slots and the journal in PostgreSQL provision into the lab's
+/// hosts at the same time: distinct addresses, both answer, each lists both, and each
+/// removes the other's VM without a trace.
+#[test]
+fn two_cli_processes_share_one_postgres() {
+    let Some(env) = devvm_examples::lab::LabEnv::from_env() else {
+        assert!(
+            std::env::var("DEVVM_REQUIRE_LAB").as_deref() != Ok("1"),
+            "the lab is required but its environment is missing"
+        );
+        eprintln!("SKIPPED: the lab is not up (run inside scripts/lab exec)");
+        return;
+    };
+    let (Some(url), Some(pw)) = (var("PG_URL"), var("PG_PASSWORD_FILE")) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let lab_config = std::fs::read_to_string(env.write_config(dir.path()).unwrap()).unwrap();
+    let db = format!("{{ url = \"{url}\", password = {{ file = \"{pw}\" }} }}");
+    let sqlite_ip = format!(
+        "backend = \"sqlite\"\npath = \"{}\"\n",
+        env.dir.join("devvm-shared/leases.sqlite3").display()
+    );
+    let shared_placement = format!(
+        "path = \"{}\"",
+        env.dir.join("devvm-shared/placement.sqlite3").display()
+    );
+    assert!(lab_config.contains(&sqlite_ip) && lab_config.contains(&shared_placement));
+    // Only .50-.59 of the lab's subnet in PostgreSQL (the lab's SQLite leases reserve
+    // .2-.99, so the two stores never collide; the same plan as the library's test).
+    let shared = lab_config
+        .replace(
+            &sqlite_ip,
+            &format!("backend = \"postgres\"\nurl = \"{url}\"\npassword = {{ file = \"{pw}\" }}\n"),
+        )
+        .replace(
+            "reserved = [\"10.99.0.2-10.99.0.99\", \"10.99.0.200-10.99.0.254\"]",
+            "reserved = [\"10.99.0.2-10.99.0.49\", \"10.99.0.60-10.99.0.254\"]",
+        )
+        .replace(&shared_placement, &format!("database = {db}"))
+        + &format!("\n[journal]\ndatabase = {db}\n");
+    let state = format!("state_dir = \"{}\"", dir.path().join("state").display());
+    assert!(shared.contains(&state));
+    let configs: Vec<std::path::PathBuf> = ["machine-a", "machine-b"]
+        .iter()
+        .map(|m| {
+            let path = dir.path().join(format!("{m}.toml"));
+            let text = shared.replace(
+                &state,
+                &format!("state_dir = \"{}\"", dir.path().join(m).display()),
+            );
+            std::fs::write(&path, text).unwrap();
+            path
+        })
+        .collect();
+    let names: Vec<String> = ["a", "b"]
+        .iter()
+        .map(|m| format!("two-{m}-{}", std::process::id()))
+        .collect();
+    let children: Vec<_> = configs
+        .iter()
+        .zip(&names)
+        .map(|(c, n)| {
+            Command::new(env!("CARGO_BIN_EXE_devvm"))
+                .arg("--config")
+                .arg(c)
+                .args(["--json", "provision", "--user", "alice", "--name", n])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn devvm")
+        })
+        .collect();
+    let vms: Vec<serde_json::Value> = children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find_map(|v| match v.get("type") {
+                    None if v.get("fqdn").is_some() => Some(v),
+                    Some(t) if t == "run_finished" => v.get("provisioned").cloned(),
+                    _ => None,
+                })
+                .expect("the vm")
+        })
+        .collect();
+    assert_ne!(vms[0]["ip"], vms[1]["ip"], "distinct addresses");
+    for v in &vms {
+        let ip: std::net::IpAddr = v["ip"].as_str().unwrap().parse().unwrap();
+        assert!(
+            devvm_examples::lab::ssh_answers(ip, std::time::Duration::from_secs(60)),
+            "ssh on {ip}"
+        );
+    }
+    let devvm = |config: &std::path::Path, args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_devvm"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .output()
+            .expect("run devvm");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for c in &configs {
+        let listed = devvm(c, &["--json", "list"]);
+        for n in &names {
+            assert!(listed.contains(n.as_str()), "{listed}");
+        }
+    }
+    // Each removes the other's.
+    devvm(&configs[1], &["deprovision", &names[0]]);
+    devvm(&configs[0], &["deprovision", &names[1]]);
+    for v in &vms {
+        let ip = v["ip"].as_str().unwrap().parse().ok();
+        let left = env.leftovers(v["name"].as_str().unwrap(), v["fqdn"].as_str().unwrap(), ip);
+        assert!(left.is_empty(), "leaked: {left:?}");
+    }
+}
