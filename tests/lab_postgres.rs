@@ -581,7 +581,15 @@ async fn a_provisioner_killed_mid_run_is_recovered_by_another_process() {
                         r.still_held.is_empty() && r.unreadable.is_empty(),
                         "{ctx}: {r:?}"
                     );
-                    if !r.completed.is_empty() || !r.rolled_back.is_empty() {
+                    // This run's recovery (the shared journal may hold others').
+                    let mine = r
+                        .rolled_back
+                        .iter()
+                        .any(|id| id.as_str() == format!("crash-run-{run}"))
+                        || r.completed
+                            .iter()
+                            .any(|v| v.name.as_str() == format!("crashy-{run}"));
+                    if mine {
                         return r;
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -595,14 +603,22 @@ async fn a_provisioner_killed_mid_run_is_recovered_by_another_process() {
                     .held_total()
                     .unwrap()
             };
-            let vms = p.list().await.unwrap();
-            if report.completed.is_empty() {
-                assert!(vms.is_empty(), "{ctx}: {report:?}");
+            // This run's VM only: the shared journal lists every test's.
+            let vm = p
+                .get(&VmName::new(format!("crashy-{run}")).unwrap())
+                .await
+                .unwrap();
+            if !report
+                .completed
+                .iter()
+                .any(|v| v.name.as_str() == format!("crashy-{run}"))
+            {
+                assert!(vm.is_none(), "{ctx}: {report:?}");
                 assert_eq!(held(), 0, "{ctx}: rolled back: nothing held");
             } else {
-                assert_eq!(vms.len(), 1, "{ctx}: {report:?}");
+                let vm = vm.unwrap_or_else(|| panic!("{ctx}: {report:?}"));
                 assert_eq!(held(), 7, "{ctx}: one complete vm");
-                p.deprovision(&vms[0].name).await.unwrap();
+                p.deprovision(&vm.name).await.unwrap();
                 assert_eq!(held(), 0, "{ctx}: removed");
             }
         }

@@ -201,8 +201,8 @@ impl Registry {
 }
 
 /// One step's backend object, made by the caller (a binding's Python or C backend, a
-/// program's own): [`Config::builder_with_backends`](crate::config::Config::builder_with_backends)
-/// selects it by the name its section gives, or sets it for a `backend = "custom"` section.
+/// program's own): `Config::builder_with_backends` (in the config module) selects it by
+/// the name its section gives, or sets it for a `backend = "custom"` section.
 #[derive(Clone)]
 #[non_exhaustive]
 pub enum StepBackend {

@@ -290,9 +290,9 @@ impl GuestSeed {
     }
 }
 
-/// The files of a NoCloud seed (`meta-data`, `user-data`, `network-config`) for `seed` at
-/// `lease`, with `nameservers` for the guest's resolver: what every hypervisor puts on the
-/// first-boot disk, rendered one way. The `user-data` holds the private host key.
+/// The files of a NoCloud seed (`meta-data`, `user-data`, `network-config`), what every
+/// hypervisor puts on the first-boot disk, rendered one way
+/// (`DomainSpec::nocloud_files`). The `user-data` holds the private host key.
 pub struct NoCloudFiles {
     /// `meta-data`.
     pub meta_data: String,
@@ -309,21 +309,6 @@ impl std::fmt::Debug for NoCloudFiles {
             .field("user_data", &"[secret]")
             .field("network_config", &self.network_config)
             .finish()
-    }
-}
-
-impl GuestSeed {
-    /// The seed's NoCloud files for a guest at `lease` using `nameservers`.
-    pub fn nocloud_files(
-        &self,
-        lease: &crate::types::Lease,
-        nameservers: &[IpAddr],
-    ) -> NoCloudFiles {
-        NoCloudFiles {
-            meta_data: self.meta_data(),
-            user_data: self.user_data(),
-            network_config: network_config(lease.ip, lease.prefix_len, lease.gateway, nameservers),
-        }
     }
 }
 

@@ -597,6 +597,20 @@ pub struct DomainSpec {
     pub seed: Option<crate::seed::GuestSeed>,
 }
 
+impl DomainSpec {
+    /// The first-boot seed's NoCloud files for this VM's address, with `nameservers` for
+    /// the guest's resolver; none when the VM has no seed.
+    pub fn nocloud_files(&self, nameservers: &[IpAddr]) -> Option<crate::seed::NoCloudFiles> {
+        let seed = self.seed.as_ref()?;
+        let l = &self.lease;
+        Some(crate::seed::NoCloudFiles {
+            meta_data: seed.meta_data(),
+            user_data: seed.user_data(),
+            network_config: crate::seed::network_config(l.ip, l.prefix_len, l.gateway, nameservers),
+        })
+    }
+}
+
 /// A defined and running domain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Domain {

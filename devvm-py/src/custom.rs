@@ -398,14 +398,13 @@ impl ImageStore for PyImages {
 /// first-boot seed's files (`meta_data`, `user_data`, `network_config`) as text. The
 /// user-data holds the guest's private host key: the object is the user's own backend.
 fn spec_json(spec: &DomainSpec) -> Value {
-    let seed = spec.seed.as_ref().map(|seed| {
-        // No name servers: a Python hypervisor knows its own network's.
-        let f = seed.nocloud_files(&spec.lease, &[]);
+    // No name servers: a Python hypervisor knows its own network's.
+    let seed = spec.nocloud_files(&[]).map(|f| {
         serde_json::json!({
             "meta_data": f.meta_data,
             "user_data": secrecy::ExposeSecret::expose_secret(&f.user_data),
             "network_config": f.network_config,
-            "host_key": seed.host_key.as_ref().map(|k| k.public.clone()),
+            "host_key": spec.seed.as_ref().and_then(|s| s.host_key.as_ref()).map(|k| k.public.clone()),
         })
     });
     serde_json::json!({

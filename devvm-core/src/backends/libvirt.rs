@@ -857,8 +857,7 @@ impl Hypervisor for LibvirtHypervisor {
             .await?;
         }
         let mut seed_image = None;
-        if let Some(seed) = &spec.seed {
-            let f = seed.nocloud_files(&spec.lease, &self.config.dns_servers);
+        if let Some(f) = spec.nocloud_files(&self.config.dns_servers) {
             let files = vec![
                 ("meta-data", f.meta_data.into_bytes()),
                 (
@@ -1071,18 +1070,23 @@ impl Hypervisor for LibvirtHypervisor {
             let watcher = {
                 let (done, dom, p, vm) = (done.clone(), dom.clone(), p.clone(), vm.clone());
                 move || {
-                    let mut aborted = false;
+                    // Tries of the abort left (libvirt refuses one between a job's phases).
+                    let mut aborts = 20;
                     while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                        if !aborted && step.as_ref().is_some_and(|w| w.is_abandoned()) {
+                        if aborts > 0 && step.as_ref().is_some_and(|w| w.is_abandoned()) {
                             // The act was given up (timed out): abort the job, so the
                             // guest stays on the source and migrate3 returns.
-                            aborted = true;
-                            p.message("the migration was given up: aborting its job");
+                            if aborts == 20 {
+                                p.message("the migration was given up: aborting its job");
+                            }
+                            aborts -= 1;
                             // SAFETY: `dom` is this thread's own reference to a live
                             // domain; aborting a job from another thread is what libvirt's
                             // API is for (`Domain` is Send + Sync).
                             let rc = unsafe { virt::sys::virDomainAbortJob(dom.as_ptr()) };
-                            if rc < 0 {
+                            if rc == 0 {
+                                aborts = 0;
+                            } else if aborts == 0 {
                                 tracing::warn!(%vm, "cannot abort the migration job");
                             }
                         }

@@ -850,8 +850,9 @@ pub async fn import_reservations(
         loop {
             let expected = to.all().await?.len();
             match to.insert(&vm, &host, &size, &owner, expected).await? {
-                None if to.slot(&vm).await?.is_none() => continue,
-                None => break,
+                // The count moved, or the slot appeared meanwhile: the next insert says
+                // whose it is.
+                None => continue,
                 Some((h, o)) if h == host.as_str() && o.as_deref() == Some(owner.as_str()) => {
                     added += 1;
                     break;

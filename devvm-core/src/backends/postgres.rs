@@ -199,7 +199,12 @@ impl PostgresDatabase {
         let timeout = Duration::from_secs(self.timeout_secs.max(1));
         pg.connect_timeout(timeout);
         // Every statement is bounded too, waits for a lock included.
-        pg.options(format!("-c statement_timeout={}", timeout.as_millis()));
+        let options = format!(
+            "{} -c statement_timeout={}",
+            pg.get_options().unwrap_or_default(),
+            timeout.as_millis()
+        );
+        pg.options(options.trim_start());
         let manager = Manager::from_config(
             pg,
             NoTls,

@@ -304,3 +304,40 @@ fn a_postgres_owner_whose_heartbeat_stops_is_dead() {
     assert!(dead, "an owner not heard from for its time to live is dead");
     b.forget_owner(&a_owner);
 }
+
+/// A `[journal] database` that cannot be used is a clear error, also when the journal is
+/// opened from async code (no runtime is dropped where tokio forbids it), and nothing is
+/// contacted for it.
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn a_bad_journal_database_is_a_clear_error_from_async_code() {
+    let dir = tempfile::tempdir().unwrap();
+    for (section, why) in [
+        (
+            "database = { url = \"postgres://devvm:secret@127.0.0.1:1/devvm\" }",
+            "a password in the url",
+        ),
+        ("database = { url = \"not a url\" }", "not a url"),
+        (
+            "database = { url = \"postgres://devvm@127.0.0.1:1/devvm\", surprise = 1 }",
+            "an unknown key",
+        ),
+        ("databse = {}", "a misspelt key"),
+    ] {
+        let t: toml::Table = toml::from_str(section).unwrap();
+        let e = Journal::open(dir.path(), "o", Some(&t), dir.path())
+            .map(|_| ())
+            .expect_err(why);
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{why}: {e}");
+        assert!(!format!("{e:?}").contains("secret"), "{why}: {e:?}");
+    }
+    // A database that is down: unavailable (retryable), not a hang or a panic.
+    let t: toml::Table = toml::from_str(
+        "database = { url = \"postgres://devvm@127.0.0.1:1/devvm\", timeout_secs = 2 }",
+    )
+    .unwrap();
+    let e = Journal::open(dir.path(), "o", Some(&t), dir.path())
+        .map(|_| ())
+        .expect_err("down");
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+}

@@ -103,7 +103,15 @@ impl PgJournal {
             .map_err(|e| journal_err("cannot start the journal's runtime").with_source(e))?;
         let pool = {
             let _enter = rt.enter();
-            database.pool(base_dir)?
+            database.pool(base_dir)
+        };
+        let pool = match pool {
+            Ok(p) => p,
+            Err(e) => {
+                // A runtime may not be dropped inside another one's task.
+                rt.shutdown_background();
+                return Err(e);
+            }
         };
         let j = PgJournal {
             rt: Some(rt),
@@ -233,7 +241,7 @@ impl JournalStore for PgJournal {
             .unwrap_or_default();
         let pid = i64::from(std::process::id());
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        let (p, o) = (pool.clone(), owner.clone());
+        let (p, o, host_hb) = (pool.clone(), owner.clone(), host.clone());
         self.run(async move {
             let c = p.get().await.map_err(PgError::Connect)?;
             c.execute(
@@ -251,23 +259,28 @@ impl JournalStore for PgJournal {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
+                // An upsert: a provisioner that was taken for dead (its row expired and was
+                // forgotten, its runs claimed) is alive again for its new runs; the claimed
+                // ones stay fenced against it.
                 let renewed = match p.get().await {
                     Ok(c) => c
-                        .execute(
-                            "UPDATE devvm_journal_owners
-                             SET expires = now() + make_interval(secs => $2::BIGINT / 1000.0)
-                             WHERE owner = $1",
-                            &[&&*o, &ttl_ms],
+                        .query_one(
+                            "INSERT INTO devvm_journal_owners (owner, host, pid, expires)
+                             VALUES ($1, $3, $4, now() + make_interval(secs => $2::BIGINT / 1000.0))
+                             ON CONFLICT (owner) DO UPDATE SET expires = excluded.expires
+                             RETURNING (xmax = 0)",
+                            &[&&*o, &ttl_ms, &host_hb, &pid],
                         )
                         .await
+                        .map(|r| r.get::<_, bool>(0))
                         .map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };
                 match renewed {
-                    Ok(1) => {}
-                    Ok(_) => tracing::error!(
+                    Ok(false) => {}
+                    Ok(true) => tracing::error!(
                         owner = %o,
-                        "journal: this provisioner's heartbeat row is gone (it was taken for dead); its runs may have been claimed, and its writes to them are refused"
+                        "journal: this provisioner's heartbeat row was gone (it was taken for dead, its runs may have been claimed, and its writes to those are refused); registered again"
                     ),
                     Err(e) => {
                         tracing::warn!(owner = %o, error = %e, "journal: cannot renew the heartbeat")

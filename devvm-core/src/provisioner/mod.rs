@@ -118,6 +118,9 @@ impl std::fmt::Debug for Provisioner {
 }
 
 struct Inner {
+    /// Declared (so dropped) before the journal: it tells the journal this provisioner
+    /// is gone while the journal can still say so.
+    _owner_lock: OwnerGuard,
     backends: Backends,
     journal: Journal,
     bus: EventBus,
@@ -125,7 +128,6 @@ struct Inner {
     timeouts: Timeouts,
     retries: Retries,
     owner: String,
-    _owner_lock: OwnerGuard,
     /// Runs this provisioner is executing right now.
     running: Mutex<HashSet<RequestId>>,
     state_dir: PathBuf,
