@@ -3,13 +3,14 @@
 //! and 16 concurrent allocators (each its own connection, as separate processes would
 //! have), each allocating `PER` addresses of one /22 one after the other:
 //!
-//! * `advisory`: what devvm's store does: a transaction-scoped advisory lock on the
-//!   subnet, then next-fit from the subnet's cursor;
+//! * `advisory`: what devvm's store did first: a transaction-scoped advisory lock on
+//!   the subnet, then next-fit from the subnet's cursor;
 //! * `row lock`: the same, serialized by `SELECT … FOR UPDATE` of the subnet's plan row;
 //! * `unique+retry`: no lock; next-fit from the cursor as read, the insert relying on the
 //!   primary key, retried after a conflict;
 //! * `skip locked`: a row per address made beforehand; each allocation takes the first
-//!   free one with `FOR UPDATE SKIP LOCKED`.
+//!   free one with `FOR UPDATE SKIP LOCKED` (what the store does now, having measured
+//!   this).
 //!
 //! ```text
 //! scripts/lab exec cargo run --release --example lock_bench

@@ -69,7 +69,7 @@ fn forget(lab: &Lab, subnet: &str) {
     psql(
         lab,
         &format!(
-            "DELETE FROM devvm_ip_addresses WHERE subnet = '{subnet}'; DELETE FROM devvm_ip_plans WHERE subnet = '{subnet}';"
+            "DELETE FROM devvm_ip_addresses WHERE subnet = '{subnet}'; DELETE FROM devvm_ip_free WHERE subnet = '{subnet}'; DELETE FROM devvm_ip_plans WHERE subnet = '{subnet}';"
         ),
     );
 }
@@ -205,9 +205,9 @@ async fn bad_credentials_a_database_down_and_a_changed_plan_are_clear_errors() {
     forget(&lab, &subnet);
 }
 
-/// A statement that waits on a lock another session holds (and never gives back) is
-/// ended by the store's statement time limit: a retryable timeout, and the lease it was
-/// making is not there.
+/// A statement that waits on a lock another session holds (and never gives back: an
+/// uncommitted lease of the same vm) is ended by the store's statement time limit: a
+/// retryable timeout, and the lease it was making is not there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_stuck_on_a_lock_times_out_and_changes_nothing() {
     use std::io::{BufRead, BufReader, Write};
@@ -220,7 +220,8 @@ async fn a_statement_stuck_on_a_lock_times_out_and_changes_nothing() {
     s.allocate(&VmName::new("first").unwrap(), &owner)
         .await
         .unwrap();
-    // Another session locks this subnet's plan row and holds it until it is ended.
+    // Another session is recording a lease of the same vm and holds it, uncommitted,
+    // until it is ended: our lease of that vm must wait for it (a unique key).
     let pw = std::fs::read_to_string(lab.var("pg_password_file")).expect("password");
     let mut holder = std::process::Command::new("/usr/lib/postgresql/15/bin/psql")
         .env("PGPASSWORD", pw.trim())
@@ -232,7 +233,9 @@ async fn a_statement_stuck_on_a_lock_times_out_and_changes_nothing() {
     let mut input = holder.stdin.take().expect("stdin");
     writeln!(
         input,
-        "BEGIN; SELECT 'locked' FROM devvm_ip_plans WHERE subnet = '{subnet}' FOR UPDATE;"
+        "BEGIN; INSERT INTO devvm_ip_addresses (subnet, ip, vm, owner) \
+         VALUES ('{subnet}', network('{subnet}'::cidr) - '0.0.0.0'::inet, 'second', 'holder'); \
+         SELECT 'locked';"
     )
     .unwrap();
     input.flush().unwrap();

@@ -100,7 +100,7 @@ async fn db_import_moves_sqlite_leases_into_postgres() {
     // Clean up this subnet's rows (with psql, not devvm).
     let pwd = std::fs::read_to_string(&pw).unwrap();
     let sql = format!(
-        "DELETE FROM devvm_ip_addresses WHERE subnet = '{subnet}'; DELETE FROM devvm_ip_plans WHERE subnet = '{subnet}';"
+        "DELETE FROM devvm_ip_addresses WHERE subnet = '{subnet}'; DELETE FROM devvm_ip_free WHERE subnet = '{subnet}'; DELETE FROM devvm_ip_plans WHERE subnet = '{subnet}';"
     );
     let out = Command::new("/usr/lib/postgresql/15/bin/psql")
         .env("PGPASSWORD", pwd.trim())

@@ -3,6 +3,7 @@
 //! `DEVVM_REQUIRE_LAB=1`). Names are random, so runs of the suite share a database.
 
 use std::net::Ipv4Addr;
+#[cfg(feature = "postgres")]
 use std::path::Path;
 
 use super::*;

@@ -972,6 +972,116 @@ mod tests {
         }
     }
 
+    /// The lease store's schema from version 1 (leases and blocked addresses, no free
+    /// list) to this one: the free list is every address of the subnet's plan that is
+    /// neither leased nor blocked, the lease stays its vm's, and allocations go on to
+    /// exactly the free addresses, then `Exhausted`.
+    #[test]
+    fn the_lease_schema_migrates_from_version_1_keeping_its_leases() {
+        use crate::IpAllocator;
+        use crate::backends::postgres::{PostgresIpAllocator, PostgresIpConfig, SCHEMA as IP};
+        let Some(lab) = lab_database() else {
+            return;
+        };
+        let scratch = Scratch::new(&lab);
+        let (subnet, gw) = ("10.77.0.0/28", "10.77.0.1");
+        let mut config: PostgresIpConfig = toml::Value::Table(scratch.db.clone())
+            .try_into()
+            .map(|d: PostgresDatabase| PostgresIpConfig {
+                url: d.url,
+                password: d.password,
+                subnet: subnet.parse().unwrap(),
+                gateway: Some(gw.parse().unwrap()),
+                reserved: vec!["10.77.0.2-10.77.0.4".into()],
+                max_connections: 2,
+                timeout_secs: 10,
+            })
+            .unwrap();
+        let admin = &scratch.admin;
+        let database: PostgresDatabase = toml::Value::Table(scratch.db.clone()).try_into().unwrap();
+        let pool = {
+            let _e = admin.rt.as_ref().unwrap().enter();
+            database.pool(Path::new("/")).unwrap()
+        };
+        // Version 1 with its plan: the gateway and .2-.4 blocked, .5 leased to "old".
+        let fingerprint = {
+            let _e = admin.rt.as_ref().unwrap().enter();
+            PostgresIpAllocator::from_config(&config, Path::new("/"))
+                .unwrap()
+                .plan()
+                .fingerprint()
+        };
+        let ip = |last: i64| {
+            i64::from(u32::from(
+                "10.77.0.0".parse::<std::net::Ipv4Addr>().unwrap(),
+            )) + last
+        };
+        admin
+            .run(async move {
+                let mut c = pool.get().await.map_err(PgError::Connect)?;
+                let tx = c.transaction().await.map_err(db("begin"))?;
+                migrate_part(&tx, "ip", &IP[..1]).await?;
+                tx.execute(
+                    "INSERT INTO devvm_ip_plans (subnet, plan) VALUES ($1, $2)",
+                    &[&subnet, &fingerprint],
+                )
+                .await
+                .map_err(db("plan"))?;
+                for blocked in [1, 2, 3, 4] {
+                    tx.execute(
+                        "INSERT INTO devvm_ip_addresses (subnet, ip) VALUES ($1, $2)",
+                        &[&subnet, &ip(blocked)],
+                    )
+                    .await
+                    .map_err(db("block"))?;
+                }
+                tx.execute(
+                    "INSERT INTO devvm_ip_addresses (subnet, ip, vm, owner) VALUES ($1, $2, 'old', 'old-run')",
+                    &[&subnet, &ip(5)],
+                )
+                .await
+                .map_err(db("lease"))?;
+                tx.commit().await.map_err(db("commit"))?;
+                Ok(())
+            })
+            .unwrap();
+        config.max_connections = 4;
+        let rt = admin.rt.as_ref().unwrap();
+        let store = {
+            let _e = rt.enter();
+            PostgresIpAllocator::from_config(&config, Path::new("/")).unwrap()
+        };
+        let leased = admin
+            .run(async move {
+                store.migrate().await?;
+                let old = store.lease(&VmName::new("old")?).await?.map(|l| l.ip);
+                let mut got = Vec::new();
+                for i in 0..9 {
+                    let vm = VmName::new(format!("new-{i}"))?;
+                    got.push(store.allocate(&vm, &RequestId::random()).await?.ip);
+                }
+                let full = store
+                    .allocate(&VmName::new("too-many")?, &RequestId::random())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.kind());
+                Ok((old, got, full))
+            })
+            .unwrap();
+        let (old, mut got, full) = leased;
+        assert_eq!(
+            old,
+            Some("10.77.0.5".parse().unwrap()),
+            "the old lease stays"
+        );
+        got.sort();
+        let want: Vec<std::net::IpAddr> = (6..=14)
+            .map(|n| format!("10.77.0.{n}").parse().unwrap())
+            .collect();
+        assert_eq!(got, want, "exactly the addresses that were free");
+        assert_eq!(full, Err(crate::ErrorKind::Exhausted));
+    }
+
     /// The journal's schema from an empty database, and from the previous version with a
     /// run in it (which survives, readable); a database whose schema is newer than this
     /// devvm knows is refused and left as it is.
