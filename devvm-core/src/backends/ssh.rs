@@ -112,9 +112,14 @@ impl SshError {
 impl From<SshError> for Error {
     fn from(e: SshError) -> Self {
         let retryable = matches!(e, SshError::Connect { .. });
+        // A command past its time limit may still run on the guest (closing the channel
+        // does not end it): running it again could run it twice at once.
+        let never_again = matches!(e, SshError::CommandTimeout { .. });
         let err = Error::from_detail(e.kind(), e);
         if retryable {
             err.with_retryable(true)
+        } else if never_again {
+            err.with_retryable(false)
         } else {
             err
         }
