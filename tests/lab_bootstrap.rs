@@ -512,7 +512,10 @@ async fn a_shell_bootstrap_runs_and_a_wrong_host_key_is_refused_before_anything_
         .await
         .expect_err("a command that never ends");
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
-    assert!(!e.is_retryable(), "it may still run: never run it twice at once");
+    assert!(
+        !e.is_retryable(),
+        "it may still run: never run it twice at once"
+    );
     s.close().await;
     let s = SshSession::connect(&ssh_options(&lab, vm.ip, check))
         .await
