@@ -63,6 +63,7 @@ fn line(kind: &EventKind, t: f64) -> Option<String> {
             format!("{:>9}  ✗ undo failed: {failure}", failure.step)
         }
         EventKind::Warning { message } => format!("  warning  {message}"),
+        EventKind::Lagged { missed } => format!("           … {missed} events not shown"),
         EventKind::LeftAlone {
             step,
             resource,

@@ -537,6 +537,79 @@ async fn every_subscriber_sees_every_event() {
     assert_eq!(ea, eb);
 }
 
+/// A subscriber that never reads while 20 runs stream holds at most its buffer; when it
+/// reads at last it is told how many it missed, then gets the newest events, the last of
+/// which ends a run. A run's own handle is not crowded out by the other runs' events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_never_reads_holds_a_bounded_queue() {
+    const BUFFER: usize = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let mem = reference_backends(None);
+    let p = Provisioner::builder()
+        .state_dir(dir.path().join("state"))
+        .backends(mem.backends())
+        .defaults(devvm_core::Defaults {
+            template: Some(devvm_core::TemplateName::new(devvm_tests::TEMPLATE).unwrap()),
+            ..Default::default()
+        })
+        .event_buffer(BUFFER)
+        .build()
+        .unwrap();
+    let mut never = p.subscribe();
+    // One run whose handle is read only after every run ended.
+    let mut late = p.start_provision(
+        ProvisionRequest::new(user("alice")).with_name(name("late")),
+        CancelToken::new(),
+    );
+    let mut handles = Vec::new();
+    for i in 0..20 {
+        let p = p.clone();
+        handles.push(tokio::spawn(async move {
+            // 3 slots in the reference hosts: most runs fail and roll back, streaming too.
+            let mut run = p.start_provision(
+                ProvisionRequest::new(user("bob")).with_name(name(&format!("s{i}"))),
+                CancelToken::new(),
+            );
+            let mut seen = 0u64;
+            while let Some(e) = run.next_event().await {
+                assert!(!matches!(e.kind, EventKind::Lagged { .. }), "a reader that keeps up never lags");
+                seen += 1;
+            }
+            let _ = run.finish().await;
+            seen
+        }));
+        assert!(never.len() <= BUFFER);
+    }
+    let mut streamed = 0;
+    for h in handles {
+        streamed += h.await.unwrap();
+    }
+    let mut late_events = Vec::new();
+    while let Some(e) = late.next_event().await {
+        late_events.push(e);
+    }
+    assert!(
+        late_events.iter().all(|e| !matches!(e.kind, EventKind::Lagged { .. })),
+        "the late handle holds its own run's events only, and they fit"
+    );
+    assert!(late_events.last().unwrap().kind.is_terminal());
+    let total = streamed + late_events.len() as u64;
+    assert!(total > 2 * BUFFER as u64, "{total} events: enough to overflow the buffer");
+
+    assert_eq!(never.len(), BUFFER);
+    let got = never.drain();
+    let EventKind::Lagged { missed } = got[0].kind else {
+        panic!("the first read after falling behind is Lagged, got {:?}", got[0].kind);
+    };
+    assert_eq!(got.len(), BUFFER + 1);
+    assert_eq!(missed + BUFFER as u64, total, "every event is either missed or kept");
+    assert!(got.iter().skip(1).all(|e| !matches!(e.kind, EventKind::Lagged { .. })));
+    assert!(got.last().unwrap().kind.is_terminal(), "the newest event is kept");
+    assert!(never.is_empty());
+    drop(p);
+    assert_eq!(never.recv().await, None, "closed once the provisioner is gone");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_run_rolls_it_back() {
     let mem = reference_backends(None);

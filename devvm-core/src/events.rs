@@ -2,14 +2,18 @@
 //!
 //! Every event of one run carries the run's request id and a sequence number that grows
 //! by one per event, so a subscriber can tell whether it missed anything. Subscribers get
-//! every event published after they subscribed, in order; a slow subscriber never slows
-//! the run (events queue for it) and a dropped subscriber is forgotten.
+//! the events published after they subscribed, in order; a slow subscriber never slows
+//! the run. Each subscriber's queue is bounded: one that falls behind by more than its
+//! buffer loses the oldest events and is told so by an [`EventKind::Lagged`] event, so a
+//! reader that stops reading costs a fixed amount of memory. A dropped subscriber is
+//! forgotten.
 
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::error::{ErrorInfo, UndoFailure};
 use crate::types::{RequestId, Step, Vm, VmName};
@@ -125,6 +129,14 @@ pub enum EventKind {
         /// Why.
         error: ErrorInfo,
     },
+    /// This subscriber fell behind and `missed` events were dropped from its queue (the
+    /// oldest ones). Not published by a run: each subscriber gets its own, as its next
+    /// read after the loss. The event's `request_id`, `vm` and `seq` are those of the
+    /// newest event missed; the events read next are the ones that followed it.
+    Lagged {
+        /// How many events were dropped.
+        missed: u64,
+    },
 }
 
 impl EventKind {
@@ -151,49 +163,214 @@ impl EventKind {
     }
 }
 
-/// Fans events out to subscribers.
-#[derive(Debug, Clone, Default)]
+/// How many events a subscription holds for a reader that has not taken them yet, unless
+/// [`ProvisionerBuilder::event_buffer`](crate::ProvisionerBuilder::event_buffer) says
+/// otherwise.
+pub const DEFAULT_EVENT_BUFFER: usize = 1024;
+
+/// Which events a subscription receives.
+#[derive(Debug, Clone)]
+pub(crate) enum Only {
+    All,
+    Request(RequestId),
+    Vm(VmName),
+}
+
+impl Only {
+    fn matches(&self, e: &Event) -> bool {
+        match self {
+            Only::All => true,
+            Only::Request(id) => e.request_id == *id,
+            Only::Vm(vm) => e.vm == *vm,
+        }
+    }
+}
+
+/// What a subscription holds: at most `capacity` events, and how many older ones it
+/// dropped to stay within that.
+#[derive(Debug, Default)]
+struct Queue {
+    events: VecDeque<Event>,
+    /// Events dropped since the reader last took one, and the newest of them.
+    missed: u64,
+    newest_missed: Option<(RequestId, VmName, u64)>,
+    closed: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Wakes an async reader.
+    notify: Notify,
+    /// Wakes a blocking reader.
+    ready: Condvar,
+    only: Only,
+    capacity: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // Every update of the queue is one push or pop: a panic cannot leave it torn.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The next thing a reader gets: the lag notice first, then the oldest event kept.
+    /// `Err(())` when nothing is waiting and nothing will come.
+    fn take(q: &mut Queue) -> Result<Option<Event>, ()> {
+        if q.missed > 0 {
+            let missed = std::mem::take(&mut q.missed);
+            if let Some((request_id, vm, seq)) = q.newest_missed.take() {
+                return Ok(Some(Event {
+                    request_id,
+                    vm,
+                    seq,
+                    at: OffsetDateTime::now_utc(),
+                    kind: EventKind::Lagged { missed },
+                }));
+            }
+        }
+        match q.events.pop_front() {
+            Some(e) => Ok(Some(e)),
+            None if q.closed => Err(()),
+            None => Ok(None),
+        }
+    }
+
+    fn push(&self, event: &Event) {
+        if !self.only.matches(event) {
+            return;
+        }
+        {
+            let mut q = self.lock();
+            if q.events.len() >= self.capacity {
+                // The reader is behind: the oldest event goes, so the newest (the one
+                // that says how the run ended) is always there to read.
+                if let Some(old) = q.events.pop_front() {
+                    q.missed += 1;
+                    q.newest_missed = Some((old.request_id, old.vm, old.seq));
+                }
+            }
+            q.events.push_back(event.clone());
+        }
+        self.notify.notify_one();
+        self.ready.notify_all();
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.notify.notify_one();
+        self.ready.notify_all();
+    }
+}
+
+/// Fans events out to subscribers, each with a bounded queue of its own.
+#[derive(Debug, Clone)]
 pub(crate) struct EventBus {
-    subscribers: Arc<Mutex<Vec<mpsc::UnboundedSender<Event>>>>,
+    inner: Arc<BusInner>,
+}
+
+#[derive(Debug)]
+struct BusInner {
+    subscribers: Mutex<Vec<Arc<Shared>>>,
+    capacity: usize,
+}
+
+impl Drop for BusInner {
+    fn drop(&mut self) {
+        let subs = self
+            .subscribers
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        for s in subs.drain(..) {
+            s.close();
+        }
+    }
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        Self::with_capacity(DEFAULT_EVENT_BUFFER)
+    }
 }
 
 impl EventBus {
+    /// A bus whose subscriptions hold at most `capacity` unread events (at least 1).
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
+        EventBus {
+            inner: Arc::new(BusInner {
+                subscribers: Mutex::new(Vec::new()),
+                capacity: capacity.max(1),
+            }),
+        }
+    }
+
     pub(crate) fn subscribe(&self) -> Subscription {
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.lock().push(tx);
-        Subscription { rx }
+        self.subscribe_only(Only::All)
+    }
+
+    pub(crate) fn subscribe_only(&self, only: Only) -> Subscription {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            notify: Notify::new(),
+            ready: Condvar::new(),
+            only,
+            capacity: self.inner.capacity,
+        });
+        self.lock().push(Arc::clone(&shared));
+        Subscription { shared }
     }
 
     pub(crate) fn publish(&self, event: Event) {
         let mut subs = self.lock();
-        subs.retain(|tx| tx.send(event.clone()).is_ok());
+        // A subscription only the bus still holds was dropped by its reader.
+        subs.retain(|s| Arc::strong_count(s) > 1);
+        for s in subs.iter() {
+            s.push(&event);
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<mpsc::UnboundedSender<Event>>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<Arc<Shared>>> {
         // A panic while holding this lock cannot leave the vector inconsistent.
-        self.subscribers
+        self.inner
+            .subscribers
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// A stream of events, from [`Provisioner::subscribe`](crate::Provisioner::subscribe).
+/// A stream of events, from [`Provisioner::subscribe`](crate::Provisioner::subscribe) or
+/// inside a [`RunHandle`](crate::RunHandle).
 ///
-/// Dropping it unsubscribes.
+/// It holds at most a fixed number of unread events
+/// ([`DEFAULT_EVENT_BUFFER`] unless the provisioner was built with another). A reader that
+/// falls further behind loses the oldest ones, never the newest, and its next read is an
+/// [`EventKind::Lagged`] event saying how many it missed; then it goes on with the oldest
+/// event still kept. Publishing never waits for a reader. Dropping it unsubscribes.
 #[derive(Debug)]
 pub struct Subscription {
-    rx: mpsc::UnboundedReceiver<Event>,
+    shared: Arc<Shared>,
 }
 
 impl Subscription {
     /// The next event; `None` once the provisioner is gone and every event was read.
+    /// Cancel-safe: nothing is lost if the future is dropped before it completes.
     pub async fn recv(&mut self) -> Option<Event> {
-        self.rx.recv().await
+        loop {
+            let notified = self.shared.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match Shared::take(&mut self.shared.lock()) {
+                Ok(Some(e)) => return Some(e),
+                Err(()) => return None,
+                Ok(None) => {}
+            }
+            notified.await;
+        }
     }
 
     /// The next event if one is waiting, without blocking.
     pub fn try_recv(&mut self) -> Option<Event> {
-        self.rx.try_recv().ok()
+        Shared::take(&mut self.shared.lock()).ok().flatten()
     }
 
     /// Every event waiting now, without blocking.
@@ -204,12 +381,34 @@ impl Subscription {
     /// Whether the provisioner is gone (no event will ever arrive again once the
     /// queued ones are read).
     pub fn is_closed(&self) -> bool {
-        self.rx.is_closed()
+        self.shared.lock().closed
+    }
+
+    /// How many events wait to be read now (never more than the buffer's size).
+    pub fn len(&self) -> usize {
+        self.shared.lock().events.len()
+    }
+
+    /// Whether no event waits to be read now.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// The next event, blocking the thread. Must not be called from async code.
     pub fn blocking_recv(&mut self) -> Option<Event> {
-        self.rx.blocking_recv()
+        let mut q = self.shared.lock();
+        loop {
+            match Shared::take(&mut q) {
+                Ok(Some(e)) => return Some(e),
+                Err(()) => return None,
+                Ok(None) => {}
+            }
+            q = self
+                .shared
+                .ready
+                .wait(q)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
     }
 }
 

@@ -46,7 +46,7 @@ pub mod testkit;
 pub mod work;
 
 pub use error::{Error, ErrorInfo, ErrorKind, Result, UndoFailure};
-pub use events::{Event, EventKind, Operation, Progress, Subscription};
+pub use events::{DEFAULT_EVENT_BUFFER, Event, EventKind, Operation, Progress, Subscription};
 pub use journal::Unreadable;
 #[cfg(feature = "postgres")]
 pub use journal::{JournalImport, import_sqlite_journal};
@@ -66,3 +66,6 @@ pub use types::{
 
 /// Re-exported so that implementors need not depend on `async-trait` themselves.
 pub use async_trait::async_trait;
+/// The secret string type of passwords passed in ([`UserDirectory::authenticate`]) and
+/// secrets read from config; its `Debug` never shows the value.
+pub use secrecy::{ExposeSecret, SecretString};

@@ -24,6 +24,7 @@
 use std::net::IpAddr;
 
 use async_trait::async_trait;
+use secrecy::SecretString;
 
 use crate::error::Result;
 use crate::events::Progress;
@@ -49,6 +50,35 @@ pub trait UserDirectory: Send + Sync + 'static {
     ///
     /// It changes nothing, so calling it any number of times is safe.
     async fn find_user(&self, user: &UserName) -> Result<User>;
+
+    /// Checks that `password` is `user`'s own (for LDAP: a bind as the user's entry) and
+    /// returns the user as [`find_user`](Self::find_user) would, group check included.
+    ///
+    /// * A wrong password, an empty one, or an unknown user is
+    ///   [`ErrorKind::Unauthorized`](crate::ErrorKind::Unauthorized), with one message for
+    ///   all three, so it does not tell who exists.
+    /// * A right password of a user who may not own VMs is `Unauthorized` naming why.
+    ///
+    /// The password is used for the check only: never stored, logged or put in an error.
+    /// The default says the directory cannot check passwords (`Unauthorized`).
+    async fn authenticate(&self, user: &UserName, password: &SecretString) -> Result<User> {
+        let _ = (user, password);
+        Err(crate::Error::unauthorized(format!(
+            "the {} user directory cannot check passwords",
+            self.backend()
+        )))
+    }
+
+    /// Whether `user` is a member of `group` (for LDAP, the group's DN). An unknown user is
+    /// [`ErrorKind::NotFound`](crate::ErrorKind::NotFound). The default says the directory
+    /// has no groups (`Unauthorized`).
+    async fn is_member(&self, user: &UserName, group: &str) -> Result<bool> {
+        let _ = (user, group);
+        Err(crate::Error::unauthorized(format!(
+            "the {} user directory has no groups",
+            self.backend()
+        )))
+    }
 }
 
 /// Picks the host a VM runs on and holds a slot there.

@@ -276,6 +276,7 @@ fn deliver(cb: devvm_event_cb, user_data: *mut c_void, e: &Event) {
             resource, holder, ..
         } => Some(format!("left alone: {resource} (held by {holder})")),
         EventKind::Warning { message } => Some(message.clone()),
+        EventKind::Lagged { missed } => Some(format!("missed {missed} events (fell behind)")),
         _ => None,
     };
     let (rid, vm, kind_c, json_c) = (

@@ -3,7 +3,9 @@
 //! Each lookup opens a connection (`ldap://`, `ldap://` with StartTLS, or `ldaps://`),
 //! binds (simple bind with a service account, or anonymously), searches the user by
 //! uid with the value escaped for the filter, optionally checks membership of a group,
-//! and unbinds. The bind password is a secret: it never appears in `Debug`, errors or logs.
+//! and unbinds. Signing in ([`UserDirectory::authenticate`]) also binds as the user's own
+//! entry with the password given, on a connection of its own; the password is only
+//! passed to that bind. The bind password is a secret: it never appears in `Debug`, errors or logs.
 //!
 //! TLS (ldaps or StartTLS) verifies the server's certificate and name (an IP address in the
 //! URL must be in the certificate's IP SANs). It trusts the platform's roots, or with
@@ -96,6 +98,10 @@ pub(crate) enum LdapError {
     NotMember { user: UserName, group: String },
     #[error("directory {0} did not answer in time")]
     DirectoryTimeout(String),
+    #[error("wrong user name or password")]
+    BadCredentials,
+    #[error("a password is required")]
+    EmptyPassword,
 }
 
 impl BackendError for LdapError {
@@ -123,6 +129,7 @@ impl BackendError for LdapError {
             Ambiguous { .. } => ErrorKind::Conflict,
             NotMember { .. } => ErrorKind::Unauthorized,
             DirectoryTimeout(_) => ErrorKind::Timeout,
+            BadCredentials | EmptyPassword => ErrorKind::Unauthorized,
         }
     }
 
@@ -389,7 +396,8 @@ impl LdapDirectory {
         .into()
     }
 
-    async fn lookup(&self, user: &UserName) -> Result<User> {
+    /// A connection, bound as the service account (or anonymous), or as `as_user`.
+    async fn connect(&self, as_user: Option<(&str, &SecretString)>) -> Result<ldap3::Ldap> {
         let mut settings = LdapConnSettings::new()
             .set_conn_timeout(self.timeout)
             .set_starttls(self.starttls);
@@ -400,15 +408,34 @@ impl LdapDirectory {
             .await
             .map_err(|e| self.map_err("cannot connect to the directory", e))?;
         ldap3::drive!(conn);
-
-        if let Some((dn, pw)) = &self.bind {
-            ldap.with_timeout(self.timeout)
-                .simple_bind(dn, pw.expose_secret())
-                .await
-                .and_then(|r| r.success())
-                .map_err(|e| self.map_err(&format!("bind as {dn} failed"), e))?;
+        match as_user {
+            Some((dn, pw)) => {
+                ldap.with_timeout(self.timeout)
+                    .simple_bind(dn, pw.expose_secret())
+                    .await
+                    .and_then(|r| r.success())
+                    .map_err(|e| match &e {
+                        Ldap3Error::LdapResult { result } if result.rc == 49 => {
+                            Error::from(LdapError::BadCredentials)
+                        }
+                        _ => self.map_err("bind as the user failed", e),
+                    })?;
+            }
+            None => {
+                if let Some((dn, pw)) = &self.bind {
+                    ldap.with_timeout(self.timeout)
+                        .simple_bind(dn, pw.expose_secret())
+                        .await
+                        .and_then(|r| r.success())
+                        .map_err(|e| self.map_err(&format!("bind as {dn} failed"), e))?;
+                }
+            }
         }
+        Ok(ldap)
+    }
 
+    /// The one entry of `user`.
+    async fn find_entry(&self, ldap: &mut ldap3::Ldap, user: &UserName) -> Result<SearchEntry> {
         let filter = self.user_search_filter(user);
         let attrs = vec![
             self.uid_attribute.as_str(),
@@ -423,52 +450,84 @@ impl LdapDirectory {
             .await
             .and_then(|r| r.success())
             .map_err(|e| self.map_err("user search failed", e))?;
-        let entry = match entries.len() {
-            0 => {
-                let _ = ldap.unbind().await;
-                return Err(LdapError::NoSuchUser(user.clone()).into());
+        let count = entries.len();
+        let mut entries = entries.into_iter();
+        match (entries.next(), count) {
+            (None, _) => Err(LdapError::NoSuchUser(user.clone()).into()),
+            (Some(entry), 1) => Ok(SearchEntry::construct(entry)),
+            (Some(_), n) => Err(LdapError::Ambiguous {
+                user: user.clone(),
+                count: n,
             }
-            1 => SearchEntry::construct(
-                entries
-                    .into_iter()
-                    .next()
-                    .unwrap_or_else(|| unreachable!("one entry was counted")),
-            ),
-            n => {
-                let _ = ldap.unbind().await;
-                return Err(LdapError::Ambiguous {
-                    user: user.clone(),
-                    count: n,
-                }
-                .into());
-            }
-        };
-
-        if let Some(group) = &self.required_group {
-            let member_filter = match self.membership {
-                MembershipKind::Dn => format!(
-                    "(|(member={v})(uniqueMember={v}))",
-                    v = ldap_escape(entry.dn.as_str())
-                ),
-                MembershipKind::Uid => format!("(memberUid={})", ldap_escape(user.as_str())),
-            };
-            let (hits, _) = ldap
-                .with_timeout(self.timeout)
-                .search(group, Scope::Base, &member_filter, vec!["1.1"])
-                .await
-                .and_then(|r| r.success())
-                .map_err(|e| self.map_err(&format!("membership check in {group} failed"), e))?;
-            if hits.is_empty() {
-                let _ = ldap.unbind().await;
-                return Err(LdapError::NotMember {
-                    user: user.clone(),
-                    group: group.clone(),
-                }
-                .into());
-            }
+            .into()),
         }
+    }
+
+    /// Whether the user of `entry` is a member of `group` (a DN).
+    async fn in_group(
+        &self,
+        ldap: &mut ldap3::Ldap,
+        entry: &SearchEntry,
+        user: &UserName,
+        group: &str,
+    ) -> Result<bool> {
+        let member_filter = match self.membership {
+            MembershipKind::Dn => format!(
+                "(|(member={v})(uniqueMember={v}))",
+                v = ldap_escape(entry.dn.as_str())
+            ),
+            MembershipKind::Uid => format!("(memberUid={})", ldap_escape(user.as_str())),
+        };
+        let (hits, _) = ldap
+            .with_timeout(self.timeout)
+            .search(group, Scope::Base, &member_filter, vec!["1.1"])
+            .await
+            .and_then(|r| r.success())
+            .map_err(|e| self.map_err(&format!("membership check in {group} failed"), e))?;
+        Ok(!hits.is_empty())
+    }
+
+    /// Finds the user's entry and checks the required group; with `password`, also binds
+    /// as the user with it (on a connection of its own).
+    async fn lookup(&self, user: &UserName, password: Option<&SecretString>) -> Result<User> {
+        let mut ldap = self.connect(None).await?;
+        let found = async {
+            let entry = self.find_entry(&mut ldap, user).await?;
+            let member = match &self.required_group {
+                Some(group) => Some(self.in_group(&mut ldap, &entry, user, group).await?),
+                None => None,
+            };
+            Ok::<_, Error>((entry, member))
+        }
+        .await;
         let _ = ldap.unbind().await;
+        let (entry, member) = match (found, password) {
+            // At sign-in an unknown user and a wrong password look alike.
+            (Err(e), Some(_)) if e.kind() == ErrorKind::NotFound => {
+                return Err(LdapError::BadCredentials.into());
+            }
+            (found, _) => found?,
+        };
+        if let Some(password) = password {
+            let mut as_user = self.connect(Some((&entry.dn, password))).await?;
+            let _ = as_user.unbind().await;
+        }
+        if let (Some(false), Some(group)) = (member, &self.required_group) {
+            return Err(LdapError::NotMember {
+                user: user.clone(),
+                group: group.clone(),
+            }
+            .into());
+        }
         Ok(self.user_from(user, entry.attrs, entry.bin_attrs))
+    }
+
+    /// `work`, bounded by a few operation limits (the connection included).
+    async fn bounded<T>(&self, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.timeout * 4, work).await {
+            Ok(r) => r,
+            Err(_) => Err(LdapError::DirectoryTimeout(self.url.clone()).into()),
+        }
     }
 
     fn user_from(
@@ -520,11 +579,30 @@ impl UserDirectory for LdapDirectory {
     }
 
     async fn find_user(&self, user: &UserName) -> Result<User> {
-        // The whole lookup, connection included, is bounded by a few operation limits.
-        match tokio::time::timeout(self.timeout * 4, self.lookup(user)).await {
-            Ok(r) => r,
-            Err(_) => Err(LdapError::DirectoryTimeout(self.url.clone()).into()),
+        self.bounded(self.lookup(user, None)).await
+    }
+
+    /// Binds as the user's own entry with `password`. An empty password is refused before
+    /// anything is sent (LDAP would take it for an anonymous bind and succeed).
+    async fn authenticate(&self, user: &UserName, password: &SecretString) -> Result<User> {
+        if password.expose_secret().is_empty() {
+            return Err(LdapError::EmptyPassword.into());
         }
+        self.bounded(self.lookup(user, Some(password))).await
+    }
+
+    async fn is_member(&self, user: &UserName, group: &str) -> Result<bool> {
+        self.bounded(async {
+            let mut ldap = self.connect(None).await?;
+            let r = async {
+                let entry = self.find_entry(&mut ldap, user).await?;
+                self.in_group(&mut ldap, &entry, user, group).await
+            }
+            .await;
+            let _ = ldap.unbind().await;
+            r
+        })
+        .await
     }
 }
 

@@ -17,6 +17,7 @@ pub struct ProvisionerBuilder {
     defaults: Defaults,
     timeouts: Timeouts,
     retries: Retries,
+    event_buffer: Option<usize>,
 }
 
 impl std::fmt::Debug for ProvisionerBuilder {
@@ -50,6 +51,13 @@ impl ProvisionerBuilder {
     /// directory.
     pub fn journal(mut self, section: toml::Table, base_dir: impl Into<PathBuf>) -> Self {
         self.journal = Some((section, base_dir.into()));
+        self
+    }
+    /// How many unread events each subscription and each [`RunHandle`] holds before it
+    /// drops the oldest (default [`DEFAULT_EVENT_BUFFER`](crate::events::DEFAULT_EVENT_BUFFER);
+    /// at least 1).
+    pub fn event_buffer(mut self, events: usize) -> Self {
+        self.event_buffer = Some(events);
         self
     }
     /// The user directory.
@@ -153,7 +161,10 @@ impl ProvisionerBuilder {
             inner: Arc::new(Inner {
                 backends,
                 journal,
-                bus: EventBus::default(),
+                bus: EventBus::with_capacity(
+                    self.event_buffer
+                        .unwrap_or(crate::events::DEFAULT_EVENT_BUFFER),
+                ),
                 defaults: self.defaults,
                 timeouts: self.timeouts,
                 retries: self.retries,

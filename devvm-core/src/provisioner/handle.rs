@@ -39,55 +39,32 @@ impl CancelToken {
     }
 }
 
-/// Which events a [`RunHandle`] passes on.
-#[derive(Debug, Clone)]
-pub(super) enum RunFilter {
-    Request(RequestId),
-    Vm(VmName),
-}
-
-impl RunFilter {
-    pub(super) fn matches(&self, e: &crate::events::Event) -> bool {
-        match self {
-            RunFilter::Request(id) => e.request_id == *id,
-            RunFilter::Vm(vm) => e.vm == *vm,
-        }
-    }
-}
-
 /// A run going on in the background ([`Provisioner::start_provision`],
 /// [`Provisioner::start_deprovision`]): its events, in order, then its result.
 ///
 /// The run goes on to its end (or rollback) even if the handle is dropped.
 #[derive(Debug)]
 pub struct RunHandle<T> {
+    /// This run's events only (the bus filters them), so other runs cannot crowd them out.
     pub(super) events: Subscription,
-    pub(super) only: RunFilter,
     pub(super) task: Option<tokio::task::JoinHandle<Result<T>>>,
     pub(super) result: Option<Result<T>>,
 }
 
 impl<T: Send + 'static> RunHandle<T> {
     /// The run's next event; `None` once the run has ended and every one of its events
-    /// was delivered. Cancel-safe: it can be raced in `tokio::select!`.
+    /// was delivered. Cancel-safe: it can be raced in `tokio::select!`. A caller that falls
+    /// more than the event buffer behind gets [`EventKind::Lagged`](crate::EventKind::Lagged)
+    /// and then the newest events (the last one still says how the run ended).
     pub async fn next_event(&mut self) -> Option<crate::events::Event> {
         loop {
             let Some(task) = self.task.as_mut() else {
                 // Every event of the run was published before its task ended.
-                while let Some(e) = self.events.try_recv() {
-                    if self.only.matches(&e) {
-                        return Some(e);
-                    }
-                }
-                return None;
+                return self.events.try_recv();
             };
             tokio::select! {
                 biased;
-                Some(e) = self.events.recv() => {
-                    if self.only.matches(&e) {
-                        return Some(e);
-                    }
-                }
+                Some(e) = self.events.recv() => return Some(e),
                 joined = task => {
                     self.result = Some(joined.unwrap_or_else(|e| {
                         Err(Error::backend("the run's task failed").with_source(e))

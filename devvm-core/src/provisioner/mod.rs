@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::error::{Error, ErrorKind, Result, UndoFailure};
-use crate::events::{EventBus, EventKind, Operation, Progress, RunEvents, Subscription};
+use crate::events::{EventBus, EventKind, Only, Operation, Progress, RunEvents, Subscription};
 use crate::journal::{
     Begin, Journal, OwnerGuard, RunRecord, RunState, StepRecord, StepState, UndoKey, Unreadable,
 };
@@ -47,7 +47,6 @@ pub use recovery::RecoveryReport;
 pub use run::WAITING_FOR_BLOCKING_WORK;
 pub use settings::{Defaults, Retries, Timeouts};
 
-use handle::RunFilter;
 use record::Recorder;
 use recovery::finished_vm;
 use run::{Run, guarded, with_retries};
@@ -209,7 +208,8 @@ impl Provisioner {
         &self.inner.state_dir
     }
 
-    /// Receives every event of every run from now on.
+    /// Receives every event of every run from now on, through a bounded queue (see
+    /// [`Subscription`]: a reader that falls behind is told how many it missed).
     pub fn subscribe(&self) -> Subscription {
         self.inner.bus.subscribe()
     }
@@ -339,12 +339,13 @@ impl Provisioner {
     /// handle that yields this run's events (and no other run's) and then its result: what
     /// a CLI, a binding or a web page needs to show one run live.
     pub fn start_provision(&self, req: ProvisionRequest, cancel: CancelToken) -> RunHandle<Vm> {
-        let events = self.subscribe();
-        let id = req.request_id.clone();
+        let events = self
+            .inner
+            .bus
+            .subscribe_only(Only::Request(req.request_id.clone()));
         let this = self.clone();
         RunHandle {
             events,
-            only: RunFilter::Request(id),
             task: Some(tokio::spawn(async move {
                 this.provision_with(req, cancel).await
             })),
@@ -355,12 +356,11 @@ impl Provisioner {
     /// Starts [`deprovision`](Self::deprovision) of `name` in the background; the handle
     /// yields the events of runs about that VM, then the result.
     pub fn start_deprovision(&self, name: VmName) -> RunHandle<()> {
-        let events = self.subscribe();
+        let events = self.inner.bus.subscribe_only(Only::Vm(name.clone()));
         let this = self.clone();
         let vm = name.clone();
         RunHandle {
             events,
-            only: RunFilter::Vm(name),
             task: Some(tokio::spawn(async move { this.deprovision(&vm).await })),
             result: None,
         }
@@ -369,12 +369,11 @@ impl Provisioner {
     /// Starts [`migrate`](Self::migrate) of `name` to `to` in the background; the handle
     /// yields the events of runs about that VM, then the moved VM.
     pub fn start_migrate(&self, name: VmName, to: HostId) -> RunHandle<Vm> {
-        let events = self.subscribe();
+        let events = self.inner.bus.subscribe_only(Only::Vm(name.clone()));
         let this = self.clone();
         let vm = name.clone();
         RunHandle {
             events,
-            only: RunFilter::Vm(name),
             task: Some(tokio::spawn(async move { this.migrate(&vm, &to).await })),
             result: None,
         }
