@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use devvm_core::backends::ldap::{LdapConfig, LdapDirectory};
 use devvm_core::testkit::conformance::{UserDirectoryFixture, user_directory};
-use devvm_core::{ErrorKind, UserDirectory, UserName};
+use devvm_core::{ErrorKind, ExposeSecret, UserDirectory, UserName};
 use devvm_tests::Lab;
 
 fn config(lab: &Lab, extra: &str) -> LdapConfig {
@@ -255,4 +255,79 @@ async fn tls_without_the_lab_ca_fails_typed_and_returns_no_user() {
             assert!(e.to_string().contains("TLS"), "{what}: {e}");
         }
     }
+}
+
+fn user_password(lab: &Lab) -> devvm_core::SecretString {
+    let pw = std::fs::read_to_string(lab.var("user_password_file"))
+        .expect("read DEVVM_LAB_USER_PASSWORD_FILE");
+    devvm_core::SecretString::from(pw.trim().to_owned())
+}
+
+/// Sign-in binds as the user's own entry: the right password passes; a wrong one, an
+/// empty one and an unknown user are refused alike (one message that names no one); a
+/// right password of a non-member is refused naming the group; the password shows in no
+/// error.
+#[tokio::test]
+async fn sign_in_binds_as_the_user() {
+    let Some(lab) = Lab::get("sign_in_binds_as_the_user") else {
+        return;
+    };
+    let d = directory(&lab, "");
+    let pw = user_password(&lab);
+    let alice = member(&lab);
+    let user = d.authenticate(&alice, &pw).await.expect("alice signs in");
+    assert_eq!(user.name, alice);
+    assert!(user.mail.is_some(), "{user:?}");
+
+    let wrong = devvm_core::SecretString::from(format!("{}x", pw.expose_secret()));
+    let ghost = UserName::new("nobody-here").unwrap();
+    let empty = devvm_core::SecretString::from(String::new());
+    let mut messages = Vec::new();
+    for (who, password) in [(&alice, &wrong), (&ghost, &pw), (&alice, &empty)] {
+        let e = d.authenticate(who, password).await.expect_err("refused");
+        assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
+        assert!(!e.is_retryable(), "{e}");
+        let shown = format!("{e} {e:?}");
+        assert!(!shown.contains(pw.expose_secret()), "{shown}");
+        messages.push(e.to_string());
+    }
+    assert_eq!(
+        messages[0], messages[1],
+        "unknown user and wrong password look alike"
+    );
+
+    let outsider = UserName::new(lab.var("ldap_outsider")).unwrap();
+    let e = d
+        .authenticate(&outsider, &pw)
+        .await
+        .expect_err("not a member");
+    assert_eq!(e.kind(), ErrorKind::Unauthorized);
+    assert!(e.to_string().contains("not a member"), "{e}");
+    assert_ne!(e.to_string(), messages[0]);
+}
+
+#[tokio::test]
+async fn group_membership_is_read_from_the_directory() {
+    let Some(lab) = Lab::get("group_membership_is_read_from_the_directory") else {
+        return;
+    };
+    let d = directory(&lab, "");
+    let admins = lab.var("ldap_admin_group_dn");
+    assert!(
+        d.is_member(&UserName::new("carol").unwrap(), admins)
+            .await
+            .unwrap()
+    );
+    assert!(!d.is_member(&member(&lab), admins).await.unwrap());
+    let e = d
+        .is_member(&UserName::new("nobody-here").unwrap(), admins)
+        .await
+        .expect_err("unknown user");
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    // A group DN with filter metacharacters is a DN, never spliced into a filter.
+    let e = d
+        .is_member(&member(&lab), "cn=*)(uid=*,ou=groups,dc=nowhere")
+        .await
+        .expect_err("no such group");
+    assert_ne!(e.kind(), ErrorKind::Backend, "{e}");
 }

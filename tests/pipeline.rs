@@ -572,7 +572,10 @@ async fn a_subscriber_that_never_reads_holds_a_bounded_queue() {
             );
             let mut seen = 0u64;
             while let Some(e) = run.next_event().await {
-                assert!(!matches!(e.kind, EventKind::Lagged { .. }), "a reader that keeps up never lags");
+                assert!(
+                    !matches!(e.kind, EventKind::Lagged { .. }),
+                    "a reader that keeps up never lags"
+                );
                 seen += 1;
             }
             let _ = run.finish().await;
@@ -589,25 +592,48 @@ async fn a_subscriber_that_never_reads_holds_a_bounded_queue() {
         late_events.push(e);
     }
     assert!(
-        late_events.iter().all(|e| !matches!(e.kind, EventKind::Lagged { .. })),
+        late_events
+            .iter()
+            .all(|e| !matches!(e.kind, EventKind::Lagged { .. })),
         "the late handle holds its own run's events only, and they fit"
     );
     assert!(late_events.last().unwrap().kind.is_terminal());
     let total = streamed + late_events.len() as u64;
-    assert!(total > 2 * BUFFER as u64, "{total} events: enough to overflow the buffer");
+    assert!(
+        total > 2 * BUFFER as u64,
+        "{total} events: enough to overflow the buffer"
+    );
 
     assert_eq!(never.len(), BUFFER);
     let got = never.drain();
     let EventKind::Lagged { missed } = got[0].kind else {
-        panic!("the first read after falling behind is Lagged, got {:?}", got[0].kind);
+        panic!(
+            "the first read after falling behind is Lagged, got {:?}",
+            got[0].kind
+        );
     };
     assert_eq!(got.len(), BUFFER + 1);
-    assert_eq!(missed + BUFFER as u64, total, "every event is either missed or kept");
-    assert!(got.iter().skip(1).all(|e| !matches!(e.kind, EventKind::Lagged { .. })));
-    assert!(got.last().unwrap().kind.is_terminal(), "the newest event is kept");
+    assert_eq!(
+        missed + BUFFER as u64,
+        total,
+        "every event is either missed or kept"
+    );
+    assert!(
+        got.iter()
+            .skip(1)
+            .all(|e| !matches!(e.kind, EventKind::Lagged { .. }))
+    );
+    assert!(
+        got.last().unwrap().kind.is_terminal(),
+        "the newest event is kept"
+    );
     assert!(never.is_empty());
     drop(p);
-    assert_eq!(never.recv().await, None, "closed once the provisioner is gone");
+    assert_eq!(
+        never.recv().await,
+        None,
+        "closed once the provisioner is gone"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
