@@ -6,9 +6,28 @@
 //! cargo run --example web -- --config devvm.toml [--listen 127.0.0.1:8080]
 //! ```
 //!
-//! The page has no authentication, so the server listens on a loopback address only and
-//! refuses any other. It is a thin layer over [`Provisioner`]: one websocket carries one
-//! run. The browser sends one command,
+//! Without sign-in configured the page trusts whoever reaches it, so the server listens on
+//! a loopback address only. With sign-in it can face a team:
+//!
+//! ```text
+//! web --config devvm.toml --listen 0.0.0.0:8443 --tls-cert c.pem --tls-key k.pem \
+//!     --sign-in ldap --admin-group cn=vm-admins,ou=groups,dc=example --public-host devvm.example
+//! web --config devvm.toml --listen 10.0.0.5:8080 --trusted-header X-Remote-User \
+//!     --trusted-proxy 10.0.0.2 --public-host devvm.example
+//! ```
+//!
+//! `--sign-in ldap` shows a login form; the password goes to an LDAP bind as the user
+//! (through the config's `[users]` directory) and nowhere else, and a signed, HttpOnly,
+//! SameSite=Strict session cookie is issued. `--trusted-header` takes the user from a
+//! header set by an authenticating proxy, accepted only from `--trusted-proxy` addresses.
+//! A signed-in user provisions only for themselves and sees and acts only on their own
+//! VMs; members of `--admin-group` act for anyone. A non-loopback address is refused
+//! without sign-in, and without TLS or a trusted proxy. Every action is a JSON line in
+//! the audit log (`--audit-log`, default `web-audit.jsonl` in the state directory).
+//! Connections, runs per user and in total, the wait for a first message and a stalled
+//! send are all capped (`--help`).
+//!
+//! One websocket carries one run. The browser sends one command,
 //!
 //! ```text
 //! {"op":"provision","user":"alice"}   or   {"op":"deprovision","vm":"alice-3fa2b1"}
@@ -24,27 +43,41 @@
 //! ```
 //!
 //! where `event` is a [`devvm_core::Event`] and `error` a [`devvm_core::ErrorInfo`] in
-//! their serde JSON. A user or VM name that fails validation is such an error message.
-//! `GET /api/vms` is `list()` as JSON.
+//! their serde JSON. A user or VM name that fails validation, an action on another user's
+//! VM and a run over a limit are such error messages. `GET /api/vms` is `list()` as JSON
+//! (the caller's own VMs, or all for an admin); `GET /api/me` says who is signed in;
+//! `POST /api/login` (`{"user":..,"password":..}`) and `POST /api/logout` sign in and out.
 
 #![allow(clippy::print_stdout)] // prints the address it listens on, for people and scripts
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
+use clap::Parser;
 use devvm_core::{
-    CancelToken, Error, Event, HostId, Operation, ProvisionRequest, Provisioner, RunHandle,
-    UserName, Vm, VmName,
+    CancelToken, Error, ErrorKind, Event, HostId, Operation, ProvisionRequest, Provisioner,
+    RunHandle, SecretString, UserName, Vm, VmName,
 };
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+#[path = "web/auth.rs"]
+mod auth;
+#[path = "web/listen.rs"]
+mod listen;
+
+use auth::{Audit, AuditEntry, Limits, Principal, RunSlot, SessionKey, Via};
+use listen::{Incoming, Peer};
 
 const INDEX_HTML: &str = include_str!("web/index.html");
 const APP_JS: &str = include_str!("web/app.js");
@@ -55,40 +88,111 @@ const STYLE_CSS: &str = include_str!("web/style.css");
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
                    connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
+/// The seed's button as a web page.
+#[derive(Debug, Parser)]
+#[command(name = "web", about = "devvm's web page: deploy a VM with one button")]
 struct Args {
+    /// The devvm config file.
+    #[arg(long)]
     config: PathBuf,
-    listen: SocketAddr,
+    /// Where to listen (IP:PORT; port 0 picks a free one). Without sign-in, loopback only.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Sign in with a user name and password, checked by an LDAP bind as the user.
+    #[arg(long, value_enum)]
+    sign_in: Option<SignInKind>,
+    /// Take the user from this header (e.g. X-Remote-User), set by an authenticating
+    /// reverse proxy; only from --trusted-proxy addresses.
+    #[arg(long, requires = "trusted_proxy")]
+    trusted_header: Option<String>,
+    /// An address of the authenticating proxy (repeat for several).
+    #[arg(long, requires = "trusted_header")]
+    trusted_proxy: Vec<IpAddr>,
+    /// Members of this group (an LDAP DN) may act on anyone's VMs.
+    #[arg(long)]
+    admin_group: Option<String>,
+    /// A host name the page is reached by besides loopback (repeat for several).
+    #[arg(long)]
+    public_host: Vec<String>,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The audit log (JSON lines); default web-audit.jsonl in the state directory.
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
+    /// How long a sign-in lasts, in hours.
+    #[arg(long, default_value_t = 8)]
+    session_hours: u64,
+    /// Open websockets at most.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+    /// Runs going at once at most, in total.
+    #[arg(long, default_value_t = 16)]
+    max_runs: usize,
+    /// Runs going at once at most, per user.
+    #[arg(long, default_value_t = 3)]
+    max_runs_per_user: usize,
+    /// Seconds a new websocket may take to send its command.
+    #[arg(long, default_value_t = 10)]
+    first_message_secs: u64,
+    /// Seconds one send to a browser may take before its connection is dropped (the run
+    /// goes on).
+    #[arg(long, default_value_t = 60)]
+    idle_secs: u64,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut it = std::env::args().skip(1);
-    let mut config = None;
-    let mut listen = "127.0.0.1:8080".to_owned();
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--config" => config = Some(it.next().ok_or("--config needs a path")?),
-            "--listen" => listen = it.next().ok_or("--listen needs ADDRESS:PORT")?,
-            "-h" | "--help" => {
-                return Err("usage: web --config devvm.toml [--listen 127.0.0.1:8080]".to_owned());
-            }
-            other => return Err(format!("unknown argument {other}")),
-        }
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SignInKind {
+    /// A login form; the password is checked by an LDAP bind as the user.
+    Ldap,
+}
+
+/// The trusted header of an authenticating proxy and the addresses it comes from.
+#[derive(Debug, Clone)]
+struct Proxy {
+    header: HeaderName,
+    from: Vec<IpAddr>,
+}
+
+/// How the server knows who is asking.
+#[derive(Debug, Clone)]
+struct SignIn {
+    ldap: bool,
+    proxy: Option<Proxy>,
+    admin_group: Option<String>,
+    session: Duration,
+}
+
+impl SignIn {
+    fn enabled(&self) -> bool {
+        self.ldap || self.proxy.is_some()
     }
-    Ok(Args {
-        config: config.ok_or("--config PATH is required")?.into(),
-        listen: loopback_address(&listen)?,
-    })
 }
 
-/// Parses `--listen`, refusing anything but a loopback address.
-fn loopback_address(s: &str) -> Result<SocketAddr, String> {
+/// Checks the listen address against how the server is protected: a non-loopback address
+/// needs sign-in, and TLS or a trusted proxy in front.
+fn check_listen(s: &str, sign_in: &SignIn, tls: bool) -> Result<SocketAddr, String> {
     let addr: SocketAddr = s
         .parse()
         .map_err(|_| format!("--listen {s:?}: expected IP:PORT, such as 127.0.0.1:8080"))?;
-    if !addr.ip().is_loopback() {
+    if addr.ip().is_loopback() {
+        return Ok(addr);
+    }
+    if !sign_in.enabled() {
         return Err(format!(
-            "--listen {addr}: refusing a non-loopback address; the page has no \
-             authentication, so it serves loopback only (127.0.0.1 or [::1])"
+            "--listen {addr}: refusing a non-loopback address without sign-in; the page would \
+             let anyone who reaches it act for any user. Listen on 127.0.0.1, or add \
+             --sign-in ldap or --trusted-header"
+        ));
+    }
+    if !tls && sign_in.proxy.is_none() {
+        return Err(format!(
+            "--listen {addr}: refusing a non-loopback address without TLS: passwords and \
+             session cookies would cross the network in clear. Add --tls-cert and --tls-key, \
+             or put an authenticating proxy in front (--trusted-header, --trusted-proxy)"
         ));
     }
     Ok(addr)
@@ -98,15 +202,136 @@ fn loopback_address(s: &str) -> Result<SocketAddr, String> {
 struct App {
     provisioner: Provisioner,
     port: u16,
+    tls: bool,
+    public_hosts: Arc<Vec<String>>,
+    sign_in: Arc<SignIn>,
+    key: Arc<SessionKey>,
+    audit: Arc<Audit>,
+    limits: Arc<Limits>,
+}
+
+impl App {
+    /// Writes `p`'s `action` to the audit log: `error` is `None` when it succeeded.
+    fn audit(
+        &self,
+        p: &Principal,
+        action: &str,
+        vm: Option<&str>,
+        for_user: Option<&str>,
+        error: Option<&Error>,
+    ) {
+        let (result, error) = match error {
+            None => ("ok", None),
+            Some(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::Unauthorized
+                        | ErrorKind::Exhausted
+                        | ErrorKind::InvalidInput
+                        | ErrorKind::NotFound
+                ) =>
+            {
+                ("refused", Some(e.info()))
+            }
+            Some(e) => ("failed", Some(e.info())),
+        };
+        self.audit.record(&AuditEntry {
+            who: p.who(),
+            via: Some(p.via),
+            peer: p.peer,
+            action,
+            vm,
+            for_user,
+            result,
+            error,
+        });
+    }
+
+    /// Who is asking: the trusted proxy's header (from a trusted proxy only), else a
+    /// valid session cookie; on a server without sign-in, the local user. `None` when
+    /// sign-in is on and the request carries neither.
+    async fn principal(
+        &self,
+        headers: &HeaderMap,
+        peer: IpAddr,
+    ) -> devvm_core::Result<Option<Principal>> {
+        if !self.sign_in.enabled() {
+            return Ok(Some(Principal {
+                user: None,
+                admin: true,
+                via: Via::Loopback,
+                peer,
+            }));
+        }
+        if let Some(proxy) = &self.sign_in.proxy
+            && proxy.from.contains(&peer)
+            && let Some(value) = headers.get(&proxy.header)
+        {
+            let name = value
+                .to_str()
+                .map_err(|_| Error::invalid_input("the trusted header is not text"))?;
+            let user = UserName::new(name)?;
+            let users = &self.provisioner.backends().users;
+            // The user must exist and may own VMs, as for a provision.
+            users.find_user(&user).await?;
+            let admin = self.is_admin(&user).await?;
+            return Ok(Some(Principal {
+                user: Some(user),
+                admin,
+                via: Via::Proxy,
+                peer,
+            }));
+        }
+        if self.sign_in.ldap {
+            let cookie = headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(auth::session_cookie);
+            if let Some((user, admin)) =
+                cookie.and_then(|t| self.key.verify(t, OffsetDateTime::now_utc()))
+            {
+                return Ok(Some(Principal {
+                    user: Some(user),
+                    admin,
+                    via: Via::Ldap,
+                    peer,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn is_admin(&self, user: &UserName) -> devvm_core::Result<bool> {
+        match &self.sign_in.admin_group {
+            Some(group) => {
+                self.provisioner
+                    .backends()
+                    .users
+                    .is_member(user, group)
+                    .await
+            }
+            None => Ok(false),
+        }
+    }
 }
 
 /// What the browser asks for: the first message on a websocket.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 enum Command {
-    Provision { user: String },
-    Deprovision { vm: String },
-    Migrate { vm: String, to: String },
+    Provision {
+        /// The user the VM is for; a signed-in user's own when absent.
+        #[serde(default)]
+        user: Option<String>,
+    },
+    Deprovision {
+        vm: String,
+    },
+    Migrate {
+        vm: String,
+        to: String,
+    },
     Cancel,
 }
 
@@ -132,179 +357,558 @@ enum Reply<'a> {
     },
 }
 
-/// Sends `reply`; false once the browser is gone.
-async fn send(socket: &mut WebSocket, reply: &Reply<'_>) -> bool {
-    match serde_json::to_string(reply) {
-        Ok(text) => socket.send(Message::Text(text.into())).await.is_ok(),
-        Err(_) => false,
+/// A websocket with a time limit on every send: a browser that stops reading is dropped
+/// once one send waits longer than the limit, instead of holding the server.
+struct Socket {
+    ws: WebSocket,
+    idle: Duration,
+}
+
+impl Socket {
+    /// Sends `reply`; false once the browser is gone or stopped reading.
+    async fn send(&mut self, reply: &Reply<'_>) -> bool {
+        let Ok(text) = serde_json::to_string(reply) else {
+            return false;
+        };
+        matches!(
+            tokio::time::timeout(self.idle, self.ws.send(Message::Text(text.into()))).await,
+            Ok(Ok(()))
+        )
     }
-}
 
-async fn send_error(socket: &mut WebSocket, error: &Error) {
-    let _ = send(
-        socket,
-        &Reply::Error {
-            error: error.info(),
-        },
-    )
-    .await;
-}
+    async fn send_error(&mut self, error: &Error) {
+        let _ = self
+            .send(&Reply::Error {
+                error: error.info(),
+            })
+            .await;
+    }
 
-/// The next text message; `None` when the socket closes first.
-async fn next_text(socket: &mut WebSocket) -> Option<String> {
-    while let Some(Ok(msg)) = socket.recv().await {
-        match msg {
-            Message::Text(t) => return Some(t.as_str().to_owned()),
-            Message::Close(_) => return None,
-            _ => {}
+    /// The next text message; `None` when the socket closes first.
+    async fn next_text(&mut self) -> Option<String> {
+        while let Some(Ok(msg)) = self.ws.recv().await {
+            match msg {
+                Message::Text(t) => return Some(t.as_str().to_owned()),
+                Message::Close(_) => return None,
+                _ => {}
+            }
         }
+        None
     }
-    None
+
+    async fn close(mut self) {
+        let _ = tokio::time::timeout(self.idle, self.ws.send(Message::Close(None))).await;
+    }
 }
 
 /// One websocket, one run.
-async fn session(mut socket: WebSocket, app: App) {
-    let Some(text) = next_text(&mut socket).await else {
-        return;
+async fn session(
+    ws: WebSocket,
+    app: App,
+    who: Principal,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let mut socket = Socket {
+        ws,
+        idle: app.limits.idle,
+    };
+    let Some(_slot) = slot else {
+        let e = Error::new(
+            ErrorKind::Exhausted,
+            format!(
+                "the server has {} connections open (its limit); try again in a moment",
+                app.limits.max_connections
+            ),
+        );
+        socket.send_error(&e).await;
+        return socket.close().await;
+    };
+    let text = match tokio::time::timeout(app.limits.first_message, socket.next_text()).await {
+        Ok(Some(text)) => text,
+        Ok(None) => return,
+        Err(_) => {
+            let e = Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "no command within {} s; open a new connection to try again",
+                    app.limits.first_message.as_secs()
+                ),
+            );
+            socket.send_error(&e).await;
+            return socket.close().await;
+        }
     };
     let command = match serde_json::from_str::<Command>(&text) {
         Ok(c) => c,
         Err(e) => {
             let error = Error::invalid_input(format!("bad command: {e}"));
-            return send_error(&mut socket, &error).await;
+            socket.send_error(&error).await;
+            return socket.close().await;
         }
     };
     let outcome = match command {
-        Command::Provision { user } => provision(&mut socket, &app, &user).await,
-        Command::Deprovision { vm } => deprovision(&mut socket, &app, &vm).await,
-        Command::Migrate { vm, to } => migrate(&mut socket, &app, &vm, &to).await,
+        Command::Provision { user } => provision(&mut socket, &app, &who, user).await,
+        Command::Deprovision { vm } => deprovision(&mut socket, &app, &who, &vm).await,
+        Command::Migrate { vm, to } => migrate(&mut socket, &app, &who, &vm, &to).await,
         Command::Cancel => Err(Error::invalid_input("no run to cancel on this connection")),
     };
     if let Err(error) = outcome {
-        send_error(&mut socket, &error).await;
+        socket.send_error(&error).await;
     }
-    let _ = socket.send(Message::Close(None)).await;
+    socket.close().await;
 }
 
-async fn provision(socket: &mut WebSocket, app: &App, user: &str) -> devvm_core::Result<()> {
-    let request = ProvisionRequest::new(UserName::new(user)?);
-    let resolved = app.provisioner.resolve(&request)?;
+/// The VM `vm` if `who` may act on it.
+async fn owned_vm(
+    app: &App,
+    who: &Principal,
+    vm: &str,
+) -> devvm_core::Result<(VmName, Option<Vm>)> {
+    let name = VmName::new(vm)?;
+    let found = app.provisioner.get(&name).await?;
+    match &found {
+        Some(v) => who.check_may_act_for(&v.owner, &format!("vm {name}"))?,
+        // A VM half made or half removed is not listed; only an admin may clean it up.
+        None if !who.admin => {
+            return Err(Error::not_found(format!("no vm named {name} of yours")));
+        }
+        None => {}
+    }
+    Ok((name, found))
+}
+
+async fn provision(
+    socket: &mut Socket,
+    app: &App,
+    who: &Principal,
+    user: Option<String>,
+) -> devvm_core::Result<()> {
+    let checked = async {
+        let user = match (user, &who.user) {
+            (Some(u), _) if !u.trim().is_empty() => UserName::new(u.trim())?,
+            (_, Some(me)) => me.clone(),
+            (_, None) => return Err(Error::invalid_input("a user name is required")),
+        };
+        who.check_may_act_for(&user, &format!("a VM for {user}"))
+            .map_err(|_| {
+                Error::unauthorized(format!(
+                    "you are signed in as {}: you may provision only for yourself, not for {user}",
+                    who.who()
+                ))
+            })?;
+        let request = ProvisionRequest::new(user.clone());
+        let resolved = app.provisioner.resolve(&request)?;
+        let slot = app.limits.run(who.who())?;
+        Ok((user, request, resolved, slot))
+    }
+    .await;
+    let (user, request, resolved, slot) = match checked {
+        Ok(c) => c,
+        Err(e) => {
+            app.audit(who, "provision", None, None, Some(&e));
+            return Err(e);
+        }
+    };
     let id = resolved.request_id.clone();
+    let cancel = CancelToken::new();
+    let run = app.provisioner.start_provision(request, cancel.clone());
     let accepted = Reply::Accepted {
         operation: Operation::Provision,
         request_id: Some(id.as_str()),
         vm: &resolved.name,
     };
-    if !send(socket, &accepted).await {
+    let vm = resolved.name.to_string();
+    let audit = Audited {
+        app: app.clone(),
+        who: who.clone(),
+        action: "provision",
+        vm,
+        for_user: Some(user.to_string()),
+    };
+    if !socket.send(&accepted).await {
+        audit.finish_in_background(run, slot);
         return Ok(());
     }
-    let cancel = CancelToken::new();
-    let run = app.provisioner.start_provision(request, cancel.clone());
-    stream(socket, run, Some, Some(cancel), Operation::Provision).await
+    stream(
+        socket,
+        run,
+        Some,
+        Some(cancel),
+        Operation::Provision,
+        audit,
+        slot,
+    )
+    .await
 }
 
-async fn deprovision(socket: &mut WebSocket, app: &App, vm: &str) -> devvm_core::Result<()> {
-    let name = VmName::new(vm)?;
-    let request_id = app.provisioner.get(&name).await?.map(|vm| vm.request_id);
+async fn deprovision(
+    socket: &mut Socket,
+    app: &App,
+    who: &Principal,
+    vm: &str,
+) -> devvm_core::Result<()> {
+    let checked = async {
+        let (name, found) = owned_vm(app, who, vm).await?;
+        let slot = app.limits.run(who.who())?;
+        Ok((name, found, slot))
+    }
+    .await;
+    let (name, found, slot) = match checked {
+        Ok(c) => c,
+        Err(e) => {
+            app.audit(who, "deprovision", Some(vm), None, Some(&e));
+            return Err(e);
+        }
+    };
+    let request_id = found.as_ref().map(|vm| vm.request_id.clone());
+    let run = app.provisioner.start_deprovision(name.clone());
     let accepted = Reply::Accepted {
         operation: Operation::Deprovision,
         request_id: request_id.as_ref().map(|id| id.as_str()),
         vm: &name,
     };
-    if !send(socket, &accepted).await {
+    let audit = Audited {
+        app: app.clone(),
+        who: who.clone(),
+        action: "deprovision",
+        vm: name.to_string(),
+        for_user: found.map(|v| v.owner.to_string()),
+    };
+    if !socket.send(&accepted).await {
+        audit.finish_in_background(run, slot);
         return Ok(());
     }
-    let run = app.provisioner.start_deprovision(name);
-    stream(socket, run, |()| None, None, Operation::Deprovision).await
+    stream(
+        socket,
+        run,
+        |()| None,
+        None,
+        Operation::Deprovision,
+        audit,
+        slot,
+    )
+    .await
 }
 
-async fn migrate(socket: &mut WebSocket, app: &App, vm: &str, to: &str) -> devvm_core::Result<()> {
-    let name = VmName::new(vm)?;
-    let to = HostId::new(to)?;
-    let request_id = app.provisioner.get(&name).await?.map(|vm| vm.request_id);
+async fn migrate(
+    socket: &mut Socket,
+    app: &App,
+    who: &Principal,
+    vm: &str,
+    to: &str,
+) -> devvm_core::Result<()> {
+    let checked = async {
+        let to = HostId::new(to)?;
+        let (name, found) = owned_vm(app, who, vm).await?;
+        let slot = app.limits.run(who.who())?;
+        Ok((name, found, to, slot))
+    }
+    .await;
+    let (name, found, to, slot) = match checked {
+        Ok(c) => c,
+        Err(e) => {
+            app.audit(who, "migrate", Some(vm), None, Some(&e));
+            return Err(e);
+        }
+    };
+    let request_id = found.as_ref().map(|vm| vm.request_id.clone());
+    let run = app.provisioner.start_migrate(name.clone(), to);
     let accepted = Reply::Accepted {
         operation: Operation::Migrate,
         request_id: request_id.as_ref().map(|id| id.as_str()),
         vm: &name,
     };
-    if !send(socket, &accepted).await {
+    let audit = Audited {
+        app: app.clone(),
+        who: who.clone(),
+        action: "migrate",
+        vm: name.to_string(),
+        for_user: found.map(|v| v.owner.to_string()),
+    };
+    if !socket.send(&accepted).await {
+        audit.finish_in_background(run, slot);
         return Ok(());
     }
-    let run = app.provisioner.start_migrate(name, to);
-    stream(socket, run, Some, None, Operation::Migrate).await
+    stream(socket, run, Some, None, Operation::Migrate, audit, slot).await
+}
+
+/// An accepted run, written to the audit log with its outcome when it ends.
+struct Audited {
+    app: App,
+    who: Principal,
+    action: &'static str,
+    vm: String,
+    for_user: Option<String>,
+}
+
+impl Audited {
+    fn record(&self, error: Option<&Error>) {
+        self.app.audit(
+            &self.who,
+            self.action,
+            Some(&self.vm),
+            self.for_user.as_deref(),
+            error,
+        );
+    }
+
+    /// The browser left: the run goes on, holding its slot until it ends, and its
+    /// outcome is still audited.
+    fn finish_in_background<T: Send + 'static>(self, run: RunHandle<T>, slot: RunSlot) {
+        tokio::spawn(async move {
+            let outcome = run.finish().await;
+            drop(slot);
+            self.record(outcome.as_ref().err());
+        });
+    }
 }
 
 /// Forwards this run's events to the socket until the run ends, then its outcome. The
 /// run is its own task: a browser that goes away stops the forwarding, not the run.
 async fn stream<T: Send + 'static>(
-    socket: &mut WebSocket,
+    socket: &mut Socket,
     mut run: RunHandle<T>,
     vm_of: impl FnOnce(T) -> Option<Vm>,
     cancel: Option<CancelToken>,
     operation: Operation,
+    audit: Audited,
+    slot: RunSlot,
 ) -> devvm_core::Result<()> {
     loop {
         tokio::select! {
             e = run.next_event() => match e {
                 Some(e) => {
-                    if !send(socket, &Reply::Event { event: &e }).await {
+                    if !socket.send(&Reply::Event { event: &e }).await {
+                        audit.finish_in_background(run, slot);
                         return Ok(());
                     }
                 }
                 None => break,
             },
-            msg = socket.recv() => match msg {
+            msg = socket.ws.recv() => match msg {
                 Some(Ok(Message::Text(t))) => {
                     match (serde_json::from_str::<Command>(t.as_str()), &cancel) {
                         (Ok(Command::Cancel), Some(token)) => token.cancel(),
                         _ => {
                             let e = Error::invalid_input("this connection runs one command; only cancel is accepted now");
-                            send_error(socket, &e).await;
+                            socket.send_error(&e).await;
                         }
                     }
                 }
-                Some(Ok(Message::Close(_)) | Err(_)) | None => return Ok(()),
+                Some(Ok(Message::Close(_)) | Err(_)) | None => {
+                    audit.finish_in_background(run, slot);
+                    return Ok(());
+                }
                 Some(Ok(_)) => {}
             },
         }
     }
-    let vm = vm_of(run.finish().await?);
-    let _ = send(
-        socket,
-        &Reply::Done {
+    let outcome = run.finish().await;
+    drop(slot);
+    audit.record(outcome.as_ref().err());
+    let vm = vm_of(outcome?);
+    let _ = socket
+        .send(&Reply::Done {
             operation,
             vm: vm.as_ref(),
-        },
-    )
-    .await;
+        })
+        .await;
     Ok(())
 }
 
-async fn ws(ws: WebSocketUpgrade, State(app): State<App>) -> Response {
-    ws.max_message_size(64 * 1024)
-        .on_upgrade(move |socket| session(socket, app))
+fn unauthorized() -> Response {
+    let e = Error::unauthorized("sign in first");
+    (
+        StatusCode::UNAUTHORIZED,
+        axum::Json(serde_json::json!({ "error": e.info() })),
+    )
+        .into_response()
 }
 
-async fn list(State(app): State<App>) -> Response {
-    match app.provisioner.list().await {
-        Ok(vms) => axum::Json(vms).into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            axum::Json(serde_json::json!({ "error": e.info() })),
-        )
-            .into_response(),
+fn error_response(e: &Error) -> Response {
+    let status = match e.kind() {
+        ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Unavailable | ErrorKind::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (status, axum::Json(serde_json::json!({ "error": e.info() }))).into_response()
+}
+
+/// The principal of a request, or the response refusing it.
+async fn who_or_refuse(app: &App, headers: &HeaderMap, peer: Peer) -> Result<Principal, Response> {
+    match app.principal(headers, peer.0.ip()).await {
+        Ok(Some(p)) => Ok(p),
+        Ok(None) => Err(unauthorized()),
+        Err(e) => Err(error_response(&e)),
     }
 }
 
-async fn hosts(State(app): State<App>) -> Response {
+async fn ws(
+    upgrade: WebSocketUpgrade,
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+) -> Response {
+    let who = match who_or_refuse(&app, &headers, peer).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let slot = app.limits.connection();
+    let cap = app.limits.message_bytes;
+    upgrade
+        .max_message_size(cap)
+        .max_frame_size(cap)
+        .on_upgrade(move |socket| session(socket, app, who, slot))
+}
+
+async fn list(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+) -> Response {
+    let who = match who_or_refuse(&app, &headers, peer).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    match app.provisioner.list().await {
+        Ok(mut vms) => {
+            vms.retain(|vm| who.may_act_for(&vm.owner));
+            axum::Json(vms).into_response()
+        }
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn hosts(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = who_or_refuse(&app, &headers, peer).await {
+        return r;
+    }
     match app.provisioner.hosts().await {
         Ok(hosts) => axum::Json(hosts).into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            axum::Json(serde_json::json!({ "error": e.info() })),
-        )
-            .into_response(),
+        Err(e) => error_response(&e),
     }
+}
+
+async fn me(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+) -> Response {
+    let ways: Vec<&str> = [
+        app.sign_in.ldap.then_some("ldap"),
+        app.sign_in.proxy.as_ref().map(|_| "proxy"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    match app.principal(&headers, peer.0.ip()).await {
+        Ok(p) => axum::Json(serde_json::json!({
+            "sign_in": ways,
+            "signed_in": p.is_some(),
+            "user": p.as_ref().and_then(|p| p.user.as_ref()),
+            "admin": p.as_ref().is_some_and(|p| p.admin),
+        }))
+        .into_response(),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// The login form's body. The password is only ever handed to the directory's bind.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Login {
+    user: String,
+    password: String,
+}
+
+async fn login(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    body: axum::Json<Login>,
+) -> Response {
+    let anonymous = Principal {
+        user: None,
+        admin: false,
+        via: Via::Ldap,
+        peer: peer.0.ip(),
+    };
+    if !app.sign_in.ldap {
+        return error_response(&Error::invalid_input("this server has no password sign-in"));
+    }
+    let Login { user, password } = body.0;
+    let password = SecretString::from(password);
+    let outcome = async {
+        let user = UserName::new(user.trim())
+            .map_err(|_| Error::unauthorized("wrong user name or password"))?;
+        let found = app
+            .provisioner
+            .backends()
+            .users
+            .authenticate(&user, &password)
+            .await?;
+        let admin = app.is_admin(&found.name).await?;
+        Ok::<_, Error>((found.name, admin))
+    }
+    .await;
+    match outcome {
+        Ok((user, admin)) => {
+            let p = Principal {
+                user: Some(user.clone()),
+                admin,
+                ..anonymous
+            };
+            app.audit(&p, "sign_in", None, None, None);
+            let expires = OffsetDateTime::now_utc() + app.sign_in.session;
+            let token = app.key.issue(&user, admin, expires);
+            let cookie = auth::set_cookie(&token, app.sign_in.session, app.tls);
+            (
+                [(header::SET_COOKIE, cookie)],
+                axum::Json(serde_json::json!({ "user": user, "admin": admin })),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            let attempted = user.trim();
+            let shown = if UserName::new(attempted).is_ok() {
+                attempted
+            } else {
+                "(invalid name)"
+            };
+            app.audit.record(&AuditEntry {
+                who: shown,
+                via: Some(Via::Ldap),
+                peer: peer.0.ip(),
+                action: "sign_in",
+                vm: None,
+                for_user: None,
+                result: "refused",
+                error: Some(e.info()),
+            });
+            error_response(&e)
+        }
+    }
+}
+
+async fn logout(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+) -> Response {
+    if let Ok(Some(p)) = app.principal(&headers, peer.0.ip()).await {
+        app.audit(&p, "sign_out", None, None, None);
+    }
+    let cookie = auth::set_cookie("", Duration::ZERO, app.tls);
+    (
+        [(header::SET_COOKIE, cookie)],
+        axum::Json(serde_json::json!({})),
+    )
+        .into_response()
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -318,30 +922,40 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-/// Whether `host` (a `Host` header, or the authority of an `Origin`) names this server
-/// on loopback. Refusing other names defeats DNS rebinding; refusing other origins stops
-/// a foreign page from driving the websocket.
-fn our_host(host: &str, port: u16) -> bool {
+/// Whether `host` (a `Host` header, or the authority of an `Origin`) names this server:
+/// on loopback with its port, or a configured public name (with or without a port).
+/// Refusing other names defeats DNS rebinding; refusing other origins stops a foreign page
+/// from driving the websocket.
+fn our_host(host: &str, port: u16, public: &[String]) -> bool {
     ["127.0.0.1", "localhost", "[::1]"]
         .iter()
         .any(|h| host == format!("{h}:{port}"))
+        || public.iter().any(|p| {
+            host.eq_ignore_ascii_case(p)
+                || host
+                    .rsplit_once(':')
+                    .is_some_and(|(h, _)| h.eq_ignore_ascii_case(p))
+        })
 }
 
-fn allowed(headers: &HeaderMap, port: u16) -> bool {
+fn allowed(headers: &HeaderMap, port: u16, public: &[String]) -> bool {
     let text = |v: &HeaderValue| v.to_str().ok().map(str::to_owned);
     let host_ok = headers
         .get(header::HOST)
         .and_then(text)
-        .is_some_and(|h| our_host(&h, port));
+        .is_some_and(|h| our_host(&h, port, public));
     let origin_ok = match headers.get(header::ORIGIN).and_then(text) {
         None => true,
-        Some(o) => o.strip_prefix("http://").is_some_and(|h| our_host(h, port)),
+        Some(o) => o
+            .strip_prefix("http://")
+            .or_else(|| o.strip_prefix("https://"))
+            .is_some_and(|h| our_host(h, port, public)),
     };
     host_ok && origin_ok
 }
 
 async fn guard(State(app): State<App>, req: Request, next: Next) -> Response {
-    if !allowed(req.headers(), app.port) {
+    if !allowed(req.headers(), app.port, &app.public_hosts) {
         return (StatusCode::FORBIDDEN, "wrong host or origin\n").into_response();
     }
     let mut response = next.run(req).await;
@@ -354,6 +968,12 @@ async fn guard(State(app): State<App>, req: Request, next: Next) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
+    if app.tls {
+        h.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        );
+    }
     response
 }
 
@@ -373,37 +993,89 @@ fn router(app: App) -> Router {
         )
         .route("/api/vms", get(list))
         .route("/api/hosts", get(hosts))
+        .route("/api/me", get(me))
+        .route("/api/login", post(login))
+        .route("/api/logout", post(logout))
         .route("/ws", get(ws))
+        .layer(DefaultBodyLimit::max(16 * 1024))
         .layer(middleware::from_fn_with_state(app.clone(), guard))
         .with_state(app)
 }
 
 async fn run(args: Args) -> Result<(), String> {
+    let proxy = match &args.trusted_header {
+        Some(h) => Some(Proxy {
+            header: HeaderName::try_from(h.as_str())
+                .map_err(|_| format!("--trusted-header {h:?} is not a header name"))?,
+            from: args.trusted_proxy.clone(),
+        }),
+        None => None,
+    };
+    let sign_in = SignIn {
+        ldap: args.sign_in == Some(SignInKind::Ldap),
+        proxy,
+        admin_group: args.admin_group.clone(),
+        session: Duration::from_secs(args.session_hours.max(1) * 3600),
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(listen::tls_config(c, k)?),
+        _ => None,
+    };
+    let addr = check_listen(&args.listen, &sign_in, tls.is_some())?;
     let provisioner = Provisioner::from_config(&args.config).map_err(|e| e.to_string())?;
+    let audit_path = args
+        .audit_log
+        .clone()
+        .unwrap_or_else(|| provisioner.state_dir().join("web-audit.jsonl"));
+    let audit = Audit::open(&audit_path)?;
     // Whatever a killed earlier server left unfinished is finished or rolled back first.
     let report = provisioner.recover().await.map_err(|e| e.to_string())?;
     let recovered = report.completed.len() + report.rolled_back.len() + report.removed.len();
     if recovered > 0 {
         eprintln!("web: recovered {recovered} interrupted run(s)");
     }
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let app = App {
         provisioner,
         port: addr.port(),
+        tls: tls.is_some(),
+        public_hosts: Arc::new(args.public_host.clone()),
+        sign_in: Arc::new(sign_in),
+        key: Arc::new(SessionKey::random()?),
+        audit: Arc::new(audit),
+        limits: Arc::new(Limits::new(
+            args.max_connections.max(1),
+            args.max_runs.max(1),
+            args.max_runs_per_user.max(1),
+            Duration::from_secs(args.first_message_secs.max(1)),
+            Duration::from_secs(args.idle_secs.max(1)),
+        )),
     };
-    println!("devvm web: listening on http://{addr}/");
-    axum::serve(listener, router(app))
-        .await
-        .map_err(|e| e.to_string())
+    let incoming = Incoming::new(listener, tls).map_err(|e| e.to_string())?;
+    println!(
+        "devvm web: listening on {scheme}://{addr}/ (audit log {})",
+        audit_path.display()
+    );
+    axum::serve(
+        incoming,
+        router(app).into_make_service_with_connect_info::<Peer>(),
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = match parse_args() {
+    let args = match Args::try_parse() {
         Ok(a) => a,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
             eprintln!("web: {e}");
             return ExitCode::from(2);
@@ -422,20 +1094,39 @@ async fn main() -> ExitCode {
 mod tests {
     use super::*;
 
-    #[test]
-    fn listens_on_loopback_only() {
-        assert!(loopback_address("127.0.0.1:8080").is_ok());
-        assert!(loopback_address("[::1]:0").is_ok());
-        for bad in ["0.0.0.0:8080", "10.99.0.1:80", "[::]:8080"] {
-            let e = loopback_address(bad).expect_err(bad);
-            assert!(e.contains("non-loopback"), "{e}");
+    fn sign_in(ldap: bool, proxy: bool) -> SignIn {
+        SignIn {
+            ldap,
+            proxy: proxy.then(|| Proxy {
+                header: HeaderName::from_static("x-remote-user"),
+                from: vec![[10, 0, 0, 2].into()],
+            }),
+            admin_group: None,
+            session: Duration::from_secs(3600),
         }
-        assert!(loopback_address("localhost").is_err());
+    }
+
+    #[test]
+    fn non_loopback_needs_sign_in_and_tls_or_a_proxy() {
+        let none = sign_in(false, false);
+        assert!(check_listen("127.0.0.1:8080", &none, false).is_ok());
+        assert!(check_listen("[::1]:0", &none, false).is_ok());
+        for bad in ["0.0.0.0:8080", "10.99.0.1:80", "[::]:8080"] {
+            let e = check_listen(bad, &none, true).expect_err(bad);
+            assert!(e.contains("non-loopback") && e.contains("sign-in"), "{e}");
+        }
+        assert!(check_listen("localhost", &none, false).is_err());
+        let ldap = sign_in(true, false);
+        let e = check_listen("0.0.0.0:8443", &ldap, false).expect_err("no TLS");
+        assert!(e.contains("without TLS"), "{e}");
+        assert!(check_listen("0.0.0.0:8443", &ldap, true).is_ok());
+        assert!(check_listen("0.0.0.0:8080", &sign_in(false, true), false).is_ok());
     }
 
     #[test]
     fn only_our_host_and_origin() {
         let mut h = HeaderMap::new();
+        let allowed = |h: &HeaderMap, port| allowed(h, port, &[]);
         h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8080"));
         assert!(allowed(&h, 8080));
         assert!(!allowed(&h, 8081));
@@ -454,6 +1145,20 @@ mod tests {
             HeaderValue::from_static("rebound.example:8080"),
         );
         assert!(!allowed(&h, 8080));
+        // A configured public name, with or without a port, over https too.
+        let public = ["devvm.example".to_owned()];
+        h.insert(header::HOST, HeaderValue::from_static("devvm.example"));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://devvm.example:8443"),
+        );
+        assert!(super::allowed(&h, 8443, &public));
+        assert!(!super::allowed(&h, 8443, &[]));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://devvm.example.evil"),
+        );
+        assert!(!super::allowed(&h, 8443, &public));
     }
 
     #[test]
