@@ -46,7 +46,8 @@
 //! their serde JSON. A user or VM name that fails validation, an action on another user's
 //! VM and a run over a limit are such error messages. `GET /api/vms` is `list()` as JSON
 //! (the caller's own VMs, or all for an admin); `GET /api/me` says who is signed in;
-//! `POST /api/login` (`{"user":..,"password":..}`) and `POST /api/logout` sign in and out.
+//! `POST /api/login` (`{"user":..,"password":..}`) and `POST /api/logout` sign in and out;
+//! `GET /api/status` shows an admin the open connections and runs against their limits.
 
 #![allow(clippy::print_stdout)] // prints the address it listens on, for people and scripts
 
@@ -819,6 +820,32 @@ async fn me(
     }
 }
 
+/// What the server holds now, against its limits (admins only).
+async fn status(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+) -> Response {
+    match who_or_refuse(&app, &headers, peer).await {
+        Ok(p) if p.admin => {}
+        Ok(_) => {
+            return error_response(&Error::unauthorized(
+                "only an admin may see the server's status",
+            ));
+        }
+        Err(r) => return r,
+    }
+    let (connections, runs) = app.limits.in_use();
+    axum::Json(serde_json::json!({
+        "connections": connections,
+        "max_connections": app.limits.max_connections,
+        "runs": runs,
+        "max_runs": app.limits.max_runs,
+        "max_runs_per_user": app.limits.max_runs_per_user,
+    }))
+    .into_response()
+}
+
 /// The login form's body. The password is only ever handed to the directory's bind.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -994,6 +1021,7 @@ fn router(app: App) -> Router {
         .route("/api/vms", get(list))
         .route("/api/hosts", get(hosts))
         .route("/api/me", get(me))
+        .route("/api/status", get(status))
         .route("/api/login", post(login))
         .route("/api/logout", post(logout))
         .route("/ws", get(ws))
@@ -1057,7 +1085,8 @@ async fn run(args: Args) -> Result<(), String> {
     };
     let incoming = Incoming::new(listener, tls).map_err(|e| e.to_string())?;
     println!(
-        "devvm web: listening on {scheme}://{addr}/ (audit log {})",
+        "devvm web: listening on {scheme}://{addr}/ (pid {}, audit log {})",
+        std::process::id(),
         audit_path.display()
     );
     axum::serve(

@@ -212,6 +212,9 @@ class Run {
       case 'run_failed':
         this.line(at, '', '✗', 'failed: ' + e.error.message, 'run_failed');
         break;
+      case 'lagged':
+        this.line(at, '', '…', e.missed + ' events not shown (this page fell behind)', 'lagged');
+        break;
       default:
         break;
     }
@@ -377,15 +380,85 @@ function refreshVms() {
   return refreshing;
 }
 
+// Who is signed in, from /api/me: { sign_in: ['ldap'|'proxy'], signed_in, user, admin }.
+let me = { sign_in: [], signed_in: true, user: null, admin: true };
+
+function showSignedIn() {
+  const signedIn = me.signed_in;
+  document.getElementById('login').hidden = signedIn;
+  document.getElementById('main').hidden = !signedIn;
+  const who = document.getElementById('whoami');
+  who.hidden = !(signedIn && me.user);
+  document.getElementById('whoami-name').textContent =
+    me.user ? 'signed in as ' + me.user + (me.admin ? ' (admin)' : '') : '';
+  document.getElementById('sign-out').hidden = !me.sign_in.includes('ldap');
+  const input = document.getElementById('user');
+  if (me.user && !me.admin) {
+    // Only for yourself: the field shows who the VM is for.
+    input.value = me.user;
+    input.readOnly = true;
+  } else {
+    input.readOnly = false;
+  }
+}
+
+async function loadMe() {
+  try {
+    const r = await fetch('/api/me', { cache: 'no-store' });
+    if (r.ok) me = await r.json();
+  } catch {
+    // Keep the defaults; the list will say what is wrong.
+  }
+  showSignedIn();
+  if (me.signed_in) refreshVms();
+}
+
+async function signIn(ev) {
+  ev.preventDefault();
+  const error = document.getElementById('login-error');
+  const button = document.getElementById('login-submit');
+  error.textContent = '';
+  button.disabled = true;
+  try {
+    const r = await fetch('/api/login', {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({
+        user: document.getElementById('login-user').value.trim(),
+        password: document.getElementById('login-password').value,
+      }),
+    });
+    const body = await r.json().catch(() => ({}));
+    if (!r.ok) {
+      error.textContent = (body.error && body.error.message) || ('sign-in failed: ' + r.status);
+      return;
+    }
+    document.getElementById('login-password').value = '';
+    await loadMe();
+  } catch (e) {
+    error.textContent = 'sign-in failed: ' + e.message;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function signOut() {
+  await fetch('/api/logout', { method: 'POST' }).catch(() => {});
+  document.getElementById('vms').replaceChildren();
+  await loadMe();
+}
+
 document.addEventListener('DOMContentLoaded', () => {
   const form = document.getElementById('deploy-form');
   const input = document.getElementById('user');
+  document.getElementById('login-form').addEventListener('submit', signIn);
+  document.getElementById('sign-out').addEventListener('click', signOut);
   form.addEventListener('submit', (ev) => {
     ev.preventDefault();
     const user = input.value.trim();
-    new Run('provision', user).open({ op: 'provision', user });
+    new Run('provision', user).open(user ? { op: 'provision', user } : { op: 'provision' });
   });
   document.getElementById('refresh').addEventListener('click', refreshVms);
   input.focus();
-  refreshVms();
+  loadMe();
 });

@@ -240,6 +240,17 @@ impl Limits {
         }
     }
 
+    /// How many websockets are open, and how many runs go on.
+    pub(crate) fn in_use(&self) -> (usize, usize) {
+        let open = self.max_connections - self.connections.available_permits();
+        let runs = self
+            .runs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .total;
+        (open, runs)
+    }
+
     /// A connection slot, or `None` when `max_connections` are open.
     pub(crate) fn connection(&self) -> Option<OwnedSemaphorePermit> {
         Arc::clone(&self.connections).try_acquire_owned().ok()
@@ -376,6 +387,7 @@ mod tests {
         let permits: Vec<_> = (0..4).map(|_| limits.connection()).collect();
         assert!(permits.iter().all(Option::is_some));
         assert!(limits.connection().is_none());
+        assert_eq!(limits.in_use(), (4, 3));
     }
 
     #[test]
