@@ -499,7 +499,7 @@ async fn provision(
             })?;
         let request = ProvisionRequest::new(user.clone());
         let resolved = app.provisioner.resolve(&request)?;
-        let slot = app.limits.run(who.who())?;
+        let slot = app.limits.run(who.counted_as(&user))?;
         Ok((user, request, resolved, slot))
     }
     .await;
@@ -550,7 +550,7 @@ async fn deprovision(
 ) -> devvm_core::Result<()> {
     let checked = async {
         let (name, found) = owned_vm(app, who, vm).await?;
-        let slot = app.limits.run(who.who())?;
+        let slot = app.limits.run(who.counted_as_owner_of(found.as_ref()))?;
         Ok((name, found, slot))
     }
     .await;
@@ -601,7 +601,7 @@ async fn migrate(
     let checked = async {
         let to = HostId::new(to)?;
         let (name, found) = owned_vm(app, who, vm).await?;
-        let slot = app.limits.run(who.who())?;
+        let slot = app.limits.run(who.counted_as_owner_of(found.as_ref()))?;
         Ok((name, found, to, slot))
     }
     .await;

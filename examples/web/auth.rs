@@ -53,6 +53,22 @@ impl Principal {
         self.user.as_ref().map_or("local", |u| u.as_str())
     }
 
+    /// Whose per-user run cap a run for `owner` counts against: the signed-in user's
+    /// (an admin's runs for others are the admin's), or on a server without sign-in, the
+    /// owner's.
+    pub(crate) fn counted_as<'a>(&'a self, owner: &'a UserName) -> &'a str {
+        self.user.as_ref().unwrap_or(owner).as_str()
+    }
+
+    /// [`counted_as`](Self::counted_as) for a run on `vm` (the principal's own name when
+    /// the VM is not listed).
+    pub(crate) fn counted_as_owner_of<'a>(&'a self, vm: Option<&'a devvm_core::Vm>) -> &'a str {
+        match (&self.user, vm) {
+            (None, Some(vm)) => vm.owner.as_str(),
+            _ => self.who(),
+        }
+    }
+
     /// Refuses acting for `owner` with a message saying why.
     pub(crate) fn check_may_act_for(&self, owner: &UserName, what: &str) -> devvm_core::Result<()> {
         if self.may_act_for(owner) {
@@ -404,7 +420,19 @@ mod tests {
             .expect_err("not bob's");
         assert_eq!(e.kind(), devvm_core::ErrorKind::Unauthorized);
         assert!(e.to_string().contains("belongs to alice"), "{e}");
+        assert_eq!(p.counted_as(&user("alice")), "bob");
         let admin = Principal { admin: true, ..p };
         assert!(admin.may_act_for(&user("alice")));
+        let local = Principal {
+            user: None,
+            admin: true,
+            via: Via::Loopback,
+            peer: [127, 0, 0, 1].into(),
+        };
+        assert_eq!(
+            local.counted_as(&user("alice")),
+            "alice",
+            "no sign-in: the owner's cap"
+        );
     }
 }
