@@ -70,14 +70,16 @@ use devvm_core::{
     RunHandle, SecretString, UserName, Vm, VmName,
 };
 use serde::{Deserialize, Serialize};
-use time::OffsetDateTime;
 
 #[path = "web/auth.rs"]
 mod auth;
 #[path = "web/listen.rs"]
 mod listen;
 
-use auth::{Audit, AuditEntry, Limits, Principal, RunSlot, SessionKey, Via};
+use auth::{Audit, AuditEntry, Limits, Principal, RunSlot, Sessions, Via};
+
+/// Directory calls for sign-in and the proxy header at once, at most.
+const DIRECTORY_CALLS: usize = 8;
 use listen::{Incoming, Peer};
 
 const INDEX_HTML: &str = include_str!("web/index.html");
@@ -189,11 +191,12 @@ fn check_listen(s: &str, sign_in: &SignIn, tls: bool) -> Result<SocketAddr, Stri
              --sign-in ldap or --trusted-header"
         ));
     }
-    if !tls && sign_in.proxy.is_none() {
+    if !tls && (sign_in.ldap || sign_in.proxy.is_none()) {
         return Err(format!(
             "--listen {addr}: refusing a non-loopback address without TLS: passwords and \
              session cookies would cross the network in clear. Add --tls-cert and --tls-key, \
-             or put an authenticating proxy in front (--trusted-header, --trusted-proxy)"
+             or sign in only through an authenticating proxy in front (--trusted-header, \
+             --trusted-proxy, without --sign-in ldap)"
         ));
     }
     Ok(addr)
@@ -206,7 +209,9 @@ struct App {
     tls: bool,
     public_hosts: Arc<Vec<String>>,
     sign_in: Arc<SignIn>,
-    key: Arc<SessionKey>,
+    sessions: Arc<Sessions>,
+    /// Caps concurrent directory calls of sign-in and the proxy header.
+    directory: Arc<tokio::sync::Semaphore>,
     audit: Arc<Audit>,
     limits: Arc<Limits>,
 }
@@ -265,16 +270,25 @@ impl App {
             }));
         }
         if let Some(proxy) = &self.sign_in.proxy
-            && proxy.from.contains(&peer)
-            && let Some(value) = headers.get(&proxy.header)
+            && proxy.from.contains(&peer.to_canonical())
+            && headers.contains_key(&proxy.header)
         {
+            // Exactly one value: a proxy that appends rather than replaces would
+            // otherwise let the client's own header through.
+            let mut values = headers.get_all(&proxy.header).iter();
+            let (Some(value), None) = (values.next(), values.next()) else {
+                return Err(Error::unauthorized(
+                    "the trusted header came more than once; refused",
+                ));
+            };
             let name = value
                 .to_str()
                 .map_err(|_| Error::invalid_input("the trusted header is not text"))?;
-            let user = UserName::new(name)?;
+            let _directory = self.directory_slot().await;
             let users = &self.provisioner.backends().users;
-            // The user must exist and may own VMs, as for a provision.
-            users.find_user(&user).await?;
+            // The user must exist and may own VMs, as for a provision; the directory's
+            // spelling of the name is the one that owns VMs.
+            let user = users.find_user(&UserName::new(name)?).await?.name;
             let admin = self.is_admin(&user).await?;
             return Ok(Some(Principal {
                 user: Some(user),
@@ -284,23 +298,53 @@ impl App {
             }));
         }
         if self.sign_in.ldap {
-            let cookie = headers
+            let cookies = headers
                 .get_all(header::COOKIE)
                 .iter()
-                .filter_map(|v| v.to_str().ok())
-                .find_map(auth::session_cookie);
-            if let Some((user, admin)) =
-                cookie.and_then(|t| self.key.verify(t, OffsetDateTime::now_utc()))
-            {
-                return Ok(Some(Principal {
-                    user: Some(user),
-                    admin,
-                    via: Via::Ldap,
-                    peer,
-                }));
+                .filter_map(|v| v.to_str().ok());
+            let Some((id, live)) =
+                auth::session_cookie(cookies, self.tls).and_then(|t| self.sessions.get(t))
+            else {
+                return Ok(None);
+            };
+            let mut admin = live.admin;
+            if live.checked.elapsed() >= auth::RECHECK {
+                // Still a user who may own VMs, and still (or no longer) an admin?
+                let _directory = self.directory_slot().await;
+                match self
+                    .provisioner
+                    .backends()
+                    .users
+                    .find_user(&live.user)
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::Unauthorized) => {
+                        self.sessions.end(&id);
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e),
+                }
+                admin = self.is_admin(&live.user).await?;
+                self.sessions.checked(&id, admin);
             }
+            return Ok(Some(Principal {
+                user: Some(live.user),
+                admin,
+                via: Via::Ldap,
+                peer,
+            }));
         }
         Ok(None)
+    }
+
+    /// One of a few slots for directory calls made for sign-in and the proxy header, so
+    /// a flood of requests cannot flood the directory.
+    async fn directory_slot(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.directory
+            .acquire()
+            .await
+            .unwrap_or_else(|_| unreachable!("the semaphore is never closed"))
     }
 
     async fn is_admin(&self, user: &UserName) -> devvm_core::Result<bool> {
@@ -873,12 +917,14 @@ async fn login(
     let outcome = async {
         let user = UserName::new(user.trim())
             .map_err(|_| Error::unauthorized("wrong user name or password"))?;
+        let _directory = app.directory_slot().await;
         let found = app
             .provisioner
             .backends()
             .users
             .authenticate(&user, &password)
             .await?;
+        // The directory's spelling of the name (ALICE signs in as alice).
         let admin = app.is_admin(&found.name).await?;
         Ok::<_, Error>((found.name, admin))
     }
@@ -891,8 +937,10 @@ async fn login(
                 ..anonymous
             };
             app.audit(&p, "sign_in", None, None, None);
-            let expires = OffsetDateTime::now_utc() + app.sign_in.session;
-            let token = app.key.issue(&user, admin, expires);
+            let token = match app.sessions.start(&user, admin, app.sign_in.session) {
+                Ok(t) => t,
+                Err(e) => return error_response(&Error::backend(e)),
+            };
             let cookie = auth::set_cookie(&token, app.sign_in.session, app.tls);
             (
                 [(header::SET_COOKIE, cookie)],
@@ -917,8 +965,23 @@ async fn login(
                 result: "refused",
                 error: Some(e.info()),
             });
-            error_response(&e)
+            error_response(&sign_in_error(&e))
         }
+    }
+}
+
+/// What a refused sign-in tells the browser: who exists, and how the directory is set
+/// up, stay in the audit log. A right password of a non-member is told why.
+fn sign_in_error(e: &Error) -> Error {
+    match e.kind() {
+        ErrorKind::Unauthorized if e.to_string().contains("not a member") => {
+            Error::unauthorized(e.to_string())
+        }
+        ErrorKind::Unavailable | ErrorKind::Timeout => Error::new(
+            ErrorKind::Unavailable,
+            "the user directory cannot be reached; try again in a moment",
+        ),
+        _ => Error::unauthorized("wrong user name or password"),
     }
 }
 
@@ -929,6 +992,15 @@ async fn logout(
 ) -> Response {
     if let Ok(Some(p)) = app.principal(&headers, peer.0.ip()).await {
         app.audit(&p, "sign_out", None, None, None);
+    }
+    let cookies = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    if let Some((id, _)) = auth::session_cookie(cookies, app.tls).and_then(|t| app.sessions.get(t))
+    {
+        // The token is dead from now on, wherever a copy of it is.
+        app.sessions.end(&id);
     }
     let cookie = auth::set_cookie("", Duration::ZERO, app.tls);
     (
@@ -1043,7 +1115,7 @@ async fn run(args: Args) -> Result<(), String> {
         ldap: args.sign_in == Some(SignInKind::Ldap),
         proxy,
         admin_group: args.admin_group.clone(),
-        session: Duration::from_secs(args.session_hours.max(1) * 3600),
+        session: Duration::from_secs(args.session_hours.clamp(1, 24 * 31) * 3600),
     };
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => Some(listen::tls_config(c, k)?),
@@ -1073,17 +1145,22 @@ async fn run(args: Args) -> Result<(), String> {
         tls: tls.is_some(),
         public_hosts: Arc::new(args.public_host.clone()),
         sign_in: Arc::new(sign_in),
-        key: Arc::new(SessionKey::random()?),
+        sessions: Arc::new(Sessions::new()?),
+        directory: Arc::new(tokio::sync::Semaphore::new(DIRECTORY_CALLS)),
         audit: Arc::new(audit),
         limits: Arc::new(Limits::new(
-            args.max_connections.max(1),
+            args.max_connections.clamp(1, 65_536),
             args.max_runs.max(1),
             args.max_runs_per_user.max(1),
             Duration::from_secs(args.first_message_secs.max(1)),
             Duration::from_secs(args.idle_secs.max(1)),
         )),
     };
-    let incoming = Incoming::new(listener, tls).map_err(|e| e.to_string())?;
+    // Every TCP connection counts, not only websockets: page loads and API calls get
+    // room beyond the websockets' cap, and past it the server stops accepting for a
+    // moment instead of running out of file descriptors.
+    let tcp_cap = app.limits.max_connections.saturating_add(256);
+    let incoming = Incoming::new(listener, tls, tcp_cap).map_err(|e| e.to_string())?;
     println!(
         "devvm web: listening on {scheme}://{addr}/ (pid {}, audit log {})",
         std::process::id(),
@@ -1150,6 +1227,9 @@ mod tests {
         assert!(e.contains("without TLS"), "{e}");
         assert!(check_listen("0.0.0.0:8443", &ldap, true).is_ok());
         assert!(check_listen("0.0.0.0:8080", &sign_in(false, true), false).is_ok());
+        let e = check_listen("0.0.0.0:8080", &sign_in(true, true), false)
+            .expect_err("passwords in clear past the proxy");
+        assert!(e.contains("without TLS"), "{e}");
     }
 
     #[test]

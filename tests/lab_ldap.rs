@@ -277,6 +277,10 @@ async fn sign_in_binds_as_the_user() {
     let alice = member(&lab);
     let user = d.authenticate(&alice, &pw).await.expect("alice signs in");
     assert_eq!(user.name, alice);
+    // Another spelling is the same user, under the directory's spelling.
+    let shouted = UserName::new(alice.as_str().to_uppercase()).unwrap();
+    let same = d.authenticate(&shouted, &pw).await.expect("ALICE signs in");
+    assert_eq!(same.name, alice, "the directory's spelling");
     assert!(user.mail.is_some(), "{user:?}");
 
     let wrong = devvm_core::SecretString::from(format!("{}x", pw.expose_secret()));

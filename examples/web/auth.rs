@@ -103,27 +103,22 @@ impl SessionKey {
         Ok(SessionKey { key })
     }
 
-    /// A token saying `user` (an admin or not) signed in, valid until `expires`.
-    pub(crate) fn issue(&self, user: &UserName, admin: bool, expires: OffsetDateTime) -> String {
-        let payload = format!(
-            "v1|{}|{}|{}",
-            user.as_str(),
-            u8::from(admin),
-            expires.unix_timestamp()
-        );
+    /// A token naming session `id` of `user`, valid until `expires`.
+    pub(crate) fn issue(&self, id: &str, user: &UserName, expires: OffsetDateTime) -> String {
+        let payload = format!("v1|{id}|{}|{}", user.as_str(), expires.unix_timestamp());
         let tag = hmac::sign(&self.key, payload.as_bytes());
         format!("{}.{}", B64.encode(payload), B64.encode(tag.as_ref()))
     }
 
-    /// The user and admin flag of a token this key signed that has not expired.
-    pub(crate) fn verify(&self, token: &str, now: OffsetDateTime) -> Option<(UserName, bool)> {
+    /// The session id and user of a token this key signed that has not expired.
+    pub(crate) fn verify(&self, token: &str, now: OffsetDateTime) -> Option<(String, UserName)> {
         let (payload, tag) = token.split_once('.')?;
         let payload = B64.decode(payload).ok()?;
         let tag = B64.decode(tag).ok()?;
         hmac::verify(&self.key, &payload, &tag).ok()?;
         let payload = String::from_utf8(payload).ok()?;
         let mut parts = payload.split('|');
-        let (v, user, admin, exp) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let (v, id, user, exp) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
         if v != "v1" || parts.next().is_some() {
             return None;
         }
@@ -131,23 +126,127 @@ impl SessionKey {
         if now.unix_timestamp() >= exp {
             return None;
         }
-        Some((UserName::new(user).ok()?, admin == "1"))
+        Some((id.to_owned(), UserName::new(user).ok()?))
     }
 }
 
-/// The session token in a `Cookie` header, if any.
-pub(crate) fn session_cookie(cookie_header: &str) -> Option<&str> {
-    cookie_header
-        .split(';')
-        .filter_map(|c| c.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
-        .map(|(_, value)| value)
+/// How often a live session's user is looked up again (still in the owners' group, still
+/// an admin or not).
+pub(crate) const RECHECK: Duration = Duration::from_secs(300);
+
+/// One signed-in session, kept on the server: signing out ends it at once, and the
+/// user's groups are checked again every [`RECHECK`].
+#[derive(Debug, Clone)]
+pub(crate) struct Live {
+    pub(crate) user: UserName,
+    pub(crate) admin: bool,
+    pub(crate) checked: std::time::Instant,
+    expires: OffsetDateTime,
 }
 
-/// A `Set-Cookie` value: HttpOnly, SameSite=Strict, Secure when served over TLS.
+/// The live sessions and the key their tokens are signed with.
+#[derive(Debug)]
+pub(crate) struct Sessions {
+    key: SessionKey,
+    live: Mutex<HashMap<String, Live>>,
+    rng: ring::rand::SystemRandom,
+}
+
+impl Sessions {
+    pub(crate) fn new() -> Result<Self, String> {
+        Ok(Sessions {
+            key: SessionKey::random()?,
+            live: Mutex::new(HashMap::new()),
+            rng: ring::rand::SystemRandom::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts a session of `user` for `ttl` and returns its token.
+    pub(crate) fn start(
+        &self,
+        user: &UserName,
+        admin: bool,
+        ttl: Duration,
+    ) -> Result<String, String> {
+        use ring::rand::SecureRandom;
+        let mut id = [0u8; 18];
+        self.rng
+            .fill(&mut id)
+            .map_err(|_| "no system randomness".to_owned())?;
+        let id = B64.encode(id);
+        let now = OffsetDateTime::now_utc();
+        let expires = now + ttl;
+        let mut live = self.lock();
+        live.retain(|_, s| s.expires > now);
+        live.insert(
+            id.clone(),
+            Live {
+                user: user.clone(),
+                admin,
+                checked: std::time::Instant::now(),
+                expires,
+            },
+        );
+        Ok(self.key.issue(&id, user, expires))
+    }
+
+    /// The live session of `token`: signed by us, unexpired, not signed out.
+    pub(crate) fn get(&self, token: &str) -> Option<(String, Live)> {
+        let (id, user) = self.key.verify(token, OffsetDateTime::now_utc())?;
+        let live = self.lock().get(&id).cloned()?;
+        (live.user == user).then_some((id, live))
+    }
+
+    /// Records a fresh check of session `id`'s user.
+    pub(crate) fn checked(&self, id: &str, admin: bool) {
+        if let Some(s) = self.lock().get_mut(id) {
+            s.admin = admin;
+            s.checked = std::time::Instant::now();
+        }
+    }
+
+    /// Ends session `id` (sign-out, or a user who may no longer sign in).
+    pub(crate) fn end(&self, id: &str) {
+        self.lock().remove(id);
+    }
+}
+
+/// The cookie's name: under TLS with the `__Host-` prefix, which browsers only accept
+/// from this very origin over HTTPS with `Path=/` (no sibling domain can plant one).
+pub(crate) fn cookie_name(secure: bool) -> &'static str {
+    if secure {
+        "__Host-devvm_session"
+    } else {
+        COOKIE
+    }
+}
+
+/// The one session token in the request's `Cookie` headers; `None` when there is none,
+/// or more than one (a planted cookie beside ours is refused, not guessed between).
+pub(crate) fn session_cookie<'a>(
+    cookie_headers: impl Iterator<Item = &'a str>,
+    secure: bool,
+) -> Option<&'a str> {
+    let name = cookie_name(secure);
+    let mut found = cookie_headers
+        .flat_map(|h| h.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .filter(|(n, _)| *n == name)
+        .map(|(_, value)| value);
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
+}
+
+/// A `Set-Cookie` value: HttpOnly, SameSite=Strict, and Secure with the `__Host-` prefix
+/// when served over TLS.
 pub(crate) fn set_cookie(token: &str, max_age: Duration, secure: bool) -> String {
     format!(
-        "{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        "{}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        cookie_name(secure),
         max_age.as_secs(),
         if secure { "; Secure" } else { "" }
     )
@@ -342,34 +441,70 @@ mod tests {
         let key = SessionKey::random().unwrap();
         let now = OffsetDateTime::now_utc();
         let later = now + time::Duration::hours(1);
-        let t = key.issue(&user("alice"), false, later);
-        assert_eq!(key.verify(&t, now), Some((user("alice"), false)));
+        let t = key.issue("id1", &user("alice"), later);
+        assert_eq!(key.verify(&t, now), Some(("id1".to_owned(), user("alice"))));
         assert_eq!(key.verify(&t, later), None, "expired");
         let other = SessionKey::random().unwrap();
         assert_eq!(other.verify(&t, now), None, "another key");
-        // Changing the payload (alice -> admin) breaks the tag.
+        // Changing the payload (alice -> carol) breaks the tag.
         let (_, tag) = t.split_once('.').unwrap();
         let forged = format!(
             "{}.{tag}",
-            B64.encode(format!("v1|alice|1|{}", later.unix_timestamp()))
+            B64.encode(format!("v1|id1|carol|{}", later.unix_timestamp()))
         );
         assert_eq!(key.verify(&forged, now), None);
         for junk in ["", ".", "a.b", "not base64!.x"] {
             assert_eq!(key.verify(junk, now), None, "{junk:?}");
         }
-        let admin = key.issue(&user("carol"), true, later);
-        assert_eq!(key.verify(&admin, now), Some((user("carol"), true)));
+    }
+
+    #[test]
+    fn signing_out_ends_a_session_at_once() {
+        let sessions = Sessions::new().unwrap();
+        let t = sessions
+            .start(&user("carol"), true, Duration::from_secs(3600))
+            .unwrap();
+        let (id, live) = sessions.get(&t).expect("live");
+        assert!(live.admin);
+        sessions.checked(&id, false);
+        assert!(
+            !sessions.get(&t).unwrap().1.admin,
+            "a re-check updates the admin flag"
+        );
+        sessions.end(&id);
+        assert!(
+            sessions.get(&t).is_none(),
+            "the token is dead once signed out"
+        );
+        let other = Sessions::new().unwrap();
+        assert!(other.get(&t).is_none());
     }
 
     #[test]
     fn cookies_are_found_and_set_strictly() {
+        let one = |h: &'static str| session_cookie(std::iter::once(h), false);
+        assert_eq!(one("a=1; devvm_session=tok.en; b=2"), Some("tok.en"));
+        assert_eq!(one("devvm_sessionx=1"), None);
         assert_eq!(
-            session_cookie("a=1; devvm_session=tok.en; b=2"),
-            Some("tok.en")
+            one("devvm_session=a; devvm_session=b"),
+            None,
+            "two: refused"
         );
-        assert_eq!(session_cookie("devvm_sessionx=1"), None);
+        assert_eq!(
+            session_cookie(["devvm_session=a", "devvm_session=b"].into_iter(), false),
+            None
+        );
+        assert_eq!(
+            session_cookie(std::iter::once("__Host-devvm_session=t"), true),
+            Some("t")
+        );
+        assert_eq!(
+            session_cookie(std::iter::once("devvm_session=t"), true),
+            None
+        );
         let c = set_cookie("t", Duration::from_secs(60), true);
         for part in [
+            "__Host-devvm_session=t",
             "HttpOnly",
             "SameSite=Strict",
             "Max-Age=60",

@@ -1,20 +1,23 @@
 //! The listener: plain TCP, or HTTPS with rustls when given a certificate and key.
 //!
 //! TLS handshakes run in tasks of their own with a time limit, so a client that opens a
-//! connection and sends nothing delays no one else.
+//! connection and sends nothing delays no one else. Open connections are capped, so
+//! idle ones cannot exhaust the server's file descriptors.
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 /// How long a TLS handshake may take.
 const HANDSHAKE: Duration = Duration::from_secs(10);
@@ -65,17 +68,55 @@ pub(crate) fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerCo
     Ok(Arc::new(config))
 }
 
+/// A connection holding one of the listener's connection slots until it closes.
+struct Counted<T> {
+    io: T,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 impl Incoming {
-    /// Accepts on `listener`, through TLS when `tls` is given.
+    /// Accepts on `listener`, through TLS when `tls` is given, with at most `max` open
+    /// connections (handshakes included): at the cap it accepts no more until one closes.
     pub(crate) fn new(
         listener: TcpListener,
         tls: Option<Arc<rustls::ServerConfig>>,
+        max: usize,
     ) -> std::io::Result<Self> {
         let local = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(64);
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        let slots = Arc::new(Semaphore::new(max.max(1)));
         tokio::spawn(async move {
             loop {
+                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
                 let (tcp, peer) = match listener.accept().await {
                     Ok(c) => c,
                     Err(e) => {
@@ -89,7 +130,11 @@ impl Incoming {
                 let tx = tx.clone();
                 match &acceptor {
                     None => {
-                        if tx.send((Box::new(tcp) as Box<dyn Io>, peer)).await.is_err() {
+                        let io = Counted {
+                            io: tcp,
+                            _slot: slot,
+                        };
+                        if tx.send((Box::new(io) as Box<dyn Io>, peer)).await.is_err() {
                             return;
                         }
                     }
@@ -99,7 +144,11 @@ impl Incoming {
                             if let Ok(Ok(tls)) =
                                 tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await
                             {
-                                let _ = tx.send((Box::new(tls) as Box<dyn Io>, peer)).await;
+                                let io = Counted {
+                                    io: tls,
+                                    _slot: slot,
+                                };
+                                let _ = tx.send((Box::new(io) as Box<dyn Io>, peer)).await;
                             }
                         });
                     }

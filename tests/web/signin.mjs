@@ -204,6 +204,18 @@ try {
 
     const raw = await request('/api/login', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ user: 'alice', password: '' }) });
     check('an empty password is refused (no anonymous bind)', raw.status === 401, `${raw.status} ${raw.body}`);
+
+    // Another spelling of a name is the same user; signing out kills the token itself.
+    const login = (user) => request('/api/login', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ user, password }) });
+    const shouted = await login('ALICE');
+    check('ALICE signs in as alice (the directory\'s spelling)', shouted.status === 200 && JSON.parse(shouted.body).user === 'alice', shouted.body);
+    const token = (shouted.headers['set-cookie'] || [''])[0].split(';')[0];
+    check('the token works', (await request('/api/vms', { headers: { cookie: token } })).status === 200);
+    await request('/api/logout', { method: 'POST', headers: { cookie: token } });
+    const after = await request('/api/vms', { headers: { cookie: token } });
+    check('after sign-out the same token is refused', after.status === 401, `${after.status}`);
+    const twice = await request('/api/vms', { headers: { cookie: `${token}; ${token}` } });
+    check('two session cookies at once are refused, not guessed between', twice.status === 401, `${twice.status}`);
   });
 
   await section('alice signs in, deploys, and sees only her own VMs', async () => {

@@ -563,8 +563,15 @@ impl LdapDirectory {
                     .collect::<Vec<_>>()
             })
             .collect();
+        // The directory matches the uid without regard to case: the name that owns VMs
+        // is the directory's own spelling, so ALICE and alice are one user.
+        let name = get(&self.uid_attribute)
+            .into_iter()
+            .find(|v| v.eq_ignore_ascii_case(user.as_str()))
+            .and_then(|v| UserName::new(v).ok())
+            .unwrap_or_else(|| user.clone());
         User {
-            name: user.clone(),
+            name,
             display_name: first("displayName").or_else(|| first("cn")),
             mail: first("mail"),
             ssh_keys,

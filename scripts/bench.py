@@ -1,0 +1,288 @@
+#!/usr/bin/env python3
+"""devvm benchmarks in the lab, contenders alternated round by round in one run.
+
+Run by scripts/bench inside the lab's namespace (it sets up what is missing). Prints
+medians and ratios, writes target/bench/results.json and one PNG plot per comparison.
+
+  disk      the disk from a template: devvm's way (a qcow2 overlay on the cached
+            template, `qemu-img create -b`) against a full copy (`cp`), for templates of
+            1, 8 and 40 GiB virtual size with a quarter of it allocated
+  pipeline  devvm end to end (the CLI, Chef bootstrap) on the lab template: per-step
+            latencies (p50/p95) and the pipeline's overhead, i.e. everything that is not
+            the guest's own boot (domain started -> SSH answers) or the bootstrap command
+            (chef-client's run), as a fraction of end to end
+
+Ratios are what count: absolute seconds on a loaded 2-core machine are noisy.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "target", "bench")
+GIB = 1 << 30
+
+
+def p(q, xs):
+    """The q-quantile (0..1) of xs, nearest rank."""
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = max(0, min(len(xs) - 1, int(round(q * (len(xs) - 1)))))
+    return xs[k]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def drop_file(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# --------------------------------------------------------------------------------------
+# disk from template
+
+
+def make_template(path, size_gib):
+    """A qcow2 template of size_gib virtual size with a quarter of it written (64 MiB
+    runs spread over the image, so a copy moves real bytes)."""
+    run(["qemu-img", "create", "-q", "-f", "qcow2", path, f"{size_gib}G"])
+    allocated = size_gib * GIB // 4
+    chunk = 64 << 20
+    runs = max(1, allocated // chunk)
+    stride = size_gib * GIB // runs
+    for i in range(runs):
+        run(["qemu-io", "-f", "qcow2", "-c", f"write -q -P {i % 251} {i * stride} {chunk}", path])
+
+
+def bench_disk(sizes, rounds, workdir):
+    results = []
+    for size in sizes:
+        template = os.path.join(workdir, f"template-{size}g.qcow2")
+        print(f"   making a {size} GiB template ({size / 4:g} GiB allocated)", flush=True)
+        make_template(template, size)
+        overlay_t, copy_t = [], []
+        for r in range(rounds):
+            dst_o = os.path.join(workdir, f"overlay-{r}.qcow2")
+            dst_c = os.path.join(workdir, f"copy-{r}.qcow2")
+            order = [("overlay", dst_o), ("copy", dst_c)]
+            if r % 2:
+                order.reverse()
+            for kind, dst in order:
+                if kind == "overlay":
+                    t = timed(lambda: run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", template, dst]))
+                    overlay_t.append(t)
+                else:
+                    # The seed's way: a copy of the template, synced so the time is the
+                    # disk's, not the page cache's.
+                    t = timed(lambda: (shutil.copyfile(template, dst), os.sync()))
+                    copy_t.append(t)
+                drop_file(dst)
+        drop_file(template)
+        row = {
+            "template_gib": size,
+            "allocated_gib": size / 4,
+            "overlay_s": overlay_t,
+            "copy_s": copy_t,
+            "overlay_median_s": statistics.median(overlay_t),
+            "copy_median_s": statistics.median(copy_t),
+        }
+        row["copy_over_overlay"] = row["copy_median_s"] / row["overlay_median_s"]
+        results.append(row)
+        print(f"   {size:>3} GiB: overlay {row['overlay_median_s'] * 1000:8.1f} ms   "
+              f"copy {row['copy_median_s'] * 1000:9.1f} ms   copy/overlay {row['copy_over_overlay']:8.1f}x",
+              flush=True)
+    flat = results[-1]["overlay_median_s"] / results[0]["overlay_median_s"]
+    print(f"   overlay cost, largest over smallest template: {flat:.2f}x (goal: flat, ~1x)")
+    return {"rows": results, "overlay_largest_over_smallest": flat}
+
+
+def plot_disk(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = res["rows"]
+    xs = [r["template_gib"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(xs, [r["overlay_median_s"] * 1000 for r in rows], "o-", label="devvm: qcow2 overlay")
+    ax.plot(xs, [r["copy_median_s"] * 1000 for r in rows], "s-", label="seed: full copy (cp)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{x} GiB" for x in xs])
+    ax.set_xlabel("template size (virtual; a quarter allocated)")
+    ax.set_ylabel("time to a usable disk (ms, median)")
+    ax.set_title("Disk from template")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------
+# pipeline overhead
+
+
+def parse_run(lines):
+    """Per-step durations, total, guest boot and bootstrap command seconds of one run."""
+    events = [json.loads(l) for l in lines if l.strip().startswith("{")]
+    events = [e for e in events if "type" in e and "at" in e]
+
+    def at(e):
+        return datetime.fromisoformat(e["at"].replace("Z", "+00:00")).timestamp()
+
+    started = {}
+    steps = {}
+    boot_from = boot_to = cmd_from = cmd_to = None
+    t0 = t1 = None
+    for e in events:
+        t = at(e)
+        kind = e["type"]
+        if kind == "run_started":
+            t0 = t
+        elif kind in ("run_finished", "run_failed"):
+            t1 = t
+            if kind == "run_failed":
+                raise RuntimeError("the run failed: " + json.dumps(e.get("error")))
+        elif kind == "step_started":
+            started[e["step"]] = t
+        elif kind == "step_finished":
+            steps[e["step"]] = t - started[e["step"]]
+        elif kind == "step_progress":
+            m = e.get("message", "")
+            if e["step"] == "domain" and m.startswith("started domain"):
+                boot_from = t
+            elif e["step"] == "domain" and m.startswith("ssh answers"):
+                boot_to = t
+            elif e["step"] == "bootstrap" and m.startswith("running chef-client"):
+                cmd_from = t
+            elif e["step"] == "bootstrap" and m.startswith("Chef Client finished"):
+                cmd_to = t
+    if None in (t0, t1, boot_from, boot_to, cmd_from, cmd_to):
+        raise RuntimeError("the run's events lack a marker (domain started, ssh answers, chef-client)")
+    total = t1 - t0
+    boot = boot_to - boot_from
+    command = cmd_to - cmd_from
+    return {"total_s": total, "guest_boot_s": boot, "bootstrap_command_s": command,
+            "overhead_s": total - boot - command, "steps_s": steps}
+
+
+def bench_pipeline(rounds, workdir):
+    config = os.path.join(workdir, "devvm.toml")
+    with open(config, "w") as f:
+        f.write(run([os.path.join(ROOT, "scripts", "lab-config"), os.path.join(workdir, "state")]).stdout)
+    devvm = os.path.join(ROOT, "target", "release", "devvm")
+    runs = []
+    for r in range(rounds):
+        wall = time.perf_counter()
+        out = run([devvm, "--config", config, "--json", "provision", "--user", "bob"])
+        wall = time.perf_counter() - wall
+        lines = out.stdout.splitlines()
+        name = None
+        for l in lines:
+            try:
+                v = json.loads(l)
+            except ValueError:
+                continue
+            if isinstance(v.get("vm"), dict):
+                name = v["vm"]["name"]
+        try:
+            one = parse_run(lines)
+        finally:
+            if name:
+                run([devvm, "--config", config, "deprovision", name])
+        one["cli_wall_s"] = wall
+        runs.append(one)
+        print(f"   round {r + 1}: {one['total_s']:.2f} s end to end, guest boot {one['guest_boot_s']:.2f} s, "
+              f"chef-client {one['bootstrap_command_s']:.2f} s, overhead {one['overhead_s']:.2f} s "
+              f"({one['overhead_s'] / one['total_s'] * 100:.1f} %)", flush=True)
+    steps = sorted({s for one in runs for s in one["steps_s"]},
+                   key=lambda s: ["user", "placement", "ip", "dns", "image", "disk", "domain", "bootstrap"].index(s)
+                   if s in ["user", "placement", "ip", "dns", "image", "disk", "domain", "bootstrap"] else 99)
+    per_step = {s: {"p50_s": p(0.5, [o["steps_s"][s] for o in runs if s in o["steps_s"]]),
+                    "p95_s": p(0.95, [o["steps_s"][s] for o in runs if s in o["steps_s"]])} for s in steps}
+    fractions = [o["overhead_s"] / o["total_s"] for o in runs]
+    summary = {
+        "rounds": runs,
+        "per_step": per_step,
+        "total_p50_s": p(0.5, [o["total_s"] for o in runs]),
+        "overhead_fraction_p50": p(0.5, fractions),
+        "overhead_fraction_p95": p(0.95, fractions),
+    }
+    print("   step        p50 ms    p95 ms")
+    for s, v in per_step.items():
+        print(f"   {s:<10} {v['p50_s'] * 1000:8.0f}  {v['p95_s'] * 1000:8.0f}")
+    print(f"   pipeline overhead: p50 {summary['overhead_fraction_p50'] * 100:.1f} %, "
+          f"p95 {summary['overhead_fraction_p95'] * 100:.1f} % of end to end (goal <= 5 %)")
+    return summary
+
+
+def plot_pipeline(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = res["rounds"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = range(1, len(runs) + 1)
+    boot = [o["guest_boot_s"] for o in runs]
+    cmd = [o["bootstrap_command_s"] for o in runs]
+    over = [o["overhead_s"] for o in runs]
+    ax.bar(xs, boot, label="guest boot (started -> SSH)")
+    ax.bar(xs, cmd, bottom=boot, label="chef-client")
+    ax.bar(xs, over, bottom=[a + b for a, b in zip(boot, cmd)], label="devvm pipeline overhead")
+    ax.set_xlabel("round")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"devvm end to end: overhead p50 {res['overhead_fraction_p50'] * 100:.1f} %")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("comparisons", nargs="*", default=["disk", "pipeline"], choices=["disk", "pipeline"])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--sizes", default="1,8,40", help="template sizes in GiB (disk)")
+    ap.add_argument("--workdir", default=None, help="scratch directory for the disk comparison (big)")
+    args = ap.parse_args()
+    os.makedirs(OUT, exist_ok=True)
+    results = {"machine": {"cpus": os.cpu_count()}, "when": datetime.now().isoformat(timespec="seconds")}
+    scratch = tempfile.mkdtemp(prefix="devvm-bench-", dir=args.workdir)
+    try:
+        if "disk" in args.comparisons:
+            print("== disk from template: overlay vs full copy", flush=True)
+            results["disk"] = bench_disk([int(s) for s in args.sizes.split(",")], args.rounds, scratch)
+            plot_disk(results["disk"], os.path.join(OUT, "disk.png"))
+        if "pipeline" in args.comparisons:
+            print("== pipeline overhead (devvm CLI, Chef bootstrap, lab template)", flush=True)
+            results["pipeline"] = bench_pipeline(args.rounds, scratch)
+            plot_pipeline(results["pipeline"], os.path.join(OUT, "pipeline.png"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    with open(os.path.join(OUT, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"results: {os.path.join(OUT, 'results.json')}; plots: {OUT}/*.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
