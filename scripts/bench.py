@@ -4,6 +4,11 @@
 Run by scripts/bench inside the lab's namespace (it sets up what is missing). Prints
 medians and ratios, writes target/bench/results.json and one PNG plot per comparison.
 
+  e2e       end to end against the seed's sequence as a script (scripts/bench-seed:
+            ldapsearch, a fixed address, nsupdate A+PTR, cp of the template or a qemu-img
+            overlay, virt-install --import, wait for SSH, what knife bootstrap does over
+            ssh), the three alternated round by round; devvm's rounds also give the
+            pipeline numbers below
   disk      the disk from a template: devvm's way (a qcow2 overlay on the cached
             template, `qemu-img create -b`) against a full copy (`cp`), for templates of
             1, 8 and 40 GiB virtual size with a quarter of it allocated
@@ -119,6 +124,7 @@ def plot_disk(res, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     rows = res["rows"]
     xs = [r["template_gib"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -128,6 +134,10 @@ def plot_disk(res, path):
     ax.set_yscale("log")
     ax.set_xticks(xs)
     ax.set_xticklabels([f"{x} GiB" for x in xs])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    for r in rows:
+        ax.annotate(f"{r['copy_over_overlay']:.0f}x", (r["template_gib"], r["copy_median_s"] * 1000),
+                    textcoords="offset points", xytext=(0, 8), ha="center")
     ax.set_xlabel("template size (virtual; a quarter allocated)")
     ax.set_ylabel("time to a usable disk (ms, median)")
     ax.set_title("Disk from template")
@@ -186,38 +196,43 @@ def parse_run(lines):
             "overhead_s": total - boot - command, "steps_s": steps}
 
 
-def bench_pipeline(rounds, workdir):
+def lab_config(workdir):
     config = os.path.join(workdir, "devvm.toml")
     with open(config, "w") as f:
         f.write(run([os.path.join(ROOT, "scripts", "lab-config"), os.path.join(workdir, "state")]).stdout)
-    devvm = os.path.join(ROOT, "target", "release", "devvm")
-    runs = []
-    for r in range(rounds):
-        wall = time.perf_counter()
-        out = run([devvm, "--config", config, "--json", "provision", "--user", "bob"])
-        wall = time.perf_counter() - wall
-        lines = out.stdout.splitlines()
-        name = None
-        for l in lines:
-            try:
-                v = json.loads(l)
-            except ValueError:
-                continue
-            if isinstance(v.get("vm"), dict):
-                name = v["vm"]["name"]
+    return config
+
+
+DEVVM = os.path.join(ROOT, "target", "release", "devvm")
+
+
+def devvm_once(config):
+    """One provision through the CLI (then its deprovision, untimed): the run's parsed
+    events, and the CLI's wall time."""
+    wall = time.perf_counter()
+    out = run([DEVVM, "--config", config, "--json", "provision", "--user", "bob"])
+    wall = time.perf_counter() - wall
+    lines = out.stdout.splitlines()
+    name = None
+    for l in lines:
         try:
-            one = parse_run(lines)
-        finally:
-            if name:
-                run([devvm, "--config", config, "deprovision", name])
-        one["cli_wall_s"] = wall
-        runs.append(one)
-        print(f"   round {r + 1}: {one['total_s']:.2f} s end to end, guest boot {one['guest_boot_s']:.2f} s, "
-              f"chef-client {one['bootstrap_command_s']:.2f} s, overhead {one['overhead_s']:.2f} s "
-              f"({one['overhead_s'] / one['total_s'] * 100:.1f} %)", flush=True)
-    steps = sorted({s for one in runs for s in one["steps_s"]},
-                   key=lambda s: ["user", "placement", "ip", "dns", "image", "disk", "domain", "bootstrap"].index(s)
-                   if s in ["user", "placement", "ip", "dns", "image", "disk", "domain", "bootstrap"] else 99)
+            v = json.loads(l)
+        except ValueError:
+            continue
+        if isinstance(v.get("vm"), dict):
+            name = v["vm"]["name"]
+    try:
+        one = parse_run(lines)
+    finally:
+        if name:
+            run([DEVVM, "--config", config, "deprovision", name])
+    one["cli_wall_s"] = wall
+    return one
+
+
+def pipeline_summary(runs):
+    order = ["user", "placement", "ip", "dns", "image", "disk", "domain", "bootstrap"]
+    steps = sorted({s for one in runs for s in one["steps_s"]}, key=lambda s: order.index(s) if s in order else 99)
     per_step = {s: {"p50_s": p(0.5, [o["steps_s"][s] for o in runs if s in o["steps_s"]]),
                     "p95_s": p(0.95, [o["steps_s"][s] for o in runs if s in o["steps_s"]])} for s in steps}
     fractions = [o["overhead_s"] / o["total_s"] for o in runs]
@@ -234,6 +249,88 @@ def bench_pipeline(rounds, workdir):
     print(f"   pipeline overhead: p50 {summary['overhead_fraction_p50'] * 100:.1f} %, "
           f"p95 {summary['overhead_fraction_p95'] * 100:.1f} % of end to end (goal <= 5 %)")
     return summary
+
+
+def print_round(r, one):
+    print(f"   round {r + 1}: devvm {one['total_s']:.2f} s end to end, guest boot {one['guest_boot_s']:.2f} s, "
+          f"chef-client {one['bootstrap_command_s']:.2f} s, overhead {one['overhead_s']:.2f} s "
+          f"({one['overhead_s'] / one['total_s'] * 100:.1f} %)", flush=True)
+
+
+def bench_pipeline(rounds, workdir):
+    config = lab_config(workdir)
+    runs = []
+    for r in range(rounds):
+        one = devvm_once(config)
+        runs.append(one)
+        print_round(r, one)
+    return pipeline_summary(runs)
+
+
+def seed_once(kind, r):
+    """The seed's sequence (scripts/bench-seed) with a copy or an overlay: its time to a
+    bootstrapped VM; the teardown is not timed."""
+    name = f"bench-seed-{kind}-{r}"
+    ip = f"{os.environ['DEVVM_LAB_SUBNET'].rsplit('.', 1)[0]}.{230 + r % 20}"
+    uri = os.environ.get("DEVVM_LAB_LIBVIRT_URI")
+    script = os.path.join(ROOT, "scripts", "bench-seed")
+    try:
+        wall = time.perf_counter()
+        run([script, "up", name, ip, uri, kind])
+        return time.perf_counter() - wall
+    finally:
+        run([script, "down", name, ip, uri])
+
+
+def bench_e2e(rounds, workdir):
+    """devvm, the seed's script with cp, and with an overlay, alternated round by round."""
+    config = lab_config(workdir)
+    times = {"devvm": [], "seed_cp": [], "seed_overlay": []}
+    runs = []
+    contenders = ["devvm", "seed_cp", "seed_overlay"]
+    for r in range(rounds):
+        order = contenders[r % 3:] + contenders[:r % 3]
+        for c in order:
+            if c == "devvm":
+                one = devvm_once(config)
+                runs.append(one)
+                times["devvm"].append(one["cli_wall_s"])
+            else:
+                times[c].append(seed_once(c.split("_")[1], r))
+        print(f"   round {r + 1}: " + ", ".join(f"{c} {times[c][-1]:.2f} s" for c in contenders), flush=True)
+    med = {c: statistics.median(v) for c, v in times.items()}
+    res = {
+        "times_s": times,
+        "median_s": med,
+        "devvm_over_seed_cp": med["devvm"] / med["seed_cp"],
+        "devvm_over_seed_overlay": med["devvm"] / med["seed_overlay"],
+        "pipeline": pipeline_summary(runs),
+    }
+    print(f"   medians: devvm {med['devvm']:.2f} s, seed+cp {med['seed_cp']:.2f} s, "
+          f"seed+overlay {med['seed_overlay']:.2f} s")
+    print(f"   devvm / seed with cp: {res['devvm_over_seed_cp']:.2f}x (goal <= 0.7x); "
+          f"devvm / seed with overlay: {res['devvm_over_seed_overlay']:.2f}x (goal < 1x)")
+    return res
+
+
+def plot_e2e(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = {"devvm": "devvm (CLI)", "seed_cp": "seed script, cp", "seed_overlay": "seed script, overlay"}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(res["times_s"])
+    ax.boxplot([res["times_s"][n] for n in names], labels=[labels[n] for n in names])
+    for i, n in enumerate(names, 1):
+        ax.annotate(f"{res['median_s'][n]:.1f} s", (i, res["median_s"][n]), textcoords="offset points",
+                    xytext=(28, 0), va="center")
+    ax.set_ylabel("seconds to a bootstrapped VM")
+    ax.set_title(f"End to end: devvm {res['devvm_over_seed_cp']:.2f}x the seed's script (cp), "
+                 f"{res['devvm_over_seed_overlay']:.2f}x (overlay)", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_pipeline(res, path):
@@ -260,7 +357,7 @@ def plot_pipeline(res, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("comparisons", nargs="*", default=["disk", "pipeline"], choices=["disk", "pipeline"])
+    ap.add_argument("comparisons", nargs="*", default=["e2e", "disk"], choices=["e2e", "disk", "pipeline"])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sizes", default="1,8,40", help="template sizes in GiB (disk)")
     ap.add_argument("--workdir", default=None, help="scratch directory for the disk comparison (big)")
@@ -273,6 +370,11 @@ def main():
             print("== disk from template: overlay vs full copy", flush=True)
             results["disk"] = bench_disk([int(s) for s in args.sizes.split(",")], args.rounds, scratch)
             plot_disk(results["disk"], os.path.join(OUT, "disk.png"))
+        if "e2e" in args.comparisons:
+            print("== end to end: devvm vs the seed's sequence as a script (cp, overlay)", flush=True)
+            results["e2e"] = bench_e2e(args.rounds, scratch)
+            plot_e2e(results["e2e"], os.path.join(OUT, "e2e.png"))
+            plot_pipeline(results["e2e"]["pipeline"], os.path.join(OUT, "pipeline.png"))
         if "pipeline" in args.comparisons:
             print("== pipeline overhead (devvm CLI, Chef bootstrap, lab template)", flush=True)
             results["pipeline"] = bench_pipeline(args.rounds, scratch)
