@@ -92,6 +92,9 @@ def bench_disk(sizes, rounds, workdir):
             if r % 2:
                 order.reverse()
             for kind, dst in order:
+                # Start each from a clean page cache state: the last copy's dirty pages
+                # must not be flushed on the next contender's time.
+                os.sync()
                 if kind == "overlay":
                     t = timed(lambda: run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", template, dst]))
                     overlay_t.append(t)
@@ -271,7 +274,9 @@ def seed_once(kind, r):
     """The seed's sequence (scripts/bench-seed) with a copy or an overlay: its time to a
     bootstrapped VM; the teardown is not timed."""
     name = f"bench-seed-{kind}-{r}"
-    ip = f"{os.environ['DEVVM_LAB_SUBNET'].rsplit('.', 1)[0]}.{230 + r % 20}"
+    # Each contender and round its own address: reusing one just released would wait on
+    # the old guest's neighbour entry.
+    ip = f"{os.environ['DEVVM_LAB_SUBNET'].rsplit('.', 1)[0]}.{(200 if kind == 'cp' else 227) + r % 27}"
     uri = os.environ.get("DEVVM_LAB_LIBVIRT_URI")
     script = os.path.join(ROOT, "scripts", "bench-seed")
     try:
