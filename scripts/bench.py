@@ -9,6 +9,8 @@ medians and ratios, writes target/bench/results.json and one PNG plot per compar
             overlay, virt-install --import, wait for SSH, what knife bootstrap does over
             ssh), the three alternated round by round; devvm's rounds also give the
             pipeline numbers below
+  throughput  1, 2, 4 and 8 provisions at once (CLI processes, the fleet's hosts): VMs
+            ready per minute, p50/p95 time to ready, collisions (none allowed)
   disk      the disk from a template: devvm's way (a qcow2 overlay on the cached
             template, `qemu-img create -b`) against a full copy (`cp`), for templates of
             1, 8 and 40 GiB virtual size with a quarter of it allocated
@@ -199,10 +201,15 @@ def parse_run(lines):
             "overhead_s": total - boot - command, "steps_s": steps}
 
 
-def lab_config(workdir):
-    config = os.path.join(workdir, "devvm.toml")
+def lab_config(workdir, one_host=False, tag=""):
+    """A devvm config of the lab; with one_host, only the lab's first host is a
+    placement host."""
+    config = os.path.join(workdir, f"devvm{tag}.toml")
+    env = dict(os.environ)
+    if one_host:
+        env["DEVVM_LAB_HOST_URIS"] = env["DEVVM_LAB_LIBVIRT_URI"]
     with open(config, "w") as f:
-        f.write(run([os.path.join(ROOT, "scripts", "lab-config"), os.path.join(workdir, "state")]).stdout)
+        f.write(run([os.path.join(ROOT, "scripts", "lab-config"), os.path.join(workdir, "state" + tag)], env=env).stdout)
     return config
 
 
@@ -338,6 +345,94 @@ def plot_e2e(res, path):
     plt.close(fig)
 
 
+def provision_at_once(config, n):
+    """n CLI provisions started together: each one's seconds to ready, the VMs, and the
+    seconds until the last was ready."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.perf_counter()
+
+    def one(_):
+        out = subprocess.run([DEVVM, "--config", config, "--json", "provision", "--user", "bob"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        done = time.perf_counter() - t0
+        vm = None
+        for l in out.stdout.splitlines():
+            try:
+                v = json.loads(l)
+            except ValueError:
+                continue
+            if isinstance(v.get("vm"), dict):
+                vm = v["vm"]
+        return done, vm
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        results = list(pool.map(one, range(n)))
+    return [r[0] for r in results], [r[1] for r in results if r[1]], time.perf_counter() - t0
+
+
+def bench_throughput(levels, rounds, workdir):
+    """N provisions at once through N CLI processes, on one host and on the fleet's hosts:
+    VMs ready per minute, p95 time to ready, and collisions (two VMs given one address or
+    name: any is a bug)."""
+    out = {}
+    for scope, one_host in (("one_host", True), ("fleet", False)):
+        config = lab_config(workdir, one_host=one_host, tag="-" + scope)
+        rows = []
+        for n in levels:
+            walls, rates, collisions, hosts = [], [], 0, set()
+            for _ in range(rounds):
+                times, vms, elapsed = provision_at_once(config, n)
+                try:
+                    if len(vms) != n:
+                        raise RuntimeError(f"{n - len(vms)} of {n} concurrent provisions failed")
+                    walls += times
+                    collisions += (n - len({vm["ip"] for vm in vms})) + (n - len({vm["name"] for vm in vms}))
+                    hosts |= {vm["host"] for vm in vms}
+                    rates.append(n / elapsed * 60)
+                finally:
+                    for vm in vms:
+                        run([DEVVM, "--config", config, "deprovision", vm["name"]])
+            row = {"concurrent": n, "ready_per_minute": statistics.median(rates), "p95_ready_s": p(0.95, walls),
+                   "p50_ready_s": p(0.5, walls), "collisions": collisions, "hosts_used": len(hosts)}
+            rows.append(row)
+            print(f"   {scope:<8} {n} at once: {row['ready_per_minute']:5.1f} VMs ready/min, "
+                  f"p50 {row['p50_ready_s']:5.1f} s, p95 {row['p95_ready_s']:5.1f} s to ready, "
+                  f"{collisions} collisions, {len(hosts)} host(s)", flush=True)
+        base = rows[0]["ready_per_minute"]
+        for r in rows:
+            r["speedup_over_one"] = r["ready_per_minute"] / base
+        print(f"   {scope}: speed-up over one at a time: "
+              + ", ".join(f"{r['concurrent']}: {r['speedup_over_one']:.2f}x" for r in rows))
+        out[scope] = rows
+    return out
+
+
+def plot_throughput(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    collisions = 0
+    for scope, rows in res.items():
+        xs = [r["concurrent"] for r in rows]
+        collisions += sum(r["collisions"] for r in rows)
+        ax.plot(xs, [r["ready_per_minute"] for r in rows], "o-", label=scope.replace("_", " "))
+        ax2.plot(xs, [r["p95_ready_s"] for r in rows], "s-", label=scope.replace("_", " "))
+        ax.set_xticks(xs)
+        ax2.set_xticks(xs)
+    ax.set_xlabel("provisions at once")
+    ax.set_ylabel("VMs ready per minute")
+    ax2.set_xlabel("provisions at once")
+    ax2.set_ylabel("p95 seconds to ready")
+    ax.legend()
+    ax2.legend()
+    fig.suptitle(f"Throughput (collisions: {collisions})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_pipeline(res, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -362,7 +457,9 @@ def plot_pipeline(res, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("comparisons", nargs="*", default=["e2e", "disk"], choices=["e2e", "disk", "pipeline"])
+    ap.add_argument("comparisons", nargs="*", default=["e2e", "disk", "throughput"],
+                    choices=["e2e", "disk", "pipeline", "throughput"])
+    ap.add_argument("--levels", default="1,2,4,8", help="provisions at once (throughput)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sizes", default="1,8,40", help="template sizes in GiB (disk)")
     ap.add_argument("--workdir", default=None, help="scratch directory for the disk comparison (big)")
@@ -380,6 +477,10 @@ def main():
             results["e2e"] = bench_e2e(args.rounds, scratch)
             plot_e2e(results["e2e"], os.path.join(OUT, "e2e.png"))
             plot_pipeline(results["e2e"]["pipeline"], os.path.join(OUT, "pipeline.png"))
+        if "throughput" in args.comparisons:
+            print("== throughput: provisions at once through the CLI, on the fleet", flush=True)
+            results["throughput"] = bench_throughput([int(x) for x in args.levels.split(",")], args.rounds, scratch)
+            plot_throughput(results["throughput"], os.path.join(OUT, "throughput.png"))
         if "pipeline" in args.comparisons:
             print("== pipeline overhead (devvm CLI, Chef bootstrap, lab template)", flush=True)
             results["pipeline"] = bench_pipeline(args.rounds, scratch)
