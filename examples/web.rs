@@ -570,20 +570,7 @@ async fn provision(
         vm,
         for_user: Some(user.to_string()),
     };
-    if !socket.send(&accepted).await {
-        audit.finish_in_background(run, slot);
-        return Ok(());
-    }
-    stream(
-        socket,
-        run,
-        Some,
-        Some(cancel),
-        Operation::Provision,
-        audit,
-        slot,
-    )
-    .await
+    stream(socket, accepted, run, Some, Some(cancel), audit, slot).await
 }
 
 async fn deprovision(
@@ -619,20 +606,7 @@ async fn deprovision(
         vm: name.to_string(),
         for_user: found.map(|v| v.owner.to_string()),
     };
-    if !socket.send(&accepted).await {
-        audit.finish_in_background(run, slot);
-        return Ok(());
-    }
-    stream(
-        socket,
-        run,
-        |()| None,
-        None,
-        Operation::Deprovision,
-        audit,
-        slot,
-    )
-    .await
+    stream(socket, accepted, run, |()| None, None, audit, slot).await
 }
 
 async fn migrate(
@@ -670,11 +644,7 @@ async fn migrate(
         vm: name.to_string(),
         for_user: found.map(|v| v.owner.to_string()),
     };
-    if !socket.send(&accepted).await {
-        audit.finish_in_background(run, slot);
-        return Ok(());
-    }
-    stream(socket, run, Some, None, Operation::Migrate, audit, slot).await
+    stream(socket, accepted, run, Some, None, audit, slot).await
 }
 
 /// An accepted run, written to the audit log with its outcome when it ends.
@@ -708,17 +678,26 @@ impl Audited {
     }
 }
 
-/// Forwards this run's events to the socket until the run ends, then its outcome. The
-/// run is its own task: a browser that goes away stops the forwarding, not the run.
+/// Sends `accepted` (a [`Reply::Accepted`]), then this run's events until the run ends,
+/// then its outcome. The run is its own task: a browser that goes away stops the
+/// forwarding, not the run, whose slot and audit line then wait for its end.
 async fn stream<T: Send + 'static>(
     socket: &mut Socket,
+    accepted: Reply<'_>,
     mut run: RunHandle<T>,
     vm_of: impl FnOnce(T) -> Option<Vm>,
     cancel: Option<CancelToken>,
-    operation: Operation,
     audit: Audited,
     slot: RunSlot,
 ) -> devvm_core::Result<()> {
+    let operation = match &accepted {
+        Reply::Accepted { operation, .. } => *operation,
+        _ => unreachable!("stream starts with the accepted reply"),
+    };
+    if !socket.send(&accepted).await {
+        audit.finish_in_background(run, slot);
+        return Ok(());
+    }
     loop {
         tokio::select! {
             e = run.next_event() => match e {
