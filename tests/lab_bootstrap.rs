@@ -17,7 +17,9 @@ use std::time::Duration;
 use devvm_core::backends::bootstrap::{
     ChefBootstrapper, ChefConfig, ChefServerClient, ShellBootstrapper, ShellConfig,
 };
-use devvm_core::backends::ssh::{HostKeyCheck, SshOptions, SshSession, load_private_key};
+use devvm_core::backends::ssh::{
+    GuestScript, HostKeyCheck, SshOptions, SshSession, load_private_key,
+};
 use devvm_core::config::Config;
 use devvm_core::testkit::unique_vm_name;
 use devvm_core::{
@@ -499,6 +501,53 @@ async fn a_shell_bootstrap_runs_and_a_wrong_host_key_is_refused_before_anything_
         guest_output(&s, "cat /root/uploaded").await,
         "it's \"quoted\"\n"
     );
+    // The domain gave the guest an entropy source, and the guest's kernel uses it.
+    assert!(
+        guest_output(&s, "cat /sys/devices/virtual/misc/hw_random/rng_current")
+            .await
+            .starts_with("virtio_rng"),
+        "no virtio-rng in the guest"
+    );
+    // A script writes several files in one command, any bytes exactly (the guest's
+    // busybox sh and base64), prints its markers, and stops at the first failure.
+    let binary: Vec<u8> = (0..=255u8).chain(*b"\0\nend").collect();
+    let mut script = GuestScript::new();
+    script
+        .file("/root/script-text", 0o600, b"one line\n")
+        .unwrap()
+        .file("/root/script-binary", 0o644, &binary)
+        .unwrap()
+        .marker("written")
+        .command("false")
+        .marker("not reached")
+        .command("touch /root/script-not-reached");
+    let mut lines = Vec::new();
+    let outcome = s
+        .run_script(&script, &mut |_, l| lines.push(l.to_owned()))
+        .await
+        .expect("script");
+    assert_eq!(outcome.exit_status, Some(1), "{outcome:?}");
+    assert_eq!(lines, ["written"]);
+    let bytes: Vec<u8> = guest_output(&s, "od -An -v -tx1 /root/script-binary")
+        .await
+        .split_whitespace()
+        .map(|h| u8::from_str_radix(h, 16).expect("hex byte"))
+        .collect();
+    assert_eq!(bytes, binary);
+    assert_eq!(
+        guest_output(&s, "stat -c %a /root/script-binary /root/script-text").await,
+        "644\n600\n"
+    );
+    assert_eq!(
+        guest_output(&s, "cat /root/script-text").await,
+        "one line\n"
+    );
+    let absent = guest_output(
+        &s,
+        "test -e /root/script-not-reached && echo present || echo absent",
+    )
+    .await;
+    assert_eq!(absent.trim(), "absent");
     s.close().await;
 
     // A command that never ends is given up at the session's command time limit (it

@@ -439,6 +439,17 @@ pub fn domain_xml(spec: &DomainSpec, settings: &DomainSettings) -> Result<String
                             .write_empty()?;
                         Ok(())
                     })?;
+                // An entropy source: without one a guest's kernel can take seconds to
+                // seed its random number generator under emulation, and whatever needs
+                // randomness early (sshd's host key handling, cloud-init) waits for it.
+                w.create_element("rng")
+                    .with_attribute(("model", "virtio"))
+                    .write_inner_content(|w| {
+                        w.create_element("backend")
+                            .with_attribute(("model", "random"))
+                            .write_text_content(BytesText::new("/dev/urandom"))?;
+                        Ok(())
+                    })?;
                 w.create_element("memballoon")
                     .with_attribute(("model", "none"))
                     .write_empty()?;
@@ -913,6 +924,7 @@ impl Hypervisor for LibvirtHypervisor {
                 if crate::work::abandoned() {
                     return Err(crate::work::cancelled_before_commit("starting the domain"));
                 }
+                p.message(format!("starting domain {}", s.name));
                 dom.create()
                     .map_err(|e| virt_err("cannot start the domain", &s.host, e))?;
                 p.message(format!("started domain {}", s.name));
@@ -1019,7 +1031,8 @@ impl Hypervisor for LibvirtHypervisor {
                 if std::time::Instant::now() >= deadline {
                     return Err(LibvirtError::SeedHeld(limit.as_secs()).into());
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                // Polled often: the run (and the bootstrap beside it) waits on this.
+                std::thread::sleep(Duration::from_millis(20));
             }
             Ok(())
         })
@@ -1275,6 +1288,8 @@ mod tests {
             "<source path=\"/consoles/web-1.log\" append=\"on\"/>",
             "<source file=\"/seeds/web-1-cidata.img\"/>",
             "<target dev=\"vdb\" bus=\"virtio\"/>",
+            // an entropy source, so the guest does not wait seconds to seed its RNG
+            "<rng model=\"virtio\"><backend model=\"random\">/dev/urandom</backend></rng>",
         ] {
             assert!(xml.contains(needle), "missing {needle} in\n{xml}");
         }

@@ -626,12 +626,7 @@ impl SshSession {
     /// `umask 077` (so it is never readable by others, not even briefly), filled from
     /// stdin, then `chmod`ed. The contents never appear on a command line.
     pub async fn upload(&self, path: &str, mode: u32, contents: &[u8]) -> Result<()> {
-        if mode > 0o7777 {
-            return Err(SshError::FileMode(mode).into());
-        }
-        if path.is_empty() || path.contains('\0') || path.contains('\n') {
-            return Err(SshError::GuestPath.into());
-        }
+        check_upload(path, mode)?;
         let p = sh_quote(path);
         let cmd = format!("umask 077; cat > {p} && chmod {mode:04o} {p}");
         let mut last_err = None;
@@ -654,6 +649,18 @@ impl SshSession {
         Ok(())
     }
 
+    /// Runs `script` with the guest's `sh` (one command, one round trip), handing each
+    /// line of its output to `on_line` as [`run`](Self::run) does; the lines of the
+    /// script's [markers](GuestScript::marker) are handed over too. A non-zero exit is not
+    /// an error here: the last marker seen tells how far the script got.
+    pub async fn run_script(
+        &self,
+        script: &GuestScript,
+        on_line: &mut (dyn FnMut(OutputStream, &str) + Send),
+    ) -> Result<CommandOutcome> {
+        self.run("sh -s", Some(&script.render()), on_line).await
+    }
+
     /// Closes the connection politely.
     pub async fn close(self) {
         let _ = self
@@ -663,9 +670,268 @@ impl SshSession {
     }
 }
 
+/// A script for the guest's `sh`, run as one command by [`SshSession::run_script`]:
+/// files written as here-documents on the command's input (so their contents, secrets
+/// included, never appear on a command line), commands, and marker lines the caller
+/// watches for to know how far it got. It runs under `umask 077` and stops at the first
+/// step that fails, with that step's exit status. Its `Debug` shows the steps, never a
+/// file's contents.
+#[derive(Default, Clone)]
+pub struct GuestScript {
+    parts: Vec<Part>,
+}
+
+#[derive(Clone)]
+enum Part {
+    Command(String),
+    File {
+        path: String,
+        mode: u32,
+        contents: Vec<u8>,
+    },
+    Marker(String),
+}
+
+impl fmt::Debug for GuestScript {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut l = f.debug_list();
+        for p in &self.parts {
+            match p {
+                Part::Command(c) => l.entry(&format_args!("command {c:?}")),
+                Part::File {
+                    path,
+                    mode,
+                    contents,
+                } => l.entry(&format_args!(
+                    "file {path:?} mode {mode:04o}, {} bytes",
+                    contents.len()
+                )),
+                Part::Marker(m) => l.entry(&format_args!("marker {m:?}")),
+            };
+        }
+        l.finish()
+    }
+}
+
+impl GuestScript {
+    /// An empty script.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs `command` (a shell command line, with `/dev/null` as its input; never put a
+    /// secret in it). If it fails, the script ends with its exit status.
+    pub fn command(&mut self, command: &str) -> &mut Self {
+        self.parts.push(Part::Command(command.to_owned()));
+        self
+    }
+
+    /// Writes `contents` to `path` as [`SshSession::upload`] does: created under
+    /// `umask 077`, filled, then `chmod`ed to `mode`. Any bytes are carried exactly (text
+    /// ending in a newline as it is, anything else base64-encoded and decoded by the
+    /// guest's `base64 -d`).
+    ///
+    /// A mode above `0o7777` or an empty path, or one with a NUL or a newline, is
+    /// [`ErrorKind::InvalidInput`].
+    pub fn file(&mut self, path: &str, mode: u32, contents: &[u8]) -> Result<&mut Self> {
+        check_upload(path, mode)?;
+        self.parts.push(Part::File {
+            path: path.to_owned(),
+            mode,
+            contents: contents.to_vec(),
+        });
+        Ok(self)
+    }
+
+    /// Prints `line` (one line) on the command's output when the script gets there.
+    pub fn marker(&mut self, line: &str) -> &mut Self {
+        self.parts
+            .push(Part::Marker(line.replace(['\n', '\r'], " ")));
+        self
+    }
+
+    /// The script's text, as `sh -s` reads it.
+    fn render(&self) -> Vec<u8> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        // Encoded now: the delimiter must not occur in what each here-document carries.
+        let bodies: Vec<Option<Vec<u8>>> = self
+            .parts
+            .iter()
+            .map(|p| match p {
+                Part::File { contents, .. } if heredoc_safe(contents) => Some(contents.clone()),
+                Part::File { contents, .. } => {
+                    let text = b64.encode(contents);
+                    let mut wrapped = Vec::with_capacity(text.len() + text.len() / 76 + 1);
+                    for chunk in text.as_bytes().chunks(76) {
+                        wrapped.extend_from_slice(chunk);
+                        wrapped.push(b'\n');
+                    }
+                    Some(wrapped)
+                }
+                _ => None,
+            })
+            .collect();
+        let delimiter = loop {
+            let d = format!("DEVVM_EOF_{:032x}", rand::random::<u128>());
+            if !bodies.iter().flatten().any(|b| contains(b, d.as_bytes())) {
+                break d;
+            }
+        };
+        let mut out = b"umask 077\n".to_vec();
+        for (part, body) in self.parts.iter().zip(&bodies) {
+            match part {
+                Part::Command(c) => out
+                    .extend_from_slice(format!("{{\n{c}\n}} < /dev/null || exit $?\n").as_bytes()),
+                Part::Marker(m) => {
+                    out.extend_from_slice(format!("printf '%s\\n' {}\n", sh_quote(m)).as_bytes())
+                }
+                Part::File {
+                    path,
+                    mode,
+                    contents,
+                } => {
+                    let p = sh_quote(path);
+                    let writer = if heredoc_safe(contents) {
+                        "cat"
+                    } else {
+                        "base64 -d"
+                    };
+                    out.extend_from_slice(
+                        format!("{writer} > {p} <<'{delimiter}' || exit $?\n").as_bytes(),
+                    );
+                    out.extend_from_slice(body.as_deref().unwrap_or_default());
+                    out.extend_from_slice(
+                        format!("{delimiter}\nchmod {mode:04o} {p} || exit $?\n").as_bytes(),
+                    );
+                }
+            }
+        }
+        out
+    }
+}
+
+fn check_upload(path: &str, mode: u32) -> Result<()> {
+    if mode > 0o7777 {
+        return Err(SshError::FileMode(mode).into());
+    }
+    if path.is_empty() || path.contains('\0') || path.contains('\n') {
+        return Err(SshError::GuestPath.into());
+    }
+    Ok(())
+}
+
+/// Whether a quoted here-document carries `contents` exactly as they are: it always ends
+/// what it carries with a newline and cannot hold a NUL byte.
+fn heredoc_safe(contents: &[u8]) -> bool {
+    contents.ends_with(b"\n") && !contents.contains(&0)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs a script the way the guest does (`sh -s`, the script on its input), here with
+    /// this machine's `sh`: (exit status, output).
+    fn run_locally(script: &GuestScript) -> (i32, String) {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new("sh")
+            .arg("-s")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&script.render())
+            .expect("script");
+        let out = child.wait_with_output().expect("sh ran");
+        (
+            out.status.code().expect("exited"),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    #[test]
+    fn a_guest_script_writes_files_exactly_with_their_modes_and_stops_at_a_failure() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+        let binary: Vec<u8> = (0..=255u8).chain([0, b'\n', 0]).collect();
+        let tricky = b"$HOME `id` 'quoted' \"x\"\nDEVVM_EOF_\n\tindented\n".to_vec();
+        let mut script = GuestScript::new();
+        script
+            .command(&format!("mkdir -p {}", sh_quote(&path("sub"))))
+            .file(
+                &path("sub/secret.pem"),
+                0o600,
+                b"-----BEGIN KEY-----\nabc\n",
+            )
+            .unwrap()
+            .file(&path("binary"), 0o644, &binary)
+            .unwrap()
+            .file(&path("no-newline"), 0o640, b"last line")
+            .unwrap()
+            .file(&path("empty"), 0o600, b"")
+            .unwrap()
+            .file(&path("tricky"), 0o755, &tricky)
+            .unwrap()
+            .marker("files written")
+            .command("exit 7")
+            .marker("never printed")
+            .command(&format!("touch {}", sh_quote(&path("never"))));
+        let (code, out) = run_locally(&script);
+        assert_eq!(code, 7, "the failing command's status ends the script");
+        assert_eq!(out, "files written\n", "markers up to the failure only");
+        assert!(!dir.path().join("never").exists());
+        for (name, mode, contents) in [
+            ("sub/secret.pem", 0o600, &b"-----BEGIN KEY-----\nabc\n"[..]),
+            ("binary", 0o644, &binary),
+            ("no-newline", 0o640, b"last line"),
+            ("empty", 0o600, b""),
+            ("tricky", 0o755, &tricky),
+        ] {
+            let p = dir.path().join(name);
+            assert_eq!(std::fs::read(&p).unwrap(), contents, "{name}");
+            let m = std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(m, mode, "{name}");
+        }
+        // Contents ride on the script's input only: Debug shows sizes, and the one
+        // command line ("sh -s") holds nothing of them.
+        let debug = format!("{script:?}");
+        assert!(
+            debug.contains("secret.pem") && debug.contains("24 bytes"),
+            "{debug}"
+        );
+        assert!(!debug.contains("BEGIN KEY"), "{debug}");
+        // A failing write stops the script too.
+        let mut script = GuestScript::new();
+        script
+            .file(&path("missing-dir/f"), 0o600, b"x\n")
+            .unwrap()
+            .marker("after");
+        let (code, out) = run_locally(&script);
+        assert_ne!(code, 0);
+        assert_eq!(out, "");
+        // Bad input is refused before anything runs.
+        let mut script = GuestScript::new();
+        for (p, mode) in [
+            ("", 0o600),
+            ("/a\nb", 0o600),
+            ("/a\0b", 0o600),
+            ("/a", 0o10000),
+        ] {
+            let e = script.file(p, mode, b"x").expect_err(p);
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+        }
+    }
 
     #[test]
     fn shell_quoting_survives_quotes() {

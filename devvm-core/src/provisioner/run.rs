@@ -365,11 +365,16 @@ impl Run {
         let (seed_host, owner, r) = (host.clone(), req.request_id.clone(), retries.clone());
         let report = self
             .step(Step::Bootstrap, self.key(), move |p| async move {
-                let report =
-                    with_retries(&r, Step::Bootstrap, &p, || bs.bootstrap(&target, &p)).await?;
-                // The guest has what it needed from its first-boot seed: the private host
-                // key (and any bootstrap secret) in it must not stay attached.
-                hv.discard_seed(&target.vm, &seed_host, &owner).await?;
+                // The guest has read its first-boot seed once its SSH server answers (the
+                // domain step waited for that): the private host key (and any bootstrap
+                // secret) in it must not stay attached. The guest lets go of it while the
+                // bootstrap runs, not after.
+                let (report, discarded) = tokio::join!(
+                    with_retries(&r, Step::Bootstrap, &p, || bs.bootstrap(&target, &p)),
+                    hv.discard_seed(&target.vm, &seed_host, &owner),
+                );
+                let report = report?;
+                discarded?;
                 Ok(report)
             })
             .await

@@ -156,6 +156,11 @@ pub(super) const CHEF_DIR: &str = "/etc/chef";
 pub(super) const VALIDATION_PEM: &str = "/etc/chef/validation.pem";
 pub(super) const CLIENT_RB: &str = "/etc/chef/client.rb";
 pub(super) const FIRST_BOOT: &str = "/etc/chef/first-boot.json";
+/// The line the bootstrap script prints once the files in /etc/chef are written.
+pub(super) const CHEF_FILES_WRITTEN: &str = "devvm: /etc/chef written; running chef-client";
+/// The line the bootstrap script prints between a successful chef-client and the
+/// removal of the validation key.
+pub(super) const CHEF_SUCCEEDED: &str = "devvm: chef-client succeeded; removing the validation key";
 
 pub(super) fn check_chef_name(what: &'static str, s: &str) -> Result<()> {
     if s.is_empty()
@@ -317,21 +322,10 @@ impl Bootstrapper for ChefBootstrapper {
                 sh_quote(CHEF_DIR),
                 sh_quote(CHEF_DIR)
             );
-            run_step(
-                &session,
-                "creating /etc/chef",
-                &mkdir,
-                None,
-                progress,
-                &redactor,
-            )
-            .await?;
             let mut pem = self.validation_key.expose_secret().as_bytes().to_vec();
             if !pem.ends_with(b"\n") {
                 pem.push(b'\n');
             }
-            session.upload(VALIDATION_PEM, 0o600, &pem).await?;
-            progress.message(format!("wrote {VALIDATION_PEM} (mode 0600)"));
             let rb = client_rb(
                 &self.chef_server_url,
                 &self.validation_client_name,
@@ -339,8 +333,6 @@ impl Bootstrapper for ChefBootstrapper {
                 &self.log_level,
                 &self.log_location,
             );
-            session.upload(CLIENT_RB, 0o644, rb.as_bytes()).await?;
-            progress.message(format!("wrote {CLIENT_RB} (node_name {node})"));
             let policy = self.policy.as_ref().map(|(n, g)| (n.as_str(), g.as_str()));
             let mut json = first_boot_json(&run_list, policy, &target.settings.attributes);
             // The node's ownership record (a normal attribute chef-client saves on the
@@ -361,29 +353,53 @@ impl Bootstrapper for ChefBootstrapper {
             }
             let mut body = serde_json::to_vec_pretty(&json).map_err(ChefError::FirstBootJson)?;
             body.push(b'\n');
-            session.upload(FIRST_BOOT, 0o600, &body).await?;
-            progress.message(format!(
-                "wrote {FIRST_BOOT} (run list [{}])",
-                run_list.join(", ")
-            ));
             let mut cmd = format!("chef-client -j {}", sh_quote(FIRST_BOOT));
             if let Some(env) = &environment {
                 cmd.push_str(&format!(" -E {}", sh_quote(env)));
             }
-            progress.message(format!("running {cmd}"));
-            run_step(&session, "chef-client", &cmd, None, progress, &redactor).await?;
-            // The node has its own client key now: the validator key leaves the guest
-            // (what the chef-client cookbook's delete_validation does).
-            let rm = format!("rm -f {}", sh_quote(VALIDATION_PEM));
-            run_step(
-                &session,
-                "delete_validation",
-                &rm,
-                None,
-                progress,
-                &redactor,
-            )
-            .await?;
+            // One script, one round trip, as knife's bootstrap script: /etc/chef and the
+            // three files (the validation key on the command's input only), chef-client,
+            // and once it has succeeded (the node has its own client key now) the
+            // validator key leaves the guest (what the chef-client cookbook's
+            // delete_validation does). The markers between them tell how far it got.
+            let mut script = GuestScript::new();
+            script
+                .command(&mkdir)
+                .file(VALIDATION_PEM, 0o600, &pem)?
+                .file(CLIENT_RB, 0o644, rb.as_bytes())?
+                .file(FIRST_BOOT, 0o600, &body)?
+                .marker(CHEF_FILES_WRITTEN)
+                .command(&cmd)
+                .marker(CHEF_SUCCEEDED)
+                .command(&format!("rm -f {}", sh_quote(VALIDATION_PEM)));
+            let mut reached = "writing the files in /etc/chef";
+            let outcome = session
+                .run_script(
+                    &script,
+                    &mut |stream: OutputStream, line: &str| match (stream, line) {
+                        (OutputStream::Stdout, CHEF_FILES_WRITTEN) => {
+                            progress.message(format!("wrote {VALIDATION_PEM} (mode 0600)"));
+                            progress.message(format!("wrote {CLIENT_RB} (node_name {node})"));
+                            progress.message(format!(
+                                "wrote {FIRST_BOOT} (run list [{}])",
+                                run_list.join(", ")
+                            ));
+                            progress.message(format!("running {cmd}"));
+                            reached = "chef-client";
+                        }
+                        (OutputStream::Stdout, CHEF_SUCCEEDED) => reached = "delete_validation",
+                        _ => progress.message(redactor.clean(line).into_owned()),
+                    },
+                )
+                .await?;
+            if !outcome.success() {
+                return Err(BootstrapError::StepFailed {
+                    what: reached.to_owned(),
+                    ended: outcome.describe(),
+                    line: outcome.error_line().map(|l| redactor.clean(l).into_owned()),
+                }
+                .into());
+            }
             progress.message(format!("removed {VALIDATION_PEM} (delete_validation)"));
             Ok::<(), Error>(())
         }

@@ -19,7 +19,11 @@
 //!
 //! then `chef-client -j /etc/chef/first-boot.json [-E ENVIRONMENT]`, and once it
 //! converged, `rm -f /etc/chef/validation.pem` (what the chef-client cookbook's
-//! `delete_validation` does: the node has its own client key now). The node name (and
+//! `delete_validation` does: the node has its own client key now). All of that is one
+//! script sent on one command's input ([`GuestScript`](super::ssh::GuestScript)), as knife
+//! sends its bootstrap script: one round trip to the guest after logging in (an
+//! `install_command` is a command of its own before it). A failure names the part that
+//! failed (writing the files, `chef-client`, `delete_validation`). The node name (and
 //! the API client name a first run registers) is the **VM name**;
 //! [`unregister`](Bootstrapper::unregister) reads the node and deletes it and its client
 //! only when its `devvm.request_id` attribute names the run: `DELETE /nodes/NAME` and
@@ -53,8 +57,8 @@ use crate::traits::Bootstrapper;
 use crate::types::{BootstrapReport, BootstrapTarget, RequestId, Undone, VmName};
 
 use super::ssh::{
-    HostKeyCheck, OutputStream, SshOptions, SshSession, authorized_key_line, load_private_key,
-    sh_quote,
+    GuestScript, HostKeyCheck, OutputStream, SshOptions, SshSession, authorized_key_line,
+    load_private_key, sh_quote,
 };
 
 /// The comment on the bootstrapper's key in the guest's `authorized_keys`.
