@@ -14,9 +14,14 @@ medians and ratios, writes target/bench/results.json and one PNG plot per compar
   disk      the disk from a template: devvm's way (a qcow2 overlay on the cached
             template, `qemu-img create -b`) against a full copy (`cp`), for templates of
             1, 8 and 40 GiB virtual size with a quarter of it allocated
+  faces     the same provision from Rust, Python and C: each face's example program
+            (examples/provision.rs, examples/provision.py, examples/c/provision.c, all built
+            in release mode), from starting it to its provision call returning
+  peer      devvm (CLI, the cloud-init bootstrapper) against kcli (scripts/bench-kcli) to a
+            VM answering SSH, same template, host and bridge
   pipeline  devvm end to end (the CLI, Chef bootstrap) on the lab template: per-step
             latencies (p50/p95) and the pipeline's overhead, i.e. everything that is not
-            the guest's own boot (domain started -> SSH answers) or the bootstrap command
+            the guest's own boot (libvirt asked to start it -> SSH answers) or the bootstrap command
             (chef-client's run), as a fraction of end to end
 
 Ratios are what count: absolute seconds on a loaded 2-core machine are noisy.
@@ -167,7 +172,7 @@ def parse_run(lines):
 
     started = {}
     steps = {}
-    boot_from = boot_to = cmd_from = cmd_to = None
+    boot_from = boot_to = cmd_from = cmd_to = started_at = None
     t0 = t1 = None
     for e in events:
         t = at(e)
@@ -184,8 +189,15 @@ def parse_run(lines):
             steps[e["step"]] = t - started[e["step"]]
         elif kind == "step_progress":
             m = e.get("message", "")
-            if e["step"] == "domain" and m.startswith("started domain"):
+            # The guest's boot: from asking libvirt to start it (QEMU's own start-up is
+            # the guest's, and the seed's virt-install pays it the same) to its SSH
+            # server answering. Older runs only say "started domain".
+            if e["step"] == "domain" and m.startswith("starting domain"):
                 boot_from = t
+            elif e["step"] == "domain" and m.startswith("started domain"):
+                started_at = t
+                if boot_from is None:
+                    boot_from = t
             elif e["step"] == "domain" and m.startswith("ssh answers"):
                 boot_to = t
             elif e["step"] == "bootstrap" and m.startswith("running chef-client"):
@@ -198,7 +210,9 @@ def parse_run(lines):
     boot = boot_to - boot_from
     command = cmd_to - cmd_from
     return {"total_s": total, "guest_boot_s": boot, "bootstrap_command_s": command,
-            "overhead_s": total - boot - command, "steps_s": steps}
+            "overhead_s": total - boot - command, "steps_s": steps,
+            # QEMU's start-up (libvirt asked -> domain running), part of the boot above
+            "qemu_start_s": started_at - boot_from if started_at else 0.0}
 
 
 def lab_config(workdir, one_host=False, tag=""):
@@ -216,9 +230,18 @@ def lab_config(workdir, one_host=False, tag=""):
 DEVVM = os.path.join(ROOT, "target", "release", "devvm")
 
 
-def devvm_once(config):
+def fresh_neighbours():
+    """Forgets the lab bridge's neighbour (ARP) entries, untimed, before each contender:
+    an address an earlier round or run used is otherwise reached through a stale entry
+    of the old guest's MAC, and the next guest there waits seconds for it to fail."""
+    subprocess.run(["ip", "neigh", "flush", "dev", os.environ["DEVVM_LAB_BRIDGE"]],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def devvm_once(config, parse=True):
     """One provision through the CLI (then its deprovision, untimed): the run's parsed
-    events, and the CLI's wall time."""
+    events (with parse), and the CLI's wall time."""
+    fresh_neighbours()
     wall = time.perf_counter()
     out = run([DEVVM, "--config", config, "--json", "provision", "--user", "bob"])
     wall = time.perf_counter() - wall
@@ -232,7 +255,7 @@ def devvm_once(config):
         if isinstance(v.get("vm"), dict):
             name = v["vm"]["name"]
     try:
-        one = parse_run(lines)
+        one = parse_run(lines) if parse else {}
     finally:
         if name:
             run([DEVVM, "--config", config, "deprovision", name])
@@ -256,8 +279,11 @@ def pipeline_summary(runs):
     print("   step        p50 ms    p95 ms")
     for s, v in per_step.items():
         print(f"   {s:<10} {v['p50_s'] * 1000:8.0f}  {v['p95_s'] * 1000:8.0f}")
+    summary["qemu_start_p50_s"] = p(0.5, [o["qemu_start_s"] for o in runs])
     print(f"   pipeline overhead: p50 {summary['overhead_fraction_p50'] * 100:.1f} %, "
-          f"p95 {summary['overhead_fraction_p95'] * 100:.1f} % of end to end (goal <= 5 %)")
+          f"p95 {summary['overhead_fraction_p95'] * 100:.1f} % of end to end (goal <= 5 %); "
+          f"the guest's boot counts from asking libvirt to start it (QEMU's start-up, "
+          f"p50 {summary['qemu_start_p50_s'] * 1000:.0f} ms, is the guest's)")
     return summary
 
 
@@ -286,6 +312,7 @@ def seed_once(kind, r):
     ip = f"{os.environ['DEVVM_LAB_SUBNET'].rsplit('.', 1)[0]}.{(200 if kind == 'cp' else 227) + r % 27}"
     uri = os.environ.get("DEVVM_LAB_LIBVIRT_URI")
     script = os.path.join(ROOT, "scripts", "bench-seed")
+    fresh_neighbours()
     try:
         wall = time.perf_counter()
         run([script, "up", name, ip, uri, kind])
@@ -295,8 +322,14 @@ def seed_once(kind, r):
 
 
 def bench_e2e(rounds, workdir):
-    """devvm, the seed's script with cp, and with an overlay, alternated round by round."""
-    config = lab_config(workdir)
+    """devvm, the seed's script with cp, and with an overlay, alternated round by round,
+    all on the lab's first host (the seed's script has one libvirt URI)."""
+    config = lab_config(workdir, one_host=True)
+    # One untimed round of each first: devvm caches the template on the host (which the
+    # seed's script then copies), and neither contender pays for a cold page cache.
+    print("   warm-up round (not counted)", flush=True)
+    devvm_once(config)
+    seed_once("cp", 26)
     times = {"devvm": [], "seed_cp": [], "seed_overlay": []}
     runs = []
     contenders = ["devvm", "seed_cp", "seed_overlay"]
@@ -443,7 +476,7 @@ def plot_pipeline(res, path):
     boot = [o["guest_boot_s"] for o in runs]
     cmd = [o["bootstrap_command_s"] for o in runs]
     over = [o["overhead_s"] for o in runs]
-    ax.bar(xs, boot, label="guest boot (started -> SSH)")
+    ax.bar(xs, boot, label="guest boot (start -> SSH answers)")
     ax.bar(xs, cmd, bottom=boot, label="chef-client")
     ax.bar(xs, over, bottom=[a + b for a, b in zip(boot, cmd)], label="devvm pipeline overhead")
     ax.set_xlabel("round")
@@ -455,17 +488,159 @@ def plot_pipeline(res, path):
     plt.close(fig)
 
 
+def kcli_once(r):
+    """kcli (scripts/bench-kcli) making a VM from the cached template on the lab's first
+    host: seconds until its SSH port answers; the teardown is not timed."""
+    name = f"bench-kcli-{r}"
+    ip = f"{os.environ['DEVVM_LAB_SUBNET'].rsplit('.', 1)[0]}.{240 + r % 14}"
+    script = os.path.join(ROOT, "scripts", "bench-kcli")
+    fresh_neighbours()
+    try:
+        wall = time.perf_counter()
+        run([script, "up", name, ip])
+        return time.perf_counter() - wall
+    finally:
+        run([script, "down", name])
+
+
+def devvm_ssh_once(config):
+    """devvm's CLI with the cloud-init bootstrapper (nothing run over SSH): seconds until
+    the provision returned, i.e. the guest's SSH server answered and its seed is gone."""
+    return devvm_once(config, parse=False)["cli_wall_s"]
+
+
+def bench_peer(rounds, workdir):
+    """devvm against kcli, to a VM answering SSH on the same template, host and bridge.
+    devvm does more on the way (LDAP, a lease, DNS A+PTR, the seed's removal)."""
+    config = lab_config(workdir, one_host=True, tag="-peer")
+    with open(config) as f:
+        text = f.read()
+    # The same VM without a configuration-management run: cloud-init's seed only.
+    text = text[:text.index("[bootstrap]")] + '[bootstrap]\nbackend = "cloud-init"\n'
+    with open(config, "w") as f:
+        f.write(text)
+    print("   warm-up round (not counted)", flush=True)
+    devvm_ssh_once(config)
+    kcli_once(13)
+    times = {"devvm": [], "kcli": []}
+    for r in range(rounds):
+        for c in (["devvm", "kcli"] if r % 2 == 0 else ["kcli", "devvm"]):
+            times[c].append(devvm_ssh_once(config) if c == "devvm" else kcli_once(r))
+        print(f"   round {r + 1}: devvm {times['devvm'][-1]:.2f} s, kcli {times['kcli'][-1]:.2f} s", flush=True)
+    med = {c: statistics.median(v) for c, v in times.items()}
+    res = {"times_s": times, "median_s": med, "devvm_over_kcli": med["devvm"] / med["kcli"]}
+    print(f"   medians: devvm {med['devvm']:.2f} s, kcli {med['kcli']:.2f} s; devvm / kcli: "
+          f"{res['devvm_over_kcli']:.2f}x")
+    return res
+
+
+def plot_peer(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = {"devvm": "devvm (CLI, cloud-init)", "kcli": "kcli create vm"}
+    names = list(res["times_s"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.boxplot([res["times_s"][n] for n in names], labels=[labels[n] for n in names])
+    for i, n in enumerate(names, 1):
+        ax.annotate(f"{res['median_s'][n]:.2f} s", (i, res["median_s"][n]), textcoords="offset points",
+                    xytext=(28, 0), va="center")
+    ax.set_ylabel("seconds to a VM answering SSH")
+    ax.set_title(f"A peer tool: devvm {res['devvm_over_kcli']:.2f}x kcli (same template, host, bridge)",
+                 fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+FACES = {
+    # face: (argv after the config, the line that says the provision returned)
+    "rust": ([os.path.join(ROOT, "target", "release", "examples", "provision"), "--config", "{config}", "--user", "bob"],
+             " is up: "),
+    "python": ([os.environ.get("DEVVM_BENCH_PYTHON", "/var/lib/devvm-lab/bench-pyvenv/bin/python"),
+                os.path.join(ROOT, "examples", "provision.py"), "{config}", "--user", "bob"], ", owner bob, template "),
+    "c": ([os.path.join(OUT, "provision-c"), "{config}", "bob"], " is up: "),
+}
+
+
+def face_once(face, config):
+    """One provision through a face's example program: seconds from starting the program
+    to the line that says its provision call returned (the program then deprovisions,
+    untimed)."""
+    argv, marker = FACES[face]
+    argv = [a.replace("{config}", config) for a in argv]
+    fresh_neighbours()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    ready = None
+    for line in proc.stdout:
+        if ready is None and marker in line:
+            ready = time.perf_counter() - t0
+    err = proc.stderr.read()
+    if proc.wait() != 0 or ready is None:
+        raise RuntimeError(f"the {face} example failed (exit {proc.returncode}): {err.strip()[-500:]}")
+    return ready
+
+
+def bench_faces(rounds, workdir):
+    """The same provision from Rust, Python and C (each face's example program, all on
+    the lab's first host), alternated round by round."""
+    config = lab_config(workdir, one_host=True, tag="-faces")
+    faces = list(FACES)
+    print("   warm-up round (not counted)", flush=True)
+    for f in faces:
+        face_once(f, config)
+    times = {f: [] for f in faces}
+    for r in range(rounds):
+        for f in faces[r % 3:] + faces[:r % 3]:
+            times[f].append(face_once(f, config))
+        print(f"   round {r + 1}: " + ", ".join(f"{f} {times[f][-1]:.2f} s" for f in faces), flush=True)
+    med = {f: statistics.median(v) for f, v in times.items()}
+    res = {"times_s": times, "median_s": med,
+           "python_over_rust": med["python"] / med["rust"], "c_over_rust": med["c"] / med["rust"]}
+    print(f"   medians: " + ", ".join(f"{f} {med[f]:.2f} s" for f in faces))
+    print(f"   python / rust: {res['python_over_rust']:.3f}x, c / rust: {res['c_over_rust']:.3f}x (goal <= 1.05x)")
+    return res
+
+
+def plot_faces(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(res["times_s"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.boxplot([res["times_s"][n] for n in names], labels=[n.capitalize() if n != "c" else "C" for n in names])
+    for i, n in enumerate(names, 1):
+        ax.annotate(f"{res['median_s'][n]:.2f} s", (i, res["median_s"][n]), textcoords="offset points",
+                    xytext=(28, 0), va="center")
+    ax.set_ylabel("seconds from program start to a ready VM")
+    ax.set_title(f"Faces: Python {res['python_over_rust']:.3f}x, C {res['c_over_rust']:.3f}x the Rust example",
+                 fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("comparisons", nargs="*", default=["e2e", "disk", "throughput"],
-                    choices=["e2e", "disk", "pipeline", "throughput"])
+    ap.add_argument("comparisons", nargs="*", default=["e2e", "disk", "throughput", "faces", "peer"],
+                    choices=["e2e", "disk", "pipeline", "throughput", "faces", "peer"])
     ap.add_argument("--levels", default="1,2,4,8", help="provisions at once (throughput)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sizes", default="1,8,40", help="template sizes in GiB (disk)")
     ap.add_argument("--workdir", default=None, help="scratch directory for the disk comparison (big)")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
-    results = {"machine": {"cpus": os.cpu_count()}, "when": datetime.now().isoformat(timespec="seconds")}
+    # Comparisons not run this time keep their last result.
+    results = {}
+    try:
+        with open(os.path.join(OUT, "results.json")) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        pass
+    results.update({"machine": {"cpus": os.cpu_count()}, "when": datetime.now().isoformat(timespec="seconds")})
     scratch = tempfile.mkdtemp(prefix="devvm-bench-", dir=args.workdir)
     try:
         if "disk" in args.comparisons:
@@ -481,6 +656,14 @@ def main():
             print("== throughput: provisions at once through the CLI, on the fleet", flush=True)
             results["throughput"] = bench_throughput([int(x) for x in args.levels.split(",")], args.rounds, scratch)
             plot_throughput(results["throughput"], os.path.join(OUT, "throughput.png"))
+        if "faces" in args.comparisons:
+            print("== faces: the same provision from Rust, Python and C", flush=True)
+            results["faces"] = bench_faces(args.rounds, scratch)
+            plot_faces(results["faces"], os.path.join(OUT, "faces.png"))
+        if "peer" in args.comparisons:
+            print("== a peer tool: devvm vs kcli, to a VM answering SSH", flush=True)
+            results["peer"] = bench_peer(args.rounds, scratch)
+            plot_peer(results["peer"], os.path.join(OUT, "peer.png"))
         if "pipeline" in args.comparisons:
             print("== pipeline overhead (devvm CLI, Chef bootstrap, lab template)", flush=True)
             results["pipeline"] = bench_pipeline(args.rounds, scratch)
