@@ -20,7 +20,7 @@
 //! then `chef-client -j /etc/chef/first-boot.json [-E ENVIRONMENT]`, and once it
 //! converged, `rm -f /etc/chef/validation.pem` (what the chef-client cookbook's
 //! `delete_validation` does: the node has its own client key now). All of that is one
-//! script sent on one command's input ([`GuestScript`](super::ssh::GuestScript)), as knife
+//! script sent on one command's input ([`GuestScript`]), as knife
 //! sends its bootstrap script: one round trip to the guest after logging in (an
 //! `install_command` is a command of its own before it). A failure names the part that
 //! failed (writing the files, `chef-client`, `delete_validation`). The node name (and
