@@ -119,128 +119,6 @@ fn assert_same(path: &str, got: &Value, want: &Value) {
     }
 }
 
-/// Strings that would change a hand-written YAML document's structure, or read back as
-/// something else, if any of them escaped their quoting.
-fn hostile() -> Vec<String> {
-    let mut v: Vec<String> = [
-        "\r",
-        "a\rb",
-        "a\r\nruncmd: [x]",
-        "a\nruncmd: [x]",
-        "a\nruncmd: [x]\n",
-        "\"\n- injected: true",
-        "x\u{85}bootcmd: y",
-        "x\u{2028}bootcmd: y",
-        "x\u{2029}bootcmd: y",
-        "\u{85}",
-        "\u{2028}",
-        "\u{2029}",
-        "\u{7f}",
-        "\u{feff}",
-        "\u{feff}#cloud-config",
-        "\u{fffe}\u{ffff}",
-        "  - evil",
-        "  leading",
-        "trailing  ",
-        "- evil",
-        "-",
-        "#!/bin/sh",
-        "#cloud-config",
-        "# comment",
-        "a #b",
-        "key: value",
-        "key:",
-        ": ",
-        ":",
-        "\"",
-        "'",
-        "\\",
-        "\\\"",
-        "\\n",
-        "\\x41\\u0041\\N",
-        "''",
-        "{",
-        "{a: b}",
-        "[",
-        "[x, y]",
-        "&anchor x",
-        "*alias",
-        "!!python/object/apply:os.system [\"id\"]",
-        "!tag",
-        "|",
-        "|-\n  x",
-        ">",
-        ">-\n  x",
-        "%YAML 1.1",
-        "%TAG ! tag:x:",
-        "@at",
-        "`id`",
-        "---",
-        "--- !x\ny",
-        "...",
-        "a\n...\nb",
-        "a\n---\nb",
-        "",
-        " ",
-        "\t",
-        "\t-\tx",
-        "\n",
-        "\n\n",
-        "line\n",
-        "a\nb",
-        "a\n\nb\n",
-        "a\n   \nb\n",
-        "  indented\nblock\n",
-        "-----BEGIN X-----\nAAAA\n-----END X-----\n",
-        "#!/bin/sh\necho hi\n\nexit 0\n",
-        "? x",
-        "?",
-        "<<",
-        "=",
-        "~",
-        "null",
-        "Null",
-        "yes",
-        "No",
-        "on",
-        "OFF",
-        "y",
-        "true",
-        "1",
-        "-1",
-        "0x10",
-        "012",
-        "0o12",
-        "1e3",
-        "1.5",
-        ".inf",
-        ".nan",
-        "1:20",
-        "2001-12-14",
-        "\u{a0}",
-        "caf\u{e9}",
-        "\u{1f600}\u{1d11e}\u{10ffff}",
-        "a\u{0}b",
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect();
-    // Every C0 and C1 control, alone and together.
-    let controls: Vec<char> = (0u32..0x20)
-        .chain(0x7f..0xa0)
-        .filter_map(char::from_u32)
-        .collect();
-    v.extend(controls.iter().map(char::to_string));
-    v.push(controls.iter().collect());
-    // Very long strings, with an injection at their end.
-    v.push(format!("{}\nruncmd: [x]", "a".repeat(100_000)));
-    v.push(format!("{}\u{2028}- x", "\u{e9}".repeat(70_000)));
-    v.push("k".repeat(1023));
-    v.push("k".repeat(1024));
-    v.push("\"".repeat(2000));
-    v
-}
-
 /// A seed with `value` in every string field, in `authorized_keys`, and as a key and a
 /// value at the top of `cloud_config` and inside nested objects and lists.
 fn seed_with(value: &str, host_key: &HostKey) -> GuestSeed {
@@ -275,6 +153,8 @@ fn expected_user_data(seed: &GuestSeed, host_key: &HostKey) -> Value {
     let mut want = Map::new();
     want.insert("hostname".into(), seed.hostname.clone().into());
     want.insert("fqdn".into(), seed.fqdn.clone().into());
+    want.insert("manage_etc_hosts".into(), true.into());
+    want.insert("disable_root".into(), false.into());
     // Authorized keys are lines; the seed trims them (a key file's newline, say).
     want.insert(
         "ssh_authorized_keys".into(),
@@ -291,6 +171,7 @@ fn expected_user_data(seed: &GuestSeed, host_key: &HostKey) -> Value {
         }),
     );
     want.insert("ssh_deletekeys".into(), true.into());
+    want.insert("ssh_genkeytypes".into(), json!([]));
     for (k, v) in &seed.cloud_config {
         want.insert(k.clone(), v.clone());
     }
@@ -332,7 +213,7 @@ fn every_hostile_value_reads_back_exactly_from_user_data_and_meta_data() {
         return;
     }
     let key = host_key();
-    for value in hostile() {
+    for value in devvm_tests::hostile_strings() {
         let what = excerpt(&value);
         let seed = seed_with(&value, &key);
         check_user_data(&seed, &key, &what);
@@ -351,7 +232,7 @@ fn all_hostile_keys_together_keep_the_top_level_keys() {
         return;
     }
     let key = host_key();
-    let values = hostile();
+    let values = devvm_tests::hostile_strings();
     let mut seed = seed_with("web-1", &key);
     seed.fqdn = "web-1.lab.example".into();
     seed.authorized_keys = values.clone();

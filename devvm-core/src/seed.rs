@@ -258,6 +258,11 @@ impl GuestSeed {
         let mut m = serde_json::Map::new();
         m.insert("hostname".into(), self.hostname.clone().into());
         m.insert("fqdn".into(), self.fqdn.clone().into());
+        // The guest knows itself by its FQDN (`hostname -f`) without asking DNS.
+        m.insert("manage_etc_hosts".into(), Value::Bool(true));
+        // The owner's and the bootstrapper's keys log in as root too (as knife bootstrap's
+        // default user), which cloud-init's distribution defaults refuse otherwise.
+        m.insert("disable_root".into(), Value::Bool(false));
         m.insert(
             "ssh_authorized_keys".into(),
             Value::Array(
@@ -276,6 +281,9 @@ impl GuestSeed {
             keys.insert("ed25519_public".into(), key.public.clone().into());
             m.insert("ssh_keys".into(), Value::Object(keys));
             m.insert("ssh_deletekeys".into(), Value::Bool(true));
+            // Only that key: the guest serves exactly the host key the provisioner
+            // expects, and spends no first-boot time generating others.
+            m.insert("ssh_genkeytypes".into(), Value::Array(Vec::new()));
         }
         for (k, v) in &self.cloud_config {
             // Lists (extra authorized keys, say) add to devvm's own; anything else is set.
