@@ -27,18 +27,21 @@ struct Args {
     keep: bool,
     fleet: bool,
     remove: Option<String>,
+    template: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let (mut config, mut user, mut keep, mut remove) = (None, "alice".to_owned(), false, None);
     let mut fleet = false;
+    let mut template = None;
     while let Some(a) = it.next() {
         match a.as_str() {
             "--config" => config = it.next(),
             "--user" => user = it.next().ok_or("--user needs a name")?,
             "--keep" => keep = true,
             "--fleet" => fleet = true,
+            "--template" => template = Some(it.next().ok_or("--template needs a name")?),
             "--remove" => remove = Some(it.next().ok_or("--remove needs a vm name")?),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -49,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
         keep,
         fleet,
         remove,
+        template,
     })
 }
 
@@ -112,9 +116,29 @@ async fn run(args: Args) -> Result<bool, String> {
         }
     });
     let user = UserName::new(&args.user).map_err(|e| e.to_string())?;
+    let mut req = ProvisionRequest::new(user.clone());
+    // `debian`: the lab's real Debian 12 (systemd, cloud-init, OpenSSH), which wants more
+    // memory than the busybox guest; `busybox`: the config's default; else a template name.
+    match args.template.as_deref() {
+        None | Some("busybox") => {}
+        Some("debian") => {
+            let name = std::env::var("DEVVM_LAB_TEMPLATE_DEBIAN")
+                .map_err(|_| "the lab has no Debian template (DEVVM_LAB_TEMPLATE_DEBIAN)")?;
+            req = req
+                .with_template(devvm_core::TemplateName::new(name).map_err(|e| e.to_string())?)
+                .with_memory_mib(512);
+            println!(
+                "(the Debian guest boots systemd and cloud-init under emulation: about a minute)"
+            );
+        }
+        Some(other) => {
+            req =
+                req.with_template(devvm_core::TemplateName::new(other).map_err(|e| e.to_string())?)
+        }
+    }
     println!("provisioning a vm for {user} ...");
     let vm = p
-        .provision(ProvisionRequest::new(user))
+        .provision(req)
         .await
         .map_err(|e| format!("provision failed: {e}"))?;
     let seconds = start.elapsed().as_secs_f64();

@@ -19,6 +19,8 @@ medians and ratios, writes target/bench/results.json and one PNG plot per compar
             in release mode), from starting it to its provision call returning
   peer      devvm (CLI, the cloud-init bootstrapper) against kcli (scripts/bench-kcli) to a
             VM answering SSH, same template, host and bridge
+  guests    the lab's busybox guest and its real Debian 12 guest (systemd, cloud-init,
+            OpenSSH), same size, under TCG: time to SSH (devvm CLI, cloud-init bootstrapper)
   pipeline  devvm end to end (the CLI, Chef bootstrap) on the lab template: per-step
             latencies (p50/p95) and the pipeline's overhead, i.e. everything that is not
             the guest's own boot (libvirt asked to start it -> SSH answers) or the bootstrap command
@@ -554,6 +556,64 @@ def plot_peer(res, path):
     plt.close(fig)
 
 
+def guest_once(config, template):
+    """One provision of `template` through the CLI with the cloud-init bootstrapper: the
+    guest's boot (libvirt asked to start it -> its SSH server answers) and the CLI's wall
+    time; the deprovision is not timed."""
+    fresh_neighbours()
+    wall = time.perf_counter()
+    out = run([DEVVM, "--config", config, "--json", "provision", "--user", "bob", "--template", template])
+    wall = time.perf_counter() - wall
+    name, start, answered = None, None, None
+    for l in out.stdout.splitlines():
+        try:
+            e = json.loads(l)
+        except ValueError:
+            continue
+        if isinstance(e.get("vm"), dict):
+            name = e["vm"]["name"]
+        m = e.get("message", "")
+        if e.get("type") == "step_progress" and e.get("step") == "domain":
+            t = datetime.fromisoformat(e["at"].replace("Z", "+00:00")).timestamp()
+            if m.startswith("starting domain"):
+                start = t
+            elif m.startswith("ssh answers"):
+                answered = t
+    if name:
+        run([DEVVM, "--config", config, "deprovision", name])
+    if start is None or answered is None:
+        raise RuntimeError(f"no boot markers in the events of {template}")
+    return {"boot_s": answered - start, "wall_s": wall}
+
+
+def bench_guests(rounds, workdir):
+    """The lab's two templates, the busybox guest and the real Debian 12 one (systemd,
+    cloud-init, OpenSSH), at the same size (1 vCPU, 512 MiB) under TCG: time to SSH."""
+    config = lab_config(workdir, one_host=True, tag="-guests")
+    with open(config) as f:
+        text = f.read()
+    text = text[:text.index("[bootstrap]")] + '[bootstrap]\nbackend = "cloud-init"\n'
+    text = text.replace("memory_mib = 256\n", "memory_mib = 512\n", 1)
+    with open(config, "w") as f:
+        f.write(text)
+    templates = {"busybox": os.environ["DEVVM_LAB_TEMPLATE"], "debian": os.environ["DEVVM_LAB_TEMPLATE_DEBIAN"]}
+    print("   warm-up round (not counted; brings the Debian template to the host)", flush=True)
+    for t in templates.values():
+        guest_once(config, t)
+    res = {k: [] for k in templates}
+    for r in range(rounds):
+        for k in (list(templates) if r % 2 == 0 else list(reversed(templates))):
+            res[k].append(guest_once(config, templates[k]))
+        print("   round " + str(r + 1) + ": " + ", ".join(
+            f"{k} boot {res[k][-1]['boot_s']:.1f} s (provision {res[k][-1]['wall_s']:.1f} s)" for k in templates),
+            flush=True)
+    med = {k: statistics.median(x["boot_s"] for x in v) for k, v in res.items()}
+    out = {"rounds": res, "boot_median_s": med, "debian_over_busybox": med["debian"] / med["busybox"]}
+    print(f"   time to SSH, median: busybox {med['busybox']:.1f} s, Debian {med['debian']:.1f} s "
+          f"({out['debian_over_busybox']:.1f}x)")
+    return out
+
+
 FACES = {
     # face: (argv after the config, the line that says the provision returned)
     "rust": ([os.path.join(ROOT, "target", "release", "examples", "provision"), "--config", "{config}", "--user", "bob"],
@@ -625,8 +685,8 @@ def plot_faces(res, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("comparisons", nargs="*", default=["e2e", "disk", "throughput", "faces", "peer"],
-                    choices=["e2e", "disk", "pipeline", "throughput", "faces", "peer"])
+    ap.add_argument("comparisons", nargs="*", default=["e2e", "disk", "throughput", "faces", "peer", "guests"],
+                    choices=["e2e", "disk", "pipeline", "throughput", "faces", "peer", "guests"])
     ap.add_argument("--levels", default="1,2,4,8", help="provisions at once (throughput)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sizes", default="1,8,40", help="template sizes in GiB (disk)")
@@ -664,6 +724,9 @@ def main():
             print("== a peer tool: devvm vs kcli, to a VM answering SSH", flush=True)
             results["peer"] = bench_peer(args.rounds, scratch)
             plot_peer(results["peer"], os.path.join(OUT, "peer.png"))
+        if "guests" in args.comparisons:
+            print("== guests: time to SSH of the busybox and the real Debian template", flush=True)
+            results["guests"] = bench_guests(args.rounds, scratch)
         if "pipeline" in args.comparisons:
             print("== pipeline overhead (devvm CLI, Chef bootstrap, lab template)", flush=True)
             results["pipeline"] = bench_pipeline(args.rounds, scratch)

@@ -171,7 +171,6 @@ fn expected_user_data(seed: &GuestSeed, host_key: &HostKey) -> Value {
         }),
     );
     want.insert("ssh_deletekeys".into(), true.into());
-    want.insert("ssh_genkeytypes".into(), json!([]));
     for (k, v) in &seed.cloud_config {
         want.insert(k.clone(), v.clone());
     }

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use devvm_core::backends::cloudinit::{CloudInitBootstrapper, CloudInitConfig};
 use devvm_core::config::Config;
 use devvm_core::testkit::unique_vm_name;
-use devvm_core::{ProvisionRequest, Provisioner, TemplateName, Vm};
+use devvm_core::{EventKind, ProvisionRequest, Provisioner, TemplateName, Vm};
 use devvm_examples::lab::LabEnv;
 use devvm_tests::Lab;
 
@@ -52,7 +52,8 @@ fn check_first_boot(lab: &Lab, vm: &Vm) {
     let warnings = guest(
         lab,
         vm,
-        "grep -E ' (WARNING|ERROR|CRITICAL)' /var/log/cloud-init.log || true",
+        // cloud-init logs `util.py[WARNING]: ...`
+        "grep -E '\\[(WARNING|ERROR|CRITICAL)\\]' /var/log/cloud-init.log || true",
     );
     assert!(warnings.trim().is_empty(), "cloud-init warned:\n{warnings}");
     assert_eq!(guest(lab, vm, "hostname").trim(), vm.name.as_str());
@@ -180,9 +181,35 @@ async fn knife_style_chef_bootstrap_over_real_openssh() {
         .build()
         .unwrap();
     let name = unique_vm_name("deb-chef");
+    let mut events = p.subscribe();
     let vm = p.provision(request(&lab, &name)).await.expect("provision");
     assert!(vm.bootstrapped);
     check_first_boot(&lab, &vm);
+    // The host key the bootstrapper accepted (the one the provisioner generated) is the
+    // one OpenSSH serves from its key file.
+    let accepted: Vec<String> = events
+        .drain()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::StepProgress { message, .. } if message.starts_with("ssh: logged in") => {
+                message
+                    .split_whitespace()
+                    .find(|w| w.starts_with("SHA256:"))
+                    .map(|w| w.trim_end_matches(')').to_owned())
+            }
+            _ => None,
+        })
+        .collect();
+    let served = guest(
+        &lab,
+        &vm,
+        "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub",
+    );
+    assert_eq!(accepted.len(), 1, "one login: {accepted:?}");
+    assert!(
+        served.split_whitespace().nth(1) == Some(accepted[0].as_str()),
+        "accepted {accepted:?}, sshd serves {served}"
+    );
     let rb = guest(
         &lab,
         &vm,

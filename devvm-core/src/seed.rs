@@ -280,10 +280,10 @@ impl GuestSeed {
             );
             keys.insert("ed25519_public".into(), key.public.clone().into());
             m.insert("ssh_keys".into(), Value::Object(keys));
+            // Only that key: cloud-init deletes the image's host keys, and with ssh_keys
+            // given it generates none (the lab's Debian test checks the guest serves
+            // exactly this one; `ssh_genkeytypes: []` is invalid in its schema).
             m.insert("ssh_deletekeys".into(), Value::Bool(true));
-            // Only that key: the guest serves exactly the host key the provisioner
-            // expects, and spends no first-boot time generating others.
-            m.insert("ssh_genkeytypes".into(), Value::Array(Vec::new()));
         }
         for (k, v) in &self.cloud_config {
             // Lists (extra authorized keys, say) add to devvm's own; anything else is set.

@@ -1031,8 +1031,8 @@ impl Hypervisor for LibvirtHypervisor {
                 if std::time::Instant::now() >= deadline {
                     return Err(LibvirtError::SeedHeld(limit.as_secs()).into());
                 }
-                // Polled often: the run (and the bootstrap beside it) waits on this.
-                std::thread::sleep(Duration::from_millis(20));
+                // Polled often: the run waits on this (the bootstrap runs beside it).
+                std::thread::sleep(Duration::from_millis(50));
             }
             Ok(())
         })

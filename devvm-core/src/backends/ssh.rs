@@ -673,8 +673,9 @@ impl SshSession {
 /// A script for the guest's `sh`, run as one command by [`SshSession::run_script`]:
 /// files written as here-documents on the command's input (so their contents, secrets
 /// included, never appear on a command line), commands, and marker lines the caller
-/// watches for to know how far it got. It runs under `umask 077` and stops at the first
-/// step that fails, with that step's exit status. Its `Debug` shows the steps, never a
+/// watches for to know how far it got. Files are written under `umask 077` (commands run
+/// with the session's umask), and the script stops at the first step that fails, with
+/// that step's exit status. Its `Debug` shows the steps, never a
 /// file's contents.
 #[derive(Default, Clone)]
 pub struct GuestScript {
@@ -778,11 +779,18 @@ impl GuestScript {
                 break d;
             }
         };
-        let mut out = b"umask 077\n".to_vec();
+        // Only the files are written under umask 077 (each in a subshell): the commands
+        // run with the session's own umask, so what they make is not private by accident.
+        let mut out = Vec::new();
         for (part, body) in self.parts.iter().zip(&bodies) {
             match part {
-                Part::Command(c) => out
-                    .extend_from_slice(format!("{{\n{c}\n}} < /dev/null || exit $?\n").as_bytes()),
+                Part::Command(c) => {
+                    // An empty group is a syntax error: an empty command does nothing.
+                    let c = if c.trim().is_empty() { ":" } else { c.as_str() };
+                    out.extend_from_slice(
+                        format!("{{\n{c}\n}} < /dev/null || exit $?\n").as_bytes(),
+                    )
+                }
                 Part::Marker(m) => {
                     out.extend_from_slice(format!("printf '%s\\n' {}\n", sh_quote(m)).as_bytes())
                 }
@@ -798,11 +806,12 @@ impl GuestScript {
                         "base64 -d"
                     };
                     out.extend_from_slice(
-                        format!("{writer} > {p} <<'{delimiter}' || exit $?\n").as_bytes(),
+                        format!("(umask 077 && {writer} > {p} <<'{delimiter}'\n").as_bytes(),
                     );
                     out.extend_from_slice(body.as_deref().unwrap_or_default());
                     out.extend_from_slice(
-                        format!("{delimiter}\nchmod {mode:04o} {p} || exit $?\n").as_bytes(),
+                        format!("{delimiter}\n) || exit $?\nchmod {mode:04o} -- {p} || exit $?\n")
+                            .as_bytes(),
                     );
                 }
             }
@@ -889,6 +898,24 @@ mod tests {
             .command(&format!("touch {}", sh_quote(&path("never"))));
         let (code, out) = run_locally(&script);
         assert_eq!(code, 7, "the failing command's status ends the script");
+        // Commands keep the session's umask; only the files were written under 077.
+        let mut umasks = GuestScript::new();
+        umasks
+            .command("umask 022")
+            .file(&path("private"), 0o644, b"x\n")
+            .unwrap()
+            .command(&format!("mkdir {}", sh_quote(&path("made-by-a-command"))))
+            .command("");
+        assert_eq!(run_locally(&umasks).0, 0, "an empty command does nothing");
+        let m = std::fs::metadata(dir.path().join("made-by-a-command"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(
+            m, 0o755,
+            "a command's directory under the session's umask 022"
+        );
         assert_eq!(out, "files written\n", "markers up to the failure only");
         assert!(!dir.path().join("never").exists());
         for (name, mode, contents) in [

@@ -377,7 +377,8 @@ impl Bootstrapper for ChefBootstrapper {
                 .run_script(
                     &script,
                     &mut |stream: OutputStream, line: &str| match (stream, line) {
-                        (OutputStream::Stdout, CHEF_FILES_WRITTEN) => {
+                        // A marker may follow output that did not end its line.
+                        (OutputStream::Stdout, l) if l.ends_with(CHEF_FILES_WRITTEN) => {
                             progress.message(format!("wrote {VALIDATION_PEM} (mode 0600)"));
                             progress.message(format!("wrote {CLIENT_RB} (node_name {node})"));
                             progress.message(format!(
@@ -387,7 +388,9 @@ impl Bootstrapper for ChefBootstrapper {
                             progress.message(format!("running {cmd}"));
                             reached = "chef-client";
                         }
-                        (OutputStream::Stdout, CHEF_SUCCEEDED) => reached = "delete_validation",
+                        (OutputStream::Stdout, l) if l.ends_with(CHEF_SUCCEEDED) => {
+                            reached = "delete_validation"
+                        }
                         _ => progress.message(redactor.clean(line).into_owned()),
                     },
                 )
