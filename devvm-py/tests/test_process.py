@@ -19,9 +19,13 @@ HERE = Path(__file__).resolve().parent
 
 SLOW_PROVISION = textwrap.dedent(
     """
-    import json, sys, threading, time
+    import json, signal, sys, threading, time
     import devvm
     from helpers import PyDns
+
+    # Ctrl-C raises KeyboardInterrupt, whatever this process inherited: a shell starts
+    # background jobs with SIGINT ignored, and Python then leaves it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     class SlowDns(PyDns):
         # publish blocks until released: the provision hangs at the dns step.
