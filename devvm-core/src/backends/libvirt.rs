@@ -1289,7 +1289,8 @@ mod tests {
             "<source file=\"/seeds/web-1-cidata.img\"/>",
             "<target dev=\"vdb\" bus=\"virtio\"/>",
             // an entropy source, so the guest does not wait seconds to seed its RNG
-            "<rng model=\"virtio\"><backend model=\"random\">/dev/urandom</backend></rng>",
+            "<rng model=\"virtio\">",
+            "<backend model=\"random\">/dev/urandom</backend>",
         ] {
             assert!(xml.contains(needle), "missing {needle} in\n{xml}");
         }
